@@ -1,0 +1,123 @@
+-- vinetl's own state. Applied by `vinetl migrate` (and on start) inside the
+-- schema named by VINETL_SCHEMA (default `vinetl`), which the connection puts
+-- first on its search_path; nothing here names a schema. apalis keeps its
+-- queue tables in its own schema.
+
+-- One row per submitted job.
+CREATE TABLE jobs (
+    job_id        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name          TEXT        NOT NULL,
+    -- The job spec as submitted, so a reprocess runs exactly what ran before.
+    spec          JSONB       NOT NULL,
+    state         TEXT        NOT NULL DEFAULT 'planning'
+                  CHECK (state IN ('planning', 'running', 'waiting', 'done', 'failed', 'cancelled')),
+    -- Why the job is in its state, in words (`waiting`: quota exhausted, ...).
+    state_reason  TEXT,
+    -- When a `waiting` job resumes by itself.
+    resume_at     TIMESTAMPTZ,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    finished_at   TIMESTAMPTZ,
+    -- Call accounting; row counts are derived from job_inputs.
+    calls_made    BIGINT      NOT NULL DEFAULT 0,
+    calls_retried BIGINT      NOT NULL DEFAULT 0,
+    rate_limited  BIGINT      NOT NULL DEFAULT 0,
+    recall_calls  BIGINT      NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_state_idx ON jobs (state) WHERE state IN ('planning', 'running', 'waiting');
+
+-- One row per input row: where it came from, what it held, what became of it.
+-- Exactly one row per input row is the invariant every count is built on.
+CREATE TABLE job_inputs (
+    job_id      BIGINT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+    -- File path, s3:// URI or postgres query label.
+    source      TEXT   NOT NULL,
+    row_number  BIGINT NOT NULL,
+    raw_vin     TEXT   NOT NULL,
+    -- The normalised VIN; NULL when the row was rejected.
+    vin         TEXT,
+    -- Rejection kind (`wrong_length`, ...) and text; NULL for valid rows.
+    error_code  TEXT,
+    error_text  TEXT,
+    check_digit_valid BOOLEAN,
+    -- The input columns the spec carries through to the output.
+    carried     JSONB  NOT NULL DEFAULT '{}'::jsonb,
+    -- `duplicate`, `cache_hit` or `queued`, decided at planning.
+    plan        TEXT,
+    PRIMARY KEY (job_id, source, row_number)
+);
+CREATE INDEX job_inputs_vin_idx ON job_inputs (job_id, vin);
+
+-- Planning progress per source, so a planner killed halfway resumes at the
+-- next unplanned row instead of starting over.
+CREATE TABLE job_sources (
+    job_id       BIGINT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+    source       TEXT   NOT NULL,
+    rows_planned BIGINT NOT NULL DEFAULT 0,
+    complete     BOOLEAN NOT NULL DEFAULT false,
+    PRIMARY KEY (job_id, source)
+);
+
+-- The unit of work: at most 20 VINs, one batch-decode call. batch_no is
+-- assigned deterministically at planning, so enqueueing is idempotent.
+CREATE TABLE batches (
+    job_id       BIGINT  NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+    batch_no     INTEGER NOT NULL,
+    vins         TEXT[]  NOT NULL CHECK (cardinality(vins) BETWEEN 1 AND 20),
+    state        TEXT    NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'running', 'done', 'dead')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    -- Next attempt after a retryable failure (exponential backoff with jitter).
+    next_run_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_error   TEXT,
+    updated_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, batch_no)
+);
+CREATE INDEX batches_runnable_idx ON batches (next_run_at) WHERE state = 'queued';
+
+-- Latest decode per VIN. It is also the cache: a row younger than the job's
+-- TTL costs no API call.
+CREATE TABLE vin_cache (
+    vin          TEXT PRIMARY KEY,
+    decoded_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+    make         TEXT,
+    model        TEXT,
+    model_year   INTEGER,
+    -- Per-VIN error the API returned inside a 200 batch; NULL when decoded.
+    error_code   TEXT,
+    error_text   TEXT,
+    -- The API's JSON for this VIN, verbatim.
+    raw          JSONB NOT NULL
+);
+CREATE INDEX vin_cache_decoded_at_idx ON vin_cache (decoded_at);
+
+-- Failures worth keeping: dead-lettered batches, stopped jobs, per-VIN errors.
+CREATE TABLE errors (
+    error_id    BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      BIGINT REFERENCES jobs (job_id) ON DELETE CASCADE,
+    batch_no    INTEGER,
+    vin         TEXT,
+    error_code  TEXT NOT NULL,
+    error_text  TEXT NOT NULL,
+    at          TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX errors_job_idx ON errors (job_id, at);
+
+-- The shared rate limiter, one row per provider account (see limiter.rs).
+-- Times come from the database clock only.
+CREATE TABLE limiter (
+    account        TEXT PRIMARY KEY,
+    -- Token bucket: tokens at `refilled_at`, refilled at `rate` per second up to `burst`.
+    rate           DOUBLE PRECISION NOT NULL,
+    burst          DOUBLE PRECISION NOT NULL,
+    tokens         DOUBLE PRECISION NOT NULL,
+    refilled_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- No grants before this (a 429's Retry-After); only ever moves later.
+    blocked_until  TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    -- Daily quota: calls granted in the current quota day.
+    daily_quota    BIGINT,
+    day_started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    day_used       BIGINT NOT NULL DEFAULT 0,
+    max_in_flight  INTEGER,
+    in_flight      INTEGER NOT NULL DEFAULT 0
+);

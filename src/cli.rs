@@ -1,0 +1,179 @@
+//! The command line. `main.rs` parses [`Cli`] and calls [`Cli::run`]; each
+//! subcommand is a library function a test can call too.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::check::check_file;
+use crate::source::FileFormat;
+use crate::store::{self, DatabaseUrl};
+
+/// Batch VIN enrichment: decode vehicle specs and recall flags through the
+/// Car Vin API, for files, S3 objects and Postgres tables, at any scale.
+#[derive(Debug, Parser)]
+#[command(name = "vinetl", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the runner keeps its state.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// State store and queue: postgres://USER@HOST:PORT/DB (many machines) or
+    /// sqlite://FILE (one machine).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Postgres schema holding vinetl's tables (created if missing).
+    #[arg(long, env = "VINETL_SCHEMA", default_value = "vinetl")]
+    pub schema: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a job spec, work it to completion in this process, and print a summary.
+    ///
+    /// Equivalent to `submit` followed by `worker` until the job is done,
+    /// with a progress bar on a terminal.
+    Run {
+        /// Job spec (TOML), e.g. jobs/demo.toml.
+        spec: PathBuf,
+        /// Batch calls in flight at once in this process.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Register a job spec and plan it: parse and deduplicate its VINs, and
+    /// enqueue 20-VIN batches for the workers. Idempotent.
+    Submit {
+        /// Job spec (TOML).
+        spec: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Process queued batches until stopped (SIGTERM drains in-flight calls).
+    ///
+    /// Run any number of workers, on any number of machines, against one
+    /// DATABASE_URL; they share one rate limiter and daily quota.
+    Worker {
+        /// Batch calls in flight at once in this process.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Show a job's state and counts (all recent jobs without JOB).
+    Status {
+        /// Job id.
+        job: Option<i64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Run a job again: all of it, or only its failed rows.
+    Reprocess {
+        /// Job id.
+        job: i64,
+        /// Only rows that did not decode (dead-lettered or errored).
+        #[arg(long)]
+        failed_only: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Cancel a job: queued batches are dropped, in-flight calls finish.
+    Cancel {
+        /// Job id.
+        job: i64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Run a Car Vin API-compatible server backed by embedded NHTSA vPIC data.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: String,
+        /// API keys file (TOML: key, tier, per-day and per-second limits).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Recall data: NHTSA FLAT_RCL.txt or recallsByVehicle JSON.
+        #[arg(long)]
+        recalls: Option<PathBuf>,
+    },
+    /// Decode VINs and print the result as JSON.
+    Decode {
+        /// VINs to decode.
+        #[arg(required = true)]
+        vins: Vec<String>,
+    },
+    /// Count what a VIN file holds: rows, valid, rejections by kind,
+    /// check-digit mismatches, duplicates. Streams; memory stays bounded.
+    Check {
+        /// VIN file: one VIN per line, or CSV (gzip and zstd detected from content).
+        file: PathBuf,
+        /// CSV column holding the VIN (implies CSV; a .csv file defaults to `vin`).
+        #[arg(long)]
+        column: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or update vinetl's tables in its schema (idempotent; the runner
+    /// also does this on start).
+    Migrate {
+        #[command(flatten)]
+        state: StateArgs,
+    },
+}
+
+impl Cli {
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Check { file, column, json } => {
+                let format = FileFormat::infer(&file, column.as_deref());
+                let report = tokio::task::spawn_blocking(move || check_file(&file, format)).await??;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    print!("{report}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Migrate { state } => {
+                let url = state.database_url.as_deref().context(
+                    "DATABASE_URL is not set: export DATABASE_URL=postgres://USER@HOST:5432/DB or pass --database-url",
+                )?;
+                match DatabaseUrl::parse(url)? {
+                    DatabaseUrl::Postgres(url) => {
+                        let pool = store::postgres::connect(&url, &state.schema, 2).await?;
+                        store::postgres::migrate(&pool, &state.schema).await?;
+                        println!("schema {} is up to date", state.schema);
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    DatabaseUrl::Sqlite(_) => Err(store::StoreError::SqliteNotBuilt.into()),
+                }
+            }
+            Command::Run { .. } => not_built("run", 4),
+            Command::Submit { .. } => not_built("submit", 4),
+            Command::Worker { .. } => not_built("worker", 4),
+            Command::Status { .. } => not_built("status", 4),
+            Command::Reprocess { .. } => not_built("reprocess", 4),
+            Command::Cancel { .. } => not_built("cancel", 4),
+            Command::Serve { .. } => not_built("serve", 3),
+            Command::Decode { .. } => not_built("decode", 3),
+        }
+    }
+}
+
+/// Exit status of a subcommand that exists in `--help` but does nothing yet.
+pub const NOT_BUILT_EXIT: u8 = 3;
+
+fn not_built(command: &str, issue: u32) -> anyhow::Result<ExitCode> {
+    eprintln!("vinetl {command}: not built yet (tracked in issue #{issue}); nothing was done");
+    Ok(ExitCode::from(NOT_BUILT_EXIT))
+}

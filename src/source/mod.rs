@@ -1,0 +1,33 @@
+//! Where input rows come from.
+//!
+//! Every source yields [`InputRow`]s in order, as a stream: nothing reads a
+//! whole input into memory. Local files live in [`file`]; S3 objects and
+//! Postgres queries are added by the runner.
+
+pub mod file;
+
+pub use file::{FileFormat, FileSource};
+
+/// One row of input, before its VIN is parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRow {
+    /// 1-based data row number within its file or object (a CSV header is
+    /// not a row; a record spanning several lines is one row).
+    pub row: u64,
+    /// The raw VIN cell, exactly as read (lossily decoded if not UTF-8).
+    pub vin: String,
+}
+
+/// A source could not be read. Always names the file and, where one is
+/// known, the row.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: cannot open: {source}")]
+    Open { path: String, source: std::io::Error },
+    #[error("{path}: read failed after row {row}: {source}")]
+    Read { path: String, row: u64, source: std::io::Error },
+    #[error("{path}: CSV has no column {column:?}; its header has: {header}")]
+    MissingColumn { path: String, column: String, header: String },
+    #[error("{path}: CSV error at row {row}: {message}")]
+    Csv { path: String, row: u64, message: String },
+}

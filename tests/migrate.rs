@@ -1,0 +1,68 @@
+//! `vinetl migrate` against the real Postgres, each test in its own schema.
+
+mod common;
+
+use common::{pg_url, unique_schema, vinetl};
+
+async fn tables(schema: &str) -> Vec<String> {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query_scalar("SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 ORDER BY 1")
+        .bind(schema)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+}
+
+async fn drop_schema(schema: &str) {
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn migrate_creates_the_runner_tables_in_its_own_schema_idempotently() {
+    let schema = unique_schema("migrate");
+    for _ in 0..2 {
+        let out = vinetl().args(["migrate", "--database-url", &pg_url(), "--schema", &schema]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let got = tables(&schema).await;
+    for t in ["_sqlx_migrations", "batches", "errors", "job_inputs", "job_sources", "jobs", "limiter", "vin_cache"] {
+        assert!(got.iter().any(|g| g == t), "{t} missing from {got:?}");
+    }
+    drop_schema(&schema).await;
+}
+
+#[tokio::test]
+async fn concurrent_migrations_from_many_processes_all_succeed() {
+    let schema = unique_schema("race");
+    let children: Vec<_> =
+        (0..4).map(|_| vinetl().args(["migrate", "--database-url", &pg_url(), "--schema", &schema]).output()).collect();
+    for out in children {
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    drop_schema(&schema).await;
+}
+
+#[test]
+fn an_unreachable_database_fails_fast_naming_it_without_the_password() {
+    let out = vinetl().args(["migrate", "--database-url", "postgres://u:hunter2@127.0.0.1:1/db"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.1:1") && err.contains("Is it running"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn migrate_without_a_database_url_says_what_to_set() {
+    let out = vinetl().arg("migrate").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+}
+
+#[test]
+fn a_bad_schema_name_is_refused_before_any_sql() {
+    let out = vinetl().args(["migrate", "--database-url", &pg_url(), "--schema", "x; drop"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed"));
+}
