@@ -59,6 +59,17 @@ impl Vin {
     /// Normalisation trims whitespace, drops a UTF-8 byte-order mark and one
     /// pair of surrounding quotes (`"` or `'`), and uppercases. Anything else
     /// wrong is an error naming the first offending position.
+    ///
+    /// ```
+    /// use vinetl::vin::{Vin, VinError};
+    ///
+    /// let vin = Vin::parse(" \"1hgcm82633a004352\" ").unwrap();
+    /// assert_eq!(vin.as_str(), "1HGCM82633A004352");
+    /// assert!(vin.check_digit_valid());
+    /// assert_eq!(vin.model_years().preferred, Some(2003));
+    ///
+    /// assert_eq!(Vin::parse("1HGCM82633A00435O"), Err(VinError::IllegalLetter { position: 17, ch: 'O' }));
+    /// ```
     pub fn parse(input: &str) -> Result<Vin, VinError> {
         let s = normalise(input);
         if s.is_empty() {
