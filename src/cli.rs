@@ -94,18 +94,27 @@ pub enum Command {
         state: StateArgs,
     },
     /// Run a Car Vin API-compatible server backed by embedded NHTSA vPIC data.
+    ///
+    /// Endpoints: POST /api/v1/decode, /api/v1/batch-decode, /api/v1/recalls;
+    /// GET /api/v1/openapi.json. Without --keys only anonymous single decodes
+    /// (10 a day per client) are possible. Fault injection is off by default.
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: String,
-        /// API keys file (TOML: key, tier, per-day and per-second limits).
+        /// API keys file (TOML `[[keys]]` entries: key, tier = "free"|"pro",
+        /// per_day, per_second, name).
         #[arg(long)]
         keys: Option<PathBuf>,
-        /// Recall data: NHTSA FLAT_RCL.txt or recallsByVehicle JSON.
+        /// Recall data: NHTSA FLAT_RCL.txt or recallsByVehicle JSON (default:
+        /// the shipped sample of real records in jobs/recalls/).
         #[arg(long)]
         recalls: Option<PathBuf>,
+        #[command(flatten)]
+        faults: crate::serve::faults::Faults,
     },
-    /// Decode VINs and print the result as JSON.
+    /// Decode VINs with the embedded vPIC data and print JSON, as the API's
+    /// batch-decode would. Exits 1 if any VIN is malformed.
     Decode {
         /// VINs to decode.
         #[arg(required = true)]
@@ -164,10 +173,35 @@ impl Cli {
             Command::Status { .. } => not_built("status", 4),
             Command::Reprocess { .. } => not_built("reprocess", 4),
             Command::Cancel { .. } => not_built("cancel", 4),
-            Command::Serve { .. } => not_built("serve", 3),
-            Command::Decode { .. } => not_built("decode", 3),
+            Command::Serve { bind, keys, recalls, faults } => {
+                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults }).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Decode { vins } => decode_command(vins).await,
         }
     }
+}
+
+async fn decode_command(vins: Vec<String>) -> anyhow::Result<ExitCode> {
+    use crate::api::{ApiError, BatchEntry, code};
+    use crate::vin::Vin;
+    let entries = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<BatchEntry>> {
+        let decoder = crate::decoder::Decoder::new()?;
+        Ok(vins
+            .iter()
+            .map(|raw| match Vin::parse(raw) {
+                Ok(vin) => BatchEntry::Decoded(Box::new(decoder.decode(&vin))),
+                Err(e) => BatchEntry::Failed {
+                    vin: raw.clone(),
+                    error: ApiError { code: code::INVALID_VIN.into(), message: format!("invalid VIN {raw:?}: {e}") },
+                },
+            })
+            .collect())
+    })
+    .await??;
+    println!("{}", serde_json::to_string_pretty(&entries)?);
+    let any_bad = entries.iter().any(|e| matches!(e, BatchEntry::Failed { .. }));
+    Ok(if any_bad { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// Exit status of a subcommand that exists in `--help` but does nothing yet.

@@ -87,8 +87,6 @@ fn unbuilt_subcommands_say_so_and_fail() {
         &["status"],
         &["reprocess", "1"],
         &["cancel", "1"],
-        &["serve"],
-        &["decode", "1HGCM82633A004352"],
     ] {
         let out = vinetl().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(i32::from(vinetl::cli::NOT_BUILT_EXIT)), "{args:?}");

@@ -22,3 +22,33 @@ pub fn vinetl() -> std::process::Command {
     cmd.env_remove("DATABASE_URL").env_remove("VINETL_SCHEMA");
     cmd
 }
+
+/// Keys every server test uses: the guide's literal `YOUR_API_KEY` (pro, so
+/// the guide's snippets run verbatim), a free key and a rate-limited pro key.
+pub const KEYS_TOML: &str = r#"
+[[keys]]
+key = "YOUR_API_KEY"
+tier = "pro"
+name = "guide"
+
+[[keys]]
+key = "free-tier-key"
+tier = "free"
+name = "free"
+
+[[keys]]
+key = "pro-5-per-second"
+tier = "pro"
+per_day = 1000
+per_second = 5
+name = "slow"
+"#;
+
+/// `vinetl serve` in this process on a free loopback port.
+pub async fn serve(faults: vinetl::serve::faults::Faults) -> (vinetl::serve::RunningServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, KEYS_TOML).unwrap();
+    let opts = vinetl::serve::ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), recalls: None, faults };
+    (vinetl::serve::spawn(opts).await.unwrap(), dir)
+}

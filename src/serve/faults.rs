@@ -1,0 +1,129 @@
+//! Fault injection for `vinetl serve`, off by default. The runner's
+//! reliability tests turn these on to prove retries, backoff and the shared
+//! limiter work against real HTTP.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use clap::Args;
+
+use super::ApiFailure;
+use crate::api::code;
+
+/// Shares are probabilities from 0 to 1, drawn independently per request.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Faults {
+    /// Share of requests answered with a 500.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_500: f64,
+    /// Share of requests answered with a 429 (a storm when high).
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_429: f64,
+    /// Retry-After seconds sent with injected 429s; 0 sends no Retry-After.
+    #[arg(long, default_value_t = 1)]
+    pub fault_429_retry_after: u64,
+    /// Share of requests whose connection is dropped halfway through the body.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_drop: f64,
+    /// Share of requests answered 200 with malformed (truncated) JSON.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_malformed: f64,
+    /// Added latency per request, in milliseconds: `50`, or a range `20-200`.
+    #[arg(long, value_parser = latency)]
+    pub fault_latency_ms: Option<(u64, u64)>,
+}
+
+impl Faults {
+    pub fn any(&self) -> bool {
+        self.fault_500 > 0.0
+            || self.fault_429 > 0.0
+            || self.fault_drop > 0.0
+            || self.fault_malformed > 0.0
+            || self.fault_latency_ms.is_some()
+    }
+}
+
+fn share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not a share between 0 and 1")) }
+}
+
+fn latency(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s:?} is not milliseconds (`50`) or a range (`20-200`)");
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?),
+        None => {
+            let v = s.trim().parse().map_err(|_| bad())?;
+            (v, v)
+        }
+    };
+    if lo <= hi { Ok((lo, hi)) } else { Err(bad()) }
+}
+
+/// Middleware: applies the configured faults before (and around) the handler.
+/// Injected failures happen before quota accounting, so they cost no quota.
+pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, next: Next) -> Response {
+    if let Some((lo, hi)) = faults.fault_latency_ms {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
+    }
+    if fastrand::f64() < faults.fault_500 {
+        return ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "injected fault")
+            .into_response();
+    }
+    if fastrand::f64() < faults.fault_429 {
+        let mut resp =
+            ApiFailure::new(StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED, "injected 429 storm").into_response();
+        if faults.fault_429_retry_after > 0 {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(faults.fault_429_retry_after));
+        }
+        return resp;
+    }
+    if fastrand::f64() < faults.fault_malformed {
+        let mut resp = (StatusCode::OK, r#"{"success": true, "data": [{"VIN": "#).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return resp;
+    }
+    let resp = next.run(req).await;
+    if fastrand::f64() < faults.fault_drop {
+        return truncate(resp).await;
+    }
+    resp
+}
+
+/// Sends the headers and half the body, then fails the stream so the
+/// connection is cut mid-response.
+async fn truncate(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let half = bytes.slice(..bytes.len() / 2);
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    use futures_util::StreamExt;
+    // The pause lets the headers and the first half reach the client before
+    // the cut, as when a server dies mid-write.
+    let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(half) }).chain(
+        futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected connection drop"))
+        }),
+    );
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_shares_and_latency_ranges() {
+        assert_eq!(share("0.25"), Ok(0.25));
+        assert!(share("1.5").is_err());
+        assert_eq!(latency("50"), Ok((50, 50)));
+        assert_eq!(latency("20-200"), Ok((20, 200)));
+        assert!(latency("200-20").is_err());
+        assert!(!Faults::default().any());
+    }
+}

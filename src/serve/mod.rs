@@ -1,0 +1,403 @@
+//! `vinetl serve`: a Car Vin API-compatible server on embedded NHTSA vPIC
+//! data, faithful to the integration guide. It backs development, the tests
+//! and the demo; the runner talks to it over real HTTP.
+
+pub mod faults;
+pub mod keys;
+mod openapi;
+pub mod recalls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::api::{
+    self, ApiError, BatchDecodeRequest, BatchEntry, DataResponse, DecodeRequest, ErrorResponse, MAX_BATCH,
+    RecallsRequest, RecallsResponse, Vehicle, code,
+};
+use crate::decoder::Decoder;
+use crate::vin::Vin;
+use faults::Faults;
+use keys::{Accounts, Caller, Limited, Quota};
+use recalls::RecallIndex;
+
+/// Request bodies are tiny (20 VINs are under 500 bytes); 64 KiB leaves room
+/// for whitespace and still refuses abuse early.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How `vinetl serve` is configured.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    pub bind: String,
+    pub keys: Option<PathBuf>,
+    pub recalls: Option<PathBuf>,
+    pub faults: Faults,
+}
+
+/// A configuration problem found before the server starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
+    #[error(transparent)]
+    Recalls(#[from] recalls::RecallsError),
+    #[error(transparent)]
+    Decoder(#[from] crate::decoder::DecoderUnavailable),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+}
+
+/// Everything the handlers share.
+pub struct Server {
+    decoder: Decoder,
+    accounts: Accounts,
+    recalls: RecallIndex,
+}
+
+impl Server {
+    /// Loads the decoder, keys and recall data, failing fast on any of them.
+    pub fn load(opts: &ServeOptions) -> Result<Server, ServeError> {
+        let accounts = match &opts.keys {
+            Some(path) => Accounts::load(path)?,
+            None => Accounts::new(Vec::new()),
+        };
+        let recalls = match &opts.recalls {
+            Some(path) => RecallIndex::load(path)?,
+            None => RecallIndex::sample(),
+        };
+        Ok(Server { decoder: Decoder::new()?, accounts, recalls })
+    }
+
+    pub fn router(self, faults: Faults) -> Router {
+        let state = Arc::new(self);
+        let mut api = Router::new()
+            .route(api::DECODE_PATH, post(decode))
+            .route(api::BATCH_DECODE_PATH, post(batch_decode))
+            .route(api::RECALLS_PATH, post(recalls));
+        if faults.any() {
+            api = api.layer(axum::middleware::from_fn_with_state(Arc::new(faults), faults::inject));
+        }
+        api.route(api::OPENAPI_PATH, get(openapi))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(CatchPanicLayer::custom(|_| {
+                ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "internal server error")
+                    .into_response()
+            }))
+            .with_state(state)
+    }
+}
+
+/// A running server: its address, and a handle that stops it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// API keys loaded.
+    pub keys: usize,
+    /// Recall records loaded.
+    pub recalls: usize,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// The base URL clients use, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and waits.
+    pub async fn stop(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+}
+
+/// Starts the server in this process (the demo and tests use port 0).
+pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
+    let server = tokio::task::spawn_blocking({
+        let opts = opts.clone();
+        move || Server::load(&opts)
+    })
+    .await
+    .expect("loading the server does not panic")?;
+    let listener = tokio::net::TcpListener::bind(&opts.bind)
+        .await
+        .map_err(|source| ServeError::Bind { addr: opts.bind.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.bind.clone(), source })?;
+    let (keys, recalls) = (server.accounts.key_count(), server.recalls.len());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = server.router(opts.faults.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+    });
+    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task })
+}
+
+/// `vinetl serve`: runs until SIGINT or SIGTERM.
+pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let server = spawn(opts).await?;
+    eprintln!(
+        "vinetl serve: listening on {} ({} API keys{}; {} recall records)",
+        server.url(),
+        server.keys,
+        if server.keys == 0 { ", so anonymous single decodes only" } else { "" },
+        server.recalls
+    );
+    crate::shutdown_signal().await;
+    eprintln!("vinetl serve: shutting down");
+    server.stop().await?;
+    Ok(())
+}
+
+/// An error answer: `{"success": false, "error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiFailure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiFailure {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiFailure {
+        ApiFailure { status, code, message: message.into(), headers: Vec::new() }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> ApiFailure {
+        ApiFailure::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> ApiFailure {
+        let mut f = ApiFailure::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, message);
+        f.headers.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        f
+    }
+
+    fn rate_limited(limited: Limited) -> ApiFailure {
+        let what = if limited.per_second { "per-second rate limit" } else { "daily quota" };
+        let mut f = ApiFailure::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            code::RATE_LIMITED,
+            format!("{what} exceeded; retry after {} s", limited.retry_after_secs),
+        );
+        f.headers.push((header::RETRY_AFTER, HeaderValue::from(limited.retry_after_secs)));
+        f.headers.extend(quota_headers(&limited.quota));
+        f
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ErrorResponse { success: false, error: ApiError { code: self.code.into(), message: self.message } };
+        let mut resp = (self.status, Json(body)).into_response();
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+}
+
+fn quota_headers(q: &Quota) -> Vec<(HeaderName, HeaderValue)> {
+    vec![
+        (HeaderName::from_static("x-ratelimit-limit"), HeaderValue::from(q.limit)),
+        (HeaderName::from_static("x-ratelimit-remaining"), HeaderValue::from(q.remaining)),
+        (HeaderName::from_static("x-ratelimit-reset"), HeaderValue::from(q.reset)),
+    ]
+}
+
+/// A success answer with the caller's quota in headers (none when unlimited).
+fn ok<T: serde::Serialize>(body: T, quota: Quota) -> Response {
+    let mut resp = Json(body).into_response();
+    if quota.limit != u64::MAX {
+        resp.headers_mut().extend(quota_headers(&quota));
+    }
+    resp
+}
+
+type Shared = State<Arc<Server>>;
+type Peer = ConnectInfo<SocketAddr>;
+
+impl Server {
+    fn caller(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiFailure> {
+        let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        self.accounts.authenticate(auth, peer.ip()).map_err(|bad| ApiFailure::unauthorized(bad.0))
+    }
+
+    fn keyed_caller(&self, headers: &HeaderMap, peer: SocketAddr, what: &str) -> Result<Caller, ApiFailure> {
+        match self.caller(headers, peer)? {
+            Caller::Anonymous(_) => Err(ApiFailure::unauthorized(format!(
+                "{what} requires an API key: send Authorization: Bearer YOUR_API_KEY (anonymous access is single decode only)"
+            ))),
+            keyed => Ok(keyed),
+        }
+    }
+
+    fn admit(&self, caller: Caller) -> Result<Quota, ApiFailure> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
+        self.accounts.admit(caller, now).map_err(|limited| {
+            tracing::info!(caller = %self.accounts.name(caller), per_second = limited.per_second, "429");
+            ApiFailure::rate_limited(limited)
+        })
+    }
+}
+
+/// Reads a JSON body: 413 when too large, 400 with the reason otherwise.
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiFailure> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiFailure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                code::PAYLOAD_TOO_LARGE,
+                format!("request body is over {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiFailure::bad_request(code::INVALID_REQUEST, rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiFailure::bad_request(code::INVALID_REQUEST, e.to_string()),
+        _ => ApiFailure::bad_request(code::INVALID_JSON, format!("body is not valid JSON: {e}")),
+    })
+}
+
+fn invalid_vin(raw: &str, e: crate::vin::VinError) -> ApiError {
+    ApiError { code: code::INVALID_VIN.into(), message: format!("invalid VIN {raw:?}: {e}") }
+}
+
+async fn decode_blocking(server: &Arc<Server>, vins: Vec<Vin>) -> Result<Vec<Vehicle>, ApiFailure> {
+    let s = Arc::clone(server);
+    tokio::task::spawn_blocking(move || vins.iter().map(|v| s.decoder.decode(v)).collect())
+        .await
+        .map_err(|_| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "decoder failed"))
+}
+
+async fn decode(
+    State(s): Shared,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let caller = s.caller(&headers, peer)?;
+    let req: DecodeRequest = parse_body(body)?;
+    let vin = Vin::parse(&req.vin).map_err(|e| {
+        let err = invalid_vin(&req.vin, e);
+        ApiFailure::bad_request(code::INVALID_VIN, err.message)
+    })?;
+    let quota = s.admit(caller)?;
+    let vehicle = decode_blocking(&s, vec![vin]).await?.remove(0);
+    Ok(ok(DataResponse { success: true, data: vehicle }, quota))
+}
+
+async fn batch_decode(
+    State(s): Shared,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let caller = s.keyed_caller(&headers, peer, "batch decoding")?;
+    let req: BatchDecodeRequest = parse_body(body)?;
+    match req.vins.len() {
+        0 => return Err(ApiFailure::bad_request(code::INVALID_REQUEST, "vins must hold 1 to 20 VINs, got none")),
+        n if n > MAX_BATCH => {
+            return Err(ApiFailure::bad_request(
+                code::BATCH_TOO_LARGE,
+                format!("at most {MAX_BATCH} VINs per request, got {n}; split larger lists into chunks"),
+            ));
+        }
+        _ => {}
+    }
+    let quota = s.admit(caller)?;
+    // Each VIN stands alone: an invalid one gets its error, the rest decode.
+    let parsed: Vec<Result<Vin, ApiError>> =
+        req.vins.iter().map(|raw| Vin::parse(raw).map_err(|e| invalid_vin(raw, e))).collect();
+    let valid: Vec<Vin> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
+    let mut decoded = decode_blocking(&s, valid).await?.into_iter();
+    let data: Vec<BatchEntry> = parsed
+        .into_iter()
+        .zip(&req.vins)
+        .map(|(p, raw)| match p {
+            Ok(_) => BatchEntry::Decoded(Box::new(decoded.next().expect("one decode per valid VIN"))),
+            Err(error) => BatchEntry::Failed { vin: raw.clone(), error },
+        })
+        .collect();
+    tracing::debug!(caller = %s.accounts.name(caller), vins = data.len(), "batch-decode");
+    Ok(ok(DataResponse { success: true, data }, quota))
+}
+
+async fn recalls(
+    State(s): Shared,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiFailure> {
+    let caller = s.keyed_caller(&headers, peer, "recall lookup")?;
+    let req: RecallsRequest = parse_body(body)?;
+    let by_vehicle = req.make.is_some() || req.model.is_some() || req.year.is_some();
+    let target = match (&req.vin, by_vehicle) {
+        (Some(raw), false) => {
+            let vin =
+                Vin::parse(raw).map_err(|e| ApiFailure::bad_request(code::INVALID_VIN, invalid_vin(raw, e).message))?;
+            Target::Vin(vin)
+        }
+        (None, true) => {
+            let (Some(make), Some(model), Some(year)) = (&req.make, &req.model, &req.year) else {
+                return Err(ApiFailure::bad_request(code::INVALID_REQUEST, "make, model and year are all required"));
+            };
+            let year = year.year().ok_or_else(|| {
+                ApiFailure::bad_request(code::INVALID_REQUEST, "year must be a four-digit model year")
+            })?;
+            Target::Vehicle(make.clone(), model.clone(), year)
+        }
+        _ => {
+            return Err(ApiFailure::bad_request(
+                code::INVALID_REQUEST,
+                "send either {\"vin\"} or {\"make\", \"model\", \"year\"}",
+            ));
+        }
+    };
+    let quota = s.admit(caller)?;
+    let (make, model, year) = match target {
+        Target::Vehicle(make, model, year) => (make, model, year),
+        // A VIN is decoded to make, model and year first.
+        Target::Vin(vin) => {
+            let v = decode_blocking(&s, vec![vin]).await?.remove(0);
+            (v.make, v.model, v.model_year.parse().unwrap_or(0))
+        }
+    };
+    let found =
+        if make.is_empty() || model.is_empty() { Vec::new() } else { s.recalls.lookup(&make, &model, year).to_vec() };
+    Ok(ok(RecallsResponse { success: true, recalls: found }, quota))
+}
+
+enum Target {
+    Vin(Vin),
+    Vehicle(String, String, u16),
+}
+
+async fn openapi() -> Response {
+    Json(openapi::document()).into_response()
+}
+
+async fn not_found() -> ApiFailure {
+    ApiFailure::new(StatusCode::NOT_FOUND, code::NOT_FOUND, "no such endpoint; see /api/v1/openapi.json")
+}
+
+async fn method_not_allowed() -> ApiFailure {
+    ApiFailure::new(StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED, "use POST with a JSON body")
+}
