@@ -56,11 +56,12 @@ pub enum YearValue {
 }
 
 impl YearValue {
-    /// The year, if it is four digits.
+    /// The year, if it is exactly four digits (as a number: 1000 to 9999).
     pub fn year(&self) -> Option<u16> {
         let n = match self {
             YearValue::Number(n) => *n,
-            YearValue::Text(s) => s.trim().parse().ok()?,
+            YearValue::Text(s) if s.len() == 4 && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok()?,
+            YearValue::Text(_) => return None,
         };
         (1000..=9999).contains(&n).then_some(n as u16)
     }
@@ -274,6 +275,7 @@ mod tests {
         let r: RecallsRequest = serde_json::from_value(json!({"year": 2020})).unwrap();
         assert_eq!(r.year.unwrap().year(), Some(2020));
         assert_eq!(YearValue::Text("20".into()).year(), None);
+        assert_eq!(YearValue::Text(" 2020".into()).year(), None);
     }
 
     #[test]

@@ -91,6 +91,18 @@ impl Vin {
         Ok(Vin(out))
     }
 
+    /// Parses a VIN exactly as given, without normalising anything but case:
+    /// the API's rule, where a client sends one VIN per field. A string with
+    /// surrounding whitespace or quotes has the wrong length.
+    pub fn parse_exact(input: &str) -> Result<Vin, VinError> {
+        let len = input.chars().count();
+        match len {
+            0 => Err(VinError::Empty),
+            VIN_LEN => Vin::parse(input),
+            _ => Err(VinError::WrongLength { len }),
+        }
+    }
+
     /// The VIN as text.
     pub fn as_str(&self) -> &str {
         // Only ASCII letters and digits are ever stored.
@@ -267,6 +279,15 @@ mod tests {
         {
             assert_eq!(Vin::parse(raw).unwrap(), want, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn exact_parsing_refuses_what_normalising_would_forgive() {
+        assert!(Vin::parse_exact("1hgcm82633a004352").is_ok());
+        assert_eq!(Vin::parse_exact(" 1HGCM82633A004352"), Err(VinError::WrongLength { len: 18 }));
+        assert_eq!(Vin::parse_exact("\"1HGCM82633A004352\""), Err(VinError::WrongLength { len: 19 }));
+        assert_eq!(Vin::parse_exact(""), Err(VinError::Empty));
+        assert_eq!(Vin::parse_exact("   "), Err(VinError::WrongLength { len: 3 }));
     }
 
     #[test]

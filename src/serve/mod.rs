@@ -295,7 +295,7 @@ async fn decode(
 ) -> Result<Response, ApiFailure> {
     let caller = s.caller(&headers, peer)?;
     let req: DecodeRequest = parse_body(body)?;
-    let vin = Vin::parse(&req.vin).map_err(|e| {
+    let vin = Vin::parse_exact(&req.vin).map_err(|e| {
         let err = invalid_vin(&req.vin, e);
         ApiFailure::bad_request(code::INVALID_VIN, err.message)
     })?;
@@ -325,7 +325,7 @@ async fn batch_decode(
     let quota = s.admit(caller)?;
     // Each VIN stands alone: an invalid one gets its error, the rest decode.
     let parsed: Vec<Result<Vin, ApiError>> =
-        req.vins.iter().map(|raw| Vin::parse(raw).map_err(|e| invalid_vin(raw, e))).collect();
+        req.vins.iter().map(|raw| Vin::parse_exact(raw).map_err(|e| invalid_vin(raw, e))).collect();
     let valid: Vec<Vin> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
     let mut decoded = decode_blocking(&s, valid).await?.into_iter();
     let data: Vec<BatchEntry> = parsed

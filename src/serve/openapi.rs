@@ -6,6 +6,9 @@ use serde_json::{Value, json};
 
 use crate::api::MAX_BATCH;
 
+/// What `Vin::parse_exact` accepts.
+const VIN_PATTERN: &str = "^[A-HJ-NPR-Za-hj-npr-z0-9]{17}$";
+
 pub fn document() -> Value {
     let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let quota_headers = json!({
@@ -77,23 +80,41 @@ pub fn document() -> Value {
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
             "schemas": {
+                "Vin": {
+                    "type": "string", "pattern": VIN_PATTERN,
+                    "description": "17 characters, letters (either case) and digits, never I, O or Q; nothing around them"
+                },
                 "DecodeRequest": {
                     "type": "object", "required": ["vin"], "additionalProperties": false,
-                    "properties": {"vin": {"type": "string", "description": "A 17-character VIN; whitespace, quotes and case are normalised"}}
+                    "properties": {"vin": {"$ref": "#/components/schemas/Vin"}}
                 },
                 "BatchDecodeRequest": {
                     "type": "object", "required": ["vins"], "additionalProperties": false,
-                    "properties": {"vins": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": {"type": "string"}}}
+                    "properties": {"vins": {
+                        "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                        "description": "Any strings: each is validated on its own, and an invalid one gets an error entry",
+                        "items": {"type": "string"}
+                    }}
                 },
                 "RecallsRequest": {
-                    "type": "object", "additionalProperties": false,
-                    "description": "Either vin, or make, model and year",
-                    "properties": {
-                        "vin": {"type": "string"},
-                        "make": {"type": "string"},
-                        "model": {"type": "string"},
-                        "year": {"oneOf": [{"type": "string"}, {"type": "integer"}]}
-                    }
+                    "description": "Either a VIN, or make, model and year (make and model match case-insensitively)",
+                    "oneOf": [
+                        {
+                            "type": "object", "required": ["vin"], "additionalProperties": false,
+                            "properties": {"vin": {"$ref": "#/components/schemas/Vin"}}
+                        },
+                        {
+                            "type": "object", "required": ["make", "model", "year"], "additionalProperties": false,
+                            "properties": {
+                                "make": {"type": "string"},
+                                "model": {"type": "string"},
+                                "year": {"oneOf": [
+                                    {"type": "string", "pattern": "^[1-9][0-9]{3}$"},
+                                    {"type": "integer", "minimum": 1000, "maximum": 9999}
+                                ]}
+                            }
+                        }
+                    ]
                 },
                 "Vehicle": {
                     "type": "object", "required": vehicle_fields,

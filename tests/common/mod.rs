@@ -52,3 +52,42 @@ pub async fn serve(faults: vinetl::serve::faults::Faults) -> (vinetl::serve::Run
     let opts = vinetl::serve::ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), recalls: None, faults };
     (vinetl::serve::spawn(opts).await.unwrap(), dir)
 }
+
+/// `vinetl serve` as its own process on a free loopback port; killed on drop.
+pub struct ServeProcess {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    pub fn start(extra: &[&str]) -> ServeProcess {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.toml");
+        std::fs::write(&keys, KEYS_TOML).unwrap();
+        let mut child = vinetl()
+            .args(["serve", "--bind", "127.0.0.1:0", "--keys", keys.to_str().unwrap()])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let first = lines.next().expect("serve prints its address").unwrap();
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {first:?}"))
+            .to_string();
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ServeProcess { child, url, _dir: dir }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
