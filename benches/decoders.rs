@@ -40,7 +40,11 @@ fn main() {
         (
             "corgi-rs 0.4.0 (decode)",
             Box::new(|v: &str| {
-                corgi.decode(v).ok().map(|i| Outcome { make: i.make, model: i.model.unwrap_or_default(), year: i.year.to_string() })
+                corgi.decode(v).ok().map(|i| Outcome {
+                    make: i.make,
+                    model: i.model.unwrap_or_default(),
+                    year: i.year.to_string(),
+                })
             }),
         ),
         (
@@ -65,9 +69,12 @@ fn main() {
 
     let tsv = std::fs::read_to_string("tests/fixtures/public-vins.tsv").unwrap();
     let rows: Vec<Vec<&str>> = tsv.lines().skip(1).map(|l| l.split('\t').collect()).collect();
-    let pattern: Vec<String> = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap().lines().map(String::from).collect();
+    let pattern: Vec<String> =
+        std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap().lines().map(String::from).collect();
 
-    println!("| decoder | decoded | make exact | make loose | model exact | model loose | year exact | VINs/s (1 thread) |");
+    println!(
+        "| decoder | decoded | make exact | make loose | model exact | model loose | year exact | VINs/s (1 thread) |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, decode) in &candidates {
         let mut n: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
@@ -76,7 +83,9 @@ fn main() {
             let got = decode(r[0]);
             decoded += u32::from(got.is_some());
             let got = got.unwrap_or(Outcome { make: String::new(), model: String::new(), year: String::new() });
-            for (field, claim, value) in [("make", r[1], &got.make), ("model", r[2], &got.model), ("year", r[3], &got.year)] {
+            for (field, claim, value) in
+                [("make", r[1], &got.make), ("model", r[2], &got.model), ("year", r[3], &got.year)]
+            {
                 if claim.is_empty() {
                     continue;
                 }

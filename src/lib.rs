@@ -8,10 +8,12 @@
 pub mod api;
 pub mod check;
 pub mod cli;
+pub mod client;
 pub mod decoder;
 pub mod distinct;
 pub mod serve;
 pub mod source;
+pub mod spec;
 pub mod store;
 pub mod vin;
 

@@ -1,0 +1,298 @@
+//! The runner's Car Vin API client, and the one place every call's outcome is
+//! classified: use it, stop the job, hand it to the limiter, retry later, or
+//! give up. The wire types are [`crate::api`]'s, shared with `vinetl serve`.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::de::DeserializeOwned;
+
+use crate::api::{self, BatchDecodeRequest, BatchEntry, DataResponse, ErrorResponse, RecallsRequest, RecallsResponse};
+use crate::spec::ProviderSpec;
+use crate::vin::Vin;
+
+/// What to do after a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<T> {
+    /// 200 with a complete answer.
+    Done(T),
+    /// 401/403: the key is wrong or revoked. Stop the whole job now; a retry
+    /// would only burn quota.
+    StopJob(String),
+    /// 429: over the provider's limit. The limiter pushes every worker back;
+    /// the call is retried without using up an attempt.
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx, timeouts, connection errors, malformed or incomplete JSON: retry
+    /// with exponential backoff, counting an attempt.
+    Retry(String),
+    /// Any other answer (a 400 for a request we built, a 404 for a wrong base
+    /// URL): retrying cannot help, so the batch is dead-lettered at once.
+    GiveUp(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the API key variable {0} is not set (provider.api_key_env names it; the key itself never goes in a spec)")]
+    MissingKey(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// A client for one provider account.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is never printed.
+        f.debug_struct("ApiClient").field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    /// Reads the key from the variable the spec names.
+    pub fn from_spec(spec: &ProviderSpec) -> Result<ApiClient, ClientError> {
+        let key = std::env::var(&spec.api_key_env)
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+            .ok_or_else(|| ClientError::MissingKey(spec.api_key_env.clone()))?;
+        ApiClient::new(&spec.base_url, &key, Duration::from_secs(spec.timeout_secs))
+    }
+
+    pub fn new(base_url: &str, key: &str, timeout: Duration) -> Result<ApiClient, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            // Fail fast on an unreachable host instead of waiting the full timeout.
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("vinetl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(ApiClient { http, base: base_url.trim_end_matches('/').to_string(), key: key.trim().to_string() })
+    }
+
+    /// One batch-decode call for at most 20 VINs.
+    pub async fn batch_decode(&self, vins: &[Vin]) -> Outcome<Vec<BatchEntry>> {
+        let body = BatchDecodeRequest { vins: vins.iter().map(Vin::to_string).collect() };
+        let outcome: Outcome<DataResponse<Vec<BatchEntry>>> = self.post(api::BATCH_DECODE_PATH, &body).await;
+        match outcome {
+            Outcome::Done(resp) => check_batch(vins, resp.data),
+            other => other.map_done(|r| r.data),
+        }
+    }
+
+    /// One recall lookup.
+    pub async fn recalls(&self, req: &RecallsRequest) -> Outcome<RecallsResponse> {
+        self.post(api::RECALLS_PATH, req).await
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Outcome<T> {
+        let sent = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(body).send().await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return Outcome::Retry(describe_transport(&e)),
+        };
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body = resp.bytes().await.map_err(|e| describe_transport(&e));
+        classify(status, &headers, body)
+    }
+}
+
+impl<T> Outcome<T> {
+    fn map_done<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Done(t) => Outcome::Done(f(t)),
+            Outcome::StopJob(m) => Outcome::StopJob(m),
+            Outcome::RateLimited { retry_after } => Outcome::RateLimited { retry_after },
+            Outcome::Retry(m) => Outcome::Retry(m),
+            Outcome::GiveUp(m) => Outcome::GiveUp(m),
+        }
+    }
+}
+
+fn describe_transport(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "response cut short"
+    } else {
+        "request failed"
+    };
+    // reqwest's Display never includes headers, so the key cannot leak here.
+    format!("{kind}: {e}")
+}
+
+/// The classification table. Pure, so it is tested as a table.
+pub fn classify<T: DeserializeOwned>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: Result<bytes::Bytes, String>,
+) -> Outcome<T> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return Outcome::Retry(e),
+    };
+    let message = || {
+        serde_json::from_slice::<ErrorResponse>(&body)
+            .map(|e| format!("{} {}: {}", status.as_u16(), e.error.code, e.error.message))
+            .unwrap_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+    };
+    match status {
+        StatusCode::OK => match serde_json::from_slice::<T>(&body) {
+            Ok(t) => Outcome::Done(t),
+            Err(e) => Outcome::Retry(format!("malformed JSON in a 200: {e}")),
+        },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::StopJob(message()),
+        StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited { retry_after: retry_after(headers) },
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => Outcome::Retry(message()),
+        _ => Outcome::GiveUp(message()),
+    }
+}
+
+/// A 200 must answer every VIN asked, in order; anything less is treated as
+/// a broken response and retried.
+fn check_batch(asked: &[Vin], got: Vec<BatchEntry>) -> Outcome<Vec<BatchEntry>> {
+    if got.len() != asked.len() {
+        return Outcome::Retry(format!("incomplete answer: {} entries for {} VINs", got.len(), asked.len()));
+    }
+    for (vin, entry) in asked.iter().zip(&got) {
+        let answered = match entry {
+            BatchEntry::Decoded(v) => &v.vin,
+            BatchEntry::Failed { vin, .. } => vin,
+        };
+        if !answered.eq_ignore_ascii_case(vin.as_str()) {
+            return Outcome::Retry(format!("answer out of order: expected {vin}, got {answered}"));
+        }
+    }
+    Outcome::Done(got)
+}
+
+/// `Retry-After` as seconds or an HTTP date (RFC 9110 10.2.3).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// Exponential backoff with jitter for retry `attempt` (1-based): 1 s, 2 s,
+/// 4 s, … capped at 5 minutes, each drawn uniformly from its upper half so
+/// that workers that failed together do not retry together.
+pub fn backoff(attempt: u32) -> Duration {
+    let cap = 300.0;
+    let full = (2f64.powi(attempt.saturating_sub(1).min(20) as i32)).min(cap);
+    Duration::from_secs_f64(full * (0.5 + fastrand::f64() * 0.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    type Entries = DataResponse<Vec<BatchEntry>>;
+
+    fn run(status: u16, headers: &[(&str, &str)], body: Result<&str, &str>) -> Outcome<Entries> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        classify(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            body.map(|b| bytes::Bytes::from(b.to_string())).map_err(String::from),
+        )
+    }
+
+    fn kind<T>(o: &Outcome<T>) -> &'static str {
+        match o {
+            Outcome::Done(_) => "done",
+            Outcome::StopJob(_) => "stop",
+            Outcome::RateLimited { .. } => "429",
+            Outcome::Retry(_) => "retry",
+            Outcome::GiveUp(_) => "give up",
+        }
+    }
+
+    #[test]
+    fn every_outcome_is_classified_in_one_table() {
+        let ok = r#"{"success": true, "data": [{"VIN": "1HGCM82633A004352", "Make": "HONDA"}]}"#;
+        let err = r#"{"success": false, "error": {"code": "X", "message": "m"}}"#;
+        let table: &[(u16, &[(&str, &str)], Result<&str, &str>, &str)] = &[
+            (200, &[], Ok(ok), "done"),
+            (200, &[], Ok(r#"{"success": true, "data": [{"VIN": "#), "retry"), // malformed
+            (200, &[], Ok("<html>"), "retry"),
+            (200, &[], Err("response cut short"), "retry"), // dropped mid-body
+            (401, &[], Ok(err), "stop"),
+            (403, &[], Ok(err), "stop"),
+            (429, &[("retry-after", "3")], Ok(err), "429"),
+            (429, &[], Ok(err), "429"),
+            (500, &[], Ok(err), "retry"),
+            (502, &[], Ok("bad gateway"), "retry"),
+            (503, &[], Ok(""), "retry"),
+            (408, &[], Ok(""), "retry"),
+            (400, &[], Ok(err), "give up"),
+            (404, &[], Ok(err), "give up"),
+            (413, &[], Ok(err), "give up"),
+        ];
+        for (status, headers, body, want) in table {
+            let got = run(*status, headers, *body);
+            assert_eq!(kind(&got), *want, "{status} {body:?}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn error_messages_carry_the_apis_code_and_text() {
+        let got =
+            run(401, &[], Ok(r#"{"success": false, "error": {"code": "UNAUTHORIZED", "message": "invalid API key"}}"#));
+        assert_eq!(got, Outcome::StopJob("401 UNAUTHORIZED: invalid API key".into()));
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(110) && d <= Duration::from_secs(120), "{d:?}");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn a_short_or_reordered_batch_answer_is_retried() {
+        let vins: Vec<Vin> =
+            ["1HGCM82633A004352", "5YJSA1DG9DFP14705"].iter().map(|v| Vin::parse(v).unwrap()).collect();
+        let entry = |v: &str| BatchEntry::Decoded(Box::new(api::Vehicle { vin: v.into(), ..Default::default() }));
+        assert!(matches!(check_batch(&vins, vec![entry("1HGCM82633A004352")]), Outcome::Retry(_)));
+        assert!(matches!(
+            check_batch(&vins, vec![entry("5YJSA1DG9DFP14705"), entry("1HGCM82633A004352")]),
+            Outcome::Retry(_)
+        ));
+        assert!(matches!(
+            check_batch(&vins, vec![entry("1HGCM82633A004352"), entry("5YJSA1DG9DFP14705")]),
+            Outcome::Done(_)
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for attempt in 1..=12 {
+            let full = 2f64.powi(attempt as i32 - 1).min(300.0);
+            let d = backoff(attempt).as_secs_f64();
+            assert!(d >= full * 0.5 && d <= full, "attempt {attempt}: {d}");
+        }
+        assert!(backoff(100).as_secs_f64() <= 300.0);
+    }
+}
