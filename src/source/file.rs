@@ -15,20 +15,34 @@ pub enum FileFormat {
     Lines,
     /// Delimited text with a header row; the VIN is in the named column.
     /// The delimiter is `,`, tab, `;` or `|`, read off the header line.
-    Csv { column: String },
+    Csv { column: String, carry: Vec<String> },
+    /// Apache Parquet; the VIN column must hold strings.
+    Parquet { column: String, carry: Vec<String> },
 }
 
 impl FileFormat {
-    /// CSV when a column is named or the name says `.csv` or `.tsv` (before
-    /// any compression suffix), lines otherwise. Such a file without a named
-    /// column reads its `vin` column.
+    /// Parquet when the name says `.parquet`; CSV when a column is named or
+    /// the name says `.csv` or `.tsv` (before any compression suffix); lines
+    /// otherwise. Without a named column, CSV and Parquet read `vin`.
     pub fn infer(path: &Path, column: Option<&str>) -> FileFormat {
         let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
         let stem = name.trim_end_matches(".gz").trim_end_matches(".zst").trim_end_matches(".zstd");
-        match column {
-            Some(c) => FileFormat::Csv { column: c.to_string() },
-            None if stem.ends_with(".csv") || stem.ends_with(".tsv") => FileFormat::Csv { column: "vin".to_string() },
-            None => FileFormat::Lines,
+        let col = || column.unwrap_or("vin").to_string();
+        if stem.ends_with(".parquet") || stem.ends_with(".pq") {
+            FileFormat::Parquet { column: col(), carry: Vec::new() }
+        } else if column.is_some() || stem.ends_with(".csv") || stem.ends_with(".tsv") {
+            FileFormat::Csv { column: col(), carry: Vec::new() }
+        } else {
+            FileFormat::Lines
+        }
+    }
+
+    /// The same format, carrying `carry` columns to the output.
+    pub fn carrying(self, carry: &[String]) -> FileFormat {
+        match self {
+            FileFormat::Lines => FileFormat::Lines,
+            FileFormat::Csv { column, .. } => FileFormat::Csv { column, carry: carry.to_vec() },
+            FileFormat::Parquet { column, .. } => FileFormat::Parquet { column, carry: carry.to_vec() },
         }
     }
 }
@@ -79,12 +93,23 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(path: &Path, format: FileFormat) -> Result<FileSource, SourceError> {
-        let shown = path.display().to_string();
+        FileSource::open_named(path, &path.display().to_string(), format)
+    }
+
+    /// Opens `path`, naming it `shown` in rows' errors (an S3 object read
+    /// from a temporary file is named by its URL).
+    pub fn open_named(path: &Path, shown: &str, format: FileFormat) -> Result<FileSource, SourceError> {
+        let shown = shown.to_string();
         let file = File::open(path).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
-        let reader = decompress(file).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
         let rows: Box<dyn Iterator<Item = _>> = match format {
-            FileFormat::Lines => Box::new(LineRows { path: shown, reader, row: 0, buf: Vec::new() }),
-            FileFormat::Csv { column } => Box::new(csv_rows(shown, reader, &column)?),
+            FileFormat::Parquet { column, carry } => Box::new(super::parquet::rows(shown, file, &column, &carry)?),
+            format => {
+                let reader = decompress(file).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
+                match format {
+                    FileFormat::Csv { column, carry } => Box::new(csv_rows(shown, reader, &column, &carry)?),
+                    _ => Box::new(LineRows { path: shown, reader, row: 0, buf: Vec::new() }),
+                }
+            }
         };
         Ok(FileSource { path: path.to_path_buf(), rows })
     }
@@ -120,7 +145,7 @@ impl Iterator for LineRows {
                 // turn into U+FFFD and the VIN parser names their position.
                 let line = String::from_utf8_lossy(&self.buf);
                 let vin = line.trim_end_matches(['\n', '\r']).to_string();
-                Some(Ok(InputRow { row: self.row, vin }))
+                Some(Ok(InputRow { row: self.row, vin, carried: Vec::new() }))
             }
             Err(source) => Some(Err(SourceError::Read { path: self.path.clone(), row: self.row, source })),
         }
@@ -131,21 +156,26 @@ fn csv_rows(
     path: String,
     reader: Box<dyn BufRead>,
     column: &str,
+    carry: &[String],
 ) -> Result<impl Iterator<Item = Result<InputRow, SourceError>> + use<>, SourceError> {
     let mut reader = reader;
     let head = reader.fill_buf().map_err(|source| SourceError::Read { path: path.clone(), row: 0, source })?;
     let delimiter = sniff_delimiter(head);
     let mut csv = csv::ReaderBuilder::new().flexible(true).delimiter(delimiter).from_reader(reader);
     let header = csv.byte_headers().map_err(|e| csv_error(&path, 0, e))?.clone();
-    let wanted = column.trim().to_lowercase();
-    let index = header
-        .iter()
-        .position(|h| String::from_utf8_lossy(h).trim().trim_start_matches('\u{feff}').to_lowercase() == wanted)
-        .ok_or_else(|| SourceError::MissingColumn {
-            path: path.clone(),
-            column: column.to_string(),
-            header: header.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect::<Vec<_>>().join(", "),
-        })?;
+    let find = |name: &str| {
+        let wanted = name.trim().to_lowercase();
+        header
+            .iter()
+            .position(|h| String::from_utf8_lossy(h).trim().trim_start_matches('\u{feff}').to_lowercase() == wanted)
+            .ok_or_else(|| SourceError::MissingColumn {
+                path: path.clone(),
+                column: name.to_string(),
+                header: header.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect::<Vec<_>>().join(", "),
+            })
+    };
+    let index = find(column)?;
+    let carried: Vec<usize> = carry.iter().map(|c| find(c)).collect::<Result<_, _>>()?;
     let mut row = 0u64;
     let mut record = csv::ByteRecord::new();
     Ok(std::iter::from_fn(move || match csv.read_byte_record(&mut record) {
@@ -153,8 +183,11 @@ fn csv_rows(
         Ok(true) => {
             row += 1;
             // A short record has no VIN cell: an empty VIN, rejected as such.
-            let vin = record.get(index).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
-            Some(Ok(InputRow { row, vin }))
+            let cell = |i: usize| record.get(i).map(|v| String::from_utf8_lossy(v).into_owned());
+            let vin = cell(index).unwrap_or_default();
+            // A short record carries nulls, never values from another column.
+            let carried = carried.iter().map(|&i| cell(i).map(serde_json::Value::String).unwrap_or_default()).collect();
+            Some(Ok(InputRow { row, vin, carried }))
         }
         Err(e) => Some(Err(csv_error(&path, row + 1, e))),
     }))
@@ -225,9 +258,21 @@ mod tests {
         {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();
-            let got = rows(&p, FileFormat::Csv { column: "vin".into() });
-            assert_eq!(got, [InputRow { row: 1, vin: "1HGCM82633A004352".into() }], "{name}");
+            let got = rows(&p, FileFormat::Csv { column: "vin".into(), carry: vec![] });
+            assert_eq!(got, [InputRow { row: 1, vin: "1HGCM82633A004352".into(), carried: vec![] }], "{name}");
         }
+    }
+
+    #[test]
+    fn carried_columns_come_along_and_a_short_record_carries_nulls() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fleet.csv");
+        std::fs::write(&p, "unit,vin,depot\nU1,1HGCM82633A004352,Reno\nU2\n").unwrap();
+        let got = rows(&p, FileFormat::Csv { column: "vin".into(), carry: vec!["depot".into(), "unit".into()] });
+        assert_eq!(got[0].carried, [serde_json::json!("Reno"), serde_json::json!("U1")]);
+        assert_eq!(got[1].carried, [serde_json::Value::Null, serde_json::json!("U2")]);
+        let err = FileSource::open(&p, FileFormat::Csv { column: "vin".into(), carry: vec!["colour".into()] });
+        assert!(err.err().unwrap().to_string().contains("\"colour\""));
     }
 
     #[test]
@@ -235,7 +280,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("fleet.csv");
         std::fs::write(&p, "unit,chassis\n1,2\n").unwrap();
-        let err = FileSource::open(&p, FileFormat::Csv { column: "vin".into() }).err().unwrap().to_string();
+        let err =
+            FileSource::open(&p, FileFormat::Csv { column: "vin".into(), carry: vec![] }).err().unwrap().to_string();
         assert!(err.contains("fleet.csv") && err.contains("\"vin\"") && err.contains("unit, chassis"), "{err}");
     }
 

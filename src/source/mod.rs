@@ -5,6 +5,7 @@
 //! Postgres queries are added by the runner.
 
 pub mod file;
+pub mod parquet;
 
 pub use file::{FileFormat, FileSource};
 
@@ -16,6 +17,9 @@ pub struct InputRow {
     pub row: u64,
     /// The raw VIN cell, exactly as read (lossily decoded if not UTF-8).
     pub vin: String,
+    /// Values of the carried columns, in the order the spec names them
+    /// (strings from CSV; typed JSON values from Parquet and Postgres).
+    pub carried: Vec<serde_json::Value>,
 }
 
 /// A source could not be read. Always names the file and, where one is
@@ -30,4 +34,10 @@ pub enum SourceError {
     MissingColumn { path: String, column: String, header: String },
     #[error("{path}: CSV error at row {row}: {message}")]
     Csv { path: String, row: u64, message: String },
+    #[error("{path}: Parquet error: {message}")]
+    Parquet { path: String, message: String },
+    #[error("{path}: column {column:?} has type {found}, but a VIN column must hold text")]
+    NotText { path: String, column: String, found: String },
+    #[error("{path}: a file of one VIN per line has no columns to carry ({columns}); use CSV or Parquet")]
+    NoColumns { path: String, columns: String },
 }
