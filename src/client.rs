@@ -225,7 +225,9 @@ mod tests {
     fn every_outcome_is_classified_in_one_table() {
         let ok = r#"{"success": true, "data": [{"VIN": "1HGCM82633A004352", "Make": "HONDA"}]}"#;
         let err = r#"{"success": false, "error": {"code": "X", "message": "m"}}"#;
-        let table: &[(u16, &[(&str, &str)], Result<&str, &str>, &str)] = &[
+        // (status, headers, body or transport error, expected outcome)
+        type Row<'a> = (u16, &'a [(&'a str, &'a str)], Result<&'a str, &'a str>, &'a str);
+        let table: &[Row] = &[
             (200, &[], Ok(ok), "done"),
             (200, &[], Ok(r#"{"success": true, "data": [{"VIN": "#), "retry"), // malformed
             (200, &[], Ok("<html>"), "retry"),
