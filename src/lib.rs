@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod decoder;
 pub mod distinct;
+pub mod s3;
 pub mod serve;
 pub mod source;
 pub mod spec;

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod parquet;
+pub mod postgres;
 
 pub use file::{FileFormat, FileSource};
 
@@ -34,6 +35,10 @@ pub enum SourceError {
     MissingColumn { path: String, column: String, header: String },
     #[error("{path}: CSV error at row {row}: {message}")]
     Csv { path: String, row: u64, message: String },
+    #[error("{path}: query failed at row {row}: {message}")]
+    Query { path: String, row: u64, message: String },
+    #[error("{path}: {name:?} is not a valid identifier (letters, digits and _ only; schema.table at most)")]
+    BadIdentifier { path: String, name: String },
     #[error("{path}: Parquet error: {message}")]
     Parquet { path: String, message: String },
     #[error("{path}: column {column:?} has type {found}, but a VIN column must hold text")]

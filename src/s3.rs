@@ -1,0 +1,171 @@
+//! All S3 access goes through [`S3`]: listing and reading input objects,
+//! and (for outputs) writing them. Credentials come from the standard AWS
+//! chain (environment, profile, instance role); an `endpoint` switches to an
+//! S3-compatible store (MinIO, s3s-fs) with path-style addressing.
+
+use std::path::Path;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::Region;
+use tokio::io::AsyncWriteExt;
+
+/// An `s3://bucket/key` URL, a prefix (`s3://bucket/dir/`) or a glob
+/// (`s3://bucket/dir/*.csv.gz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    pub key: String,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> Result<S3Url, S3Error> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| S3Error::Url(url.to_string()))?;
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(S3Error::Url(url.to_string()));
+        }
+        Ok(S3Url { bucket: bucket.to_string(), key: key.to_string() })
+    }
+
+    /// The listing prefix: the key up to its first glob character.
+    fn prefix(&self) -> &str {
+        let end = self.key.find(['*', '?', '[']).unwrap_or(self.key.len());
+        &self.key[..end]
+    }
+
+    fn is_glob(&self) -> bool {
+        self.key.contains(['*', '?', '['])
+    }
+}
+
+impl std::fmt::Display for S3Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "s3://{}/{}", self.bucket, self.key)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("{0:?} is not an s3://bucket/key URL")]
+    Url(String),
+    #[error("{url}: {message}")]
+    Call { url: String, message: String },
+    #[error("{url}: no objects match")]
+    Empty { url: String },
+    #[error("{url}: writing the local copy failed: {source}")]
+    Local { url: String, source: std::io::Error },
+}
+
+/// An S3 client for one endpoint.
+#[derive(Clone, Debug)]
+pub struct S3 {
+    client: Client,
+}
+
+impl S3 {
+    /// `endpoint` (or `AWS_ENDPOINT_URL`) selects an S3-compatible store;
+    /// `region` falls back to the AWS chain, then `us-east-1`.
+    pub async fn connect(endpoint: Option<&str>, region: Option<&str>) -> S3 {
+        let mut loader = aws_config::from_env();
+        if let Some(r) = region {
+            loader = loader.region(Region::new(r.to_string()));
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared);
+        if shared.region().is_none() {
+            conf = conf.region(Region::new("us-east-1"));
+        }
+        let endpoint = endpoint.map(str::to_string).or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+        if let Some(e) = endpoint {
+            conf = conf.endpoint_url(e).force_path_style(true);
+        }
+        S3 { client: Client::from_conf(conf.build()) }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The objects a URL names, in key order: itself, everything under a
+    /// prefix ending in `/`, or the keys matching a glob.
+    pub async fn list(&self, url: &S3Url) -> Result<Vec<S3Url>, S3Error> {
+        let shown = url.to_string();
+        let call = |e: String| S3Error::Call { url: shown.clone(), message: e };
+        if !url.is_glob() && !url.key.ends_with('/') && !url.key.is_empty() {
+            self.client
+                .head_object()
+                .bucket(&url.bucket)
+                .key(&url.key)
+                .send()
+                .await
+                .map_err(|e| call(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            return Ok(vec![url.clone()]);
+        }
+        let pattern = if url.is_glob() {
+            Some(glob::Pattern::new(&url.key).map_err(|e| call(format!("bad glob: {e}")))?)
+        } else {
+            None
+        };
+        let mut keys = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&url.bucket).prefix(url.prefix()).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| call(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            for obj in page.contents() {
+                let Some(key) = obj.key() else { continue };
+                let wanted = match &pattern {
+                    Some(p) => p.matches_with(
+                        key,
+                        glob::MatchOptions { require_literal_separator: true, ..Default::default() },
+                    ),
+                    None => !key.ends_with('/'),
+                };
+                if wanted {
+                    keys.push(S3Url { bucket: url.bucket.clone(), key: key.to_string() });
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        if keys.is_empty() {
+            return Err(S3Error::Empty { url: shown });
+        }
+        Ok(keys)
+    }
+
+    /// Streams an object to a local file (memory stays flat whatever its size).
+    pub async fn download(&self, url: &S3Url, to: &Path) -> Result<u64, S3Error> {
+        let shown = url.to_string();
+        let obj = self.client.get_object().bucket(&url.bucket).key(&url.key).send().await.map_err(|e| {
+            S3Error::Call { url: shown.clone(), message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string() }
+        })?;
+        let local = |source| S3Error::Local { url: shown.clone(), source };
+        let mut file = tokio::fs::File::create(to).await.map_err(local)?;
+        let mut body = obj.body;
+        let mut n = 0u64;
+        while let Some(chunk) = body
+            .try_next()
+            .await
+            .map_err(|e| S3Error::Call { url: shown.clone(), message: format!("download cut short: {e}") })?
+        {
+            n += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(local)?;
+        }
+        file.flush().await.map_err(local)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_bucket_key_and_listing_prefix() {
+        let u = S3Url::parse("s3://fleet/exports/2026-*/part-*.csv.gz").unwrap();
+        assert_eq!((u.bucket.as_str(), u.prefix()), ("fleet", "exports/2026-"));
+        assert!(u.is_glob());
+        let u = S3Url::parse("s3://fleet/exports/").unwrap();
+        assert_eq!(u.prefix(), "exports/");
+        assert!(S3Url::parse("https://x/y").is_err());
+        assert!(S3Url::parse("s3:///y").is_err());
+    }
+}
