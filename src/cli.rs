@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::check::check_file;
+use crate::runner;
 use crate::source::FileFormat;
 use crate::store::{self, DatabaseUrl};
 
@@ -167,10 +168,47 @@ impl Cli {
                     DatabaseUrl::Sqlite(_) => Err(store::StoreError::SqliteNotBuilt.into()),
                 }
             }
-            Command::Run { .. } => not_built("run", 4),
-            Command::Submit { .. } => not_built("submit", 4),
-            Command::Worker { .. } => not_built("worker", 4),
-            Command::Status { .. } => not_built("status", 4),
+            Command::Run { spec, concurrency, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let counts = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
+                print!("{}", runner::describe(&counts));
+                Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
+            Command::Submit { spec, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let s = runner::submit(&state, &spec).await?;
+                println!(
+                    "job {} {}: {} batches queued; run `vinetl worker` to process them",
+                    s.job_id,
+                    if s.resumed { "resumed" } else { "submitted" },
+                    s.batches
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Worker { concurrency, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                runner::worker(&state, concurrency).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { job, json, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let jobs = runner::status(&state, job).await?;
+                if json {
+                    let out = if job.is_some() {
+                        serde_json::to_string_pretty(&jobs[0])?
+                    } else {
+                        serde_json::to_string_pretty(&jobs)?
+                    };
+                    println!("{out}");
+                } else if jobs.is_empty() {
+                    println!("no jobs yet");
+                } else {
+                    for j in &jobs {
+                        println!("{}", runner::describe(j));
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Reprocess { .. } => not_built("reprocess", 4),
             Command::Cancel { .. } => not_built("cancel", 4),
             Command::Serve { bind, keys, recalls, faults } => {

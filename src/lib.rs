@@ -11,12 +11,17 @@ pub mod cli;
 pub mod client;
 pub mod decoder;
 pub mod distinct;
+pub mod limiter;
+pub mod planner;
+pub mod queue;
+pub mod runner;
 pub mod s3;
 pub mod serve;
 pub mod source;
 pub mod spec;
 pub mod store;
 pub mod vin;
+pub mod worker;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM, whichever comes first.
 pub async fn shutdown_signal() {

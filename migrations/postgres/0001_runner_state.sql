@@ -9,6 +9,10 @@ CREATE TABLE jobs (
     name          TEXT        NOT NULL,
     -- The job spec as submitted, so a reprocess runs exactly what ran before.
     spec          JSONB       NOT NULL,
+    -- Same spec text, same hash: how `submit` finds a job whose planner died.
+    spec_hash     TEXT        NOT NULL,
+    -- Set in the transaction that creates the batches, so they are made once.
+    batches_planned BOOLEAN   NOT NULL DEFAULT false,
     state         TEXT        NOT NULL DEFAULT 'planning'
                   CHECK (state IN ('planning', 'running', 'waiting', 'done', 'failed', 'cancelled')),
     -- Why the job is in its state, in words (`waiting`: quota exhausted, ...).
@@ -36,17 +40,25 @@ CREATE TABLE job_inputs (
     raw_vin     TEXT   NOT NULL,
     -- The normalised VIN; NULL when the row was rejected.
     vin         TEXT,
-    -- Rejection kind (`wrong_length`, ...) and text; NULL for valid rows.
+    check_digit_valid BOOLEAN,
+    -- The input columns the spec carries through to the output, by name.
+    carried     JSONB  NOT NULL DEFAULT '{}'::jsonb,
+    -- `invalid` (rejected at planning), `duplicate` (an earlier row has the
+    -- VIN), `cache_hit` (decoded recently enough) or `call` (the row whose VIN
+    -- goes into a batch).
+    plan        TEXT   NOT NULL,
+    -- `invalid`, `pending`, `decoded` or `failed`: every row ends decoded or
+    -- carrying an error.
+    status      TEXT   NOT NULL CHECK (status IN ('invalid', 'pending', 'decoded', 'failed')),
+    -- Why the row did not decode: a rejection kind (`wrong_length`, ...), the
+    -- API's per-VIN code, or `dead_letter`.
     error_code  TEXT,
     error_text  TEXT,
-    check_digit_valid BOOLEAN,
-    -- The input columns the spec carries through to the output.
-    carried     JSONB  NOT NULL DEFAULT '{}'::jsonb,
-    -- `duplicate`, `cache_hit` or `queued`, decided at planning.
-    plan        TEXT,
+    decoded_at  TIMESTAMPTZ,
     PRIMARY KEY (job_id, source, row_number)
 );
 CREATE INDEX job_inputs_vin_idx ON job_inputs (job_id, vin);
+CREATE INDEX job_inputs_status_idx ON job_inputs (job_id, status);
 
 -- Planning progress per source, so a planner killed halfway resumes at the
 -- next unplanned row instead of starting over.
@@ -65,8 +77,14 @@ CREATE TABLE batches (
     batch_no     INTEGER NOT NULL,
     vins         TEXT[]  NOT NULL CHECK (cardinality(vins) BETWEEN 1 AND 20),
     state        TEXT    NOT NULL DEFAULT 'queued'
-                 CHECK (state IN ('queued', 'running', 'done', 'dead')),
+                 CHECK (state IN ('queued', 'running', 'done', 'dead', 'cancelled')),
+    -- Failed attempts so far (429s do not count).
     attempts     INTEGER NOT NULL DEFAULT 0,
+    -- Bumped at every reschedule; a queue task for an older generation is
+    -- stale and does nothing, so a task delivered twice never calls twice.
+    generation   INTEGER NOT NULL DEFAULT 0,
+    -- The queue holds a task for this generation.
+    enqueued     BOOLEAN NOT NULL DEFAULT false,
     -- Next attempt after a retryable failure (exponential backoff with jitter).
     next_run_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     last_error   TEXT,

@@ -58,18 +58,21 @@ fn quote_path(name: &str) -> Option<String> {
     name.split('.').map(quote_ident).collect::<Option<Vec<_>>>().filter(|p| p.len() <= 2).map(|p| p.join("."))
 }
 
-/// Streams the input's rows, calling `emit` for each; stops at the first
-/// error (naming the source) or when `emit` returns false.
+/// Streams the input's rows to `emit` in chunks of `chunk_rows` (awaiting
+/// each, so a slow consumer slows the read and memory stays flat); stops at
+/// the first error (naming the source) or when `emit` returns false.
 pub async fn read(
     pool: &PgPool,
     input: &PgInput,
     carry: &[String],
-    mut emit: impl FnMut(InputRow) -> bool,
+    chunk_rows: usize,
+    mut emit: impl AsyncFnMut(Vec<InputRow>) -> bool,
 ) -> Result<u64, SourceError> {
     let label = input.label();
     let (sql, vin_column) = input.sql()?;
     let mut stream = sqlx::query_scalar::<_, Value>(sqlx::AssertSqlSafe(sql)).fetch(pool);
     let mut row = 0u64;
+    let mut chunk = Vec::with_capacity(chunk_rows);
     while let Some(next) = stream.next().await {
         let obj = next.map_err(|e| SourceError::Query { path: label.clone(), row: row + 1, message: e.to_string() })?;
         let Value::Object(map) = obj else { continue };
@@ -92,9 +95,13 @@ pub async fn read(
             Some(other) => other.to_string(),
         };
         let carried = carry.iter().map(|c| get(c).unwrap_or(Value::Null)).collect();
-        if !emit(InputRow { row, vin, carried }) {
-            break;
+        chunk.push(InputRow { row, vin, carried });
+        if chunk.len() >= chunk_rows && !emit(std::mem::take(&mut chunk)).await {
+            return Ok(row);
         }
+    }
+    if !chunk.is_empty() {
+        emit(chunk).await;
     }
     Ok(row)
 }

@@ -29,6 +29,8 @@ pub enum StoreError {
     Migrate { schema: String, source: sqlx::migrate::MigrateError },
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
+    #[error("queue: {0}")]
+    Queue(String),
 }
 
 impl DatabaseUrl {

@@ -1,0 +1,129 @@
+//! The work queue: apalis-postgres, holding one task per batch call. All
+//! queue access lives here.
+//!
+//! vinetl's `batches` table is the authority on a batch (its VINs, attempts,
+//! next run time, state); a queue task only says "call batch N of job J, at
+//! generation G". Every reschedule bumps the generation, so a task delivered
+//! twice (a crash between push and ack, an orphan recovered after missed
+//! heartbeats) finds its generation stale and does nothing.
+//!
+//! apalis 1.0's own retries have no backoff, so vinetl never uses them: a
+//! failed call pushes a new task with `run_at` set to the backoff time.
+
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::store::StoreError;
+
+/// The queue task: which batch, at which generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchTask {
+    pub job_id: i64,
+    pub batch_no: i32,
+    pub generation: i32,
+}
+
+impl BatchTask {
+    /// Unique per (job, batch, generation): pushing the same task twice is
+    /// refused by the queue instead of running twice.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}:{}", self.job_id, self.batch_no, self.generation)
+    }
+}
+
+/// How often an idle worker looks for due tasks. Rescheduled tasks wait for
+/// their `run_at`; a quarter second keeps the wait after it short without
+/// loading Postgres (each poll is one indexed query).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Workers report every 5 s; a worker silent for 3 beats (15 s) is dead and
+/// its tasks go back to the queue. apalis recovers orphans only after
+/// `missed_heartbeats`, so both are set here explicitly.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+pub const MISSED_HEARTBEATS: usize = 3;
+
+/// The queue name: one per vinetl schema, so installs (and tests) sharing
+/// a database never take each other's tasks.
+pub fn queue_name(schema: &str) -> String {
+    format!("vinetl.batches.{schema}")
+}
+
+/// Creates apalis's tables (schema `apalis`; its migrations also create the
+/// hstore and pgcrypto extensions, which needs a role allowed to).
+pub async fn setup(pool: &PgPool) -> Result<(), StoreError> {
+    PostgresStorage::setup(pool)
+        .await
+        .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
+}
+
+pub fn storage(pool: &PgPool, schema: &str) -> PostgresStorage<BatchTask> {
+    let config = Config::default()
+        .queue(queue_name(schema))
+        .heartbeat_interval(HEARTBEAT)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+        // A fetch claims up to this many tasks for this worker; small keeps
+        // work spread across workers.
+        .batch_size(4);
+    PostgresStorage::new(pool).with_config(config)
+}
+
+/// Pushes tasks. A duplicate idempotency key fails a whole `push_all` in
+/// apalis 1.0, so on failure each task is pushed alone and duplicates (tasks
+/// already queued by an earlier, interrupted attempt) are skipped.
+pub async fn push(
+    storage: &mut PostgresStorage<BatchTask>,
+    tasks: &[(BatchTask, Option<Duration>)],
+) -> Result<(), StoreError> {
+    let build = |(t, delay): &(BatchTask, Option<Duration>)| {
+        let mut b = TaskBuilder::new(*t).idempotency_key(t.idempotency_key());
+        if let Some(d) = delay {
+            b = b.run_after(*d);
+        }
+        b.build()
+    };
+    let all: Vec<_> = tasks.iter().map(build).collect();
+    if storage.push_all(futures_util::stream::iter(all)).await.is_ok() {
+        return Ok(());
+    }
+    for t in tasks {
+        if let Err(e) = storage.push_task(build(t)).await
+            && !is_duplicate(&e)
+        {
+            return Err(StoreError::Queue(format!("pushing batch {} of job {}: {e}", t.0.batch_no, t.0.job_id)));
+        }
+    }
+    Ok(())
+}
+
+fn is_duplicate(e: &TaskSinkError<apalis_postgres::Error>) -> bool {
+    matches!(e, TaskSinkError::PushError(apalis_postgres::Error::Database(sqlx::Error::Database(db))) if db.is_unique_violation())
+}
+
+/// A worker name unique across machines and restarts: host, pid and a
+/// random suffix (apalis refuses a name that is still registered).
+pub fn worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("vinetl@{host}:{}:{:08x}", std::process::id(), fastrand::u32(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_names_are_unique_per_generation_and_process() {
+        let t = BatchTask { job_id: 7, batch_no: 3, generation: 2 };
+        assert_eq!(t.idempotency_key(), "7:3:2");
+        assert_ne!(worker_name(), worker_name());
+        assert_eq!(queue_name("vinetl"), "vinetl.batches.vinetl");
+    }
+}

@@ -1,0 +1,162 @@
+//! The job commands: `submit`, `worker`, `run` and `status`, as functions a
+//! test can call. They share one way to open the state store.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::planner::{self, Submitted};
+use crate::spec::JobSpec;
+use crate::store::postgres::{self, JobCounts, PgStore};
+use crate::store::{DatabaseUrl, StoreError};
+
+/// Where state lives, resolved from `DATABASE_URL` and `VINETL_SCHEMA`.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub url: String,
+    pub schema: String,
+}
+
+impl State {
+    pub fn new(url: Option<&str>, schema: &str) -> anyhow::Result<State> {
+        let url = url.context(
+            "DATABASE_URL is not set: export DATABASE_URL=postgres://USER@HOST:5432/DB (the queue and state live there)",
+        )?;
+        match DatabaseUrl::parse(url)? {
+            DatabaseUrl::Postgres(url) => Ok(State { url, schema: schema.to_string() }),
+            DatabaseUrl::Sqlite(_) => Err(StoreError::SqliteNotBuilt.into()),
+        }
+    }
+
+    /// Connects, migrating vinetl's schema and the queue's tables.
+    pub async fn open(&self, connections: u32) -> Result<PgStore, StoreError> {
+        postgres::open(&self.url, &self.schema, connections).await
+    }
+}
+
+/// `vinetl submit SPEC`.
+pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted> {
+    let spec = JobSpec::load(spec_path)?;
+    refuse_unbuilt(&spec)?;
+    let store = state.open(4).await?;
+    Ok(planner::submit(&store, &state.schema, &spec).await?)
+}
+
+/// Parts of a spec whose features have not landed yet fail loudly, never
+/// silently do nothing.
+fn refuse_unbuilt(spec: &JobSpec) -> anyhow::Result<()> {
+    if let Some(o) = spec.outputs.first() {
+        anyhow::bail!(
+            "{:?} outputs are not built yet (issue #6); remove [[outputs]] to keep results in vinetl's tables",
+            o
+        );
+    }
+    if spec.recalls.enabled {
+        anyhow::bail!("recall lookups are not built yet (issue #7); set [recalls] enabled = false");
+    }
+    Ok(())
+}
+
+/// `vinetl worker`: until SIGTERM/SIGINT.
+pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
+    let store = state.open(concurrency as u32 + 4).await?;
+    crate::worker::run(store, &state.schema, concurrency, crate::shutdown_signal()).await
+}
+
+/// `vinetl run SPEC`: submit, work the job to the end here, return its counts.
+pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<JobCounts> {
+    let submitted = submit(state, spec_path).await?;
+    let store = state.open(concurrency as u32 + 4).await?;
+    let job_id = submitted.job_id;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = {
+        let store = store.clone();
+        let schema = state.schema.clone();
+        tokio::spawn(async move {
+            crate::worker::run(store, &schema, concurrency, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} job {msg} [{bar:30}] {pos}/{len} rows ({per_sec})")
+                .expect("a valid template"),
+        );
+        bar
+    });
+    let counts = loop {
+        let counts = store.counts(job_id).await?.context("the job vanished")?;
+        if let Some(bar) = &bar {
+            bar.set_length(counts.rows as u64);
+            bar.set_position((counts.rows - counts.pending) as u64);
+            bar.set_message(format!("{job_id} {}", counts.state));
+        }
+        if matches!(counts.state.as_str(), "done" | "failed" | "cancelled") {
+            break counts;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = crate::shutdown_signal() => {
+                let _ = stop_tx.send(());
+                anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
+            }
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let _ = stop_tx.send(());
+    worker.await.context("worker task")??;
+    Ok(counts)
+}
+
+/// Whether to draw a progress bar: only on a terminal.
+pub fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}
+
+/// `vinetl status [JOB]`.
+pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCounts>> {
+    let store = state.open(2).await?;
+    let ids = match job {
+        Some(id) => vec![id],
+        None => store.recent_jobs(20).await?,
+    };
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(store.counts(id).await?.with_context(|| format!("no job {id}"))?);
+    }
+    Ok(out)
+}
+
+/// The text `status` and `run` print.
+pub fn describe(c: &JobCounts) -> String {
+    let mut s = format!("job {} ({}): {}", c.job_id, c.name, c.state);
+    if let Some(r) = &c.state_reason {
+        s.push_str(&format!(": {r}"));
+    }
+    s.push('\n');
+    let invalid: i64 = c.invalid.values().sum();
+    s.push_str(&format!(
+        "  rows read        {:>10}\n  valid            {:>10}\n  invalid          {:>10}",
+        c.rows, c.valid, invalid
+    ));
+    if !c.invalid.is_empty() {
+        let kinds: Vec<String> = c.invalid.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        s.push_str(&format!("  ({})", kinds.join(", ")));
+    }
+    s.push_str(&format!(
+        "\n  duplicates       {:>10}\n  cache hits       {:>10}\n  decoded          {:>10}\n  failed           {:>10}\n  pending          {:>10}\n",
+        c.duplicates, c.cache_hits, c.decoded, c.failed, c.pending
+    ));
+    s.push_str(&format!(
+        "  calls made       {:>10}\n  calls retried    {:>10}\n  429s             {:>10}\n  dead-lettered    {:>10} VINs in {} batches\n",
+        c.calls_made, c.calls_retried, c.rate_limited, c.dead_lettered_vins, c.dead_lettered_batches
+    ));
+    s
+}

@@ -1,0 +1,255 @@
+//! Workers: take batch tasks off the queue, call the API under the limiter,
+//! and store what happened. Any number run, in any number of processes and
+//! machines, against one database.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::*;
+use tokio::sync::Mutex;
+
+use crate::api::BatchEntry;
+use crate::client::{ApiClient, Outcome, backoff};
+use crate::limiter::{DEFAULT_429_PAUSE, LocalLimiter};
+use crate::queue::{self, BatchTask};
+use crate::spec::JobSpec;
+use crate::store::StoreError;
+use crate::store::postgres::{DecodedVin, PgStore};
+use crate::vin::Vin;
+
+/// What one job needs to call the API, built once per process.
+struct JobRuntime {
+    spec: JobSpec,
+    client: ApiClient,
+}
+
+/// Shared by every task this worker runs.
+pub struct WorkerState {
+    store: PgStore,
+    schema: String,
+    jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
+    limiters: Mutex<HashMap<String, LocalLimiter>>,
+}
+
+impl WorkerState {
+    pub fn new(store: PgStore, schema: &str) -> Arc<WorkerState> {
+        Arc::new(WorkerState {
+            store,
+            schema: schema.to_string(),
+            jobs: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn runtime(&self, job_id: i64) -> Result<Result<Arc<JobRuntime>, String>, StoreError> {
+        if let Some(rt) = self.jobs.lock().await.get(&job_id) {
+            return Ok(Ok(Arc::clone(rt)));
+        }
+        let spec_json: serde_json::Value = sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&self.store.pool)
+            .await?;
+        let spec: JobSpec = match serde_json::from_value(spec_json) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(format!("stored spec of job {job_id} is unreadable: {e}"))),
+        };
+        let client = match ApiClient::from_spec(&spec.provider) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(format!("worker {}: {e}", queue::worker_name()))),
+        };
+        let rt = Arc::new(JobRuntime { spec, client });
+        self.jobs.lock().await.insert(job_id, Arc::clone(&rt));
+        Ok(Ok(rt))
+    }
+
+    async fn limiter(&self, spec: &JobSpec) -> LocalLimiter {
+        let p = &spec.provider;
+        self.limiters
+            .lock()
+            .await
+            .entry(p.account())
+            .or_insert_with(|| LocalLimiter::new(p.requests_per_second, p.burst(), p.max_in_flight))
+            .clone()
+    }
+}
+
+/// A call that no answer came back from (a crashed worker) is taken over
+/// after this long: two full call timeouts plus slack.
+fn lease_secs(spec: &JobSpec) -> f64 {
+    2.0 * spec.provider.timeout_secs as f64 + 30.0
+}
+
+/// The queue handler: one batch, one call.
+pub async fn handle(task: BatchTask, state: Data<Arc<WorkerState>>) -> Result<(), BoxDynError> {
+    let state: &WorkerState = &state;
+    let rt = match state.runtime(task.job_id).await? {
+        Ok(rt) => rt,
+        Err(reason) => {
+            state.store.fail_job(task.job_id, &reason).await?;
+            return Ok(());
+        }
+    };
+    let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
+    else {
+        // Stale (an older generation), finished, or the job stopped.
+        return Ok(());
+    };
+    let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
+    let limiter = state.limiter(&rt.spec).await;
+    let outcome = {
+        let _slot = limiter.acquire().await;
+        rt.client.batch_decode(&vins).await
+    };
+    let store = &state.store;
+    match outcome {
+        Outcome::Done(entries) => {
+            let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
+            store.complete(task.job_id, task.batch_no, &decoded).await?;
+        }
+        Outcome::StopJob(reason) => {
+            tracing::error!(job = task.job_id, %reason, "API refused the key; stopping the job");
+            store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await?;
+        }
+        Outcome::RateLimited { retry_after } => {
+            let wait = retry_after.unwrap_or(DEFAULT_429_PAUSE);
+            limiter.pause(wait).await;
+            reschedule(state, task, wait, false, "429 Too Many Requests").await?;
+        }
+        Outcome::Retry(reason) => {
+            let attempt = batch.attempts as u32 + 1;
+            if attempt >= rt.spec.provider.max_attempts {
+                let why = format!("gave up after {attempt} attempts: {reason}");
+                store.dead_letter(task.job_id, task.batch_no, &why, true).await?;
+            } else {
+                reschedule(state, task, backoff(attempt), true, &reason).await?;
+            }
+        }
+        Outcome::GiveUp(reason) => {
+            store.dead_letter(task.job_id, task.batch_no, &reason, true).await?;
+        }
+    }
+    store.finish_if_complete(task.job_id).await?;
+    Ok(())
+}
+
+async fn reschedule(
+    state: &WorkerState,
+    task: BatchTask,
+    delay: Duration,
+    count_attempt: bool,
+    why: &str,
+) -> Result<(), StoreError> {
+    let generation =
+        state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), count_attempt, why).await?;
+    let next = BatchTask { generation, ..task };
+    let mut storage = queue::storage(&state.store.pool, &state.schema);
+    queue::push(&mut storage, &[(next, Some(delay))]).await?;
+    state.store.mark_enqueued(task.job_id, &[(task.batch_no, generation)]).await
+}
+
+fn decoded_vin(entry: BatchEntry) -> DecodedVin {
+    match entry {
+        BatchEntry::Decoded(v) => {
+            let raw = serde_json::to_value(&*v).unwrap_or_default();
+            let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            DecodedVin {
+                vin: v.vin.to_ascii_uppercase(),
+                make: some(&v.make),
+                model: some(&v.model),
+                model_year: v.model_year.parse().ok(),
+                error: None,
+                raw,
+            }
+        }
+        BatchEntry::Failed { vin, error } => DecodedVin {
+            vin: vin.to_ascii_uppercase(),
+            make: None,
+            model: None,
+            model_year: None,
+            raw: serde_json::json!({"VIN": vin, "error": {"code": error.code, "message": error.message}}),
+            error: Some((error.code, error.message)),
+        },
+    }
+}
+
+/// Re-pushes batches whose queue task was lost: rescheduled but never
+/// pushed (a crash between the two), or claimed by a worker that died
+/// mid-call. Run by every worker now and then; pushing is idempotent.
+pub async fn sweep(store: &PgStore, schema: &str) -> Result<usize, StoreError> {
+    let lost: Vec<(i64, i32, i32)> = sqlx::query_as(
+        "UPDATE batches b SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
+         FROM jobs j
+         WHERE j.job_id = b.job_id AND j.state IN ('running', 'waiting')
+           AND b.state = 'running'
+           AND b.updated_at < now() - make_interval(secs => 2 * ((j.spec->'provider'->>'timeout_secs')::float8) + 30)
+         RETURNING b.job_id, b.batch_no, b.generation",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    let unpushed: Vec<(i64, i32, i32)> = sqlx::query_as(
+        "SELECT b.job_id, b.batch_no, b.generation FROM batches b JOIN jobs j USING (job_id)
+         WHERE j.state IN ('running', 'waiting') AND b.state = 'queued' AND NOT b.enqueued
+           AND b.updated_at < now() - interval '10 seconds'",
+    )
+    .fetch_all(&store.pool)
+    .await?;
+    let all: Vec<_> = lost.into_iter().chain(unpushed).collect();
+    let mut storage = queue::storage(&store.pool, schema);
+    for &(job_id, batch_no, generation) in &all {
+        queue::push(&mut storage, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
+        store.mark_enqueued(job_id, &[(batch_no, generation)]).await?;
+    }
+    Ok(all.len())
+}
+
+/// Runs a worker until `stop` resolves, then drains in-flight calls.
+pub async fn run(
+    store: PgStore,
+    schema: &str,
+    concurrency: usize,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let name = queue::worker_name();
+    let state = WorkerState::new(store.clone(), schema);
+    let ctx = WorkerContext::new(&name);
+    let backend = queue::storage(&store.pool, schema).poll_with_interval(queue::POLL_INTERVAL);
+    let worker = WorkerBuilder::new(&ctx)
+        .backend(backend)
+        .data(state)
+        .concurrency(concurrency.max(1))
+        .on_event(|ctx, ev| {
+            if let Event::Error(e) = ev {
+                tracing::warn!(worker = %ctx.name(), error = %e, "task failed");
+            }
+        })
+        .build(handle);
+    let sweeper = {
+        let store = store.clone();
+        let schema = schema.to_string();
+        tokio::spawn(async move {
+            loop {
+                // Lost tasks are rare; a sweep every 10 s finds them soon enough.
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if let Err(e) = sweep(&store, &schema).await {
+                    tracing::warn!(error = %e, "sweep failed");
+                }
+            }
+        })
+    };
+    let stopper = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            stop.await;
+            tracing::info!("stopping: draining in-flight calls");
+            while ctx.stop().is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tracing::info!(worker = %name, concurrency, "worker started");
+    let result = worker.run().await;
+    sweeper.abort();
+    stopper.abort();
+    result.map_err(|e| anyhow::anyhow!("worker {name} failed: {e}"))
+}
