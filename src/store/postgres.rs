@@ -165,11 +165,13 @@ impl PgStore {
         job_id: i64,
     ) -> Result<Option<sqlx::pool::PoolConnection<sqlx::Postgres>>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        // Key space: (hash of "vinetl-plan", job id).
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('vinetl-plan'), $1::int)")
-            .bind(job_id as i32)
-            .fetch_one(&mut *conn)
-            .await?;
+        // Key space: (hash of this schema's name, job id): installs sharing a
+        // database have their own job ids.
+        let got: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext(current_schema() || ':plan'), $1::int)")
+                .bind(job_id as i32)
+                .fetch_one(&mut *conn)
+                .await?;
         Ok(got.then_some(conn))
     }
 

@@ -91,3 +91,53 @@ impl Drop for ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A job spec in `dir` reading `source` (a TOML `[source]` body) and calling
+/// `base_url` with the key in `CARVIN_API_KEY`.
+pub fn write_spec(dir: &std::path::Path, source: &str, base_url: &str, provider_extra: &str) -> std::path::PathBuf {
+    let path = dir.join("job.toml");
+    let text = format!(
+        "name = \"test\"\n[source]\n{source}\n[provider]\nbase_url = \"{base_url}\"\napi_key_env = \"CARVIN_API_KEY\"\nrequests_per_second = 200\n{provider_extra}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs the `vinetl` binary against `schema` with `key` as the API key,
+/// without blocking the test's runtime (the API server may live in it).
+pub async fn vinetl_async(schema: &str, key: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"));
+    cmd.args(args)
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", schema)
+        .env("CARVIN_API_KEY", key)
+        .env("SOURCE_DATABASE_URL", pg_url())
+        .kill_on_drop(true);
+    cmd.output().await.unwrap()
+}
+
+/// `vinetl status JOB --json`.
+pub async fn status(schema: &str, job: i64) -> serde_json::Value {
+    let out = vinetl_async(schema, "unused", &["status", &job.to_string(), "--json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A pool on the test database with `schema` first on the search path.
+pub async fn pool(schema: &str) -> sqlx::PgPool {
+    use std::str::FromStr;
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url())
+        .unwrap()
+        .options([("search_path", format!("{schema}, public"))]);
+    sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(opts).await.unwrap()
+}
+
+/// Drops a test's schema and its queue tasks.
+pub async fn cleanup(schema: &str) {
+    let pool = pool("public").await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&pool).await.unwrap();
+    let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
+        .bind(vinetl::queue::queue_name(schema))
+        .execute(&pool)
+        .await;
+}
