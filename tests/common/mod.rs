@@ -106,7 +106,13 @@ pub fn write_spec(dir: &std::path::Path, source: &str, base_url: &str, provider_
 /// Runs the `vinetl` binary against `schema` with `key` as the API key,
 /// without blocking the test's runtime (the API server may live in it).
 pub async fn vinetl_async(schema: &str, key: &str, args: &[&str]) -> std::process::Output {
+    vinetl_async_env(schema, key, args, &[]).await
+}
+
+/// [`vinetl_async`] with extra environment variables.
+pub async fn vinetl_async_env(schema: &str, key: &str, args: &[&str], envs: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"));
+    cmd.envs(envs.iter().copied());
     cmd.args(args)
         .env("DATABASE_URL", pg_url())
         .env("VINETL_SCHEMA", schema)
@@ -140,4 +146,65 @@ pub async fn cleanup(schema: &str) {
         .bind(vinetl::queue::queue_name(schema))
         .execute(&pool)
         .await;
+}
+
+/// A real S3-protocol server (s3s-fs) on a free loopback port; killed on drop.
+pub struct S3Server {
+    child: std::process::Child,
+    pub endpoint: String,
+    _root: tempfile::TempDir,
+}
+
+pub const S3_ACCESS_KEY: &str = "vinetl-test";
+pub const S3_SECRET_KEY: &str = "vinetl-test-secret";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(root.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("s3s-fs is not installed: cargo install s3s-fs --version 0.14.1 --features binary --locked (.ci/run does this)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        S3Server { child, endpoint: format!("http://127.0.0.1:{port}"), _root: root }
+    }
+
+    /// An SDK client with the server's static credentials.
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let creds = aws_sdk_s3::config::Credentials::new(S3_ACCESS_KEY, S3_SECRET_KEY, None, None, "test");
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// Environment for a child process: the standard AWS chain reads these.
+    pub fn env(&self) -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
