@@ -138,11 +138,13 @@ impl PgStore {
         PgStore { pool }
     }
 
-    /// A job with this spec whose planning never finished (its planner
-    /// died), to resume instead of starting a second copy.
+    /// An unfinished job with this spec (its planner died, or it is still
+    /// running), to resume instead of starting a second copy that would pay
+    /// for the same calls again.
     pub async fn resumable_job(&self, spec_hash: &str) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT job_id FROM jobs WHERE spec_hash = $1 AND state = 'planning' ORDER BY job_id DESC LIMIT 1",
+            "SELECT job_id FROM jobs WHERE spec_hash = $1 AND state IN ('planning', 'running', 'waiting')
+             ORDER BY job_id DESC LIMIT 1",
         )
         .bind(spec_hash)
         .fetch_optional(&self.pool)

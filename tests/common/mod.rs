@@ -37,6 +37,12 @@ tier = "free"
 name = "free"
 
 [[keys]]
+key = "pro-counted-key"
+tier = "pro"
+per_day = 100000
+name = "counted"
+
+[[keys]]
 key = "pro-5-per-second"
 tier = "pro"
 per_day = 1000

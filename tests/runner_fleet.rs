@@ -1,0 +1,159 @@
+//! Many processes on one job: workers splitting the queue, and a planner
+//! killed halfway and resumed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cleanup, pg_url, pool, status, unique_schema, vinetl_async, write_spec};
+use vinetl::serve::faults::Faults;
+use vinetl::vin::Vin;
+
+fn worker(schema: &str, key: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["worker", "--concurrency", "2"])
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", schema)
+        .env("CARVIN_API_KEY", key)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value {
+    for _ in 0..600 {
+        let s = status(schema, job).await;
+        if s["state"] == want {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {job} never reached {want}: {}", status(schema, job).await);
+}
+
+/// The API server's own count of requests on a key, from its quota header.
+async fn requests_seen(base: &str, key: &str, per_day: u64) -> u64 {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/decode"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"vin": "1HGCM82633A004352"}))
+        .send()
+        .await
+        .unwrap();
+    let remaining: u64 = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
+    per_day - remaining - 1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("twoworkers");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut a = worker(&schema, "pro-counted-key");
+    let mut b = worker(&schema, "pro-counted-key");
+    let s = wait_for_state(&schema, 1, "done").await;
+    // SIGTERM drains and exits cleanly.
+    for w in [&mut a, &mut b] {
+        let pid = w.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let exit = tokio::time::timeout(Duration::from_secs(30), w.wait()).await.unwrap().unwrap();
+        assert!(exit.success(), "worker exit: {exit:?}");
+    }
+    assert_eq!(s["decoded"], 1000);
+    assert_eq!(s["batches"], 50);
+    assert_eq!(s["calls_made"], 50);
+    // The server saw exactly one call per batch.
+    assert_eq!(requests_seen(&server.url(), "pro-counted-key", 100_000).await, 50);
+    // Both workers took tasks.
+    let db = pool(&schema).await;
+    let workers: i64 = sqlx::query_scalar("SELECT count(DISTINCT lock_by) FROM apalis.jobs WHERE job_type = $1")
+        .bind(vinetl::queue::queue_name(&schema))
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(workers, 2, "both workers processed batches");
+    cleanup(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
+    let schema = unique_schema("killed");
+    let dir = tempfile::tempdir().unwrap();
+    // 60,000 distinct VINs: enough that planning takes a while.
+    let pattern = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    let mut text = String::new();
+    for i in 0..60_000usize {
+        let base = &pattern.lines().nth(i % 1000).unwrap()[..11];
+        let raw = format!("{base}{:06}", i);
+        let vin = Vin::parse(&raw).unwrap();
+        let mut fixed = raw.into_bytes();
+        fixed[8] = vin.expected_check_digit() as u8;
+        text.push_str(std::str::from_utf8(&fixed).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(dir.path().join("vins.txt"), text).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", "http://127.0.0.1:9", "");
+
+    let mut planner = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["submit", spec.to_str().unwrap()])
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", &schema)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Kill it once some, but not all, rows are stored.
+    let db = pool("public").await;
+    let table = format!("{schema}.job_sources");
+    let mut killed_at = 0i64;
+    for _ in 0..600 {
+        let planned: Option<i64> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT max(rows_planned) FROM {table}")))
+                .fetch_optional(&db)
+                .await
+                .ok()
+                .flatten()
+                .flatten();
+        if let Some(n) = planned.filter(|&n| n > 0) {
+            planner.kill().await.unwrap();
+            killed_at = n;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(killed_at > 0 && killed_at < 60_000, "killed after {killed_at} rows");
+
+    let out = vinetl_async(&schema, "k", &["submit", spec.to_str().unwrap()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("job 1 resumed"), "{text}");
+    let s = status(&schema, 1).await;
+    assert_eq!(s["rows"], 60_000);
+    assert_eq!(s["batches"], 3_000);
+    let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+        .bind(vinetl::queue::queue_name(&schema))
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(tasks, 3_000, "one queue task per batch");
+    // Submitting the same spec while the job is unfinished changes nothing.
+    let out = vinetl_async(&schema, "k", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("job 1 resumed"));
+    let jobs: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {schema}.jobs")))
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+    let tasks_after: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+        .bind(vinetl::queue::queue_name(&schema))
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(tasks_after, 3_000);
+    cleanup(&schema).await;
+}
