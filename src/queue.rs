@@ -103,6 +103,34 @@ fn is_duplicate(e: &TaskSinkError<apalis_postgres::Error>) -> bool {
     matches!(e, TaskSinkError::PushError(apalis_postgres::Error::Database(sqlx::Error::Database(db))) if db.is_unique_violation())
 }
 
+/// Polls for due tasks every `period`. apalis 1.0's `poll_with_interval`
+/// can lose its wake-up when a fetch completes within the same poll, leaving
+/// the worker idle until the next heartbeat; this strategy re-arms its timer
+/// before returning, so a waker is always registered.
+pub struct SteadyInterval {
+    period: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl SteadyInterval {
+    pub fn new(period: Duration) -> SteadyInterval {
+        SteadyInterval { period, sleep: Box::pin(tokio::time::sleep(period)) }
+    }
+}
+
+impl PollStrategy for SteadyInterval {
+    fn poll_drive(&mut self, cx: &mut std::task::Context<'_>, _: &PollSnapshot) -> std::task::Poll<Option<()>> {
+        use std::future::Future;
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sleep.as_mut().reset(tokio::time::Instant::now() + self.period);
+        // Register the waker for the next tick now.
+        let _ = self.sleep.as_mut().poll(cx);
+        std::task::Poll::Ready(Some(()))
+    }
+}
+
 /// A worker name unique across machines and restarts: host, pid and a
 /// random suffix (apalis refuses a name that is still registered).
 pub fn worker_name() -> String {

@@ -59,10 +59,34 @@ fn refuse_unbuilt(spec: &JobSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `vinetl worker`: until SIGTERM/SIGINT.
+/// `vinetl worker`: until SIGTERM/SIGINT. apalis ends a worker on any
+/// database error (a failover, a statement timeout); this restarts it, under
+/// a fresh name, with backoff, for as long as the process is wanted.
 pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
     let store = state.open(concurrency as u32 + 4).await?;
-    crate::worker::run(store, &state.schema, concurrency, crate::shutdown_signal()).await
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut failures = 0u32;
+    loop {
+        let mut rx = stop_rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|stopped| *stopped).await;
+        };
+        match crate::worker::run(store.clone(), &state.schema, concurrency, stop).await {
+            Ok(()) => return Ok(()),
+            Err(e) if *stop_rx.borrow() => return Err(e),
+            Err(e) => {
+                failures += 1;
+                let wait = crate::client::backoff(failures.min(6));
+                tracing::error!(error = %e, restart_in = ?wait, "worker stopped on an error; restarting");
+                eprintln!("vinetl worker: {e:#}; restarting in {:.1} s", wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
 }
 
 /// `vinetl run SPEC`: submit, work the job to the end here, return its counts.
@@ -71,16 +95,24 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
     let store = state.open(concurrency as u32 + 4).await?;
     let job_id = submitted.job_id;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = {
-        let store = store.clone();
-        let schema = state.schema.clone();
-        tokio::spawn(async move {
-            crate::worker::run(store, &schema, concurrency, async move {
-                let _ = stop_rx.await;
-            })
-            .await
-        })
+    // The worker and the watcher run side by side in this task; the watcher
+    // stops the worker once the job has ended.
+    let worker = crate::worker::run(store.clone(), &state.schema, concurrency, async move {
+        let _ = stop_rx.await;
+    });
+    let watcher = async {
+        let result = watch(&store, job_id, progress).await;
+        let _ = stop_tx.send(());
+        result
     };
+    let (worked, watched) = tokio::join!(worker, watcher);
+    let counts = watched?;
+    worked?;
+    Ok(counts)
+}
+
+/// Polls the job's counts until it ends, drawing a progress bar if asked.
+async fn watch(store: &PgStore, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
     let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -100,9 +132,9 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
             break counts;
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // Counting is a scan of the job's rows: twice a second is plenty.
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
             () = crate::shutdown_signal() => {
-                let _ = stop_tx.send(());
                 anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
             }
         }
@@ -110,8 +142,6 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let _ = stop_tx.send(());
-    worker.await.context("worker task")??;
     Ok(counts)
 }
 

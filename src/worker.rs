@@ -80,9 +80,25 @@ fn lease_secs(spec: &JobSpec) -> f64 {
     2.0 * spec.provider.timeout_secs as f64 + 30.0
 }
 
-/// The queue handler: one batch, one call.
+/// The queue handler. A panic is caught here and recorded as an abort: a
+/// panic escaping to apalis would take the worker down or leave the task
+/// stuck in `Running`.
 pub async fn handle(task: BatchTask, state: Data<Arc<WorkerState>>) -> Result<(), BoxDynError> {
-    let state: &WorkerState = &state;
+    use futures_util::FutureExt;
+    let state: Arc<WorkerState> = Arc::clone(&state);
+    match std::panic::AssertUnwindSafe(call_batch(task, &state)).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let msg =
+                panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+            tracing::error!(job = task.job_id, batch = task.batch_no, panic = ?msg, "batch handler panicked");
+            Err(AbortError::new(format!("panic: {}", msg.unwrap_or_default())).into())
+        }
+    }
+}
+
+/// One batch, one call.
+async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynError> {
     let rt = match state.runtime(task.job_id).await? {
         Ok(rt) => rt,
         Err(reason) => {
@@ -213,11 +229,14 @@ pub async fn run(
     let name = queue::worker_name();
     let state = WorkerState::new(store.clone(), schema);
     let ctx = WorkerContext::new(&name);
-    let backend = queue::storage(&store.pool, schema).poll_with_interval(queue::POLL_INTERVAL);
+    let backend =
+        queue::storage(&store.pool, schema).poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL));
     let worker = WorkerBuilder::new(&ctx)
         .backend(backend)
         .data(state)
         .concurrency(concurrency.max(1))
+        // Each call on its own tokio task, so calls use every core.
+        .parallelize(|f| tokio::spawn(f))
         .on_event(|ctx, ev| {
             if let Event::Error(e) = ev {
                 tracing::warn!(worker = %ctx.name(), error = %e, "task failed");
