@@ -11,11 +11,6 @@ use vinetl::serve::faults::Faults;
 
 const KEY: &str = "YOUR_API_KEY";
 
-fn job_id(stdout: &[u8]) -> i64 {
-    let text = String::from_utf8_lossy(stdout);
-    text.split_whitespace().nth(1).and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("no job id in {text:?}"))
-}
-
 /// Every input row ends as exactly one output row: decoded, failed or invalid.
 fn assert_rows_add_up(s: &Value) {
     let n = |k: &str| s[k].as_i64().unwrap();
