@@ -67,7 +67,7 @@ url=$(grep -o 'http://[0-9.:]*' "$work/serve.log" | head -1)
 gen 100000 "$work/e2e.txt"
 spec "$work/e2e.txt" "$url"
 start=$(date +%s.%N)
-CARVIN_API_KEY=bench-key-unlimited "$bin" run "$work/job.toml" --concurrency 8 > "$work/run.txt"
+CARVIN_API_KEY=bench-key-unlimited "$bin" run "$work/job.toml" --concurrency "${CONCURRENCY:-8}" > "$work/run.txt"
 end=$(date +%s.%N)
 grep -E "decoded|calls made" "$work/run.txt" | sed 's/^ */  /'
 printf 'end to end 100000 VINs: %.1f s, %.0f VINs/s\n' "$(echo "$end - $start" | bc -l)" "$(echo "100000 / ($end - $start)" | bc -l)"

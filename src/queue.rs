@@ -60,14 +60,20 @@ pub async fn setup(pool: &PgPool) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
 }
 
+/// The queue for pushing tasks.
 pub fn storage(pool: &PgPool, schema: &str) -> PostgresStorage<BatchTask> {
+    worker_storage(pool, schema, 4)
+}
+
+/// The queue for a worker running `concurrency` calls: a fetch claims at
+/// most that many tasks, so work stays spread across workers and little is
+/// claimed but not started (apalis counts those as attempts at shutdown).
+pub fn worker_storage(pool: &PgPool, schema: &str, concurrency: usize) -> PostgresStorage<BatchTask> {
     let config = Config::default()
         .queue(queue_name(schema))
         .heartbeat_interval(HEARTBEAT)
         .missed_heartbeats(MISSED_HEARTBEATS)
-        // A fetch claims up to this many tasks for this worker; small keeps
-        // work spread across workers.
-        .batch_size(4);
+        .batch_size(concurrency.max(1));
     PostgresStorage::new(pool).with_config(config)
 }
 
