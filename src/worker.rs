@@ -229,8 +229,8 @@ pub async fn run(
     let name = queue::worker_name();
     let state = WorkerState::new(store.clone(), schema);
     let ctx = WorkerContext::new(&name);
-    let backend =
-        queue::storage(&store.pool, schema).poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL));
+    let backend = queue::worker_storage(&store.pool, schema, concurrency)
+        .poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL));
     let worker = WorkerBuilder::new(&ctx)
         .backend(backend)
         .data(state)
