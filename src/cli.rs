@@ -77,7 +77,7 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Run a job again: all of it, or only its failed rows.
+    /// Run a job again: all of it, or only its failed rows (not built yet).
     Reprocess {
         /// Job id.
         job: i64,
@@ -210,7 +210,16 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Reprocess { .. } => not_built("reprocess", 4),
-            Command::Cancel { .. } => not_built("cancel", 4),
+            Command::Cancel { job, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                if runner::cancel(&state, job).await? {
+                    println!("job {job} cancelled; calls already in flight finish and are stored");
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("job {job} does not exist or has already ended");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
             Command::Serve { bind, keys, recalls, faults } => {
                 crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults }).await?;
                 Ok(ExitCode::SUCCESS)

@@ -150,6 +150,12 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// `vinetl cancel JOB`.
+pub async fn cancel(state: &State, job: i64) -> anyhow::Result<bool> {
+    let store = state.open(2).await?;
+    Ok(store.cancel_job(job).await?)
+}
+
 /// `vinetl status [JOB]`.
 pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCounts>> {
     let store = state.open(2).await?;

@@ -157,3 +157,22 @@ async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
     assert_eq!(tasks_after, 3_000);
     cleanup(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
+    let schema = unique_schema("cancel");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", "http://127.0.0.1:9", "");
+    let out = vinetl_async(&schema, "k", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vinetl_async(&schema, "k", &["cancel", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = status(&schema, 1).await;
+    assert_eq!(s["state"], "cancelled");
+    assert_eq!((s["failed"].as_i64(), s["pending"].as_i64()), (Some(1000), Some(0)));
+    // A worker started afterwards makes no call (the API address is unreachable anyway).
+    let out = vinetl_async(&schema, "k", &["cancel", "1"]).await;
+    assert!(!out.status.success(), "cancelling twice says the job has ended");
+    cleanup(&schema).await;
+}

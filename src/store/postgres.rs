@@ -525,6 +525,42 @@ impl PgStore {
         Ok(())
     }
 
+    /// Cancels an unfinished job: queued batches are dropped (calls already in
+    /// flight finish and are stored), and rows still pending end `failed`
+    /// with the reason. Returns false if the job had already ended.
+    pub async fn cancel_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', state_reason = 'cancelled by an operator', finished_at = now(),
+                 updated_at = now()
+             WHERE job_id = $1 AND state IN ('planning', 'running', 'waiting')",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE batches SET state = 'cancelled', updated_at = now() WHERE job_id = $1 AND state = 'queued'",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
+             WHERE job_id = $1 AND status = 'pending'
+               AND vin NOT IN (SELECT unnest(vins) FROM batches WHERE job_id = $1 AND state = 'running')",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Marks the job done once no batch is left to run.
     pub async fn finish_if_complete(&self, job_id: i64) -> Result<bool, StoreError> {
         let done = sqlx::query(
