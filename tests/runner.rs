@@ -188,3 +188,24 @@ async fn flaky_servers_cost_retries_but_no_rows() {
     assert_eq!(s["calls_made"].as_i64().unwrap(), 50 + s["calls_retried"].as_i64().unwrap());
     cleanup(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_account_gets_429s_that_cost_no_attempt_and_no_row() {
+    // The key allows 5 requests a second; the spec claims 200.
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("ratelimited");
+    let dir = tempfile::tempdir().unwrap();
+    let vins = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    std::fs::write(dir.path().join("vins.txt"), vins.lines().take(400).collect::<Vec<_>>().join("\n")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "max_attempts = 1");
+    let out = vinetl_async(&schema, "pro-5-per-second", &["run", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = status(&schema, 1).await;
+    assert_rows_add_up(&s);
+    assert_eq!(s["decoded"], 400);
+    assert!(s["rate_limited"].as_i64().unwrap() > 0, "the server pushed back: {s}");
+    // With max_attempts = 1 any counted failure would have dead-lettered a batch.
+    assert_eq!((s["calls_retried"].as_i64(), s["dead_lettered_batches"].as_i64()), (Some(0), Some(0)));
+    assert_eq!(s["calls_made"].as_i64().unwrap(), 20 + s["rate_limited"].as_i64().unwrap());
+    cleanup(&schema).await;
+}
