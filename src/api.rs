@@ -108,6 +108,31 @@ pub mod code {
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
 }
 
+/// The vPIC variables [`Vehicle`] names itself, in the guide's order (the
+/// guide's fields, then the other common ones); every other variable goes in
+/// `Vehicle::other`.
+pub const VEHICLE_FIELDS: &[&str] = &[
+    "Make",
+    "Model",
+    "ModelYear",
+    "BodyClass",
+    "DriveType",
+    "FuelTypePrimary",
+    "EngineConfiguration",
+    "EngineCylinders",
+    "DisplacementL",
+    "TransmissionStyle",
+    "PlantCity",
+    "PlantState",
+    "PlantCountry",
+    "Manufacturer",
+    "Series",
+    "Trim",
+    "Doors",
+    "VehicleType",
+    "GVWR",
+];
+
 /// Decoded vehicle data, vPIC style. The guide's fields come first and are
 /// always present (empty when unknown); everything else vPIC holds for the
 /// VIN follows in `other`, keyed by its vPIC variable name.
@@ -256,7 +281,11 @@ mod tests {
         assert_eq!(j["DisplacementL"], "2.0");
         assert_eq!(j["GVWR"], "");
         assert_eq!(j["EngineHP"], "158");
-        assert_eq!(serde_json::from_value::<Vehicle>(j).unwrap(), v);
+        assert_eq!(serde_json::from_value::<Vehicle>(j.clone()).unwrap(), v);
+        // The named fields are exactly the listed ones (plus VIN and the error pair).
+        let named = j.as_object().unwrap().keys().filter(|k| *k != "EngineHP").count();
+        assert_eq!(named, VEHICLE_FIELDS.len() + 3);
+        assert!(VEHICLE_FIELDS.iter().all(|f| j.get(*f).is_some()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use corgi_rs::{CorgiError, VehicleInfo, VinDecoder, VinDecoderError};
 
-use crate::api::{Vehicle, vpic_error};
+use crate::api::{VEHICLE_FIELDS, Vehicle, vpic_error};
 use crate::vin::Vin;
 
 /// The decoder could not start.
@@ -69,36 +69,13 @@ impl Decoder {
     }
 }
 
-/// vPIC variables that [`Vehicle`] names itself; the rest go to `other`.
-const NAMED: &[&str] = &[
-    "Make",
-    "Model",
-    "ModelYear",
-    "BodyClass",
-    "DriveType",
-    "FuelTypePrimary",
-    "EngineConfiguration",
-    "EngineCylinders",
-    "DisplacementL",
-    "TransmissionStyle",
-    "PlantCity",
-    "PlantState",
-    "PlantCountry",
-    "Manufacturer",
-    "Series",
-    "Trim",
-    "Doors",
-    "VehicleType",
-    "GVWR",
-];
-
 fn from_info(info: VehicleInfo) -> Vehicle {
     let attr = |code: &str| info.attributes.get(code).cloned().unwrap_or_default();
     let or_attr = |v: Option<String>, code: &str| v.unwrap_or_else(|| attr(code));
     let other: BTreeMap<String, String> = info
         .attributes
         .iter()
-        .filter(|(k, v)| !NAMED.contains(k) && !v.is_empty())
+        .filter(|(k, v)| !VEHICLE_FIELDS.contains(k) && !v.is_empty())
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     Vehicle {

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::api::MAX_BATCH;
+use crate::api::{MAX_BATCH, VEHICLE_FIELDS};
 
 /// What `Vin::parse_exact` accepts.
 const VIN_PATTERN: &str = "^[A-HJ-NPR-Za-hj-npr-z0-9]{17}$";
@@ -43,30 +43,8 @@ pub fn document() -> Value {
     };
     let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
     let string = json!({"type": "string"});
-    let vehicle_fields = [
-        "VIN",
-        "Make",
-        "Model",
-        "ModelYear",
-        "BodyClass",
-        "DriveType",
-        "FuelTypePrimary",
-        "EngineConfiguration",
-        "EngineCylinders",
-        "DisplacementL",
-        "TransmissionStyle",
-        "PlantCity",
-        "PlantState",
-        "PlantCountry",
-        "Manufacturer",
-        "Series",
-        "Trim",
-        "Doors",
-        "VehicleType",
-        "GVWR",
-        "ErrorCode",
-        "ErrorText",
-    ];
+    let vehicle_fields: Vec<&str> =
+        std::iter::once("VIN").chain(VEHICLE_FIELDS.iter().copied()).chain(["ErrorCode", "ErrorText"]).collect();
     let vehicle_props: serde_json::Map<String, Value> =
         vehicle_fields.iter().map(|f| (f.to_string(), string.clone())).collect();
     json!({
