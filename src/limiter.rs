@@ -1,123 +1,252 @@
-//! Rate limiting of API calls.
+//! One rate limit for every worker of an account, shared through Postgres.
 //!
-//! This is the per-process limiter: a token bucket at the spec's rate and
-//! burst, a cap on calls in flight, and a pause that every call in the
-//! process honours after a 429's `Retry-After`. Workers in other processes do
-//! not see it; the shared Postgres limiter (issue #5) replaces it for fleets
-//! of workers.
+//! The `limiter` row of an account holds a GCRA schedule (rate and burst), a
+//! push-back time set by 429s, an AIMD scale on the rate, and the day's quota.
+//! `limiter_reserve` (a SQL function, see the migration) grants calls under
+//! the row's lock, with the database's clock, so workers on many machines act
+//! as one careful client and their clocks never matter. If Postgres cannot be
+//! reached, nothing is granted: workers pause rather than exceed the limit.
+//! [`Gcra`] is the same arithmetic in Rust, for the property tests.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// When no `Retry-After` comes with a 429, wait this long before the next call.
-pub const DEFAULT_429_PAUSE: Duration = Duration::from_secs(1);
+use crate::spec::ProviderSpec;
+use crate::store::StoreError;
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-    paused_until: Instant,
+/// Without `Retry-After`, a 429 halves the shared rate (down to this share
+/// of the configured one) and pushes every worker back by one new interval.
+pub const MIN_SCALE: f64 = 0.05;
+/// Each successful call gives back this much of the configured rate: from
+/// the floor to full speed takes ~100 successes, so a wrong rate cannot storm.
+pub const RECOVERY_STEP: f64 = 0.01;
+/// Waits longer than this are not slept through in a worker: the batch is
+/// rescheduled instead, freeing the worker.
+pub const MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
+
+/// Why no call may be made now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denied {
+    /// Rate, or a 429's push-back: retry after `wait`.
+    Later { wait: Duration, reason: String },
+    /// The day's quota is used up until it resets, `wait` from now.
+    Quota { wait: Duration },
 }
 
-/// A token bucket plus an in-flight cap, shared by every task of a process
-/// calling one account.
+/// The shared limiter of one account, plus this process's in-flight cap.
 #[derive(Debug, Clone)]
-pub struct LocalLimiter {
-    rate: f64,
-    burst: f64,
-    bucket: Arc<Mutex<Bucket>>,
+pub struct SharedLimiter {
+    pool: PgPool,
+    account: String,
     in_flight: Arc<Semaphore>,
 }
 
-impl LocalLimiter {
-    pub fn new(rate: f64, burst: f64, max_in_flight: Option<u32>) -> LocalLimiter {
-        let now = Instant::now();
-        LocalLimiter {
-            rate,
-            burst: burst.max(1.0),
-            bucket: Arc::new(Mutex::new(Bucket { tokens: burst.max(1.0), at: now, paused_until: now })),
-            in_flight: Arc::new(Semaphore::new(
-                max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS),
-            )),
-        }
+impl SharedLimiter {
+    /// Creates or updates the account's row from the spec (a changed rate
+    /// or quota applies from the next reservation on).
+    pub async fn register(pool: &PgPool, p: &ProviderSpec) -> Result<SharedLimiter, StoreError> {
+        sqlx::query(
+            "INSERT INTO limiter (account, rate, burst, daily_quota, quota_reset)
+             VALUES ($1, $2, $3, $4, make_interval(mins => $5))
+             ON CONFLICT (account) DO UPDATE SET rate = EXCLUDED.rate, burst = EXCLUDED.burst,
+                 daily_quota = EXCLUDED.daily_quota, quota_reset = EXCLUDED.quota_reset, updated_at = now()",
+        )
+        .bind(p.account())
+        .bind(p.requests_per_second)
+        .bind(p.burst())
+        .bind(p.daily_quota.map(|q| q as i64))
+        .bind(p.quota_reset_minutes() as i32)
+        .execute(pool)
+        .await?;
+        let cap = p.max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS);
+        Ok(SharedLimiter { pool: pool.clone(), account: p.account(), in_flight: Arc::new(Semaphore::new(cap)) })
     }
 
-    /// Waits for a slot; the permit holds an in-flight place until dropped.
-    pub async fn acquire(&self) -> OwnedSemaphorePermit {
+    /// One reservation attempt.
+    pub async fn try_reserve(&self) -> Result<Result<(), Denied>, StoreError> {
+        let (granted, wait, reason): (bool, f64, Option<String>) =
+            sqlx::query_as("SELECT granted, wait_secs, reason FROM limiter_reserve($1, 1)")
+                .bind(&self.account)
+                .fetch_one(&self.pool)
+                .await?;
+        let wait = Duration::from_secs_f64(wait.max(0.0));
+        Ok(match (granted, reason.as_deref()) {
+            (true, _) => Ok(()),
+            (false, Some("quota")) => Err(Denied::Quota { wait }),
+            (false, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
+        })
+    }
+
+    /// Waits for a call slot. Short waits are slept through; a long one (a
+    /// big push-back, or the quota) comes back as `Denied` for the caller to
+    /// reschedule. The permit holds an in-flight place until dropped.
+    pub async fn acquire(&self) -> Result<Result<OwnedSemaphorePermit, Denied>, StoreError> {
         let permit = Arc::clone(&self.in_flight).acquire_owned().await.expect("the semaphore is never closed");
         loop {
-            let wait = {
-                let mut b = self.bucket.lock().await;
-                let now = Instant::now();
-                if now < b.paused_until {
-                    b.paused_until - now
-                } else {
-                    b.tokens = (b.tokens + (now - b.at).as_secs_f64() * self.rate).min(self.burst);
-                    b.at = now;
-                    if b.tokens >= 1.0 {
-                        b.tokens -= 1.0;
-                        return permit;
-                    }
-                    Duration::from_secs_f64((1.0 - b.tokens) / self.rate)
-                }
-            };
-            tokio::time::sleep(wait).await;
+            match self.try_reserve().await? {
+                Ok(()) => return Ok(Ok(permit)),
+                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => tokio::time::sleep(wait).await,
+                Err(denied) => return Ok(Err(denied)),
+            }
         }
     }
 
-    /// A 429: nobody in this process calls again before `after` has passed.
-    /// The pause only ever moves later.
-    pub async fn pause(&self, after: Duration) {
-        let mut b = self.bucket.lock().await;
-        let until = Instant::now() + after;
-        if until > b.paused_until {
-            b.paused_until = until;
-            b.tokens = 0.0;
+    /// A 429: no worker anywhere calls before `retry_after` has passed (the
+    /// push-back only moves later). Without `Retry-After`, the shared rate is
+    /// halved too (AIMD), and everyone waits one new interval.
+    pub async fn push_back(&self, retry_after: Option<Duration>) -> Result<(), StoreError> {
+        match retry_after {
+            Some(d) => {
+                sqlx::query(
+                    "UPDATE limiter SET blocked_until = greatest(blocked_until, clock_timestamp() + make_interval(secs => $2)),
+                         updated_at = now()
+                     WHERE account = $1",
+                )
+                .bind(&self.account)
+                .bind(d.as_secs_f64())
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query(
+                    "UPDATE limiter SET scale = greatest($2, scale / 2),
+                         blocked_until = greatest(blocked_until,
+                             clock_timestamp() + make_interval(secs => 1.0 / (rate * greatest($2, scale / 2)))),
+                         updated_at = now()
+                     WHERE account = $1",
+                )
+                .bind(&self.account)
+                .bind(MIN_SCALE)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A successful call: recover a little of a reduced rate.
+    pub async fn succeeded(&self) -> Result<(), StoreError> {
+        sqlx::query("UPDATE limiter SET scale = least(1, scale + $2) WHERE account = $1 AND scale < 1")
+            .bind(&self.account)
+            .bind(RECOVERY_STEP)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The reservation arithmetic of `limiter_reserve`, in Rust, for property
+/// tests: times are seconds on one clock (the database's).
+#[derive(Debug, Clone)]
+pub struct Gcra {
+    pub rate: f64,
+    pub burst: f64,
+    pub scale: f64,
+    pub tat: f64,
+    pub blocked_until: f64,
+    pub daily_quota: Option<u64>,
+    pub day_start: f64,
+    pub day_used: u64,
+}
+
+impl Gcra {
+    pub fn new(rate: f64, burst: f64, daily_quota: Option<u64>) -> Gcra {
+        Gcra {
+            rate,
+            burst,
+            scale: 1.0,
+            tat: f64::NEG_INFINITY,
+            blocked_until: f64::NEG_INFINITY,
+            daily_quota,
+            day_start: f64::NEG_INFINITY,
+            day_used: 0,
         }
     }
+
+    /// Mirrors `limiter_reserve(account, k)` at time `t`.
+    pub fn reserve(&mut self, t: f64, k: u64) -> Result<(), Denied> {
+        let em = 1.0 / (self.rate * self.scale);
+        let day_start = (t / 86_400.0).floor() * 86_400.0;
+        let used = if self.day_start < day_start { 0 } else { self.day_used };
+        if t < self.blocked_until {
+            return Err(Denied::Later { wait: secs(self.blocked_until - t), reason: "blocked".into() });
+        }
+        if self.daily_quota.is_some_and(|q| used + k > q) {
+            self.day_start = day_start;
+            self.day_used = used;
+            return Err(Denied::Quota { wait: secs(day_start + 86_400.0 - t) });
+        }
+        let new_tat = self.tat.max(t) + k as f64 * em;
+        if new_tat > t + self.burst * em {
+            return Err(Denied::Later { wait: secs(new_tat - (t + self.burst * em)), reason: "rate".into() });
+        }
+        self.tat = new_tat;
+        self.day_start = day_start;
+        self.day_used = used + k;
+        Ok(())
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn grants_follow_rate_and_burst() {
-        let l = LocalLimiter::new(4.0, 2.0, None);
-        let start = Instant::now();
-        let mut at = Vec::new();
-        for _ in 0..6 {
-            drop(l.acquire().await);
-            at.push((Instant::now() - start).as_secs_f64());
+    proptest! {
+        /// Any interleaving of reservations from several clients: no one-second
+        /// window holds more than rate + burst grants, and no day more than
+        /// the quota.
+        #[test]
+        fn grants_never_exceed_rate_plus_burst_per_second_or_the_daily_quota(
+            rate in 1.0f64..50.0,
+            burst in 1.0f64..20.0,
+            quota in 1u64..400,
+            // (client, gap in ms) pairs: clients retry at their own pace.
+            steps in proptest::collection::vec((0usize..4, 0u32..300), 1..600),
+        ) {
+            let mut g = Gcra::new(rate, burst, Some(quota));
+            let mut t = 86_400.0 * 20_000.0 + 86_000.0; // near a UTC midnight, to cross it
+            let mut grants = Vec::new();
+            for (_client, gap) in steps {
+                t += f64::from(gap) / 1000.0;
+                if g.reserve(t, 1).is_ok() {
+                    grants.push(t);
+                }
+            }
+            for (i, &start) in grants.iter().enumerate() {
+                let in_window = grants[i..].iter().take_while(|&&u| u < start + 1.0).count() as f64;
+                prop_assert!(in_window <= rate + burst, "{in_window} grants in 1 s at rate {rate} burst {burst}");
+            }
+            let mut per_day = std::collections::HashMap::new();
+            for t in &grants {
+                *per_day.entry((t / 86_400.0).floor() as i64).or_insert(0u64) += 1;
+            }
+            prop_assert!(per_day.values().all(|&n| n <= quota), "{per_day:?} over quota {quota}");
         }
-        // Two at once (the burst), then one every 1/4 s.
-        let want = [0.0, 0.0, 0.25, 0.5, 0.75, 1.0];
-        for (got, want) in at.iter().zip(want) {
-            assert!((got - want).abs() < 0.01, "{at:?}");
+
+        #[test]
+        fn a_push_back_is_honoured_and_only_moves_later(rate in 1.0f64..50.0, a in 0.0f64..10.0, b in 0.0f64..10.0) {
+            let mut g = Gcra::new(rate, 1.0, None);
+            g.blocked_until = 100.0 + a.max(b);
+            prop_assert!(g.reserve(100.0 + a.max(b) - 0.001, 1).is_err());
+            prop_assert!(g.reserve(100.0 + a.max(b), 1).is_ok());
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_429_pauses_everyone_and_only_moves_later() {
-        let l = LocalLimiter::new(100.0, 100.0, None);
-        let start = Instant::now();
-        l.pause(Duration::from_secs(3)).await;
-        l.pause(Duration::from_secs(1)).await;
-        drop(l.acquire().await);
-        assert!(Instant::now() - start >= Duration::from_secs(3));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn in_flight_is_capped() {
-        let l = LocalLimiter::new(1000.0, 1000.0, Some(2));
-        let a = l.acquire().await;
-        let _b = l.acquire().await;
-        let third = tokio::time::timeout(Duration::from_secs(1), l.acquire()).await;
-        assert!(third.is_err(), "a third call waits while two are in flight");
-        drop(a);
-        assert!(tokio::time::timeout(Duration::from_secs(1), l.acquire()).await.is_ok());
+    #[test]
+    fn a_used_up_quota_waits_for_the_next_day() {
+        let mut g = Gcra::new(100.0, 100.0, Some(2));
+        let noon = 86_400.0 * 20_000.0 + 43_200.0;
+        assert!(g.reserve(noon, 1).is_ok());
+        assert!(g.reserve(noon + 1.0, 1).is_ok());
+        assert_eq!(g.reserve(noon + 2.0, 1), Err(Denied::Quota { wait: secs(43_198.0) }));
+        assert!(g.reserve(noon + 43_200.0, 1).is_ok(), "midnight UTC resets it");
     }
 }

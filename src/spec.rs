@@ -105,7 +105,9 @@ pub struct ProviderSpec {
     pub burst: Option<f64>,
     /// Requests a day for the account (the free tier's is 100).
     pub daily_quota: Option<u64>,
-    /// Calls in flight at once across all workers.
+    /// When the daily quota resets, as `HH:MM` UTC (default `00:00`).
+    pub quota_reset_utc: Option<String>,
+    /// Calls in flight at once, per worker process.
     pub max_in_flight: Option<u32>,
     /// Limiter key shared by every job on the same account (default: the
     /// base URL and key variable).
@@ -116,6 +118,12 @@ pub struct ProviderSpec {
     /// Attempts per batch before it is dead-lettered (429s do not count).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+}
+
+fn parse_hh_mm(s: &str) -> Option<u32> {
+    let (h, m) = s.trim().split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
 fn default_batch_size() -> usize {
@@ -135,6 +143,11 @@ impl ProviderSpec {
     /// The limiter key.
     pub fn account(&self) -> String {
         self.account.clone().unwrap_or_else(|| format!("{}#{}", self.base_url.trim_end_matches('/'), self.api_key_env))
+    }
+
+    /// Minutes after UTC midnight at which the quota resets.
+    pub fn quota_reset_minutes(&self) -> u32 {
+        self.quota_reset_utc.as_deref().and_then(parse_hh_mm).unwrap_or(0)
     }
 
     pub fn burst(&self) -> f64 {
@@ -238,6 +251,9 @@ impl JobSpec {
                 "provider.api_key_env",
                 "must name an environment variable (the key itself never goes in a spec)",
             );
+        }
+        if p.quota_reset_utc.as_deref().is_some_and(|r| parse_hh_mm(r).is_none()) {
+            return invalid("provider.quota_reset_utc", "must be HH:MM (UTC), e.g. \"00:00\"");
         }
         if p.max_attempts == 0 {
             return invalid("provider.max_attempts", "must be at least 1");

@@ -11,11 +11,11 @@ use tokio::sync::Mutex;
 
 use crate::api::BatchEntry;
 use crate::client::{ApiClient, Outcome, backoff};
-use crate::limiter::{DEFAULT_429_PAUSE, LocalLimiter};
+use crate::limiter::{Denied, SharedLimiter};
 use crate::queue::{self, BatchTask};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::postgres::{DecodedVin, PgStore};
+use crate::store::postgres::{DecodedVin, PgStore, Reschedule};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -29,7 +29,7 @@ pub struct WorkerState {
     store: PgStore,
     schema: String,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
-    limiters: Mutex<HashMap<String, LocalLimiter>>,
+    limiters: Mutex<HashMap<String, SharedLimiter>>,
 }
 
 impl WorkerState {
@@ -63,14 +63,14 @@ impl WorkerState {
         Ok(Ok(rt))
     }
 
-    async fn limiter(&self, spec: &JobSpec) -> LocalLimiter {
-        let p = &spec.provider;
-        self.limiters
-            .lock()
-            .await
-            .entry(p.account())
-            .or_insert_with(|| LocalLimiter::new(p.requests_per_second, p.burst(), p.max_in_flight))
-            .clone()
+    async fn limiter(&self, spec: &JobSpec) -> Result<SharedLimiter, StoreError> {
+        let mut limiters = self.limiters.lock().await;
+        if let Some(l) = limiters.get(&spec.provider.account()) {
+            return Ok(l.clone());
+        }
+        let l = SharedLimiter::register(&self.store.pool, &spec.provider).await?;
+        limiters.insert(spec.provider.account(), l.clone());
+        Ok(l)
     }
 }
 
@@ -112,25 +112,39 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         return Ok(());
     };
     let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
-    let limiter = state.limiter(&rt.spec).await;
-    let outcome = {
-        let _slot = limiter.acquire().await;
-        rt.client.batch_decode(&vins).await
-    };
+    let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
+    let slot = match limiter.acquire().await? {
+        Ok(slot) => slot,
+        Err(Denied::Quota { wait }) => {
+            // Not a failure: the job waits for the quota to reset, then goes on.
+            let resume = format!("the daily quota is used up; resumes in {} s at the quota reset", wait.as_secs());
+            store.set_waiting(task.job_id, wait.as_secs_f64(), &resume).await?;
+            reschedule(state, task, wait, Reschedule::NotCalled, &resume).await?;
+            return Ok(());
+        }
+        Err(Denied::Later { wait, reason }) => {
+            reschedule(state, task, wait, Reschedule::NotCalled, &format!("limiter: {reason}")).await?;
+            return Ok(());
+        }
+    };
+    let outcome = rt.client.batch_decode(&vins).await;
+    drop(slot);
     match outcome {
         Outcome::Done(entries) => {
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
             store.complete(task.job_id, task.batch_no, &decoded).await?;
+            limiter.succeeded().await?;
         }
         Outcome::StopJob(reason) => {
             tracing::error!(job = task.job_id, %reason, "API refused the key; stopping the job");
             store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await?;
         }
         Outcome::RateLimited { retry_after } => {
-            let wait = retry_after.unwrap_or(DEFAULT_429_PAUSE);
-            limiter.pause(wait).await;
-            reschedule(state, task, wait, false, "429 Too Many Requests").await?;
+            // Every worker of the account waits; the batch does not lose an attempt.
+            limiter.push_back(retry_after).await?;
+            let wait = retry_after.unwrap_or(Duration::from_secs(1));
+            reschedule(state, task, wait, Reschedule::RateLimited, "429 Too Many Requests").await?;
         }
         Outcome::Retry(reason) => {
             let attempt = batch.attempts as u32 + 1;
@@ -138,7 +152,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
                 let why = format!("gave up after {attempt} attempts: {reason}");
                 store.dead_letter(task.job_id, task.batch_no, &why, true).await?;
             } else {
-                reschedule(state, task, backoff(attempt), true, &reason).await?;
+                reschedule(state, task, backoff(attempt), Reschedule::Failed, &reason).await?;
             }
         }
         Outcome::GiveUp(reason) => {
@@ -153,11 +167,10 @@ async fn reschedule(
     state: &WorkerState,
     task: BatchTask,
     delay: Duration,
-    count_attempt: bool,
+    kind: Reschedule,
     why: &str,
 ) -> Result<(), StoreError> {
-    let generation =
-        state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), count_attempt, why).await?;
+    let generation = state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), kind, why).await?;
     let next = BatchTask { generation, ..task };
     let mut storage = queue::storage(&state.store.pool, &state.schema);
     queue::push(&mut storage, &[(next, Some(delay))]).await?;

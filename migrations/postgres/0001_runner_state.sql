@@ -121,21 +121,69 @@ CREATE TABLE errors (
 );
 CREATE INDEX errors_job_idx ON errors (job_id, at);
 
--- The shared rate limiter, one row per provider account (see limiter.rs).
--- Times come from the database clock only.
+-- The shared rate limiter, one row per provider account (see limiter.rs):
+-- GCRA for rate and burst, a push-back time for 429s, and a daily quota.
+-- Every time comes from the database clock, never a worker's.
 CREATE TABLE limiter (
-    account        TEXT PRIMARY KEY,
-    -- Token bucket: tokens at `refilled_at`, refilled at `rate` per second up to `burst`.
-    rate           DOUBLE PRECISION NOT NULL,
-    burst          DOUBLE PRECISION NOT NULL,
-    tokens         DOUBLE PRECISION NOT NULL,
-    refilled_at    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    account         TEXT PRIMARY KEY,
+    -- Configured requests per second, and calls allowed back to back.
+    rate            DOUBLE PRECISION NOT NULL CHECK (rate > 0),
+    burst           DOUBLE PRECISION NOT NULL CHECK (burst >= 1),
+    -- AIMD factor on the rate: halved by 429s without Retry-After,
+    -- recovered a little by every success.
+    scale           DOUBLE PRECISION NOT NULL DEFAULT 1 CHECK (scale > 0 AND scale <= 1),
+    -- GCRA's theoretical arrival time of the next call.
+    tat             TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
     -- No grants before this (a 429's Retry-After); only ever moves later.
-    blocked_until  TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
-    -- Daily quota: calls granted in the current quota day.
-    daily_quota    BIGINT,
-    day_started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    day_used       BIGINT NOT NULL DEFAULT 0,
-    max_in_flight  INTEGER,
-    in_flight      INTEGER NOT NULL DEFAULT 0
+    blocked_until   TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    daily_quota     BIGINT,
+    -- The quota day starts at this offset from UTC midnight.
+    quota_reset     INTERVAL NOT NULL DEFAULT '0',
+    quota_day_start TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    day_used        BIGINT NOT NULL DEFAULT 0,
+    updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Reserves `k` calls for `p_account` in one atomic step (the row lock
+-- serialises every worker of every machine). Returns whether they were
+-- granted and, if not, how long to wait and why: 'rate', 'blocked' (a 429
+-- push-back) or 'quota' (the day's quota is used up; wait = until it resets).
+CREATE FUNCTION limiter_reserve(p_account TEXT, k INTEGER)
+RETURNS TABLE (granted BOOLEAN, wait_secs DOUBLE PRECISION, reason TEXT, at TIMESTAMPTZ)
+LANGUAGE plpgsql AS $$
+DECLARE
+    l limiter%ROWTYPE;
+    t TIMESTAMPTZ := clock_timestamp();
+    em DOUBLE PRECISION;
+    day_start TIMESTAMPTZ;
+    used BIGINT;
+    new_tat TIMESTAMPTZ;
+BEGIN
+    SELECT * INTO l FROM limiter WHERE account = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no limiter row for account %', p_account;
+    END IF;
+    em := 1.0 / (l.rate * l.scale);
+    day_start := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
+    used := CASE WHEN l.quota_day_start < day_start THEN 0 ELSE l.day_used END;
+    IF t < l.blocked_until THEN
+        RETURN QUERY SELECT false, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t;
+        RETURN;
+    END IF;
+    IF l.daily_quota IS NOT NULL AND used + k > l.daily_quota THEN
+        UPDATE limiter SET quota_day_start = day_start, day_used = used WHERE account = p_account;
+        RETURN QUERY SELECT false, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t;
+        RETURN;
+    END IF;
+    new_tat := greatest(l.tat, t) + make_interval(secs => k * em);
+    -- GCRA: at most `burst` calls ahead of the steady schedule.
+    IF new_tat > t + make_interval(secs => l.burst * em) THEN
+        RETURN QUERY SELECT false,
+            extract(epoch FROM new_tat - (t + make_interval(secs => l.burst * em)))::float8, 'rate'::text, t;
+        RETURN;
+    END IF;
+    UPDATE limiter SET tat = new_tat, quota_day_start = day_start, day_used = used + k, updated_at = t
+    WHERE account = p_account;
+    RETURN QUERY SELECT true, 0::float8, NULL::text, t;
+END;
+$$;

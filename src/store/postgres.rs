@@ -97,6 +97,17 @@ pub struct ClaimedBatch {
     pub attempts: i32,
 }
 
+/// Why a batch goes back on the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reschedule {
+    /// The call failed in a retryable way: one attempt used.
+    Failed,
+    /// The call got a 429: no attempt used.
+    RateLimited,
+    /// No call was made (the limiter said wait).
+    NotCalled,
+}
+
 /// One decoded VIN to store.
 #[derive(Debug, Clone)]
 pub struct DecodedVin {
@@ -387,25 +398,49 @@ impl PgStore {
             .bind(batch_no)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE jobs SET calls_made = calls_made + 1, updated_at = now() WHERE job_id = $1")
-            .bind(job_id)
-            .execute(&mut *tx)
-            .await?;
+        // A completed call also ends a quota wait.
+        sqlx::query(
+            "UPDATE jobs SET calls_made = calls_made + 1, updated_at = now(),
+                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
+                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
+                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
+             WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Schedules the batch again after a failed call: bumps the generation
-    /// (so a duplicate task of the old one is stale), and counts an attempt
-    /// unless the failure was a 429. Returns the new generation.
+    /// The quota is used up: the job waits, saying until when, in words.
+    pub async fn set_waiting(&self, job_id: i64, resume_in_secs: f64, reason: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'waiting', state_reason = $3,
+                 resume_at = now() + make_interval(secs => $2), updated_at = now()
+             WHERE job_id = $1 AND state IN ('running', 'waiting')",
+        )
+        .bind(job_id)
+        .bind(resume_in_secs)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Schedules the batch again: bumps the generation (so a duplicate task
+    /// of the old one is stale) and counts what happened. Returns the new
+    /// generation.
     pub async fn reschedule(
         &self,
         job_id: i64,
         batch_no: i32,
         delay_secs: f64,
-        count_attempt: bool,
+        kind: Reschedule,
         error: &str,
     ) -> Result<i32, StoreError> {
+        let count_attempt = kind == Reschedule::Failed;
+        let called = kind != Reschedule::NotCalled;
         let mut tx = self.pool.begin().await?;
         let generation: i32 = sqlx::query_scalar(
             "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1,
@@ -420,16 +455,18 @@ impl PgStore {
         .bind(error)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE jobs SET calls_made = calls_made + 1,
-                 calls_retried = calls_retried + CASE WHEN $2 THEN 1 ELSE 0 END,
-                 rate_limited = rate_limited + CASE WHEN $2 THEN 0 ELSE 1 END, updated_at = now()
-             WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .bind(count_attempt)
-        .execute(&mut *tx)
-        .await?;
+        if called {
+            sqlx::query(
+                "UPDATE jobs SET calls_made = calls_made + 1,
+                     calls_retried = calls_retried + CASE WHEN $2 THEN 1 ELSE 0 END,
+                     rate_limited = rate_limited + CASE WHEN $2 THEN 0 ELSE 1 END, updated_at = now()
+                 WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .bind(count_attempt)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(generation)
     }

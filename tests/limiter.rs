@@ -1,0 +1,150 @@
+//! The shared limiter in Postgres: many clients, one limit, the database's clock.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cleanup, pg_url, status, unique_schema, vinetl_async, write_spec};
+use vinetl::serve::faults::Faults;
+
+async fn store(schema: &str) -> vinetl::store::postgres::PgStore {
+    vinetl::store::postgres::open(&pg_url(), schema, 10).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_reservations_never_exceed_rate_plus_burst_in_any_second() {
+    let schema = unique_schema("gcra");
+    let s = store(&schema).await;
+    sqlx::query("INSERT INTO limiter (account, rate, burst) VALUES ('acct', 20, 5)").execute(&s.pool).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = s.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = Vec::new();
+            while tokio::time::Instant::now() < deadline {
+                let (ok, at): (bool, f64) =
+                    sqlx::query_as("SELECT granted, extract(epoch FROM at)::float8 FROM limiter_reserve('acct', 1)")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                if ok {
+                    granted.push(at);
+                }
+            }
+            granted
+        }));
+    }
+    let mut grants: Vec<f64> = Vec::new();
+    for t in tasks {
+        grants.extend(t.await.unwrap());
+    }
+    grants.sort_by(f64::total_cmp);
+    assert!(grants.len() > 5, "{} grants", grants.len());
+    for (i, &start) in grants.iter().enumerate() {
+        let in_window = grants[i..].iter().take_while(|&&u| u < start + 1.0).count();
+        assert!(in_window <= 25, "{in_window} grants within one second");
+    }
+    cleanup(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daily_quota_holds_across_clients_and_says_when_it_resets() {
+    let schema = unique_schema("quota");
+    let s = store(&schema).await;
+    sqlx::query("INSERT INTO limiter (account, rate, burst, daily_quota) VALUES ('acct', 1000, 1000, 30)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = s.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            for _ in 0..20 {
+                let (ok,): (bool,) =
+                    sqlx::query_as("SELECT granted FROM limiter_reserve('acct', 1)").fetch_one(&pool).await.unwrap();
+                n += i32::from(ok);
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 30);
+    let (ok, wait, reason): (bool, f64, String) =
+        sqlx::query_as("SELECT granted, wait_secs, reason FROM limiter_reserve('acct', 1)")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert!(!ok);
+    assert_eq!(reason, "quota");
+    assert!(wait > 0.0 && wait <= 86_400.0, "waits until the next UTC midnight: {wait}");
+    cleanup(&schema).await;
+}
+
+/// `vinetl worker` processes on one job, `n` of them.
+async fn run_with_workers(schema: &str, key: &str, spec: &std::path::Path, n: usize) -> serde_json::Value {
+    let out = vinetl_async(schema, key, &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let workers: Vec<_> = (0..n)
+        .map(|_| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+                .args(["worker", "--concurrency", "2"])
+                .env("DATABASE_URL", pg_url())
+                .env("VINETL_SCHEMA", schema)
+                .env("CARVIN_API_KEY", key)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for _ in 0..1200 {
+        let s = status(schema, 1).await;
+        if s["state"] == "done" {
+            drop(workers);
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job never finished: {}", status(schema, 1).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_workers_under_the_configured_rate_get_no_429s() {
+    // The key allows 5 requests a second; the spec asks for 4 (burst 1) and a daily quota.
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("threeworkers");
+    let dir = tempfile::tempdir().unwrap();
+    let vins = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    std::fs::write(dir.path().join("vins.txt"), vins.lines().take(240).collect::<Vec<_>>().join("\n")).unwrap();
+    let spec =
+        write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "burst = 1\ndaily_quota = 1000")
+            .to_path_buf();
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 4");
+    std::fs::write(&spec, text).unwrap();
+    let s = run_with_workers(&schema, "pro-5-per-second", &spec, 3).await;
+    assert_eq!(s["decoded"], 240);
+    assert_eq!(s["rate_limited"], 0, "{s}");
+    assert_eq!(s["calls_made"], 12);
+    cleanup(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_configured_twice_too_high_still_completes_every_row() {
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("twicetoohigh");
+    let dir = tempfile::tempdir().unwrap();
+    let vins = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    std::fs::write(dir.path().join("vins.txt"), vins.lines().take(400).collect::<Vec<_>>().join("\n")).unwrap();
+    let spec =
+        write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "burst = 2\nmax_attempts = 2");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 10");
+    std::fs::write(&spec, text).unwrap();
+    let s = run_with_workers(&schema, "pro-5-per-second", &spec, 3).await;
+    assert_eq!(s["decoded"], 400, "{s}");
+    assert_eq!((s["failed"].as_i64(), s["dead_lettered_batches"].as_i64()), (Some(0), Some(0)));
+    cleanup(&schema).await;
+}
