@@ -148,3 +148,41 @@ async fn a_rate_configured_twice_too_high_still_completes_every_row() {
     assert_eq!((s["failed"].as_i64(), s["dead_lettered_batches"].as_i64()), (Some(0), Some(0)));
     cleanup(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_used_up_quota_makes_the_job_wait_in_words_instead_of_failing() {
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("waiting");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "daily_quota = 3");
+    let out = vinetl_async(&schema, "YOUR_API_KEY", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["worker", "--concurrency", "2"])
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", &schema)
+        .env("CARVIN_API_KEY", "YOUR_API_KEY")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut s = status(&schema, 1).await;
+    for _ in 0..300 {
+        if s["state"] == "waiting" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = status(&schema, 1).await;
+    }
+    drop(worker);
+    assert_eq!(s["state"], "waiting", "{s}");
+    assert!(s["state_reason"].as_str().unwrap().contains("daily quota"), "{s}");
+    assert_eq!(s["calls_made"], 3, "the quota holds");
+    assert_eq!(
+        (s["failed"].as_i64(), s["dead_lettered_batches"].as_i64()),
+        (Some(0), Some(0)),
+        "waiting is not failing"
+    );
+    assert_eq!(s["decoded"], 60);
+    cleanup(&schema).await;
+}
