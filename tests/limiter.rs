@@ -186,3 +186,45 @@ async fn a_used_up_quota_makes_the_job_wait_in_words_instead_of_failing() {
     assert_eq!(s["decoded"], 60);
     cleanup(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly() {
+    let schema = unique_schema("aimd");
+    let s = store(&schema).await;
+    let spec = vinetl::spec::JobSpec::parse(
+        "t.toml",
+        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 10\n",
+    )
+    .unwrap();
+    let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
+    let scale =
+        || async { sqlx::query_scalar::<_, f64>("SELECT scale FROM limiter").fetch_one(&s.pool).await.unwrap() };
+    limiter.push_back(None).await.unwrap();
+    limiter.push_back(None).await.unwrap();
+    assert!((scale().await - 0.25).abs() < 1e-9);
+    // Everyone is pushed back by one interval at the reduced rate (0.4 s).
+    let blocked: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM blocked_until - clock_timestamp())::float8 FROM limiter")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert!(blocked > 0.0 && blocked <= 0.4, "{blocked}");
+    for _ in 0..10 {
+        limiter.succeeded().await.unwrap();
+    }
+    assert!((scale().await - 0.35).abs() < 1e-9, "1 % back per success");
+    // A Retry-After only ever moves the push-back later.
+    limiter.push_back(Some(Duration::from_secs(30))).await.unwrap();
+    limiter.push_back(Some(Duration::from_secs(1))).await.unwrap();
+    let blocked: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM blocked_until - clock_timestamp())::float8 FROM limiter")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert!(blocked > 25.0, "{blocked}");
+    match limiter.try_reserve().await.unwrap() {
+        Err(vinetl::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "blocked"),
+        other => panic!("{other:?}"),
+    }
+    cleanup(&schema).await;
+}
