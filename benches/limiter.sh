@@ -28,18 +28,7 @@ pids+=($!)
 for _ in $(seq 50); do grep -q listening "$work/serve.log" && break; sleep 0.1; done
 url=$(grep -o 'http://[0-9.:]*' "$work/serve.log" | head -1)
 
-python3 - "$vins" "$work/vins.txt" <<'PY'
-import sys
-n, out = int(sys.argv[1]), sys.argv[2]
-pat = open('tests/fixtures/pattern-vins.txt').read().split()
-W = [8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2]
-T = {**{str(i): i for i in range(10)}, **dict(zip("ABCDEFGHJKLMNPRSTUVWXYZ", [1,2,3,4,5,6,7,8,1,2,3,4,5,7,9,2,3,4,5,6,7,8,9]))}
-with open(out, 'w') as f:
-    for i in range(n):
-        v = pat[i % 1000][:11] + '%06d' % (500000 + i // 1000)
-        s = sum(T[c] * w for c, w in zip(v, W)) % 11
-        f.write(v[:8] + ('X' if s == 10 else str(s)) + v[9:] + '\n')
-PY
+python3 benches/gen-vins.py "$vins" "$work/vins.txt" 500000
 cat > "$work/job.toml" <<TOML
 name = "limiter-bench"
 [source]

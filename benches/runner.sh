@@ -22,20 +22,7 @@ cleanup() {
 trap cleanup EXIT
 export VINETL_SCHEMA="$schema"
 
-gen() { # N FILE: N distinct pattern-conforming VINs with correct check digits
-python3 - "$1" "$2" <<'PY'
-import sys
-n, out = int(sys.argv[1]), sys.argv[2]
-pat = open('tests/fixtures/pattern-vins.txt').read().split()
-W = [8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2]
-T = {**{str(i): i for i in range(10)}, **dict(zip("ABCDEFGHJKLMNPRSTUVWXYZ", [1,2,3,4,5,6,7,8,1,2,3,4,5,7,9,2,3,4,5,6,7,8,9]))}
-with open(out, 'w') as f:
-    for i in range(n):
-        v = pat[i % 1000][:11] + '%06d' % (i // 1000)
-        s = sum(T[c] * w for c, w in zip(v, W)) % 11
-        f.write(v[:8] + ('X' if s == 10 else str(s)) + v[9:] + '\n')
-PY
-}
+gen() { python3 benches/gen-vins.py "$1" "$2"; }  # N FILE: N distinct VINs
 
 spec() { # FILE BASE_URL
 cat > "$work/job.toml" <<TOML

@@ -89,18 +89,7 @@ async fn the_daily_quota_holds_across_clients_and_says_when_it_resets() {
 async fn run_with_workers(schema: &str, key: &str, spec: &std::path::Path, n: usize) -> serde_json::Value {
     let out = vinetl_async(schema, key, &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let workers: Vec<_> = (0..n)
-        .map(|_| {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
-                .args(["worker", "--concurrency", "2"])
-                .env("DATABASE_URL", pg_url())
-                .env("VINETL_SCHEMA", schema)
-                .env("CARVIN_API_KEY", key)
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let workers: Vec<_> = (0..n).map(|_| common::spawn_worker(schema, key)).collect();
     for _ in 0..1200 {
         let s = status(schema, 1).await;
         if s["state"] == "done" {
@@ -158,14 +147,7 @@ async fn a_used_up_quota_makes_the_job_wait_in_words_instead_of_failing() {
     let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "daily_quota = 3");
     let out = vinetl_async(&schema, "YOUR_API_KEY", &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
-        .args(["worker", "--concurrency", "2"])
-        .env("DATABASE_URL", pg_url())
-        .env("VINETL_SCHEMA", &schema)
-        .env("CARVIN_API_KEY", "YOUR_API_KEY")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let worker = common::spawn_worker(&schema, "YOUR_API_KEY");
     let mut s = status(&schema, 1).await;
     for _ in 0..300 {
         if s["state"] == "waiting" {

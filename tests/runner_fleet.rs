@@ -9,17 +9,6 @@ use common::{cleanup, pg_url, pool, status, unique_schema, vinetl_async, write_s
 use vinetl::serve::faults::Faults;
 use vinetl::vin::Vin;
 
-fn worker(schema: &str, key: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
-        .args(["worker", "--concurrency", "2"])
-        .env("DATABASE_URL", pg_url())
-        .env("VINETL_SCHEMA", schema)
-        .env("CARVIN_API_KEY", key)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value {
     for _ in 0..600 {
         let s = status(schema, job).await;
@@ -54,8 +43,8 @@ async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
     let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let mut a = worker(&schema, "pro-counted-key");
-    let mut b = worker(&schema, "pro-counted-key");
+    let mut a = common::spawn_worker(&schema, "pro-counted-key");
+    let mut b = common::spawn_worker(&schema, "pro-counted-key");
     let s = wait_for_state(&schema, 1, "done").await;
     // SIGTERM drains and exits cleanly.
     for w in [&mut a, &mut b] {

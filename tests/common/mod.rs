@@ -214,3 +214,15 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
+
+/// A `vinetl worker --concurrency 2` process on `schema`, killed on drop.
+pub fn spawn_worker(schema: &str, key: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["worker", "--concurrency", "2"])
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", schema)
+        .env("CARVIN_API_KEY", key)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
