@@ -9,10 +9,12 @@
 //! [`Gcra`] is the same arithmetic in Rust, for the property tests.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::spec::ProviderSpec;
 use crate::store::StoreError;
@@ -26,6 +28,10 @@ pub const RECOVERY_STEP: f64 = 0.01;
 /// Waits longer than this are not slept through in a worker: the batch is
 /// rescheduled instead, freeing the worker.
 pub const MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
+/// Slots reserved for callers already waiting in this process must be taken
+/// within this long, or they are dropped unused: a slot is never spent late,
+/// so calls start when the database granted them.
+pub const BANKED_SLOT_TTL: Duration = Duration::from_millis(50);
 
 /// Why no call may be made now.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,11 +43,46 @@ pub enum Denied {
 }
 
 /// The shared limiter of one account, plus this process's in-flight cap.
+///
+/// When several calls of a process wait at once, one round trip reserves
+/// slots for all of them (up to the burst), so high rates cost far fewer
+/// round trips than calls.
 #[derive(Debug, Clone)]
 pub struct SharedLimiter {
     pool: PgPool,
     account: String,
     in_flight: Arc<Semaphore>,
+    /// Most slots one reservation asks for (see [`batch_size`]).
+    max_batch: usize,
+    shared: Arc<Local>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Callers of `acquire` waiting for a slot right now.
+    waiting: AtomicUsize,
+    /// One reservation round trip at a time per process.
+    reserving: Mutex<()>,
+    /// Slots granted for waiting callers, and when.
+    bank: std::sync::Mutex<(usize, Option<Instant>)>,
+    /// Reservation round trips made, for measurement.
+    round_trips: std::sync::atomic::AtomicU64,
+}
+
+impl Local {
+    fn take_banked(&self) -> bool {
+        let mut bank = self.bank.lock().expect("bank lock");
+        match *bank {
+            (n, Some(at)) if n > 0 && at.elapsed() < BANKED_SLOT_TTL => {
+                bank.0 -= 1;
+                true
+            }
+            _ => {
+                *bank = (0, None);
+                false
+            }
+        }
+    }
 }
 
 impl SharedLimiter {
@@ -62,21 +103,34 @@ impl SharedLimiter {
         .execute(pool)
         .await?;
         let cap = p.max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS);
-        Ok(SharedLimiter { pool: pool.clone(), account: p.account(), in_flight: Arc::new(Semaphore::new(cap)) })
+        Ok(SharedLimiter {
+            pool: pool.clone(),
+            account: p.account(),
+            in_flight: Arc::new(Semaphore::new(cap)),
+            max_batch: batch_size(p.requests_per_second, p.burst(), cap),
+            shared: Arc::new(Local::default()),
+        })
     }
 
-    /// One reservation attempt.
-    pub async fn try_reserve(&self) -> Result<Result<(), Denied>, StoreError> {
-        let (granted, wait, reason): (bool, f64, Option<String>) =
-            sqlx::query_as("SELECT granted, wait_secs, reason FROM limiter_reserve($1, 1)")
+    /// Reservation round trips this process has made to the database.
+    pub fn round_trips(&self) -> u64 {
+        self.shared.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// One reservation round trip for up to `k` slots: how many were granted.
+    pub async fn try_reserve(&self, k: usize) -> Result<Result<usize, Denied>, StoreError> {
+        self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
+        let (granted, wait, reason): (i32, f64, Option<String>) =
+            sqlx::query_as("SELECT granted, wait_secs, reason FROM limiter_reserve($1, $2)")
                 .bind(&self.account)
+                .bind(k.max(1) as i32)
                 .fetch_one(&self.pool)
                 .await?;
         let wait = Duration::from_secs_f64(wait.max(0.0));
         Ok(match (granted, reason.as_deref()) {
-            (true, _) => Ok(()),
-            (false, Some("quota")) => Err(Denied::Quota { wait }),
-            (false, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
+            (n, _) if n > 0 => Ok(n as usize),
+            (_, Some("quota")) => Err(Denied::Quota { wait }),
+            (_, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
         })
     }
 
@@ -85,11 +139,43 @@ impl SharedLimiter {
     /// reschedule. The permit holds an in-flight place until dropped.
     pub async fn acquire(&self) -> Result<Result<OwnedSemaphorePermit, Denied>, StoreError> {
         let permit = Arc::clone(&self.in_flight).acquire_owned().await.expect("the semaphore is never closed");
+        let local = &self.shared;
+        local.waiting.fetch_add(1, Ordering::SeqCst);
+        let outcome = self.reserve_one().await;
+        local.waiting.fetch_sub(1, Ordering::SeqCst);
+        Ok(outcome?.map(|()| permit))
+    }
+
+    async fn reserve_one(&self) -> Result<Result<(), Denied>, StoreError> {
+        let local = &self.shared;
         loop {
-            match self.try_reserve().await? {
-                Ok(()) => return Ok(Ok(permit)),
-                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => tokio::time::sleep(wait).await,
-                Err(denied) => return Ok(Err(denied)),
+            if local.take_banked() {
+                return Ok(Ok(()));
+            }
+            // One caller at a time talks to the database, for everyone
+            // waiting; the others queue here (fairly) and take banked slots.
+            let _turn = local.reserving.lock().await;
+            loop {
+                if local.take_banked() {
+                    return Ok(Ok(()));
+                }
+                let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
+                match self.try_reserve(want).await? {
+                    Ok(n) => {
+                        if n > 1 {
+                            *local.bank.lock().expect("bank lock") = (n - 1, Some(Instant::now()));
+                        }
+                        return Ok(Ok(()));
+                    }
+                    // Sleep holding the turn: nobody else here would get a
+                    // different answer from the database before then.
+                    // A millisecond's margin, so the retry is not refused for
+                    // rounding and spent as another round trip.
+                    Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => {
+                        tokio::time::sleep(wait + Duration::from_millis(1)).await
+                    }
+                    Err(denied) => return Ok(Err(denied)),
+                }
             }
         }
     }
@@ -138,6 +224,15 @@ impl SharedLimiter {
     }
 }
 
+/// Slots one reservation may ask for: 20 ms worth of calls at the
+/// configured rate, never above the burst (GCRA would refuse more) or the
+/// in-flight cap. At low rates that is 1: a round trip per call costs nothing
+/// there, and all-or-nothing batches would eat the burst's slack, which
+/// absorbs timer jitter (BENCHMARKS.md). At 400 calls/s it is 8.
+pub fn batch_size(rate: f64, burst: f64, cap: usize) -> usize {
+    ((rate * 0.020).floor() as usize).min(burst.floor() as usize).clamp(1, cap.max(1))
+}
+
 /// The reservation arithmetic of `limiter_reserve`, in Rust, for property
 /// tests: times are seconds on one clock (the database's).
 #[derive(Debug, Clone)]
@@ -166,27 +261,35 @@ impl Gcra {
         }
     }
 
-    /// Mirrors `limiter_reserve(account, k)` at time `t`.
-    pub fn reserve(&mut self, t: f64, k: u64) -> Result<(), Denied> {
+    /// Mirrors `limiter_reserve(account, k)` at time `t`: grants all `k`
+    /// (fewer only when the quota has fewer left) or none.
+    pub fn reserve(&mut self, t: f64, k: u64) -> Result<u64, Denied> {
         let em = 1.0 / (self.rate * self.scale);
         let day_start = (t / 86_400.0).floor() * 86_400.0;
         let used = if self.day_start < day_start { 0 } else { self.day_used };
         if t < self.blocked_until {
             return Err(Denied::Later { wait: secs(self.blocked_until - t), reason: "blocked".into() });
         }
-        if self.daily_quota.is_some_and(|q| used + k > q) {
-            self.day_start = day_start;
-            self.day_used = used;
-            return Err(Denied::Quota { wait: secs(day_start + 86_400.0 - t) });
+        let mut n = k;
+        if let Some(q) = self.daily_quota {
+            n = n.min(q.saturating_sub(used));
+            if n == 0 {
+                self.day_start = day_start;
+                self.day_used = used;
+                return Err(Denied::Quota { wait: secs(day_start + 86_400.0 - t) });
+            }
         }
-        let new_tat = self.tat.max(t) + k as f64 * em;
-        if new_tat > t + self.burst * em {
-            return Err(Denied::Later { wait: secs(new_tat - (t + self.burst * em)), reason: "rate".into() });
+        let base = self.tat.max(t);
+        if base + n as f64 * em > t + self.burst * em {
+            return Err(Denied::Later {
+                wait: secs(base + n as f64 * em - (t + self.burst * em)),
+                reason: "rate".into(),
+            });
         }
-        self.tat = new_tat;
+        self.tat = base + n as f64 * em;
         self.day_start = day_start;
-        self.day_used = used + k;
-        Ok(())
+        self.day_used = used + n;
+        Ok(n)
     }
 }
 
@@ -208,16 +311,18 @@ mod tests {
             rate in 1.0f64..50.0,
             burst in 1.0f64..20.0,
             quota in 1u64..400,
-            // (client, gap in ms) pairs: clients retry at their own pace.
-            steps in proptest::collection::vec((0usize..4, 0u32..300), 1..600),
+            // (slots asked, gap in ms): clients ask for one or several slots
+            // at their own pace.
+            steps in proptest::collection::vec((1u64..8, 0u32..300), 1..600),
         ) {
             let mut g = Gcra::new(rate, burst, Some(quota));
             let mut t = 86_400.0 * 20_000.0 + 86_000.0; // near a UTC midnight, to cross it
             let mut grants = Vec::new();
-            for (_client, gap) in steps {
+            for (k, gap) in steps {
                 t += f64::from(gap) / 1000.0;
-                if g.reserve(t, 1).is_ok() {
-                    grants.push(t);
+                if let Ok(n) = g.reserve(t, k) {
+                    prop_assert!(n >= 1 && n <= k);
+                    grants.extend(std::iter::repeat_n(t, n as usize));
                 }
             }
             for (i, &start) in grants.iter().enumerate() {
@@ -238,6 +343,14 @@ mod tests {
             prop_assert!(g.reserve(100.0 + a.max(b) - 0.001, 1).is_err());
             prop_assert!(g.reserve(100.0 + a.max(b), 1).is_ok());
         }
+    }
+
+    #[test]
+    fn reservations_batch_only_at_high_rates() {
+        assert_eq!(batch_size(20.0, 2.0, 8), 1);
+        assert_eq!(batch_size(400.0, 16.0, 16), 8);
+        assert_eq!(batch_size(400.0, 4.0, 16), 4, "never above the burst");
+        assert_eq!(batch_size(5000.0, 200.0, 16), 16, "never above the in-flight cap");
     }
 
     #[test]

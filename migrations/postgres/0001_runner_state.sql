@@ -145,11 +145,14 @@ CREATE TABLE limiter (
 );
 
 -- Reserves `k` calls for `p_account` in one atomic step (the row lock
--- serialises every worker of every machine). Returns whether they were
--- granted and, if not, how long to wait and why: 'rate', 'blocked' (a 429
--- push-back) or 'quota' (the day's quota is used up; wait = until it resets).
+-- serialises every worker of every machine; the clock is the database's).
+-- Returns how many were granted: all `k` (fewer only when the day's quota
+-- has fewer left) or 0, and then how long to wait for all `k` and why:
+-- 'rate', 'blocked' (a 429 push-back) or 'quota' (the quota is used up; the
+-- wait lasts until it resets). Asking for several calls at once saves round
+-- trips; GCRA still admits no more than `burst` calls ahead of schedule.
 CREATE FUNCTION limiter_reserve(p_account TEXT, k INTEGER)
-RETURNS TABLE (granted BOOLEAN, wait_secs DOUBLE PRECISION, reason TEXT, at TIMESTAMPTZ)
+RETURNS TABLE (granted INTEGER, wait_secs DOUBLE PRECISION, reason TEXT, at TIMESTAMPTZ)
 LANGUAGE plpgsql AS $$
 DECLARE
     l limiter%ROWTYPE;
@@ -157,7 +160,8 @@ DECLARE
     em DOUBLE PRECISION;
     day_start TIMESTAMPTZ;
     used BIGINT;
-    new_tat TIMESTAMPTZ;
+    base TIMESTAMPTZ;
+    n BIGINT;
 BEGIN
     SELECT * INTO l FROM limiter WHERE account = p_account FOR UPDATE;
     IF NOT FOUND THEN
@@ -167,23 +171,29 @@ BEGIN
     day_start := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
     used := CASE WHEN l.quota_day_start < day_start THEN 0 ELSE l.day_used END;
     IF t < l.blocked_until THEN
-        RETURN QUERY SELECT false, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t;
+        RETURN QUERY SELECT 0, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t;
         RETURN;
     END IF;
-    IF l.daily_quota IS NOT NULL AND used + k > l.daily_quota THEN
-        UPDATE limiter SET quota_day_start = day_start, day_used = used WHERE account = p_account;
-        RETURN QUERY SELECT false, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t;
+    n := k;
+    IF l.daily_quota IS NOT NULL THEN
+        n := least(n, l.daily_quota - used);
+        IF n < 1 THEN
+            UPDATE limiter SET quota_day_start = day_start, day_used = used WHERE account = p_account;
+            RETURN QUERY SELECT 0, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t;
+            RETURN;
+        END IF;
+    END IF;
+    -- GCRA: the schedule may run at most `burst` calls ahead of now.
+    base := greatest(l.tat, t);
+    IF base + make_interval(secs => n * em) > t + make_interval(secs => l.burst * em) THEN
+        RETURN QUERY SELECT 0,
+            extract(epoch FROM base + make_interval(secs => n * em) - (t + make_interval(secs => l.burst * em)))::float8,
+            'rate'::text, t;
         RETURN;
     END IF;
-    new_tat := greatest(l.tat, t) + make_interval(secs => k * em);
-    -- GCRA: at most `burst` calls ahead of the steady schedule.
-    IF new_tat > t + make_interval(secs => l.burst * em) THEN
-        RETURN QUERY SELECT false,
-            extract(epoch FROM new_tat - (t + make_interval(secs => l.burst * em)))::float8, 'rate'::text, t;
-        RETURN;
-    END IF;
-    UPDATE limiter SET tat = new_tat, quota_day_start = day_start, day_used = used + k, updated_at = t
+    UPDATE limiter SET tat = base + make_interval(secs => n * em), quota_day_start = day_start,
+                       day_used = used + n, updated_at = t
     WHERE account = p_account;
-    RETURN QUERY SELECT true, 0::float8, NULL::text, t;
+    RETURN QUERY SELECT n::int, 0::float8, NULL::text, t;
 END;
 $$;
