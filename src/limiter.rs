@@ -148,34 +148,31 @@ impl SharedLimiter {
 
     async fn reserve_one(&self) -> Result<Result<(), Denied>, StoreError> {
         let local = &self.shared;
+        if local.take_banked() {
+            return Ok(Ok(()));
+        }
+        // One caller at a time talks to the database, for everyone waiting;
+        // the others queue here (fairly) and take banked slots.
+        let _turn = local.reserving.lock().await;
         loop {
             if local.take_banked() {
                 return Ok(Ok(()));
             }
-            // One caller at a time talks to the database, for everyone
-            // waiting; the others queue here (fairly) and take banked slots.
-            let _turn = local.reserving.lock().await;
-            loop {
-                if local.take_banked() {
+            let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
+            match self.try_reserve(want).await? {
+                Ok(n) => {
+                    if n > 1 {
+                        *local.bank.lock().expect("bank lock") = (n - 1, Some(Instant::now()));
+                    }
                     return Ok(Ok(()));
                 }
-                let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
-                match self.try_reserve(want).await? {
-                    Ok(n) => {
-                        if n > 1 {
-                            *local.bank.lock().expect("bank lock") = (n - 1, Some(Instant::now()));
-                        }
-                        return Ok(Ok(()));
-                    }
-                    // Sleep holding the turn: nobody else here would get a
-                    // different answer from the database before then.
-                    // A millisecond's margin, so the retry is not refused for
-                    // rounding and spent as another round trip.
-                    Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => {
-                        tokio::time::sleep(wait + Duration::from_millis(1)).await
-                    }
-                    Err(denied) => return Ok(Err(denied)),
+                // Sleep holding the turn: nobody else here would get another
+                // answer from the database before then. The millisecond's
+                // margin keeps a rounding refusal from costing a round trip.
+                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => {
+                    tokio::time::sleep(wait + Duration::from_millis(1)).await
                 }
+                Err(denied) => return Ok(Err(denied)),
             }
         }
     }
