@@ -42,6 +42,13 @@ pub enum Denied {
     Quota { wait: Duration },
 }
 
+/// A granted call: holds its place in flight until released.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    flight: Option<i64>,
+}
+
 /// The shared limiter of one account, plus this process's in-flight cap.
 ///
 /// When several calls of a process wait at once, one round trip reserves
@@ -52,6 +59,9 @@ pub struct SharedLimiter {
     pool: PgPool,
     account: String,
     in_flight: Arc<Semaphore>,
+    /// How long a flight row holds a place under the shared in-flight cap
+    /// if its worker dies mid-call.
+    lease_secs: f64,
     /// Most slots one reservation asks for (see [`batch_size`]).
     max_batch: usize,
     shared: Arc<Local>,
@@ -90,16 +100,18 @@ impl SharedLimiter {
     /// or quota applies from the next reservation on).
     pub async fn register(pool: &PgPool, p: &ProviderSpec) -> Result<SharedLimiter, StoreError> {
         sqlx::query(
-            "INSERT INTO limiter (account, rate, burst, daily_quota, quota_reset)
-             VALUES ($1, $2, $3, $4, make_interval(mins => $5))
+            "INSERT INTO limiter (account, rate, burst, daily_quota, quota_reset, max_in_flight)
+             VALUES ($1, $2, $3, $4, make_interval(mins => $5), $6)
              ON CONFLICT (account) DO UPDATE SET rate = EXCLUDED.rate, burst = EXCLUDED.burst,
-                 daily_quota = EXCLUDED.daily_quota, quota_reset = EXCLUDED.quota_reset, updated_at = now()",
+                 daily_quota = EXCLUDED.daily_quota, quota_reset = EXCLUDED.quota_reset,
+                 max_in_flight = EXCLUDED.max_in_flight, updated_at = now()",
         )
         .bind(p.account())
         .bind(p.requests_per_second)
         .bind(p.burst())
         .bind(p.daily_quota.map(|q| q as i64))
         .bind(p.quota_reset_minutes() as i32)
+        .bind(p.max_in_flight.map(|n| n.max(1) as i32))
         .execute(pool)
         .await?;
         let cap = p.max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS);
@@ -107,7 +119,11 @@ impl SharedLimiter {
             pool: pool.clone(),
             account: p.account(),
             in_flight: Arc::new(Semaphore::new(cap)),
-            max_batch: batch_size(p.requests_per_second, p.burst(), cap),
+            // Two call timeouts and some slack, like a batch's claim.
+            lease_secs: 2.0 * p.timeout_secs as f64 + 30.0,
+            // Under a shared in-flight cap every slot carries its flight row,
+            // so slots are reserved one by one.
+            max_batch: if p.max_in_flight.is_some() { 1 } else { batch_size(p.requests_per_second, p.burst(), cap) },
             shared: Arc::new(Local::default()),
         })
     }
@@ -117,54 +133,64 @@ impl SharedLimiter {
         self.shared.round_trips.load(Ordering::Relaxed)
     }
 
-    /// One reservation round trip for up to `k` slots: how many were granted.
-    pub async fn try_reserve(&self, k: usize) -> Result<Result<usize, Denied>, StoreError> {
+    /// One reservation round trip for `k` slots: how many were granted, and
+    /// their flight rows under a shared in-flight cap.
+    pub async fn try_reserve(&self, k: usize) -> Result<Result<(usize, Vec<i64>), Denied>, StoreError> {
         self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
-        let (granted, wait, reason): (i32, f64, Option<String>) =
-            sqlx::query_as("SELECT granted, wait_secs, reason FROM limiter_reserve($1, $2)")
+        let (granted, wait, reason, flights): (i32, f64, Option<String>, Option<Vec<i64>>) =
+            sqlx::query_as("SELECT granted, wait_secs, reason, flights FROM limiter_reserve($1, $2, $3)")
                 .bind(&self.account)
                 .bind(k.max(1) as i32)
+                .bind(self.lease_secs)
                 .fetch_one(&self.pool)
                 .await?;
         let wait = Duration::from_secs_f64(wait.max(0.0));
         Ok(match (granted, reason.as_deref()) {
-            (n, _) if n > 0 => Ok(n as usize),
+            (n, _) if n > 0 => Ok((n as usize, flights.unwrap_or_default())),
             (_, Some("quota")) => Err(Denied::Quota { wait }),
             (_, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
         })
     }
 
+    /// Ends a call: frees its place under the shared in-flight cap.
+    pub async fn release(&self, slot: Slot) -> Result<(), StoreError> {
+        if let Some(id) = slot.flight {
+            sqlx::query("DELETE FROM limiter_flights WHERE flight_id = $1").bind(id).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// Waits for a call slot. Short waits are slept through; a long one (a
     /// big push-back, or the quota) comes back as `Denied` for the caller to
     /// reschedule. The permit holds an in-flight place until dropped.
-    pub async fn acquire(&self) -> Result<Result<OwnedSemaphorePermit, Denied>, StoreError> {
+    pub async fn acquire(&self) -> Result<Result<Slot, Denied>, StoreError> {
         let permit = Arc::clone(&self.in_flight).acquire_owned().await.expect("the semaphore is never closed");
         let local = &self.shared;
         local.waiting.fetch_add(1, Ordering::SeqCst);
         let outcome = self.reserve_one().await;
         local.waiting.fetch_sub(1, Ordering::SeqCst);
-        Ok(outcome?.map(|()| permit))
+        Ok(outcome?.map(|flight| Slot { _permit: permit, flight }))
     }
 
-    async fn reserve_one(&self) -> Result<Result<(), Denied>, StoreError> {
+    async fn reserve_one(&self) -> Result<Result<Option<i64>, Denied>, StoreError> {
         let local = &self.shared;
         if local.take_banked() {
-            return Ok(Ok(()));
+            return Ok(Ok(None));
         }
         // One caller at a time talks to the database, for everyone waiting;
         // the others queue here (fairly) and take banked slots.
         let _turn = local.reserving.lock().await;
         loop {
             if local.take_banked() {
-                return Ok(Ok(()));
+                return Ok(Ok(None));
             }
             let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
             match self.try_reserve(want).await? {
-                Ok(n) => {
+                Ok((n, flights)) => {
                     if n > 1 {
                         *local.bank.lock().expect("bank lock") = (n - 1, Some(Instant::now()));
                     }
-                    return Ok(Ok(()));
+                    return Ok(Ok(flights.first().copied()));
                 }
                 // Sleep holding the turn: nobody else here would get another
                 // answer from the database before then. The millisecond's

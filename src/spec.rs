@@ -107,7 +107,7 @@ pub struct ProviderSpec {
     pub daily_quota: Option<u64>,
     /// When the daily quota resets, as `HH:MM` UTC (default `00:00`).
     pub quota_reset_utc: Option<String>,
-    /// Calls in flight at once, per worker process.
+    /// Calls in flight at once, across every worker of the account.
     pub max_in_flight: Option<u32>,
     /// Limiter key shared by every job on the same account (default: the
     /// base URL and key variable).

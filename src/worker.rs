@@ -129,7 +129,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         }
     };
     let outcome = rt.client.batch_decode(&vins).await;
-    drop(slot);
+    limiter.release(slot).await?;
     match outcome {
         Outcome::Done(entries) => {
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();

@@ -220,7 +220,7 @@ async fn many_waiting_calls_share_reservation_round_trips() {
     let s = store(&schema).await;
     let spec = vinetl::spec::JobSpec::parse(
         "t.toml",
-        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 400\nburst = 16\nmax_in_flight = 16\n",
+        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 400\nburst = 16\n",
     )
     .unwrap();
     let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
@@ -230,7 +230,7 @@ async fn many_waiting_calls_share_reservation_round_trips() {
         tasks.push(tokio::spawn(async move {
             for _ in 0..25 {
                 let slot = l.acquire().await.unwrap().unwrap();
-                drop(slot);
+                l.release(slot).await.unwrap();
             }
         }));
     }
@@ -243,5 +243,54 @@ async fn many_waiting_calls_share_reservation_round_trips() {
     // ...and 16 concurrent callers needed far fewer round trips than calls.
     assert!(limiter.round_trips() < 200, "{} round trips for 400 calls", limiter.round_trips());
     eprintln!("400 calls, {} reservation round trips, {used} slots granted", limiter.round_trips());
+    cleanup(&schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes_back() {
+    let schema = unique_schema("inflight");
+    let s = store(&schema).await;
+    let spec = vinetl::spec::JobSpec::parse(
+        "t.toml",
+        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 1000\nburst = 50\nmax_in_flight = 3\n",
+    )
+    .unwrap();
+    // Three limiters stand for three worker processes: only the database is shared.
+    let mut limiters = Vec::new();
+    for _ in 0..3 {
+        limiters.push(vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap());
+    }
+    let now_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for l in &limiters {
+        for _ in 0..3 {
+            let (l, now_in_flight, most) = (l.clone(), now_in_flight.clone(), most.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..8 {
+                    let slot = l.acquire().await.unwrap().unwrap();
+                    let n = now_in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    most.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                    now_in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    l.release(slot).await.unwrap();
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let most = most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((2..=3).contains(&most), "at most 3 calls in flight across processes, saw {most}");
+    // A worker that dies holding a place: its lease expires and the place comes back.
+    sqlx::query(
+        "INSERT INTO limiter_flights (account, expires_at) SELECT account, now() - interval '1 second' FROM limiter",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let slot = limiters[0].acquire().await.unwrap().unwrap();
+    limiters[0].release(slot).await.unwrap();
     cleanup(&schema).await;
 }

@@ -141,8 +141,20 @@ CREATE TABLE limiter (
     quota_reset     INTERVAL NOT NULL DEFAULT '0',
     quota_day_start TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
     day_used        BIGINT NOT NULL DEFAULT 0,
+    -- Calls in flight at once across every worker (NULL: no cap).
+    max_in_flight   INTEGER CHECK (max_in_flight >= 1),
     updated_at      TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Calls in flight under an account's cap. A worker deletes its row when the
+-- call ends; a worker that dies leaves a row that stops counting once its
+-- lease expires, so a crash cannot shrink the cap for good.
+CREATE TABLE limiter_flights (
+    flight_id  BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account    TEXT NOT NULL REFERENCES limiter (account) ON DELETE CASCADE,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX limiter_flights_account_idx ON limiter_flights (account, expires_at);
 
 -- Reserves `k` calls for `p_account` in one atomic step (the row lock
 -- serialises every worker of every machine; the clock is the database's).
@@ -151,8 +163,12 @@ CREATE TABLE limiter (
 -- 'rate', 'blocked' (a 429 push-back) or 'quota' (the quota is used up; the
 -- wait lasts until it resets). Asking for several calls at once saves round
 -- trips; GCRA still admits no more than `burst` calls ahead of schedule.
-CREATE FUNCTION limiter_reserve(p_account TEXT, k INTEGER)
-RETURNS TABLE (granted INTEGER, wait_secs DOUBLE PRECISION, reason TEXT, at TIMESTAMPTZ)
+--
+-- Under an in-flight cap, each granted call also gets a flight row (ids
+-- returned) held for `lease_secs` at most; reason 'in_flight' means the cap
+-- is full.
+CREATE FUNCTION limiter_reserve(p_account TEXT, k INTEGER, lease_secs DOUBLE PRECISION DEFAULT 60)
+RETURNS TABLE (granted INTEGER, wait_secs DOUBLE PRECISION, reason TEXT, at TIMESTAMPTZ, flights BIGINT[])
 LANGUAGE plpgsql AS $$
 DECLARE
     l limiter%ROWTYPE;
@@ -162,6 +178,8 @@ DECLARE
     used BIGINT;
     base TIMESTAMPTZ;
     n BIGINT;
+    active BIGINT;
+    ids BIGINT[];
 BEGIN
     SELECT * INTO l FROM limiter WHERE account = p_account FOR UPDATE;
     IF NOT FOUND THEN
@@ -171,7 +189,7 @@ BEGIN
     day_start := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
     used := CASE WHEN l.quota_day_start < day_start THEN 0 ELSE l.day_used END;
     IF t < l.blocked_until THEN
-        RETURN QUERY SELECT 0, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t;
+        RETURN QUERY SELECT 0, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t, NULL::bigint[];
         RETURN;
     END IF;
     n := k;
@@ -179,7 +197,18 @@ BEGIN
         n := least(n, l.daily_quota - used);
         IF n < 1 THEN
             UPDATE limiter SET quota_day_start = day_start, day_used = used WHERE account = p_account;
-            RETURN QUERY SELECT 0, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t;
+            RETURN QUERY SELECT 0, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t,
+                NULL::bigint[];
+            RETURN;
+        END IF;
+    END IF;
+    IF l.max_in_flight IS NOT NULL THEN
+        DELETE FROM limiter_flights WHERE account = p_account AND expires_at <= t;
+        SELECT count(*) INTO active FROM limiter_flights WHERE account = p_account;
+        n := least(n, l.max_in_flight - active);
+        IF n < 1 THEN
+            -- Calls end in milliseconds to seconds: look again shortly.
+            RETURN QUERY SELECT 0, 0.02::float8, 'in_flight'::text, t, NULL::bigint[];
             RETURN;
         END IF;
     END IF;
@@ -188,12 +217,19 @@ BEGIN
     IF base + make_interval(secs => n * em) > t + make_interval(secs => l.burst * em) THEN
         RETURN QUERY SELECT 0,
             extract(epoch FROM base + make_interval(secs => n * em) - (t + make_interval(secs => l.burst * em)))::float8,
-            'rate'::text, t;
+            'rate'::text, t, NULL::bigint[];
         RETURN;
     END IF;
     UPDATE limiter SET tat = base + make_interval(secs => n * em), quota_day_start = day_start,
                        day_used = used + n, updated_at = t
     WHERE account = p_account;
-    RETURN QUERY SELECT n::int, 0::float8, NULL::text, t;
+    IF l.max_in_flight IS NOT NULL THEN
+        WITH ins AS (
+            INSERT INTO limiter_flights (account, expires_at)
+            SELECT p_account, t + make_interval(secs => lease_secs) FROM generate_series(1, n)
+            RETURNING flight_id)
+        SELECT array_agg(flight_id) INTO ids FROM ins;
+    END IF;
+    RETURN QUERY SELECT n::int, 0::float8, NULL::text, t, ids;
 END;
 $$;
