@@ -7,6 +7,16 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// `print!` that survives a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(&format!($($arg)*)) };
+}
+
+/// `println!` that survives a closed pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(&format!("{}\n", format!($($arg)*))) };
+}
+
 use crate::check::check_file;
 use crate::runner;
 use crate::source::FileFormat;
@@ -148,9 +158,9 @@ impl Cli {
                 let format = FileFormat::infer(&file, column.as_deref());
                 let report = tokio::task::spawn_blocking(move || check_file(&file, format)).await??;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&report)?);
+                    outln!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
-                    print!("{report}");
+                    out!("{report}");
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -162,7 +172,7 @@ impl Cli {
                     DatabaseUrl::Postgres(url) => {
                         let pool = store::postgres::connect(&url, &state.schema, 2).await?;
                         store::postgres::migrate(&pool, &state.schema).await?;
-                        println!("schema {} is up to date", state.schema);
+                        outln!("schema {} is up to date", state.schema);
                         Ok(ExitCode::SUCCESS)
                     }
                     DatabaseUrl::Sqlite(_) => Err(store::StoreError::SqliteNotBuilt.into()),
@@ -171,13 +181,13 @@ impl Cli {
             Command::Run { spec, concurrency, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 let counts = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
-                print!("{}", runner::describe(&counts));
+                out!("{}", runner::describe(&counts));
                 Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             Command::Submit { spec, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 let s = runner::submit(&state, &spec).await?;
-                println!(
+                outln!(
                     "job {} {}: {} batches queued; run `vinetl worker` to process them",
                     s.job_id,
                     if s.resumed { "resumed" } else { "submitted" },
@@ -199,12 +209,12 @@ impl Cli {
                     } else {
                         serde_json::to_string_pretty(&jobs)?
                     };
-                    println!("{out}");
+                    outln!("{out}");
                 } else if jobs.is_empty() {
-                    println!("no jobs yet");
+                    outln!("no jobs yet");
                 } else {
                     for j in &jobs {
-                        println!("{}", runner::describe(j));
+                        outln!("{}", runner::describe(j));
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -213,7 +223,7 @@ impl Cli {
             Command::Cancel { job, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 if runner::cancel(&state, job).await? {
-                    println!("job {job} cancelled; calls already in flight finish and are stored");
+                    outln!("job {job} cancelled; calls already in flight finish and are stored");
                     Ok(ExitCode::SUCCESS)
                 } else {
                     eprintln!("job {job} does not exist or has already ended");
@@ -246,9 +256,23 @@ async fn decode_command(vins: Vec<String>) -> anyhow::Result<ExitCode> {
             .collect())
     })
     .await??;
-    println!("{}", serde_json::to_string_pretty(&entries)?);
+    outln!("{}", serde_json::to_string_pretty(&entries)?);
     let any_bad = entries.iter().any(|e| matches!(e, BatchEntry::Failed { .. }));
     Ok(if any_bad { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Writes command output to stdout. A closed pipe (`vinetl status | head`)
+/// ends the process quietly instead of panicking, as Unix tools do.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("vinetl: cannot write output: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Exit status of a subcommand that exists in `--help` but does nothing yet.

@@ -84,3 +84,22 @@ fn unbuilt_subcommands_say_so_and_fail() {
     assert_eq!(out.status.code(), Some(i32::from(vinetl::cli::NOT_BUILT_EXIT)));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
 }
+
+#[test]
+fn a_reader_that_stops_early_does_not_make_vinetl_panic() {
+    // `vinetl ... | head -1`: the pipe closes while vinetl is still writing.
+    let mut child = vinetl()
+        .arg("decode")
+        .args(std::iter::repeat_n("1HGCM82633A004352", 300))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0));
+}
