@@ -155,7 +155,7 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
 pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let server = spawn(opts).await?;
     eprintln!(
-        "vinetl serve: listening on {} ({} API keys{}; {} recall records)",
+        "vinetl serve: listening on {} (API keys: {}{}; recall records: {})",
         server.url(),
         server.keys,
         if server.keys == 0 { ", so anonymous single decodes only" } else { "" },
