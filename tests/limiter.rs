@@ -7,6 +7,14 @@ use std::time::Duration;
 use common::{cleanup, pg_url, status, unique_schema, vinetl_async, write_spec};
 use vinetl::serve::faults::Faults;
 
+/// A job spec whose `[provider]` section ends with `provider` (TOML lines).
+fn spec_with_provider(provider: &str) -> vinetl::spec::JobSpec {
+    let text = format!(
+        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\n{provider}"
+    );
+    vinetl::spec::JobSpec::parse("t.toml", &text).unwrap()
+}
+
 async fn store(schema: &str) -> vinetl::store::postgres::PgStore {
     vinetl::store::postgres::open(&pg_url(), schema, 10).await.unwrap()
 }
@@ -176,11 +184,7 @@ async fn a_used_up_quota_makes_the_job_wait_in_words_instead_of_failing() {
 async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly() {
     let schema = unique_schema("aimd");
     let s = store(&schema).await;
-    let spec = vinetl::spec::JobSpec::parse(
-        "t.toml",
-        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 10\n",
-    )
-    .unwrap();
+    let spec = spec_with_provider("requests_per_second = 10\n");
     let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
     let scale =
         || async { sqlx::query_scalar::<_, f64>("SELECT scale FROM limiter").fetch_one(&s.pool).await.unwrap() };
@@ -218,11 +222,7 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
 async fn many_waiting_calls_share_reservation_round_trips() {
     let schema = unique_schema("batchres");
     let s = store(&schema).await;
-    let spec = vinetl::spec::JobSpec::parse(
-        "t.toml",
-        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 400\nburst = 16\n",
-    )
-    .unwrap();
+    let spec = spec_with_provider("requests_per_second = 400\nburst = 16\n");
     let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -250,11 +250,7 @@ async fn many_waiting_calls_share_reservation_round_trips() {
 async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes_back() {
     let schema = unique_schema("inflight");
     let s = store(&schema).await;
-    let spec = vinetl::spec::JobSpec::parse(
-        "t.toml",
-        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"http://x\"\napi_key_env = \"K\"\nrequests_per_second = 1000\nburst = 50\nmax_in_flight = 3\n",
-    )
-    .unwrap();
+    let spec = spec_with_provider("requests_per_second = 1000\nburst = 50\nmax_in_flight = 3\n");
     // Three limiters stand for three worker processes: only the database is shared.
     let mut limiters = Vec::new();
     for _ in 0..3 {
