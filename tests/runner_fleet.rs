@@ -40,6 +40,10 @@ async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
     let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    // 25 calls a second: the 50 calls take about two seconds, long enough
+    // for both workers to be up and share them.
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 25");
+    std::fs::write(&spec, text).unwrap();
     let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
