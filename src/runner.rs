@@ -38,10 +38,16 @@ impl State {
 
 /// `vinetl submit SPEC`.
 pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted> {
-    let spec = JobSpec::load(spec_path)?;
-    refuse_unbuilt(&spec)?;
+    let spec = load_spec(spec_path)?;
     let store = state.open(4).await?;
     Ok(planner::submit(&store, &state.schema, &spec).await?)
+}
+
+/// Reads and checks a spec before anything connects anywhere.
+fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
+    let spec = JobSpec::load(spec_path)?;
+    refuse_unbuilt(&spec)?;
+    Ok(spec)
 }
 
 /// Parts of a spec whose features have not landed yet fail loudly, never
@@ -91,8 +97,10 @@ pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
 
 /// `vinetl run SPEC`: submit, work the job to the end here, return its counts.
 pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<JobCounts> {
-    let submitted = submit(state, spec_path).await?;
+    let spec = load_spec(spec_path)?;
+    // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
+    let submitted = planner::submit(&store, &state.schema, &spec).await?;
     let job_id = submitted.job_id;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The worker and the watcher run side by side in this task; the watcher
