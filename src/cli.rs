@@ -87,13 +87,24 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Run a job again: all of it, or only its failed rows (not built yet).
+    /// Run an ended job again, all of it or only its failed rows, and rewrite
+    /// its outputs (replacing the earlier ones).
+    ///
+    /// Rows whose VIN has a fresh successful decode in the cache cost no
+    /// call; recall lookups within their TTL are reused. Works the job here
+    /// to the end unless --detach (then running workers do it).
     Reprocess {
         /// Job id.
         job: i64,
         /// Only rows that did not decode (dead-lettered or errored).
         #[arg(long)]
         failed_only: bool,
+        /// Queue the work for running workers and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// Calls in flight at once in this process.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -219,7 +230,13 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Reprocess { .. } => not_built("reprocess", 4),
+            Command::Reprocess { job, failed_only, detach, concurrency, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let progress = !detach && runner::stderr_is_terminal();
+                let counts = runner::reprocess(&state, job, failed_only, detach, concurrency, progress).await?;
+                out!("{}", runner::describe(&counts));
+                Ok(if detach || counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
             Command::Cancel { job, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 if runner::cancel(&state, job).await? {
@@ -273,12 +290,4 @@ fn write_stdout(text: &str) {
         eprintln!("vinetl: cannot write output: {e}");
         std::process::exit(1);
     }
-}
-
-/// Exit status of a subcommand that exists in `--help` but does nothing yet.
-pub const NOT_BUILT_EXIT: u8 = 3;
-
-fn not_built(command: &str, issue: u32) -> anyhow::Result<ExitCode> {
-    eprintln!("vinetl {command}: not built yet (tracked in issue #{issue}); nothing was done");
-    Ok(ExitCode::from(NOT_BUILT_EXIT))
 }

@@ -103,7 +103,7 @@ impl ApiClient {
 }
 
 impl<T> Outcome<T> {
-    fn map_done<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+    pub fn map_done<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
         match self {
             Outcome::Done(t) => Outcome::Done(f(t)),
             Outcome::StopJob(m) => Outcome::StopJob(m),

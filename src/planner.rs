@@ -69,7 +69,7 @@ pub async fn submit(store: &PgStore, schema: &str, spec: &JobSpec) -> Result<Sub
     let batches = store.plan_batches(job_id, spec.provider.batch_size as i32, spec.cache.ttl_hours).await?;
     enqueue(store, schema, job_id).await?;
     store.mark_running(job_id).await?;
-    store.finish_if_complete(job_id).await?;
+    crate::finish::advance(store, schema, job_id, spec).await?;
     Ok(Submitted { job_id, resumed, batches })
 }
 

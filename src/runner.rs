@@ -45,24 +45,7 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted
 
 /// Reads and checks a spec before anything connects anywhere.
 fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
-    let spec = JobSpec::load(spec_path)?;
-    refuse_unbuilt(&spec)?;
-    Ok(spec)
-}
-
-/// Parts of a spec whose features have not landed yet fail loudly, never
-/// silently do nothing.
-fn refuse_unbuilt(spec: &JobSpec) -> anyhow::Result<()> {
-    if let Some(o) = spec.outputs.first() {
-        anyhow::bail!(
-            "{:?} outputs are not built yet (issue #6); remove [[outputs]] to keep results in vinetl's tables",
-            o
-        );
-    }
-    if spec.recalls.enabled {
-        anyhow::bail!("recall lookups are not built yet (issue #7); set [recalls] enabled = false");
-    }
-    Ok(())
+    Ok(JobSpec::load(spec_path)?)
 }
 
 /// `vinetl worker`: until SIGTERM/SIGINT. apalis ends a worker on any
@@ -101,15 +84,25 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
     let submitted = planner::submit(&store, &state.schema, &spec).await?;
-    let job_id = submitted.job_id;
+    work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress).await
+}
+
+/// Works the job here until it ends, then returns its counts.
+async fn work_until_done(
+    store: &PgStore,
+    schema: &str,
+    job_id: i64,
+    concurrency: usize,
+    progress: bool,
+) -> anyhow::Result<JobCounts> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The worker and the watcher run side by side in this task; the watcher
     // stops the worker once the job has ended.
-    let worker = crate::worker::run(store.clone(), &state.schema, concurrency, async move {
+    let worker = crate::worker::run(store.clone(), schema, concurrency, async move {
         let _ = stop_rx.await;
     });
     let watcher = async {
-        let result = watch(&store, job_id, progress).await;
+        let result = watch(store, job_id, progress).await;
         let _ = stop_tx.send(());
         result
     };
@@ -158,6 +151,38 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// `vinetl reprocess JOB`: puts an ended job back to work (all of it or its
+/// failed rows) and, unless `detach`, works it to the end here.
+pub async fn reprocess(
+    state: &State,
+    job_id: i64,
+    failed_only: bool,
+    detach: bool,
+    concurrency: usize,
+    progress: bool,
+) -> anyhow::Result<JobCounts> {
+    let store = state.open(concurrency as u32 + 4).await?;
+    let spec = store
+        .job_spec(job_id)
+        .await
+        .map_err(|e| match e {
+            StoreError::Sql(sqlx::Error::RowNotFound) => anyhow::anyhow!("no job {job_id}"),
+            e => e.into(),
+        })?
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let batches = store
+        .reprocess(job_id, failed_only, spec.provider.batch_size as i32, spec.cache.ttl_hours)
+        .await?
+        .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))?;
+    tracing::info!(job = job_id, batches, "reprocessing");
+    planner::enqueue(&store, &state.schema, job_id).await?;
+    crate::finish::advance(&store, &state.schema, job_id, &spec).await?;
+    if detach {
+        return Ok(store.counts(job_id).await?.context("the job vanished")?);
+    }
+    work_until_done(&store, &state.schema, job_id, concurrency, progress).await
+}
+
 /// `vinetl cancel JOB`.
 pub async fn cancel(state: &State, job: i64) -> anyhow::Result<bool> {
     let store = state.open(2).await?;
@@ -202,5 +227,28 @@ pub fn describe(c: &JobCounts) -> String {
         "  calls made       {:>10}\n  calls retried    {:>10}\n  429s             {:>10}\n  dead-lettered    {:>10} VINs in {} batches\n",
         c.calls_made, c.calls_retried, c.rate_limited, c.dead_lettered_vins, c.dead_lettered_batches
     ));
+    // One call per 20 rows and no deduplication or cache: what a naive
+    // client would have paid for the decodes.
+    let naive = (c.rows - invalid + 19) / 20;
+    let decode_calls = c.calls_made - c.recalls.as_ref().map_or(0, |r| r.calls);
+    s.push_str(&format!(
+        "  calls saved      {:>10} (against one call per 20 valid rows)\n",
+        (naive - decode_calls).max(0)
+    ));
+    if let Some(r) = &c.recalls {
+        s.push_str(&format!(
+            "  recall lookups   {:>10} ({} cached, {} failed for good)\n  recall calls     {:>10} ({} saved against one per decoded row)\n",
+            r.lookups, r.cache_hits, r.failed, r.calls, r.calls_saved
+        ));
+        if let (Some(with), Some(unknown), Some(campaigns)) = (r.rows_with_recalls, r.rows_unknown, r.campaigns) {
+            s.push_str(&format!(
+                "  recalls found    {:>10} campaigns; {} rows with recalls, {} rows unknown\n",
+                campaigns, with, unknown
+            ));
+        }
+    }
+    for o in &c.outputs {
+        s.push_str(&format!("  output           {o}\n"));
+    }
     s
 }

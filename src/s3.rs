@@ -154,6 +154,156 @@ impl S3 {
     }
 }
 
+/// Parts of a multipart upload: S3's minimum is 5 MiB; 16 MiB keeps a
+/// 1 GB file to about 64 parts and memory to one part.
+const PART_SIZE: usize = 16 * 1024 * 1024;
+
+impl S3 {
+    fn call_err<E>(url: &S3Url) -> impl Fn(E) -> S3Error + '_
+    where
+        E: std::error::Error + 'static,
+    {
+        move |e| S3Error::Call { url: url.to_string(), message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string() }
+    }
+
+    /// Every key under a prefix, in key order (empty if none).
+    pub async fn keys_under(&self, prefix: &S3Url) -> Result<Vec<String>, S3Error> {
+        let mut keys = Vec::new();
+        let mut pages =
+            self.client.list_objects_v2().bucket(&prefix.bucket).prefix(&prefix.key).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(Self::call_err(prefix))?;
+            keys.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Uploads a small object in one PUT.
+    pub async fn put_bytes(&self, url: &S3Url, body: Vec<u8>) -> Result<(), S3Error> {
+        self.client
+            .put_object()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(Self::call_err(url))?;
+        Ok(())
+    }
+
+    /// Uploads a local file. Large files go up in parts, so the object
+    /// appears whole when the upload completes (or not at all: a failed
+    /// upload is aborted), with one part in memory at a time.
+    pub async fn upload_file(&self, from: &Path, url: &S3Url) -> Result<u64, S3Error> {
+        use tokio::io::AsyncReadExt;
+        let local = |source| S3Error::Local { url: url.to_string(), source };
+        let size = tokio::fs::metadata(from).await.map_err(local)?.len();
+        if size <= PART_SIZE as u64 {
+            self.put_bytes(url, tokio::fs::read(from).await.map_err(local)?).await?;
+            return Ok(size);
+        }
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&url.bucket)
+            .key(&url.key)
+            .send()
+            .await
+            .map_err(Self::call_err(url))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let parts = async {
+            let mut file = tokio::fs::File::open(from).await.map_err(local)?;
+            let mut parts = Vec::new();
+            for number in 1.. {
+                let mut buf = Vec::with_capacity(PART_SIZE);
+                (&mut file).take(PART_SIZE as u64).read_to_end(&mut buf).await.map_err(local)?;
+                if buf.is_empty() {
+                    break;
+                }
+                let part = self
+                    .client
+                    .upload_part()
+                    .bucket(&url.bucket)
+                    .key(&url.key)
+                    .upload_id(&upload_id)
+                    .part_number(number)
+                    .body(buf.into())
+                    .send()
+                    .await
+                    .map_err(Self::call_err(url))?;
+                parts.push(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(number)
+                        .set_e_tag(part.e_tag().map(str::to_string))
+                        .build(),
+                );
+            }
+            Ok::<_, S3Error>(parts)
+        }
+        .await;
+        let completed = match parts {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&url.bucket)
+                .key(&url.key)
+                .upload_id(&upload_id)
+                .multipart_upload(aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+                .map_err(Self::call_err(url)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = completed {
+            // Leave no invisible parts behind to be billed for.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&url.bucket)
+                .key(&url.key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            return Err(e);
+        }
+        Ok(size)
+    }
+
+    /// Server-side copy within a bucket (objects up to 5 GB).
+    pub async fn copy(&self, from: &S3Url, to: &S3Url) -> Result<(), S3Error> {
+        self.client
+            .copy_object()
+            .bucket(&to.bucket)
+            .key(&to.key)
+            .copy_source(copy_source(from))
+            .send()
+            .await
+            .map_err(Self::call_err(from))?;
+        Ok(())
+    }
+
+    /// Deletes objects; a key that is already gone is not an error.
+    pub async fn delete(&self, url: &S3Url) -> Result<(), S3Error> {
+        self.client.delete_object().bucket(&url.bucket).key(&url.key).send().await.map_err(Self::call_err(url))?;
+        Ok(())
+    }
+}
+
+/// `bucket/key` for CopyObject, percent-encoded as S3 requires (`dt=...`
+/// partitions hold `=`).
+fn copy_source(from: &S3Url) -> String {
+    let mut out = format!("{}/", from.bucket);
+    for b in from.key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

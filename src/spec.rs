@@ -174,23 +174,66 @@ impl Default for CacheSpec {
     }
 }
 
-/// Recall lookups (issue #7).
+/// Recall lookups: after decoding, one lookup per distinct make, model and
+/// model year (or per VIN with `per_vin`), skipped when cached within the TTL.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RecallSpec {
     #[serde(default)]
     pub enabled: bool,
+    /// How long a lookup is reused (default 24 h: recalls are published daily).
     pub ttl_hours: Option<f64>,
     #[serde(default)]
     pub per_vin: bool,
 }
 
-/// Where results go besides vinetl's own tables (issue #6).
+impl RecallSpec {
+    pub fn ttl_hours(&self) -> f64 {
+        self.ttl_hours.unwrap_or(24.0)
+    }
+}
+
+/// Lowercase letters, digits and `_`, starting with a letter or `_`.
+fn is_identifier(s: &str) -> bool {
+    crate::store::check_schema(s).is_ok()
+}
+
+/// Where results go besides vinetl's own tables. Every output holds one row
+/// per input row; writing a job again replaces its earlier output.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum OutputSpec {
-    Parquet { path: String, partition: Option<String> },
-    Postgres { table: String },
+    /// A Parquet dataset: a local directory or `s3://bucket/prefix/`.
+    Parquet {
+        path: String,
+        /// `dt` (default): one Hive partition per job date, `dt=YYYY-MM-DD/`;
+        /// another name uses that key instead of `dt`; `none`: no partition.
+        partition: Option<String>,
+        /// S3-compatible endpoint (path-style); `AWS_ENDPOINT_URL` works too.
+        endpoint: Option<String>,
+        region: Option<String>,
+        /// Rows per data file (default 2,000,000).
+        rows_per_file: Option<u64>,
+    },
+    /// Postgres tables: one row per input row of every job (`results_table`),
+    /// and the latest decode per VIN (`vehicles_table`).
+    Postgres {
+        /// The variable holding the database URL (default: `DATABASE_URL`,
+        /// the state database).
+        url_env: Option<String>,
+        #[serde(default = "default_output_schema")]
+        schema: String,
+        results_table: String,
+        #[serde(default = "default_vehicles_table")]
+        vehicles_table: String,
+    },
+}
+
+fn default_output_schema() -> String {
+    "public".to_string()
+}
+fn default_vehicles_table() -> String {
+    "vehicles".to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +257,17 @@ impl JobSpec {
             let dir = path.parent().unwrap_or(Path::new("."));
             if Path::new(p.as_str()).is_relative() {
                 *p = dir.join(&*p).display().to_string();
+            }
+        }
+        // Output directories are relative to where the command runs
+        // (`vinetl run jobs/demo.toml` writes `./out/...`), fixed at submit.
+        for output in &mut spec.outputs {
+            if let OutputSpec::Parquet { path: p, .. } = output
+                && !p.starts_with("s3://")
+                && Path::new(p.as_str()).is_relative()
+                && let Ok(cwd) = std::env::current_dir()
+            {
+                *p = cwd.join(&*p).display().to_string();
             }
         }
         Ok(spec)
@@ -266,6 +320,43 @@ impl JobSpec {
                 (Some(_), None) | (None, Some(_)) => {}
                 _ => return invalid("source", "a postgres source needs exactly one of `table` or `query`"),
             }
+        }
+        if let Some(taken) = self.carry().iter().find(|c| crate::output::reserved_names().any(|r| r == c.as_str())) {
+            return invalid(
+                "source.carry",
+                &format!(
+                    "{taken:?} is an output column of vinetl's own; rename it in the source (a query can alias it)"
+                ),
+            );
+        }
+        for output in &self.outputs {
+            match output {
+                OutputSpec::Parquet { path, partition, rows_per_file, .. } => {
+                    if path.trim().is_empty() {
+                        return invalid("outputs.path", "must not be empty");
+                    }
+                    if partition.as_deref().is_some_and(|p| !is_identifier(p)) {
+                        return invalid("outputs.partition", "must be `dt`, another column-like name, or `none`");
+                    }
+                    if *rows_per_file == Some(0) {
+                        return invalid("outputs.rows_per_file", "must be at least 1");
+                    }
+                }
+                OutputSpec::Postgres { schema, results_table, vehicles_table, .. } => {
+                    if ![schema, results_table, vehicles_table].iter().all(|n| is_identifier(n)) {
+                        return invalid(
+                            "outputs",
+                            "postgres schema and table names must be lowercase letters, digits and _",
+                        );
+                    }
+                    if results_table == vehicles_table {
+                        return invalid("outputs.vehicles_table", "must differ from results_table");
+                    }
+                }
+            }
+        }
+        if self.recalls.ttl_hours.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            return invalid("recalls.ttl_hours", "must be zero or more");
         }
         if let SourceSpec::S3 { url, .. } = &self.source
             && !url.starts_with("s3://")

@@ -46,13 +46,9 @@ impl WorkerState {
         if let Some(rt) = self.jobs.lock().await.get(&job_id) {
             return Ok(Ok(Arc::clone(rt)));
         }
-        let spec_json: serde_json::Value = sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_one(&self.store.pool)
-            .await?;
-        let spec: JobSpec = match serde_json::from_value(spec_json) {
+        let spec = match self.store.job_spec(job_id).await? {
             Ok(s) => s,
-            Err(e) => return Ok(Err(format!("stored spec of job {job_id} is unreadable: {e}"))),
+            Err(e) => return Ok(Err(e)),
         };
         let client = match ApiClient::from_spec(&spec.provider) {
             Ok(c) => c,
@@ -97,7 +93,13 @@ pub async fn handle(task: BatchTask, state: Data<Arc<WorkerState>>) -> Result<()
     }
 }
 
-/// One batch, one call.
+/// A 200 answer of either kind of call.
+enum Answer {
+    Decoded(Vec<BatchEntry>),
+    Recalls(Vec<crate::api::Recall>),
+}
+
+/// One batch, one call: a batch decode, or a recall lookup.
 async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynError> {
     let rt = match state.runtime(task.job_id).await? {
         Ok(rt) => rt,
@@ -128,12 +130,23 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             return Ok(());
         }
     };
-    let outcome = rt.client.batch_decode(&vins).await;
+    let outcome = match &batch.lookup_key {
+        None => rt.client.batch_decode(&vins).await.map_done(Answer::Decoded),
+        Some(key) => match store.lookup(key).await? {
+            Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls)),
+            None => Outcome::GiveUp(format!("recall lookup {key} is not registered")),
+        },
+    };
     limiter.release(slot).await?;
     match outcome {
-        Outcome::Done(entries) => {
+        Outcome::Done(Answer::Decoded(entries)) => {
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
             store.complete(task.job_id, task.batch_no, &decoded).await?;
+            limiter.succeeded().await?;
+        }
+        Outcome::Done(Answer::Recalls(recalls)) => {
+            let key = batch.lookup_key.as_deref().unwrap_or_default();
+            store.complete_recall(task.job_id, task.batch_no, key, &recalls).await?;
             limiter.succeeded().await?;
         }
         Outcome::StopJob(reason) => {
@@ -159,8 +172,21 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             store.dead_letter(task.job_id, task.batch_no, &reason, true).await?;
         }
     }
-    store.finish_if_complete(task.job_id).await?;
+    crate::finish::advance(store, &state.schema, task.job_id, &rt.spec).await?;
     Ok(())
+}
+
+/// The guide's request: by make, model and year, or by VIN.
+fn recall_request(lookup: &crate::store::postgres::Lookup) -> crate::api::RecallsRequest {
+    match &lookup.vin {
+        Some(vin) => crate::api::RecallsRequest { vin: Some(vin.clone()), ..Default::default() },
+        None => crate::api::RecallsRequest {
+            vin: None,
+            make: lookup.make.clone(),
+            model: lookup.model.clone(),
+            year: lookup.model_year.map(|y| crate::api::YearValue::Text(y.to_string())),
+        },
+    }
 }
 
 async fn reschedule(
@@ -224,6 +250,7 @@ pub async fn sweep(store: &PgStore, schema: &str) -> Result<usize, StoreError> {
     .fetch_all(&store.pool)
     .await?;
     let all: Vec<_> = lost.into_iter().chain(unpushed).collect();
+    crate::finish::resume_orphaned_writes(store).await?;
     let mut storage = queue::storage(&store.pool, schema);
     for &(job_id, batch_no, generation) in &all {
         queue::push(&mut storage, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;

@@ -79,13 +79,6 @@ fn every_subcommand_has_help() {
 }
 
 #[test]
-fn unbuilt_subcommands_say_so_and_fail() {
-    let out = vinetl().args(["reprocess", "1"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(i32::from(vinetl::cli::NOT_BUILT_EXIT)));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
-}
-
-#[test]
 fn a_reader_that_stops_early_does_not_make_vinetl_panic() {
     // `vinetl ... | head -1`: the pipe closes while vinetl is still writing.
     let mut child = vinetl()

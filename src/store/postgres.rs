@@ -95,6 +95,8 @@ pub struct PlannedRow {
 pub struct ClaimedBatch {
     pub vins: Vec<String>,
     pub attempts: i32,
+    /// Set for a recall lookup; `None` for a batch decode.
+    pub lookup_key: Option<String>,
 }
 
 /// Why a batch goes back on the queue.
@@ -142,6 +144,30 @@ pub struct JobCounts {
     pub calls_made: i64,
     pub calls_retried: i64,
     pub rate_limited: i64,
+    /// Recall lookups on (`None`) or off.
+    pub recalls: Option<RecallCounts>,
+    /// Where the outputs went, once written.
+    pub outputs: Vec<String>,
+}
+
+/// A job's recall accounting.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct RecallCounts {
+    /// Distinct lookups the job needed (make/model/year, or VINs).
+    pub lookups: i64,
+    /// Of those, answered by the cache.
+    pub cache_hits: i64,
+    /// Recall calls made (retries included).
+    pub calls: i64,
+    /// Lookups that failed for good: their rows' recalls are unknown.
+    pub failed: i64,
+    /// Once the job's calls are done: rows with at least one recall, rows
+    /// whose recalls are unknown, distinct campaigns.
+    pub rows_with_recalls: Option<i64>,
+    pub rows_unknown: Option<i64>,
+    pub campaigns: Option<i64>,
+    /// Calls a one-lookup-per-row client would make, less the calls made.
+    pub calls_saved: i64,
 }
 
 impl PgStore {
@@ -342,13 +368,13 @@ impl PgStore {
         generation: i32,
         lease_secs: f64,
     ) -> Result<Option<ClaimedBatch>, StoreError> {
-        let row: Option<(Vec<String>, i32)> = sqlx::query_as(
+        let row: Option<(Vec<String>, i32, Option<String>)> = sqlx::query_as(
             "UPDATE batches b SET state = 'running', updated_at = now()
              FROM jobs j
              WHERE b.job_id = $1 AND b.batch_no = $2 AND b.generation = $3 AND j.job_id = b.job_id
                AND j.state IN ('planning', 'running', 'waiting') AND j.batches_planned
                AND (b.state = 'queued' OR (b.state = 'running' AND b.updated_at < now() - make_interval(secs => $4)))
-             RETURNING b.vins, b.attempts",
+             RETURNING b.vins, b.attempts, b.lookup_key",
         )
         .bind(job_id)
         .bind(batch_no)
@@ -356,7 +382,7 @@ impl PgStore {
         .bind(lease_secs)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(vins, attempts)| ClaimedBatch { vins, attempts }))
+        Ok(row.map(|(vins, attempts, lookup_key)| ClaimedBatch { vins, attempts, lookup_key }))
     }
 
     /// Stores a 200 answer: the cache (latest decode per VIN), every input row
@@ -458,12 +484,15 @@ impl PgStore {
         if called {
             sqlx::query(
                 "UPDATE jobs SET calls_made = calls_made + 1,
+                     recall_calls = recall_calls + (SELECT CASE WHEN kind = 'recall' THEN 1 ELSE 0 END
+                                                    FROM batches WHERE job_id = $1 AND batch_no = $3),
                      calls_retried = calls_retried + CASE WHEN $2 THEN 1 ELSE 0 END,
                      rate_limited = rate_limited + CASE WHEN $2 THEN 0 ELSE 1 END, updated_at = now()
                  WHERE job_id = $1",
             )
             .bind(job_id)
             .bind(count_attempt)
+            .bind(batch_no)
             .execute(&mut *tx)
             .await?;
         }
@@ -482,28 +511,37 @@ impl PgStore {
         .await?)
     }
 
-    /// Gives up on a batch: its rows end `failed` with the last error, and the
-    /// error is kept in `errors`.
+    /// Gives up on a batch: a decode's rows end `failed` with the last error;
+    /// a recall lookup is marked failed, so its rows show recalls as unknown.
+    /// The error is kept in `errors`.
     pub async fn dead_letter(&self, job_id: i64, batch_no: i32, error: &str, called: bool) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let vins: Vec<String> = sqlx::query_scalar(
+        let (vins, lookup_key): (Vec<String>, Option<String>) = sqlx::query_as(
             "UPDATE batches SET state = 'dead', last_error = $3, updated_at = now()
-             WHERE job_id = $1 AND batch_no = $2 RETURNING unnest(vins)",
+             WHERE job_id = $1 AND batch_no = $2 RETURNING vins, lookup_key",
         )
         .bind(job_id)
         .bind(batch_no)
         .bind(error)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE job_inputs SET status = 'failed', error_code = 'dead_letter', error_text = $3
-             WHERE job_id = $1 AND vin = ANY($2) AND status = 'pending'",
-        )
-        .bind(job_id)
-        .bind(&vins)
-        .bind(error)
-        .execute(&mut *tx)
-        .await?;
+        if let Some(key) = &lookup_key {
+            sqlx::query("UPDATE recall_lookups SET error_text = $2, failed_at = now() WHERE lookup_key = $1")
+                .bind(key)
+                .bind(error)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE job_inputs SET status = 'failed', error_code = 'dead_letter', error_text = $3
+                 WHERE job_id = $1 AND vin = ANY($2) AND status = 'pending'",
+            )
+            .bind(job_id)
+            .bind(&vins)
+            .bind(error)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("INSERT INTO errors (job_id, batch_no, error_code, error_text) VALUES ($1, $2, 'dead_letter', $3)")
             .bind(job_id)
             .bind(batch_no)
@@ -511,10 +549,14 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         if called {
-            sqlx::query("UPDATE jobs SET calls_made = calls_made + 1 WHERE job_id = $1")
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE jobs SET calls_made = calls_made + 1,
+                     recall_calls = recall_calls + CASE WHEN $2 THEN 1 ELSE 0 END WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .bind(lookup_key.is_some())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -598,20 +640,6 @@ impl PgStore {
         Ok(true)
     }
 
-    /// Marks the job done once no batch is left to run.
-    pub async fn finish_if_complete(&self, job_id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET state = 'done', finished_at = now(), updated_at = now(), state_reason = NULL
-             WHERE job_id = $1 AND state IN ('running', 'waiting') AND batches_planned
-               AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
-        )
-        .bind(job_id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(done > 0)
-    }
-
     pub async fn job_state(&self, job_id: i64) -> Result<Option<(String, Option<String>)>, StoreError> {
         Ok(sqlx::query_as("SELECT state, state_reason FROM jobs WHERE job_id = $1")
             .bind(job_id)
@@ -630,9 +658,11 @@ impl PgStore {
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        let Some((name, state, state_reason, calls_made, calls_retried, rate_limited)) =
-            sqlx::query_as::<_, (String, String, Option<String>, i64, i64, i64)>(
-                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited FROM jobs WHERE job_id = $1",
+        type JobRow = (String, String, Option<String>, i64, i64, i64, serde_json::Value, Option<Vec<String>>);
+        let Some((name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs)) =
+            sqlx::query_as::<_, JobRow>(
+                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs_written
+                 FROM jobs WHERE job_id = $1",
             )
             .bind(job_id)
             .fetch_optional(&mut *tx)
@@ -640,6 +670,17 @@ impl PgStore {
         else {
             return Ok(None);
         };
+        let recalls_on = spec.pointer("/recalls/enabled").and_then(|v| v.as_bool()).unwrap_or(false);
+        type RecallRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
+        let recall_row: RecallRow = sqlx::query_as(
+            "SELECT recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
+                    campaigns_found,
+                    (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead')
+             FROM jobs WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
         let (rows, valid, duplicates, cache_hits, decoded, failed, pending): (i64, i64, i64, i64, i64, i64, i64) =
             sqlx::query_as(
                 "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
@@ -659,7 +700,7 @@ impl PgStore {
         let (batches, batches_done, dead, dead_vins): (i64, i64, i64, i64) = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead'),
                     coalesce(sum(cardinality(vins)) FILTER (WHERE state = 'dead'), 0)::bigint
-             FROM batches WHERE job_id = $1",
+             FROM batches WHERE job_id = $1 AND kind = 'decode'",
         )
         .bind(job_id)
         .fetch_one(&mut *tx)
@@ -685,6 +726,508 @@ impl PgStore {
             calls_made,
             calls_retried,
             rate_limited,
+            recalls: recalls_on.then(|| {
+                let (lookups, cache_hits, calls, with, unknown, campaigns, failed) = recall_row;
+                RecallCounts {
+                    lookups,
+                    cache_hits,
+                    calls,
+                    failed,
+                    rows_with_recalls: with,
+                    rows_unknown: unknown,
+                    campaigns,
+                    calls_saved: (decoded - calls).max(0),
+                }
+            }),
+            outputs: outputs.unwrap_or_default(),
         }))
+    }
+}
+
+/// The query every output reads: one row per input row, in source order,
+/// with the cached decode (for decoded rows) and the row's recalls.
+static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let vehicle: Vec<String> =
+        crate::output::VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("c.raw->>'{field}'")).collect();
+    format!(
+        "WITH camps AS (
+             SELECT lookup_key, array_agg(campaign_number ORDER BY campaign_number) AS campaigns
+             FROM recall_lookup_campaigns GROUP BY lookup_key)
+         SELECT ji.source, ji.row_number, ji.raw_vin, ji.vin, ji.status, ji.error_code, ji.error_text,
+                ji.decoded_at, ji.check_digit_valid, ji.carried,
+                CASE WHEN rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at)
+                     THEN coalesce(camps.campaigns, '{{}}') END AS campaigns,
+                CASE WHEN $2 = 'off' OR ji.status <> 'decoded' THEN NULL
+                     WHEN rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at) THEN NULL
+                     WHEN rl.error_text IS NOT NULL THEN 'recall lookup failed: ' || rl.error_text
+                     WHEN k.key IS NULL THEN 'no make, model and model year to look recalls up by'
+                     ELSE 'recalls were not looked up' END AS recall_error,
+                {}
+         FROM job_inputs ji
+         LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
+         LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
+                                        WHEN $2 = 'model' THEN recall_key(c.make, c.model, c.model_year) END AS key) k
+                ON ji.status = 'decoded'
+         LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key
+         LEFT JOIN camps ON camps.lookup_key = rl.lookup_key
+         WHERE ji.job_id = $1
+         ORDER BY ji.source, ji.row_number",
+        vehicle.join(", ")
+    )
+});
+
+impl PgStore {
+    /// Streams the job's output rows in source order; memory stays flat
+    /// whatever the job's size.
+    pub fn output_rows(
+        &self,
+        job_id: i64,
+        mode: crate::output::RecallMode,
+    ) -> impl futures_util::Stream<Item = Result<crate::output::OutputRow, StoreError>> + Send + '_ {
+        use futures_util::StreamExt;
+        use sqlx::Row;
+        sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())).bind(job_id).bind(mode.as_str()).fetch(&self.pool).map(
+            |row| {
+                let row = row?;
+                let carried = match row.try_get::<serde_json::Value, _>(9)? {
+                    serde_json::Value::Object(m) => m,
+                    _ => Default::default(),
+                };
+                let vehicle = (0..crate::output::VEHICLE_COLUMNS.len())
+                    .map(|i| row.try_get::<Option<String>, _>(12 + i))
+                    .collect::<Result<_, _>>()?;
+                Ok(crate::output::OutputRow {
+                    source: row.try_get(0)?,
+                    source_row: row.try_get(1)?,
+                    raw_vin: row.try_get(2)?,
+                    vin: row.try_get(3)?,
+                    status: row.try_get(4)?,
+                    error_code: row.try_get(5)?,
+                    error_text: row.try_get(6)?,
+                    decoded_at: row.try_get(7)?,
+                    check_digit_valid: row.try_get(8)?,
+                    recall_campaigns: row.try_get(10)?,
+                    recall_error: row.try_get(11)?,
+                    vehicle,
+                    carried,
+                })
+            },
+        )
+    }
+
+    /// The Parquet type of each carried column, from the values the job holds.
+    pub async fn carried_types(
+        &self,
+        job_id: i64,
+        carry: &[String],
+    ) -> Result<Vec<(String, crate::output::CarriedType)>, StoreError> {
+        let seen: Vec<(String, Vec<String>, bool)> = sqlx::query_as(
+            "SELECT e.key, array_agg(DISTINCT jsonb_typeof(e.value)),
+                    bool_and(jsonb_typeof(e.value) <> 'number' OR e.value::text ~ '^-?[0-9]{1,18}$')
+             FROM job_inputs ji, jsonb_each(ji.carried) e
+             WHERE ji.job_id = $1 GROUP BY e.key",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(carry
+            .iter()
+            .map(|name| {
+                let t = seen
+                    .iter()
+                    .find(|(k, _, _)| k == name)
+                    .map(|(_, types, ints)| crate::output::CarriedType::infer(types, *ints))
+                    .unwrap_or(crate::output::CarriedType::Text);
+                (name.clone(), t)
+            })
+            .collect())
+    }
+
+    /// The job's creation date (UTC): the `dt` partition of its output.
+    pub async fn job_date(&self, job_id: i64) -> Result<sqlx::types::chrono::NaiveDate, StoreError> {
+        Ok(sqlx::query_scalar("SELECT (created_at AT TIME ZONE 'UTC')::date FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The output writer is alive: keeps another worker from taking over.
+    pub async fn heartbeat(&self, job_id: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET updated_at = now() WHERE job_id = $1 AND state = 'writing'")
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// What a job needs next, once a batch ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Batches are still queued or running (or the job has ended).
+    Nothing,
+    /// Recall lookups were planned: enqueue them.
+    Enqueue,
+    /// Every call is done and the job has outputs: write them (this caller
+    /// holds the job in `writing`).
+    Write,
+    /// The job is done.
+    Done,
+}
+
+/// A recall lookup to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub key: String,
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub model_year: Option<i32>,
+    pub vin: Option<String>,
+}
+
+impl PgStore {
+    /// Moves a job on when its last batch has ended: plans its recall
+    /// lookups (once), then hands it to an output writer or marks it done.
+    /// The job's row lock makes exactly one caller see each step.
+    pub async fn advance(&self, job_id: i64, spec: &crate::spec::JobSpec) -> Result<Next, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, bool, bool)> =
+            sqlx::query_as("SELECT state, batches_planned, recalls_planned FROM jobs WHERE job_id = $1 FOR UPDATE")
+                .bind(job_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state, batches_planned, recalls_planned)) = row else { return Ok(Next::Nothing) };
+        if !matches!(state.as_str(), "running" | "waiting") || !batches_planned {
+            return Ok(Next::Nothing);
+        }
+        let busy: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
+        )
+        .bind(job_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if busy {
+            return Ok(Next::Nothing);
+        }
+        let mode = crate::output::RecallMode::of(&spec.recalls);
+        if mode != crate::output::RecallMode::Off && !recalls_planned {
+            let planned = plan_recalls(&mut tx, job_id, mode, spec.recalls.ttl_hours()).await?;
+            if planned > 0 {
+                tx.commit().await?;
+                return Ok(Next::Enqueue);
+            }
+        }
+        summarise_recalls(&mut tx, job_id, mode).await?;
+        let next = if spec.outputs.is_empty() {
+            sqlx::query(
+                "UPDATE jobs SET state = 'done', finished_at = now(), updated_at = now(), state_reason = NULL,
+                     resume_at = NULL WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            Next::Done
+        } else {
+            sqlx::query(
+                "UPDATE jobs SET state = 'writing', updated_at = now(), state_reason = NULL, resume_at = NULL
+                 WHERE job_id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+            Next::Write
+        };
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    /// The spec a job was submitted with, or why it cannot be read.
+    pub async fn job_spec(&self, job_id: i64) -> Result<Result<crate::spec::JobSpec, String>, StoreError> {
+        let json: serde_json::Value =
+            sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1").bind(job_id).fetch_one(&self.pool).await?;
+        Ok(serde_json::from_value(json).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
+    }
+
+    /// Takes over a job left in `writing` by a writer that stopped beating.
+    pub async fn orphaned_writes(&self, lease_secs: f64) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE jobs SET updated_at = now()
+             WHERE state = 'writing' AND updated_at < now() - make_interval(secs => $1) RETURNING job_id",
+        )
+        .bind(lease_secs)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The outputs are written: the job is done.
+    pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),
+                 state_reason = NULL
+             WHERE job_id = $1 AND state = 'writing'",
+        )
+        .bind(job_id)
+        .bind(outputs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Writing failed: the job fails with the reason; every call's result
+    /// is kept, so `vinetl reprocess` writes again without calling.
+    pub async fn fail_writing(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
+             WHERE job_id = $1 AND state = 'writing'",
+        )
+        .bind(job_id)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query("INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'output_failed', $2)")
+            .bind(job_id)
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// What a recall lookup asks for.
+    pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>, StoreError> {
+        type LookupRow = (Option<String>, Option<String>, Option<i32>, Option<String>);
+        let row: Option<LookupRow> =
+            sqlx::query_as("SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(make, model, model_year, vin)| Lookup { key: key.to_string(), make, model, model_year, vin }))
+    }
+
+    /// Stores a recall answer: the campaigns (upserted), the lookup's links
+    /// (replaced), the lookup, the batch and the call counts, in one transaction.
+    pub async fn complete_recall(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        key: &str,
+        recalls: &[crate::api::Recall],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut seen = std::collections::BTreeMap::new();
+        for r in recalls.iter().filter(|r| !r.campaign_number.trim().is_empty()) {
+            seen.entry(r.campaign_number.trim().to_string()).or_insert(r);
+        }
+        let s = |f: &dyn Fn(&crate::api::Recall) -> String| seen.values().map(|r| f(r)).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO recalls (campaign_number, manufacturer, component, summary, consequence, remedy, notes,
+                                  report_received_date, park_it, park_outside, over_the_air_update, updated_at)
+             SELECT n, m, c, s, q, r, nullif(o, ''),
+                    CASE WHEN d ~ '^\\d{2}/\\d{2}/\\d{4}$' THEN to_date(d, 'DD/MM/YYYY') END, p, po, ota, now()
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[], $9::bool[], $10::bool[], $11::bool[]) AS x(n, m, c, s, q, r, o, d, p, po, ota)
+             ON CONFLICT (campaign_number) DO UPDATE SET manufacturer = EXCLUDED.manufacturer,
+                 component = EXCLUDED.component, summary = EXCLUDED.summary, consequence = EXCLUDED.consequence,
+                 remedy = EXCLUDED.remedy, notes = EXCLUDED.notes, report_received_date = EXCLUDED.report_received_date,
+                 park_it = EXCLUDED.park_it, park_outside = EXCLUDED.park_outside,
+                 over_the_air_update = EXCLUDED.over_the_air_update, updated_at = now()",
+        )
+        .bind(seen.keys().cloned().collect::<Vec<_>>())
+        .bind(s(&|r| r.manufacturer.clone()))
+        .bind(s(&|r| r.component.clone()))
+        .bind(s(&|r| r.summary.clone()))
+        .bind(s(&|r| r.consequence.clone()))
+        .bind(s(&|r| r.remedy.clone()))
+        .bind(s(&|r| r.notes.clone().unwrap_or_default()))
+        .bind(s(&|r| r.report_received_date.clone()))
+        .bind(seen.values().map(|r| r.park_it).collect::<Vec<_>>())
+        .bind(seen.values().map(|r| r.park_outside).collect::<Vec<_>>())
+        .bind(seen.values().map(|r| r.over_the_air_update).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM recall_lookup_campaigns WHERE lookup_key = $1").bind(key).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO recall_lookup_campaigns (lookup_key, campaign_number) SELECT $1, unnest($2::text[])")
+            .bind(key)
+            .bind(seen.keys().cloned().collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE recall_lookups SET looked_up_at = now(), campaigns = $2, error_text = NULL, failed_at = NULL
+             WHERE lookup_key = $1",
+        )
+        .bind(key)
+        .bind(seen.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2")
+            .bind(job_id)
+            .bind(batch_no)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + 1, updated_at = now(),
+                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
+                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
+                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
+             WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Creates one recall batch per lookup key the job needs and the cache
+/// cannot answer. Returns how many were created.
+async fn plan_recalls(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: i64,
+    mode: crate::output::RecallMode,
+    ttl_hours: f64,
+) -> Result<i64, StoreError> {
+    // Every distinct key among the job's decoded rows; each lookup is
+    // registered so the worker knows what to ask.
+    let (keys, fresh): (i64, i64) = sqlx::query_as(
+        "WITH keys AS (
+             SELECT k.key, min(c.make) AS make, min(c.model) AS model, min(c.model_year) AS year, min(ji.vin) AS vin
+             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin
+             CROSS JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
+                                             ELSE recall_key(c.make, c.model, c.model_year) END AS key) k
+             WHERE ji.job_id = $1 AND ji.status = 'decoded' AND k.key IS NOT NULL
+             GROUP BY k.key),
+         registered AS (
+             INSERT INTO recall_lookups (lookup_key, make, model, model_year, vin)
+             SELECT key, make, model, year, CASE WHEN $2 = 'vin' THEN vin END FROM keys
+             ON CONFLICT (lookup_key) DO NOTHING),
+         stale AS (
+             SELECT keys.key, keys.vin FROM keys LEFT JOIN recall_lookups l ON l.lookup_key = keys.key
+             WHERE l.looked_up_at IS NULL OR l.looked_up_at <= now() - make_interval(secs => $3 * 3600)
+                OR (l.failed_at IS NOT NULL AND l.failed_at > l.looked_up_at)),
+         base AS (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1),
+         made AS (
+             INSERT INTO batches (job_id, batch_no, kind, vins, lookup_key)
+             SELECT $1, base.b + (row_number() OVER (ORDER BY stale.key))::int - 1, 'recall', ARRAY[stale.vin], stale.key
+             FROM stale, base
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM keys), (SELECT count(*) FROM keys) - (SELECT count(*) FROM made)",
+    )
+    .bind(job_id)
+    .bind(mode.as_str())
+    .bind(ttl_hours)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE jobs SET recalls_planned = true, recall_lookups = $2, recall_cache_hits = $3, updated_at = now()
+         WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .bind(keys)
+    .bind(fresh)
+    .execute(&mut **tx)
+    .await?;
+    Ok(keys - fresh)
+}
+
+/// Stores the job's recall figures: rows with recalls, rows whose recalls
+/// are unknown, distinct campaigns found.
+async fn summarise_recalls(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: i64,
+    mode: crate::output::RecallMode,
+) -> Result<(), StoreError> {
+    if mode == crate::output::RecallMode::Off {
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH r AS (
+             SELECT rl.lookup_key,
+                    rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at) AS known
+             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin
+             CROSS JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
+                                             ELSE recall_key(c.make, c.model, c.model_year) END AS key) k
+             LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key
+             WHERE ji.job_id = $1 AND ji.status = 'decoded'),
+         per AS (SELECT lookup_key, count(*) AS n FROM recall_lookup_campaigns GROUP BY lookup_key)
+         UPDATE jobs SET
+             rows_with_recalls = (SELECT count(*) FROM r JOIN per USING (lookup_key) WHERE r.known),
+             rows_recalls_unknown = (SELECT count(*) FROM r WHERE NOT coalesce(r.known, false)),
+             campaigns_found = (SELECT count(DISTINCT lc.campaign_number) FROM recall_lookup_campaigns lc
+                                WHERE lc.lookup_key IN (SELECT lookup_key FROM r WHERE r.known))
+         WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .bind(mode.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl PgStore {
+    /// Puts an ended job back to work: its failed rows (`failed_only`) or
+    /// every valid row go back to pending; rows whose VIN has a fresh,
+    /// successful decode in the cache take it at no cost; the rest get new
+    /// batches. Recall lookups are planned again (the cache answers fresh
+    /// ones) and the outputs are rewritten. Returns the new batch count, or
+    /// `None` if the job is still running (or does not exist).
+    pub async fn reprocess(
+        &self,
+        job_id: i64,
+        failed_only: bool,
+        batch_size: i32,
+        cache_ttl_hours: f64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended: Option<bool> = sqlx::query_scalar(
+            "SELECT state IN ('done', 'failed', 'cancelled') FROM jobs WHERE job_id = $1 FOR UPDATE",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if ended != Some(true) {
+            return Ok(None);
+        }
+        sqlx::query(
+            "UPDATE job_inputs SET status = 'pending', error_code = NULL, error_text = NULL, decoded_at = NULL
+             WHERE job_id = $1 AND status <> 'invalid' AND (NOT $2 OR status = 'failed')",
+        )
+        .bind(job_id)
+        .bind(failed_only)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE job_inputs ji SET status = 'decoded', decoded_at = c.decoded_at
+             FROM vin_cache c
+             WHERE ji.job_id = $1 AND ji.status = 'pending' AND c.vin = ji.vin AND c.error_code IS NULL
+               AND c.decoded_at > now() - make_interval(secs => $2 * 3600)",
+        )
+        .bind(job_id)
+        .bind(cache_ttl_hours)
+        .execute(&mut *tx)
+        .await?;
+        let batches = sqlx::query(
+            "INSERT INTO batches (job_id, batch_no, vins)
+             SELECT $1, base.b + ((v.n - 1) / $2)::int, array_agg(v.vin ORDER BY v.vin)
+             FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
+                   FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') d) v,
+                  (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1) base
+             GROUP BY base.b, (v.n - 1) / $2",
+        )
+        .bind(job_id)
+        .bind(batch_size)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
+                 recalls_planned = false, outputs_written = NULL, rows_with_recalls = NULL,
+                 rows_recalls_unknown = NULL, campaigns_found = NULL, updated_at = now()
+             WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(batches as i64))
     }
 }

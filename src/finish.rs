@@ -1,0 +1,57 @@
+//! What happens when a job's last batch ends: its recall lookups are planned
+//! and enqueued (once), then its outputs are written and it is done. Called
+//! by whoever ended a batch (a worker) or planned the job (every row cached);
+//! the job's row lock makes exactly one caller take each step.
+
+use crate::output::{self, OutputError};
+use crate::planner;
+use crate::spec::JobSpec;
+use crate::store::StoreError;
+use crate::store::postgres::{Next, PgStore};
+
+/// A writer that has not beaten for this long is presumed dead and replaced.
+pub const WRITE_LEASE_SECS: f64 = 120.0;
+
+/// Moves the job on if its calls are all done.
+pub async fn advance(store: &PgStore, schema: &str, job_id: i64, spec: &JobSpec) -> Result<Next, StoreError> {
+    let next = store.advance(job_id, spec).await?;
+    match next {
+        Next::Enqueue => {
+            planner::enqueue(store, schema, job_id).await?;
+        }
+        Next::Write => write(store, job_id, spec).await?,
+        Next::Done | Next::Nothing => {}
+    }
+    Ok(next)
+}
+
+/// Writes the outputs of a job held in `writing`. A failure of an output
+/// (a full disk, a refused bucket) fails the job with the reason; every
+/// result is kept, so `vinetl reprocess` writes again without calling the API.
+/// A failure of the state store leaves the job in `writing` for another
+/// worker to take over when the lease runs out.
+pub async fn write(store: &PgStore, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
+    match output::write_all(store, job_id, spec).await {
+        Ok(written) => store.finish_writing(job_id, &written.outputs).await,
+        Err(OutputError::Store(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(job = job_id, error = %e, "writing outputs failed");
+            let reason = format!(
+                "writing outputs failed: {e}; fix the cause and run `vinetl reprocess {job_id}` (no API call is repeated)"
+            );
+            store.fail_writing(job_id, &reason).await
+        }
+    }
+}
+
+/// Takes over jobs whose writer died, and writes them.
+pub async fn resume_orphaned_writes(store: &PgStore) -> Result<usize, StoreError> {
+    let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
+    for &job_id in &jobs {
+        match store.job_spec(job_id).await? {
+            Ok(spec) => write(store, job_id, &spec).await?,
+            Err(reason) => store.fail_writing(job_id, &reason).await?,
+        }
+    }
+    Ok(jobs.len())
+}

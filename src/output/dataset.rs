@@ -1,0 +1,562 @@
+//! The Parquet dataset: a local directory or an S3 prefix, Hive-partitioned
+//! (`dt=YYYY-MM-DD/`, the job's date, by default), zstd-compressed, with row
+//! groups of tens of MB.
+//!
+//! Commit protocol, the same for both destinations:
+//! 1. remove leftovers of this job's earlier attempts (`_temporary/job-N-*`);
+//! 2. write the data files under `_temporary/job-N-ATTEMPT/` (readers skip
+//!    `_`-prefixed paths); the partition's current output stays readable
+//!    and marked complete meanwhile;
+//! 3. remove the partition's `_SUCCESS`, then its old data files and manifest;
+//! 4. move the new files into the partition (a rename, or an S3 copy), write
+//!    `_manifest.json` listing them, then `_SUCCESS`;
+//! 5. remove the staging directory.
+//!
+//! A crash before 3 leaves the previous output whole and marked; a crash in
+//! 3 or 4 leaves no `_SUCCESS`, so readers can tell; the next attempt cleans
+//! up either way. A partition belongs to one job at a time: writing replaces
+//! whatever the partition held, so a reprocess never duplicates rows.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use futures_util::StreamExt;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde::{Deserialize, Serialize};
+
+use super::{CarriedType, Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
+use crate::s3::{S3, S3Url};
+use crate::spec::{JobSpec, OutputSpec};
+use crate::store::postgres::PgStore;
+
+/// Rows per Arrow batch handed to the Parquet encoder.
+const CHUNK_ROWS: usize = 8192;
+/// Row groups close at this estimated size (or at [`ROW_GROUP_ROWS`]).
+const ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
+const ROW_GROUP_ROWS: usize = 1_000_000;
+/// Files close at this many rows unless the spec says otherwise.
+pub const DEFAULT_ROWS_PER_FILE: u64 = 2_000_000;
+
+pub const SUCCESS: &str = "_SUCCESS";
+pub const MANIFEST: &str = "_manifest.json";
+const STAGING: &str = "_temporary";
+
+/// `_manifest.json`: what the committed output holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub job_id: i64,
+    pub job_name: String,
+    /// The partition directory, relative to the dataset root (`dt=...` or empty).
+    pub partition: String,
+    pub rows: u64,
+    pub files: Vec<ManifestFile>,
+    pub columns: Vec<ManifestColumn>,
+    pub written_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestFile {
+    /// Relative to the dataset root.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestColumn {
+    pub name: String,
+    pub r#type: String,
+}
+
+/// Where a dataset lives.
+enum Dest {
+    Local(PathBuf),
+    S3 { s3: S3, root: S3Url },
+}
+
+impl Dest {
+    async fn open(path: &str, endpoint: Option<&str>, region: Option<&str>) -> Result<Dest, OutputError> {
+        if path.starts_with("s3://") {
+            let mut root = S3Url::parse(path).map_err(|e| OutputError::write(path, e))?;
+            if !root.key.is_empty() && !root.key.ends_with('/') {
+                root.key.push('/');
+            }
+            Ok(Dest::S3 { s3: S3::connect(endpoint, region).await, root })
+        } else {
+            let root = PathBuf::from(path);
+            std::fs::create_dir_all(&root).map_err(|e| OutputError::write(path, format!("cannot create: {e}")))?;
+            Ok(Dest::Local(root))
+        }
+    }
+
+    fn shown(&self) -> String {
+        match self {
+            Dest::Local(root) => root.display().to_string(),
+            Dest::S3 { root, .. } => root.to_string(),
+        }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> OutputError {
+        OutputError::write(self.shown(), e)
+    }
+
+    fn url(root: &S3Url, rel: &str) -> S3Url {
+        S3Url { bucket: root.bucket.clone(), key: format!("{}{rel}", root.key) }
+    }
+
+    /// Files under `rel` (relative paths), recursively.
+    async fn list(&self, rel: &str) -> Result<Vec<String>, OutputError> {
+        match self {
+            Dest::Local(root) => {
+                let mut out = Vec::new();
+                let mut dirs = vec![root.join(rel)];
+                while let Some(dir) = dirs.pop() {
+                    let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                    for entry in entries.flatten() {
+                        let path = entry.path();
+                        if path.is_dir() {
+                            dirs.push(path);
+                        } else if let Ok(r) = path.strip_prefix(root) {
+                            out.push(r.to_string_lossy().replace('\\', "/"));
+                        }
+                    }
+                }
+                out.sort();
+                Ok(out)
+            }
+            Dest::S3 { s3, root } => {
+                let keys = s3.keys_under(&Dest::url(root, rel)).await.map_err(|e| self.err(e))?;
+                Ok(keys.into_iter().filter_map(|k| k.strip_prefix(&root.key).map(str::to_string)).collect())
+            }
+        }
+    }
+
+    async fn delete(&self, rel: &str) -> Result<(), OutputError> {
+        match self {
+            Dest::Local(root) => match std::fs::remove_file(root.join(rel)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(format!("removing {rel}: {e}"))),
+                _ => Ok(()),
+            },
+            Dest::S3 { s3, root } => s3.delete(&Dest::url(root, rel)).await.map_err(|e| self.err(e)),
+        }
+    }
+
+    /// Writes a small file whole (a temporary file renamed into place locally).
+    async fn put(&self, rel: &str, body: Vec<u8>) -> Result<(), OutputError> {
+        match self {
+            Dest::Local(root) => {
+                let to = root.join(rel);
+                let tmp = to.with_extension("tmp");
+                std::fs::create_dir_all(to.parent().unwrap_or(root))
+                    .and_then(|()| std::fs::write(&tmp, body))
+                    .and_then(|()| std::fs::rename(&tmp, &to))
+                    .map_err(|e| self.err(format!("writing {rel}: {e}")))
+            }
+            Dest::S3 { s3, root } => s3.put_bytes(&Dest::url(root, rel), body).await.map_err(|e| self.err(e)),
+        }
+    }
+
+    /// Moves a staged file into place.
+    async fn promote(&self, from: &str, to: &str) -> Result<(), OutputError> {
+        match self {
+            Dest::Local(root) => {
+                let target = root.join(to);
+                std::fs::create_dir_all(target.parent().unwrap_or(root))
+                    .and_then(|()| std::fs::rename(root.join(from), &target))
+                    .map_err(|e| self.err(format!("moving {from} to {to}: {e}")))
+            }
+            Dest::S3 { s3, root } => {
+                s3.copy(&Dest::url(root, from), &Dest::url(root, to)).await.map_err(|e| self.err(e))?;
+                s3.delete(&Dest::url(root, from)).await.map_err(|e| self.err(e))
+            }
+        }
+    }
+
+    /// Removes a staging directory and everything under it.
+    async fn remove_tree(&self, rel: &str) -> Result<(), OutputError> {
+        match self {
+            Dest::Local(root) => match std::fs::remove_dir_all(root.join(rel)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(self.err(format!("removing {rel}: {e}"))),
+                _ => Ok(()),
+            },
+            Dest::S3 { .. } => {
+                for key in self.list(rel).await? {
+                    self.delete(&key).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The Arrow schema of a job's output.
+pub fn schema(carried: &[(String, CarriedType)]) -> SchemaRef {
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    let mut fields = vec![
+        Field::new("job_id", DataType::Int64, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("source_row", DataType::Int64, false),
+        Field::new("raw_vin", DataType::Utf8, false),
+        text("vin"),
+        Field::new("status", DataType::Utf8, false),
+        text("error_code"),
+        text("error_text"),
+        Field::new("decoded_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
+        Field::new("check_digit_valid", DataType::Boolean, true),
+    ];
+    for (name, _, kind) in VEHICLE_COLUMNS {
+        fields.push(Field::new(*name, arrow_type(*kind), true));
+    }
+    fields.push(Field::new("recall_count", DataType::Int32, true));
+    fields.push(Field::new("has_recalls", DataType::Boolean, true));
+    fields.push(Field::new(
+        "recall_campaigns",
+        DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+        true,
+    ));
+    fields.push(text("recall_error"));
+    for (name, t) in carried {
+        let dt = match t {
+            CarriedType::Text => DataType::Utf8,
+            CarriedType::Int => DataType::Int64,
+            CarriedType::Float => DataType::Float64,
+            CarriedType::Bool => DataType::Boolean,
+        };
+        fields.push(Field::new(name, dt, true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+fn arrow_type(kind: Kind) -> DataType {
+    match kind {
+        Kind::Text => DataType::Utf8,
+        Kind::Int => DataType::Int32,
+        Kind::Float => DataType::Float64,
+    }
+}
+
+/// One Arrow batch of output rows.
+pub fn record_batch(
+    schema: &SchemaRef,
+    job_id: i64,
+    rows: &[OutputRow],
+    carried: &[(String, CarriedType)],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let n = rows.len();
+    let strings = |f: &dyn Fn(&OutputRow) -> Option<&str>| -> ArrayRef {
+        let mut b = StringBuilder::with_capacity(n, n * 16);
+        rows.iter().for_each(|r| b.append_option(f(r)));
+        Arc::new(b.finish())
+    };
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Builder::with_capacity(n).tap(|b| b.append_value_n(job_id, n)).finish()),
+        strings(&|r| Some(&r.source)),
+        Arc::new(
+            Int64Builder::with_capacity(n).tap(|b| rows.iter().for_each(|r| b.append_value(r.source_row))).finish(),
+        ),
+        strings(&|r| Some(&r.raw_vin)),
+        strings(&|r| r.vin.as_deref()),
+        strings(&|r| Some(&r.status)),
+        strings(&|r| r.error_code.as_deref()),
+        strings(&|r| r.error_text.as_deref()),
+        Arc::new(
+            TimestampMicrosecondBuilder::with_capacity(n)
+                .with_timezone("UTC")
+                .tap(|b| rows.iter().for_each(|r| b.append_option(r.decoded_at.map(|t| t.timestamp_micros()))))
+                .finish(),
+        ),
+        Arc::new(
+            BooleanBuilder::with_capacity(n)
+                .tap(|b| rows.iter().for_each(|r| b.append_option(r.check_digit_valid)))
+                .finish(),
+        ),
+    ];
+    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
+        columns.push(match kind {
+            Kind::Text => strings(&|r| r.text(i)),
+            Kind::Int => Arc::new(
+                Int32Builder::with_capacity(n).tap(|b| rows.iter().for_each(|r| b.append_option(r.int(i)))).finish(),
+            ),
+            Kind::Float => Arc::new(
+                Float64Builder::with_capacity(n)
+                    .tap(|b| rows.iter().for_each(|r| b.append_option(r.float(i))))
+                    .finish(),
+            ),
+        });
+    }
+    columns.push(Arc::new(
+        Int32Builder::with_capacity(n).tap(|b| rows.iter().for_each(|r| b.append_option(r.recall_count()))).finish(),
+    ));
+    columns.push(Arc::new(
+        BooleanBuilder::with_capacity(n)
+            .tap(|b| rows.iter().for_each(|r| b.append_option(r.recall_count().map(|c| c > 0))))
+            .finish(),
+    ));
+    let mut lists = ListBuilder::new(StringBuilder::new());
+    for r in rows {
+        match &r.recall_campaigns {
+            Some(c) => {
+                c.iter().for_each(|s| lists.values().append_value(s));
+                lists.append(true);
+            }
+            None => lists.append(false),
+        }
+    }
+    columns.push(Arc::new(lists.finish()));
+    columns.push(strings(&|r| r.recall_error.as_deref()));
+    for (name, t) in carried {
+        let get = |r| carried_value(r, name);
+        columns.push(match t {
+            CarriedType::Int => Arc::new(
+                Int64Builder::with_capacity(n)
+                    .tap(|b| rows.iter().for_each(|r| b.append_option(get(r).and_then(|v| v.as_i64()))))
+                    .finish(),
+            ),
+            CarriedType::Float => Arc::new(
+                Float64Builder::with_capacity(n)
+                    .tap(|b| rows.iter().for_each(|r| b.append_option(get(r).and_then(|v| v.as_f64()))))
+                    .finish(),
+            ),
+            CarriedType::Bool => Arc::new(
+                BooleanBuilder::with_capacity(n)
+                    .tap(|b| rows.iter().for_each(|r| b.append_option(get(r).and_then(|v| v.as_bool()))))
+                    .finish(),
+            ),
+            CarriedType::Text => {
+                let mut b = StringBuilder::with_capacity(n, n * 8);
+                for r in rows {
+                    match get(r) {
+                        Some(serde_json::Value::String(s)) => b.append_value(s),
+                        Some(other) => b.append_value(other.to_string()),
+                        None => b.append_null(),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        });
+    }
+    RecordBatch::try_new(Arc::clone(schema), columns)
+}
+
+fn carried_value<'a>(r: &'a OutputRow, name: &str) -> Option<&'a serde_json::Value> {
+    r.carried.get(name).filter(|v| !v.is_null())
+}
+
+/// `f(&mut x); x`, to fill a builder in an expression.
+trait Tap: Sized {
+    fn tap(mut self, f: impl FnOnce(&mut Self)) -> Self {
+        f(&mut self);
+        self
+    }
+}
+impl<T> Tap for T {}
+
+fn properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("a valid zstd level")))
+        .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_created_by(concat!("vinetl ", env!("CARGO_PKG_VERSION")).to_string())
+        .build()
+}
+
+/// A finished data file, written locally.
+struct Finished {
+    local: PathBuf,
+    name: String,
+    rows: u64,
+    bytes: u64,
+}
+
+/// The encoder: runs on a blocking thread, takes chunks of rows, cuts files
+/// at `rows_per_file`, and reports each finished file.
+fn encode(
+    dir: PathBuf,
+    schema: SchemaRef,
+    job_id: i64,
+    carried: Vec<(String, CarriedType)>,
+    rows_per_file: u64,
+    mut chunks: tokio::sync::mpsc::Receiver<Vec<OutputRow>>,
+    finished: tokio::sync::mpsc::UnboundedSender<Finished>,
+) -> Result<u64, String> {
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut total = 0u64;
+    let mut current: Option<(ArrowWriter<std::fs::File>, PathBuf, String, u64)> = None;
+    let mut files = 0usize;
+    let close =
+        |(writer, local, name, rows): (ArrowWriter<std::fs::File>, PathBuf, String, u64)| -> Result<Finished, String> {
+            writer.close().map_err(|e| format!("finishing {name}: {e}"))?;
+            let bytes = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
+            Ok(Finished { local, name, rows, bytes })
+        };
+    while let Some(chunk) = chunks.blocking_recv() {
+        let batch = record_batch(&schema, job_id, &chunk, &carried).map_err(|e| e.to_string())?;
+        if current.is_none() {
+            let name = format!("part-{files:05}.parquet");
+            files += 1;
+            let local = dir.join(&name);
+            let file = std::fs::File::create(&local).map_err(|e| format!("cannot create {}: {e}", local.display()))?;
+            let writer =
+                ArrowWriter::try_new(file, Arc::clone(&schema), Some(properties())).map_err(|e| e.to_string())?;
+            current = Some((writer, local, name, 0));
+        }
+        let (writer, _, name, rows) = current.as_mut().expect("a file is open");
+        writer.write(&batch).map_err(|e| format!("writing {name}: {e}"))?;
+        *rows += chunk.len() as u64;
+        total += chunk.len() as u64;
+        if *rows >= rows_per_file {
+            let done = close(current.take().expect("a file is open"))?;
+            finished.send(done).map_err(|_| "the uploader stopped".to_string())?;
+        }
+    }
+    // An empty job still gets one (empty) file, so its schema is on record.
+    if current.is_none() && files == 0 {
+        let name = "part-00000.parquet".to_string();
+        let local = dir.join(&name);
+        let file = std::fs::File::create(&local).map_err(|e| format!("cannot create {}: {e}", local.display()))?;
+        let writer = ArrowWriter::try_new(file, Arc::clone(&schema), Some(properties())).map_err(|e| e.to_string())?;
+        current = Some((writer, local, name, 0));
+    }
+    if let Some(open) = current.take() {
+        finished.send(close(open)?).map_err(|_| "the uploader stopped".to_string())?;
+    }
+    Ok(total)
+}
+
+/// Writes the job's dataset and commits it. Returns rows written and where.
+pub async fn write(
+    store: &PgStore,
+    job_id: i64,
+    spec: &JobSpec,
+    output: &OutputSpec,
+) -> Result<(u64, String), OutputError> {
+    let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file } = output else {
+        unreachable!("dataset::write takes parquet outputs")
+    };
+    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref()).await?;
+    let partition_dir = match partition.as_deref().unwrap_or("dt") {
+        "none" => String::new(),
+        key => format!("{key}={}/", store.job_date(job_id).await?.format("%Y-%m-%d")),
+    };
+    let carried = store.carried_types(job_id, spec.carry()).await?;
+    let schema = schema(&carried);
+
+    // 1. Leftovers of earlier attempts of this job.
+    let ours = format!("{STAGING}/job-{job_id}-");
+    let mut stale: Vec<String> = dest
+        .list(&format!("{STAGING}/"))
+        .await?
+        .into_iter()
+        .filter(|p| p.starts_with(&ours))
+        .map(|p| p.split('/').take(2).collect::<Vec<_>>().join("/"))
+        .collect();
+    stale.dedup();
+    for dir in stale {
+        dest.remove_tree(&dir).await?;
+    }
+
+    // 2. Stage the data files.
+    let attempt = format!("{STAGING}/job-{job_id}-{:016x}", fastrand::u64(..));
+    let staged_dir = format!("{attempt}/{partition_dir}");
+    let local_dir = match &dest {
+        Dest::Local(root) => root.join(&staged_dir),
+        Dest::S3 { .. } => std::env::temp_dir().join(format!("vinetl-{}", attempt.replace('/', "-"))),
+    };
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Vec<OutputRow>>(2);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+    let encoder = {
+        let (dir, schema, carried) = (local_dir.clone(), Arc::clone(&schema), carried.clone());
+        let rows_per_file = rows_per_file.unwrap_or(DEFAULT_ROWS_PER_FILE).max(1);
+        tokio::task::spawn_blocking(move || encode(dir, schema, job_id, carried, rows_per_file, chunk_rx, done_tx))
+    };
+    let mode = RecallMode::of(&spec.recalls);
+    let producer = async move {
+        let mut rows = store.output_rows(job_id, mode).chunks(CHUNK_ROWS);
+        let mut beat = Instant::now();
+        while let Some(chunk) = rows.next().await {
+            let chunk = chunk.into_iter().collect::<Result<Vec<_>, _>>()?;
+            if chunk_tx.send(chunk).await.is_err() {
+                break; // the encoder failed; its error is reported below
+            }
+            if beat.elapsed() > Duration::from_secs(10) {
+                store.heartbeat(job_id).await?;
+                beat = Instant::now();
+            }
+        }
+        Ok::<(), OutputError>(())
+    };
+    let stager = async {
+        let mut files = Vec::new();
+        while let Some(f) = done_rx.recv().await {
+            let rel = format!("{staged_dir}{}", f.name);
+            if let Dest::S3 { s3, root } = &dest {
+                let uploaded = s3.upload_file(&f.local, &Dest::url(root, &rel)).await;
+                let _ = std::fs::remove_file(&f.local);
+                uploaded.map_err(|e| dest.err(e))?;
+            }
+            files.push(f);
+        }
+        Ok::<Vec<Finished>, OutputError>(files)
+    };
+    let (produced, staged, encoded) = tokio::join!(producer, stager, encoder);
+    if let Dest::S3 { .. } = &dest {
+        let _ = std::fs::remove_dir_all(&local_dir);
+    }
+    let encoded = encoded.map_err(|e| dest.err(format!("the encoder died: {e}")))?;
+    produced?;
+    let rows = encoded.map_err(|e| dest.err(e))?;
+    let files = staged?;
+
+    // 3. Retire the partition's current output.
+    dest.delete(&format!("{partition_dir}{SUCCESS}")).await?;
+    for old in dest.list(&partition_dir).await? {
+        let direct = old.strip_prefix(&partition_dir).is_some_and(|rest| !rest.contains('/'));
+        if direct && (old.ends_with(".parquet") || old.ends_with(MANIFEST)) {
+            dest.delete(&old).await?;
+        }
+    }
+    // 4. Move the new files in, then the manifest, then the marker.
+    let mut listed = Vec::new();
+    for f in &files {
+        let to = format!("{partition_dir}{}", f.name);
+        dest.promote(&format!("{staged_dir}{}", f.name), &to).await?;
+        listed.push(ManifestFile { path: to, rows: f.rows, bytes: f.bytes });
+    }
+    let manifest = Manifest {
+        job_id,
+        job_name: spec.name.clone(),
+        partition: partition_dir.trim_end_matches('/').to_string(),
+        rows,
+        files: listed,
+        columns: schema
+            .fields()
+            .iter()
+            .map(|f| ManifestColumn { name: f.name().clone(), r#type: f.data_type().to_string() })
+            .collect(),
+        written_at: sqlx::types::chrono::Utc::now().to_rfc3339(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+    dest.put(&format!("{partition_dir}{MANIFEST}"), json).await?;
+    let marker = serde_json::json!({"job_id": job_id, "rows": rows, "files": manifest.files.len()});
+    dest.put(&format!("{partition_dir}{SUCCESS}"), marker.to_string().into_bytes()).await?;
+    // 5. Staging is empty now; remove what is left of it.
+    dest.remove_tree(&attempt).await?;
+    if let Dest::Local(root) = &dest {
+        let _ = std::fs::remove_dir(root.join(STAGING));
+    }
+    Ok((rows, format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir)))
+}
+
+/// Whether a dataset partition is committed: its `_SUCCESS` and manifest
+/// exist. Readers that cannot check should read the manifest's files.
+pub fn is_committed(dir: &Path) -> bool {
+    dir.join(SUCCESS).is_file() && dir.join(MANIFEST).is_file()
+}
