@@ -178,7 +178,7 @@ pub async fn reprocess(
     planner::enqueue(&store, &state.schema, job_id).await?;
     crate::finish::advance(&store, &state.schema, job_id, &spec).await?;
     if detach {
-        return Ok(store.counts(job_id).await?.context("the job vanished")?);
+        return store.counts(job_id).await?.context("the job vanished");
     }
     work_until_done(&store, &state.schema, job_id, concurrency, progress).await
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{cleanup, pg_url, pool, status, unique_schema, vinetl_async, write_spec};
+use common::{cleanup, pg_url, pool, requests_seen, status, unique_schema, vinetl_async, write_spec};
 use vinetl::serve::faults::Faults;
 use vinetl::vin::Vin;
 
@@ -18,19 +18,6 @@ async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("job {job} never reached {want}: {}", status(schema, job).await);
-}
-
-/// The API server's own count of requests on a key, from its quota header.
-async fn requests_seen(base: &str, key: &str, per_day: u64) -> u64 {
-    let resp = reqwest::Client::new()
-        .post(format!("{base}/api/v1/decode"))
-        .bearer_auth(key)
-        .json(&serde_json::json!({"vin": "1HGCM82633A004352"}))
-        .send()
-        .await
-        .unwrap();
-    let remaining: u64 = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
-    per_day - remaining - 1
 }
 
 #[tokio::test(flavor = "multi_thread")]

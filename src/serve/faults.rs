@@ -35,6 +35,10 @@ pub struct Faults {
     /// Added latency per request, in milliseconds: `50`, or a range `20-200`.
     #[arg(long, value_parser = latency)]
     pub fault_latency_ms: Option<(u64, u64)>,
+    /// Only requests whose path starts with this get faults (e.g.
+    /// `/api/v1/recalls`); all requests without it.
+    #[arg(long)]
+    pub fault_path: Option<String>,
 }
 
 impl Faults {
@@ -67,6 +71,9 @@ fn latency(s: &str) -> Result<(u64, u64), String> {
 /// Middleware: applies the configured faults before (and around) the handler.
 /// Injected failures happen before quota accounting, so they cost no quota.
 pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, next: Next) -> Response {
+    if faults.fault_path.as_deref().is_some_and(|p| !req.uri().path().starts_with(p)) {
+        return next.run(req).await;
+    }
     if let Some((lo, hi)) = faults.fault_latency_ms {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
     }

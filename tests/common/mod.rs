@@ -226,3 +226,17 @@ pub fn spawn_worker(schema: &str, key: &str) -> tokio::process::Child {
         .spawn()
         .unwrap()
 }
+
+/// The API server's own count of requests on a key, from its quota header
+/// (the probe itself is subtracted).
+pub async fn requests_seen(base: &str, key: &str, per_day: u64) -> u64 {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/v1/decode"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"vin": "1HGCM82633A004352"}))
+        .send()
+        .await
+        .unwrap();
+    let remaining: u64 = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
+    per_day - remaining - 1
+}
