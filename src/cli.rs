@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 /// `print!` that survives a closed pipe.
@@ -20,7 +19,6 @@ macro_rules! outln {
 use crate::check::check_file;
 use crate::runner;
 use crate::source::FileFormat;
-use crate::store::{self, DatabaseUrl};
 
 /// Batch VIN enrichment: decode vehicle specs and recall flags through the
 /// Car Vin API, for files, S3 objects and Postgres tables, at any scale.
@@ -108,6 +106,14 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Write an ended job's outputs again from its stored results (no API
+    /// call): replaces the dataset partition and the job's table rows.
+    Write {
+        /// Job id.
+        job: i64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Cancel a job: queued batches are dropped, in-flight calls finish.
     Cancel {
         /// Job id.
@@ -176,18 +182,10 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Migrate { state } => {
-                let url = state.database_url.as_deref().context(
-                    "DATABASE_URL is not set: export DATABASE_URL=postgres://USER@HOST:5432/DB or pass --database-url",
-                )?;
-                match DatabaseUrl::parse(url)? {
-                    DatabaseUrl::Postgres(url) => {
-                        let pool = store::postgres::connect(&url, &state.schema, 2).await?;
-                        store::postgres::migrate(&pool, &state.schema).await?;
-                        outln!("schema {} is up to date", state.schema);
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    DatabaseUrl::Sqlite(_) => Err(store::StoreError::SqliteNotBuilt.into()),
-                }
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                state.open(2).await?;
+                outln!("{} is up to date", state.describe());
+                Ok(ExitCode::SUCCESS)
             }
             Command::Run { spec, concurrency, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
@@ -236,6 +234,12 @@ impl Cli {
                 let counts = runner::reprocess(&state, job, failed_only, detach, concurrency, progress).await?;
                 out!("{}", runner::describe(&counts));
                 Ok(if detach || counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            }
+            Command::Write { job, state } => {
+                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let counts = runner::write(&state, job).await?;
+                out!("{}", runner::describe(&counts));
+                Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             Command::Cancel { job, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;

@@ -7,13 +7,13 @@ use crate::output::{self, OutputError};
 use crate::planner;
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::postgres::{Next, PgStore};
+use crate::store::{Next, Store};
 
 /// A writer that has not beaten for this long is presumed dead and replaced.
 pub const WRITE_LEASE_SECS: f64 = 120.0;
 
 /// Moves the job on if its calls are all done.
-pub async fn advance(store: &PgStore, schema: &str, job_id: i64, spec: &JobSpec) -> Result<Next, StoreError> {
+pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> Result<Next, StoreError> {
     let next = store.advance(job_id, spec).await?;
     match next {
         Next::Enqueue => {
@@ -30,7 +30,7 @@ pub async fn advance(store: &PgStore, schema: &str, job_id: i64, spec: &JobSpec)
 /// result is kept, so `vinetl reprocess` writes again without calling the API.
 /// A failure of the state store leaves the job in `writing` for another
 /// worker to take over when the lease runs out.
-pub async fn write(store: &PgStore, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
+pub async fn write(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
     match output::write_all(store, job_id, spec).await {
         Ok(written) => store.finish_writing(job_id, &written.outputs).await,
         Err(OutputError::Store(e)) => Err(e),
@@ -45,7 +45,7 @@ pub async fn write(store: &PgStore, job_id: i64, spec: &JobSpec) -> Result<(), S
 }
 
 /// Takes over jobs whose writer died, and writes them.
-pub async fn resume_orphaned_writes(store: &PgStore) -> Result<usize, StoreError> {
+pub async fn resume_orphaned_writes(store: &Store) -> Result<usize, StoreError> {
     let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {

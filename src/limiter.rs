@@ -1,4 +1,5 @@
-//! One rate limit for every worker of an account, shared through Postgres.
+//! One rate limit for every worker of an account, shared through the state
+//! store (Postgres; or SQLite, for the processes of one machine).
 //!
 //! The `limiter` row of an account holds a GCRA schedule (rate and burst), a
 //! push-back time set by 429s, an AIMD scale on the rate, and the day's quota.
@@ -12,12 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sqlx::PgPool;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::spec::ProviderSpec;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// Without `Retry-After`, a 429 halves the shared rate (down to this share
 /// of the configured one) and pushes every worker back by one new interval.
@@ -56,7 +56,7 @@ pub struct Slot {
 /// round trips than calls.
 #[derive(Debug, Clone)]
 pub struct SharedLimiter {
-    pool: PgPool,
+    store: Store,
     account: String,
     in_flight: Arc<Semaphore>,
     /// How long a flight row holds a place under the shared in-flight cap
@@ -98,7 +98,14 @@ impl Local {
 impl SharedLimiter {
     /// Creates or updates the account's row from the spec (a changed rate
     /// or quota applies from the next reservation on).
-    pub async fn register(pool: &PgPool, p: &ProviderSpec) -> Result<SharedLimiter, StoreError> {
+    pub async fn register(store: &Store, p: &ProviderSpec) -> Result<SharedLimiter, StoreError> {
+        let pool = match store {
+            Store::Pg(s) => &s.pool,
+            Store::Lite(s) => {
+                s.limiter_register(p).await?;
+                return Ok(SharedLimiter::new(store, p));
+            }
+        };
         sqlx::query(
             "INSERT INTO limiter (account, rate, burst, daily_quota, quota_reset, max_in_flight)
              VALUES ($1, $2, $3, $4, make_interval(mins => $5), $6)
@@ -114,9 +121,13 @@ impl SharedLimiter {
         .bind(p.max_in_flight.map(|n| n.max(1) as i32))
         .execute(pool)
         .await?;
+        Ok(SharedLimiter::new(store, p))
+    }
+
+    fn new(store: &Store, p: &ProviderSpec) -> SharedLimiter {
         let cap = p.max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS);
-        Ok(SharedLimiter {
-            pool: pool.clone(),
+        SharedLimiter {
+            store: store.clone(),
             account: p.account(),
             in_flight: Arc::new(Semaphore::new(cap)),
             // Two call timeouts and some slack, like a batch's claim.
@@ -125,7 +136,7 @@ impl SharedLimiter {
             // so slots are reserved one by one.
             max_batch: if p.max_in_flight.is_some() { 1 } else { batch_size(p.requests_per_second, p.burst(), cap) },
             shared: Arc::new(Local::default()),
-        })
+        }
     }
 
     /// Reservation round trips this process has made to the database.
@@ -137,13 +148,23 @@ impl SharedLimiter {
     /// their flight rows under a shared in-flight cap.
     pub async fn try_reserve(&self, k: usize) -> Result<Result<(usize, Vec<i64>), Denied>, StoreError> {
         self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
-        let (granted, wait, reason, flights): (i32, f64, Option<String>, Option<Vec<i64>>) =
-            sqlx::query_as("SELECT granted, wait_secs, reason, flights FROM limiter_reserve($1, $2, $3)")
-                .bind(&self.account)
-                .bind(k.max(1) as i32)
-                .bind(self.lease_secs)
-                .fetch_one(&self.pool)
-                .await?;
+        let (granted, wait, reason, flights): (i64, f64, Option<String>, Option<Vec<i64>>) = match &self.store {
+            Store::Pg(s) => {
+                let (granted, wait, reason, flights): (i32, f64, Option<String>, Option<Vec<i64>>) =
+                    sqlx::query_as("SELECT granted, wait_secs, reason, flights FROM limiter_reserve($1, $2, $3)")
+                        .bind(&self.account)
+                        .bind(k.max(1) as i32)
+                        .bind(self.lease_secs)
+                        .fetch_one(&s.pool)
+                        .await?;
+                (i64::from(granted), wait, reason, flights)
+            }
+            Store::Lite(s) => {
+                let (granted, wait, reason, flights) =
+                    s.limiter_reserve(&self.account, k.max(1) as i64, self.lease_secs).await?;
+                (granted, wait, reason, Some(flights))
+            }
+        };
         let wait = Duration::from_secs_f64(wait.max(0.0));
         Ok(match (granted, reason.as_deref()) {
             (n, _) if n > 0 => Ok((n as usize, flights.unwrap_or_default())),
@@ -154,8 +175,12 @@ impl SharedLimiter {
 
     /// Ends a call: frees its place under the shared in-flight cap.
     pub async fn release(&self, slot: Slot) -> Result<(), StoreError> {
-        if let Some(id) = slot.flight {
-            sqlx::query("DELETE FROM limiter_flights WHERE flight_id = $1").bind(id).execute(&self.pool).await?;
+        match (slot.flight, &self.store) {
+            (Some(id), Store::Pg(s)) => {
+                sqlx::query("DELETE FROM limiter_flights WHERE flight_id = $1").bind(id).execute(&s.pool).await?;
+            }
+            (Some(id), Store::Lite(s)) => s.limiter_release(id).await?,
+            (None, _) => {}
         }
         Ok(())
     }
@@ -207,6 +232,12 @@ impl SharedLimiter {
     /// push-back only moves later). Without `Retry-After`, the shared rate is
     /// halved too (AIMD), and everyone waits one new interval.
     pub async fn push_back(&self, retry_after: Option<Duration>) -> Result<(), StoreError> {
+        let pool = match &self.store {
+            Store::Pg(s) => &s.pool,
+            Store::Lite(s) => {
+                return s.limiter_push_back(&self.account, retry_after.map(|d| d.as_secs_f64()), MIN_SCALE).await;
+            }
+        };
         match retry_after {
             Some(d) => {
                 sqlx::query(
@@ -216,7 +247,7 @@ impl SharedLimiter {
                 )
                 .bind(&self.account)
                 .bind(d.as_secs_f64())
-                .execute(&self.pool)
+                .execute(pool)
                 .await?;
             }
             None => {
@@ -229,7 +260,7 @@ impl SharedLimiter {
                 )
                 .bind(&self.account)
                 .bind(MIN_SCALE)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?;
             }
         }
@@ -238,10 +269,14 @@ impl SharedLimiter {
 
     /// A successful call: recover a little of a reduced rate.
     pub async fn succeeded(&self) -> Result<(), StoreError> {
+        let pool = match &self.store {
+            Store::Pg(s) => &s.pool,
+            Store::Lite(s) => return s.limiter_succeeded(&self.account, RECOVERY_STEP).await,
+        };
         sqlx::query("UPDATE limiter SET scale = least(1, scale + $2) WHERE account = $1 AND scale < 1")
             .bind(&self.account)
             .bind(RECOVERY_STEP)
-            .execute(&self.pool)
+            .execute(pool)
             .await?;
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::source::postgres::PgInput;
 use crate::source::{FileFormat, FileSource, InputRow, SourceError};
 use crate::spec::{InputFormat, JobSpec, SourceSpec};
 use crate::store::StoreError;
-use crate::store::postgres::{PgStore, PlannedRow};
+use crate::store::{PlannedRow, Store};
 use crate::vin::Vin;
 
 /// Rows stored per transaction: big enough that inserts are cheap per row,
@@ -57,16 +57,21 @@ pub fn spec_hash(spec: &JobSpec) -> String {
 }
 
 /// Registers (or resumes) the job for `spec` and plans it.
-pub async fn submit(store: &PgStore, schema: &str, spec: &JobSpec) -> Result<Submitted, PlanError> {
+pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submitted, PlanError> {
     let hash = spec_hash(spec);
     let spec_json = serde_json::to_value(spec).expect("a spec serialises");
     let (job_id, resumed) = match store.resumable_job(&hash).await? {
         Some(id) => (id, true),
         None => (store.create_job(&spec.name, &spec_json, &hash).await?, false),
     };
-    let _lock = store.lock_planning(job_id).await?.ok_or(PlanError::Busy(job_id))?;
-    read_inputs(store, job_id, spec).await?;
-    let batches = store.plan_batches(job_id, spec.provider.batch_size as i32, spec.cache.ttl_hours).await?;
+    let lock = store.lock_planning(job_id).await?.ok_or(PlanError::Busy(job_id))?;
+    let planned = async {
+        read_inputs(store, job_id, spec).await?;
+        Ok::<i64, PlanError>(store.plan_batches(job_id, spec.provider.batch_size as i32, spec.cache.ttl_hours).await?)
+    }
+    .await;
+    store.unlock_planning(lock).await?;
+    let batches = planned?;
     enqueue(store, schema, job_id).await?;
     store.mark_running(job_id).await?;
     crate::finish::advance(store, schema, job_id, spec).await?;
@@ -74,13 +79,12 @@ pub async fn submit(store: &PgStore, schema: &str, spec: &JobSpec) -> Result<Sub
 }
 
 /// Pushes a task for every queued batch that has none yet.
-pub async fn enqueue(store: &PgStore, schema: &str, job_id: i64) -> Result<usize, StoreError> {
+pub async fn enqueue(store: &Store, schema: &str, job_id: i64) -> Result<usize, StoreError> {
     let pending = store.unenqueued(job_id).await?;
-    let mut storage = queue::storage(&store.pool, schema);
     for chunk in pending.chunks(500) {
         let tasks: Vec<_> =
             chunk.iter().map(|&(batch_no, generation)| (BatchTask { job_id, batch_no, generation }, None)).collect();
-        queue::push(&mut storage, &tasks).await?;
+        queue::push_tasks(store, schema, &tasks).await?;
         store.mark_enqueued(job_id, chunk).await?;
     }
     Ok(pending.len())
@@ -92,7 +96,7 @@ enum Read {
     Done(String),
 }
 
-async fn read_inputs(store: &PgStore, job_id: i64, spec: &JobSpec) -> Result<(), PlanError> {
+async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), PlanError> {
     let carry = spec.carry().to_vec();
     // Two chunks in flight: the reader runs ahead of the inserts by at most that.
     let (tx, mut rx) = mpsc::channel::<Result<Read, PlanError>>(2);
@@ -132,7 +136,7 @@ fn plan_row(source: &str, row: InputRow, carry: &[String]) -> PlannedRow {
 
 type Sender = mpsc::Sender<Result<Read, PlanError>>;
 
-async fn read_source(store: &PgStore, job_id: i64, spec: &JobSpec, tx: Sender) -> Result<(), PlanError> {
+async fn read_source(store: &Store, job_id: i64, spec: &JobSpec, tx: Sender) -> Result<(), PlanError> {
     match &spec.source {
         SourceSpec::File { path, format, vin_column, carry } => {
             let files = expand_glob(path)?;
@@ -200,7 +204,7 @@ async fn read_source(store: &PgStore, job_id: i64, spec: &JobSpec, tx: Sender) -
 
 /// Reads a local file on a blocking thread, sending chunks as they fill.
 async fn read_file(
-    store: &PgStore,
+    store: &Store,
     job_id: i64,
     path: PathBuf,
     label: String,

@@ -1,5 +1,5 @@
-//! The work queue: apalis-postgres, holding one task per batch call. All
-//! queue access lives here.
+//! The work queue: apalis-postgres (or apalis-sqlite for a SQLite state
+//! store), holding one task per batch call. All queue access lives here.
 //!
 //! vinetl's `batches` table is the authority on a batch (its VINs, attempts,
 //! next run time, state); a queue task only says "call batch N of job J, at
@@ -16,8 +16,9 @@ use apalis::prelude::*;
 use apalis_postgres::{Config, PostgresStorage};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
+use sqlx::SqlitePool;
 
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// The queue task: which batch, at which generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +76,52 @@ pub fn worker_storage(pool: &PgPool, schema: &str, concurrency: usize) -> Postgr
         .missed_heartbeats(MISSED_HEARTBEATS)
         .batch_size(concurrency.max(1));
     PostgresStorage::new(pool).with_config(config)
+}
+
+/// Creates apalis-sqlite's tables in the queue's own file.
+pub async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    apalis_sqlite::SqliteStorage::setup(pool)
+        .await
+        .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
+}
+
+/// The SQLite queue (one file per install, so one queue name).
+pub fn sqlite_storage(pool: &SqlitePool, concurrency: usize) -> apalis_sqlite::SqliteStorage<BatchTask> {
+    let config = apalis_sqlite::Config::default()
+        .queue("vinetl.batches")
+        .heartbeat_interval(HEARTBEAT)
+        .missed_heartbeats(MISSED_HEARTBEATS)
+        .batch_size(concurrency.max(1));
+    apalis_sqlite::SqliteStorage::new(pool).with_config(config)
+}
+
+/// Pushes tasks onto the store's queue.
+pub async fn push_tasks(
+    store: &Store,
+    schema: &str,
+    tasks: &[(BatchTask, Option<Duration>)],
+) -> Result<(), StoreError> {
+    match store {
+        Store::Pg(s) => push(&mut storage(&s.pool, schema), tasks).await,
+        Store::Lite(s) => {
+            // apalis-sqlite skips a duplicate idempotency key (ON CONFLICT DO NOTHING).
+            let mut storage = sqlite_storage(&s.queue_pool, 4);
+            let all: Vec<_> = tasks
+                .iter()
+                .map(|(t, delay)| {
+                    let mut b = TaskBuilder::new(*t).idempotency_key(t.idempotency_key());
+                    if let Some(d) = delay {
+                        b = b.run_after(*d);
+                    }
+                    b.build()
+                })
+                .collect();
+            storage
+                .push_all(futures_util::stream::iter(all))
+                .await
+                .map_err(|e| StoreError::Queue(format!("pushing {} tasks: {e}", tasks.len())))
+        }
+    }
 }
 
 /// Pushes tasks. A duplicate idempotency key fails a whole `push_all` in

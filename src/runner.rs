@@ -9,30 +9,45 @@ use anyhow::Context;
 
 use crate::planner::{self, Submitted};
 use crate::spec::JobSpec;
-use crate::store::postgres::{self, JobCounts, PgStore};
-use crate::store::{DatabaseUrl, StoreError};
+use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, postgres, sqlite};
+
+/// The state file when `DATABASE_URL` is unset: SQLite, in the working
+/// directory (the queue goes beside it, in `vinetl-queue.db`).
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://vinetl.db";
 
 /// Where state lives, resolved from `DATABASE_URL` and `VINETL_SCHEMA`.
 #[derive(Debug, Clone)]
 pub struct State {
-    pub url: String,
+    pub url: DatabaseUrl,
     pub schema: String,
 }
 
 impl State {
+    /// `None`: the SQLite default. `VINETL_SCHEMA` applies to Postgres only
+    /// (a SQLite file is one install).
     pub fn new(url: Option<&str>, schema: &str) -> anyhow::Result<State> {
-        let url = url.context(
-            "DATABASE_URL is not set: export DATABASE_URL=postgres://USER@HOST:5432/DB (the queue and state live there)",
-        )?;
-        match DatabaseUrl::parse(url)? {
-            DatabaseUrl::Postgres(url) => Ok(State { url, schema: schema.to_string() }),
-            DatabaseUrl::Sqlite(_) => Err(StoreError::SqliteNotBuilt.into()),
+        let url = DatabaseUrl::parse(url.filter(|u| !u.trim().is_empty()).unwrap_or(DEFAULT_DATABASE_URL))?;
+        if let DatabaseUrl::Postgres(_) = &url {
+            crate::store::check_schema(schema)?;
+        }
+        Ok(State { url, schema: schema.to_string() })
+    }
+
+    /// Connects (or creates the SQLite file), migrating vinetl's tables and
+    /// the queue's.
+    pub async fn open(&self, connections: u32) -> Result<Store, StoreError> {
+        match &self.url {
+            DatabaseUrl::Postgres(url) => postgres::open(url, &self.schema, connections).await,
+            DatabaseUrl::Sqlite(url) => Ok(Store::Lite(sqlite::open(url, connections).await?)),
         }
     }
 
-    /// Connects, migrating vinetl's schema and the queue's tables.
-    pub async fn open(&self, connections: u32) -> Result<PgStore, StoreError> {
-        postgres::open(&self.url, &self.schema, connections).await
+    /// Where the state is, for messages (passwords masked).
+    pub fn describe(&self) -> String {
+        match &self.url {
+            DatabaseUrl::Postgres(url) => format!("{} (schema {})", crate::store::redact(url), self.schema),
+            DatabaseUrl::Sqlite(url) => format!("SQLite file {}", sqlite::path_of(url)),
+        }
     }
 }
 
@@ -89,7 +104,7 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
 
 /// Works the job here until it ends, then returns its counts.
 async fn work_until_done(
-    store: &PgStore,
+    store: &Store,
     schema: &str,
     job_id: i64,
     concurrency: usize,
@@ -113,7 +128,7 @@ async fn work_until_done(
 }
 
 /// Polls the job's counts until it ends, drawing a progress bar if asked.
-async fn watch(store: &PgStore, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
+async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
     let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -181,6 +196,20 @@ pub async fn reprocess(
         return store.counts(job_id).await?.context("the job vanished");
     }
     work_until_done(&store, &state.schema, job_id, concurrency, progress).await
+}
+
+/// `vinetl write JOB`: writes an ended job's outputs again from its stored
+/// results, making no API call (a lost file, a dropped table).
+pub async fn write(state: &State, job_id: i64) -> anyhow::Result<JobCounts> {
+    let store = state.open(4).await?;
+    let spec = store.job_spec(job_id).await?.map_err(|e| anyhow::anyhow!(e))?;
+    anyhow::ensure!(!spec.outputs.is_empty(), "job {job_id}'s spec names no [[outputs]]");
+    anyhow::ensure!(
+        store.begin_rewrite(job_id).await?,
+        "job {job_id} has not ended (or is being written): wait for it, or `vinetl cancel {job_id}` first"
+    );
+    crate::finish::write(&store, job_id, &spec).await?;
+    store.counts(job_id).await?.context("the job vanished")
 }
 
 /// `vinetl cancel JOB`.

@@ -15,7 +15,7 @@ use crate::limiter::{Denied, SharedLimiter};
 use crate::queue::{self, BatchTask};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::postgres::{DecodedVin, PgStore, Reschedule};
+use crate::store::{DecodedVin, Reschedule, Store};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -26,14 +26,14 @@ struct JobRuntime {
 
 /// Shared by every task this worker runs.
 pub struct WorkerState {
-    store: PgStore,
+    store: Store,
     schema: String,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
     limiters: Mutex<HashMap<String, SharedLimiter>>,
 }
 
 impl WorkerState {
-    pub fn new(store: PgStore, schema: &str) -> Arc<WorkerState> {
+    pub fn new(store: Store, schema: &str) -> Arc<WorkerState> {
         Arc::new(WorkerState {
             store,
             schema: schema.to_string(),
@@ -64,7 +64,7 @@ impl WorkerState {
         if let Some(l) = limiters.get(&spec.provider.account()) {
             return Ok(l.clone());
         }
-        let l = SharedLimiter::register(&self.store.pool, &spec.provider).await?;
+        let l = SharedLimiter::register(&self.store, &spec.provider).await?;
         limiters.insert(spec.provider.account(), l.clone());
         Ok(l)
     }
@@ -177,7 +177,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
 }
 
 /// The guide's request: by make, model and year, or by VIN.
-fn recall_request(lookup: &crate::store::postgres::Lookup) -> crate::api::RecallsRequest {
+fn recall_request(lookup: &crate::store::Lookup) -> crate::api::RecallsRequest {
     match &lookup.vin {
         Some(vin) => crate::api::RecallsRequest { vin: Some(vin.clone()), ..Default::default() },
         None => crate::api::RecallsRequest {
@@ -198,8 +198,7 @@ async fn reschedule(
 ) -> Result<(), StoreError> {
     let generation = state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), kind, why).await?;
     let next = BatchTask { generation, ..task };
-    let mut storage = queue::storage(&state.store.pool, &state.schema);
-    queue::push(&mut storage, &[(next, Some(delay))]).await?;
+    queue::push_tasks(&state.store, &state.schema, &[(next, Some(delay))]).await?;
     state.store.mark_enqueued(task.job_id, &[(task.batch_no, generation)]).await
 }
 
@@ -231,29 +230,11 @@ fn decoded_vin(entry: BatchEntry) -> DecodedVin {
 /// Re-pushes batches whose queue task was lost: rescheduled but never
 /// pushed (a crash between the two), or claimed by a worker that died
 /// mid-call. Run by every worker now and then; pushing is idempotent.
-pub async fn sweep(store: &PgStore, schema: &str) -> Result<usize, StoreError> {
-    let lost: Vec<(i64, i32, i32)> = sqlx::query_as(
-        "UPDATE batches b SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
-         FROM jobs j
-         WHERE j.job_id = b.job_id AND j.state IN ('running', 'waiting')
-           AND b.state = 'running'
-           AND b.updated_at < now() - make_interval(secs => 2 * ((j.spec->'provider'->>'timeout_secs')::float8) + 30)
-         RETURNING b.job_id, b.batch_no, b.generation",
-    )
-    .fetch_all(&store.pool)
-    .await?;
-    let unpushed: Vec<(i64, i32, i32)> = sqlx::query_as(
-        "SELECT b.job_id, b.batch_no, b.generation FROM batches b JOIN jobs j USING (job_id)
-         WHERE j.state IN ('running', 'waiting') AND b.state = 'queued' AND NOT b.enqueued
-           AND b.updated_at < now() - interval '10 seconds'",
-    )
-    .fetch_all(&store.pool)
-    .await?;
-    let all: Vec<_> = lost.into_iter().chain(unpushed).collect();
+pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
+    let all = store.lost_tasks().await?;
     crate::finish::resume_orphaned_writes(store).await?;
-    let mut storage = queue::storage(&store.pool, schema);
     for &(job_id, batch_no, generation) in &all {
-        queue::push(&mut storage, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
+        queue::push_tasks(store, schema, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
         store.mark_enqueued(job_id, &[(batch_no, generation)]).await?;
     }
     Ok(all.len())
@@ -261,7 +242,7 @@ pub async fn sweep(store: &PgStore, schema: &str) -> Result<usize, StoreError> {
 
 /// Runs a worker until `stop` resolves, then drains in-flight calls.
 pub async fn run(
-    store: PgStore,
+    store: Store,
     schema: &str,
     concurrency: usize,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -269,20 +250,23 @@ pub async fn run(
     let name = queue::worker_name();
     let state = WorkerState::new(store.clone(), schema);
     let ctx = WorkerContext::new(&name);
-    let backend = queue::worker_storage(&store.pool, schema, concurrency)
-        .poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL));
-    let worker = WorkerBuilder::new(&ctx)
-        .backend(backend)
-        .data(state)
-        .concurrency(concurrency.max(1))
-        // Each call on its own tokio task, so calls use every core.
-        .parallelize(|f| tokio::spawn(f))
-        .on_event(|ctx, ev| {
-            if let Event::Error(e) = ev {
-                tracing::warn!(worker = %ctx.name(), error = %e, "task failed");
-            }
-        })
-        .build(handle);
+    // One builder for either backend (their types differ, the wiring does not).
+    macro_rules! build {
+        ($backend:expr) => {
+            WorkerBuilder::new(&ctx)
+                .backend($backend.poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL)))
+                .data(state)
+                .concurrency(concurrency.max(1))
+                // Each call on its own tokio task, so calls use every core.
+                .parallelize(|f| tokio::spawn(f))
+                .on_event(|ctx, ev| {
+                    if let Event::Error(e) = ev {
+                        tracing::warn!(worker = %ctx.name(), error = %e, "task failed");
+                    }
+                })
+                .build(handle)
+        };
+    }
     let sweeper = {
         let store = store.clone();
         let schema = schema.to_string();
@@ -307,7 +291,10 @@ pub async fn run(
         })
     };
     tracing::info!(worker = %name, concurrency, "worker started");
-    let result = worker.run().await;
+    let result = match &store {
+        Store::Pg(s) => build!(queue::worker_storage(&s.pool, schema, concurrency)).run().await,
+        Store::Lite(s) => build!(queue::sqlite_storage(&s.queue_pool, concurrency)).run().await,
+    };
     sweeper.abort();
     stopper.abort();
     result.map_err(|e| anyhow::anyhow!("worker {name} failed: {e}"))

@@ -70,7 +70,9 @@ fn check_names_the_file_it_cannot_read() {
 
 #[test]
 fn every_subcommand_has_help() {
-    for cmd in ["run", "submit", "worker", "status", "reprocess", "cancel", "serve", "decode", "check", "migrate"] {
+    for cmd in
+        ["run", "submit", "worker", "status", "reprocess", "write", "cancel", "serve", "decode", "check", "migrate"]
+    {
         let out = vinetl().args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);

@@ -16,7 +16,10 @@ fn spec_with_provider(provider: &str) -> vinetl::spec::JobSpec {
 }
 
 async fn store(schema: &str) -> vinetl::store::postgres::PgStore {
-    vinetl::store::postgres::open(&pg_url(), schema, 10).await.unwrap()
+    match vinetl::store::postgres::open(&pg_url(), schema, 10).await.unwrap() {
+        vinetl::store::Store::Pg(s) => s,
+        other => panic!("not Postgres: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,8 +163,9 @@ async fn a_used_up_quota_makes_the_job_wait_in_words_instead_of_failing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let worker = common::spawn_worker(&schema, "YOUR_API_KEY");
     let mut s = status(&schema, 1).await;
+    // Waiting, with the calls already in flight when the quota ran out stored.
     for _ in 0..300 {
-        if s["state"] == "waiting" {
+        if s["state"] == "waiting" && s["pending"] == 940 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -185,7 +189,7 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
     let schema = unique_schema("aimd");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 10\n");
-    let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
+    let limiter = vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
     let scale =
         || async { sqlx::query_scalar::<_, f64>("SELECT scale FROM limiter").fetch_one(&s.pool).await.unwrap() };
     limiter.push_back(None).await.unwrap();
@@ -223,7 +227,7 @@ async fn many_waiting_calls_share_reservation_round_trips() {
     let schema = unique_schema("batchres");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 400\nburst = 16\n");
-    let limiter = vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap();
+    let limiter = vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let l = limiter.clone();
@@ -254,7 +258,7 @@ async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes
     // Three limiters stand for three worker processes: only the database is shared.
     let mut limiters = Vec::new();
     for _ in 0..3 {
-        limiters.push(vinetl::limiter::SharedLimiter::register(&s.pool, &spec.provider).await.unwrap());
+        limiters.push(vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap());
     }
     let now_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -54,10 +54,14 @@ fn an_unreachable_database_fails_fast_naming_it_without_the_password() {
 }
 
 #[test]
-fn migrate_without_a_database_url_says_what_to_set() {
-    let out = vinetl().arg("migrate").output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+fn without_a_database_url_state_goes_to_a_sqlite_file_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vinetl().arg("migrate").current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SQLite file vinetl.db"));
+    assert!(dir.path().join("vinetl.db").is_file() && dir.path().join("vinetl-queue.db").is_file());
+    // Twice is fine.
+    assert!(vinetl().arg("migrate").current_dir(dir.path()).output().unwrap().status.success());
 }
 
 #[test]

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::{CarriedType, Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::s3::{S3, S3Url};
 use crate::spec::{JobSpec, OutputSpec};
-use crate::store::postgres::PgStore;
+use crate::store::Store;
 
 /// Rows per Arrow batch handed to the Parquet encoder.
 const CHUNK_ROWS: usize = 8192;
@@ -433,7 +433,7 @@ fn encode(
 
 /// Writes the job's dataset and commits it. Returns rows written and where.
 pub async fn write(
-    store: &PgStore,
+    store: &Store,
     job_id: i64,
     spec: &JobSpec,
     output: &OutputSpec,

@@ -181,11 +181,7 @@ impl OutputError {
 
 /// Writes every output the spec names, one after the other. Each replaces
 /// this job's earlier output wholesale.
-pub async fn write_all(
-    store: &crate::store::postgres::PgStore,
-    job_id: i64,
-    spec: &JobSpec,
-) -> Result<Written, OutputError> {
+pub async fn write_all(store: &crate::store::Store, job_id: i64, spec: &JobSpec) -> Result<Written, OutputError> {
     let mut written = Written::default();
     for output in &spec.outputs {
         let (rows, place) = match output {

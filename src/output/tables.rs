@@ -8,7 +8,7 @@ use sqlx::PgPool;
 
 use super::{Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::{JobSpec, OutputSpec};
-use crate::store::postgres::PgStore;
+use crate::store::Store;
 
 /// Rows per INSERT statement.
 const CHUNK_ROWS: usize = 5000;
@@ -107,25 +107,28 @@ fn select_list() -> String {
     )
 }
 
-fn upsert_vehicles_sql(schema: &str, results: &str, vehicles: &str) -> String {
-    let cols: Vec<&str> = VEHICLE_COLUMNS.iter().map(|(n, _, _)| *n).collect();
-    let set: Vec<String> = cols
+fn upsert_vehicles_sql(schema: &str, vehicles: &str) -> String {
+    let (args, cols) = unnest_parts(3);
+    let n = 3 + VEHICLE_COLUMNS.len();
+    let set: Vec<String> = VEHICLE_COLUMNS
         .iter()
-        .copied()
+        .map(|(c, _, _)| *c)
         .chain(["decoded_at", "recall_count", "has_recalls", "recall_campaigns", "recall_error", "job_id"])
         .map(|c| format!("{c} = EXCLUDED.{c}"))
         .collect();
     format!(
         "INSERT INTO {schema}.{vehicles} (vin, decoded_at, {cols}, recall_count, has_recalls, recall_campaigns,
              recall_error, job_id)
-         SELECT DISTINCT ON (vin) vin, decoded_at, {cols}, recall_count, has_recalls, recall_campaigns, recall_error,
-                job_id
-         FROM {schema}.{results}
-         WHERE job_id = $1 AND status = 'decoded' AND vin = ANY($2)
-         ORDER BY vin, decoded_at DESC
+         SELECT x.vin, x.decoded_at, {cols}, x.recall_count, x.recall_count > 0,
+                string_to_array(x.recall_campaigns, ','), x.recall_error, ${job}
+         FROM UNNEST($1::text[], $2::timestamptz[], {args}, ${a}::int[], ${b}::text[], ${c}::text[])
+              AS x(vin, decoded_at, {cols}, recall_count, recall_campaigns, recall_error)
          ON CONFLICT (vin) DO UPDATE SET {set}, updated_at = now()
          WHERE {vehicles}.decoded_at <= EXCLUDED.decoded_at",
-        cols = cols.join(", "),
+        a = n,
+        b = n + 1,
+        c = n + 2,
+        job = n + 3,
         set = set.join(", "),
     )
 }
@@ -145,7 +148,7 @@ async fn create_tables(pool: &PgPool, schema: &str, results: &str, vehicles: &st
 
 /// Writes the job's rows; returns rows written and where.
 pub async fn write(
-    store: &PgStore,
+    store: &Store,
     job_id: i64,
     spec: &JobSpec,
     output: &OutputSpec,
@@ -156,7 +159,12 @@ pub async fn write(
     let place = format!("postgres {schema}.{results_table} and {schema}.{vehicles_table}");
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
     let pool = match url_env {
-        None => store.pool.clone(),
+        None => store.pg_pool().cloned().ok_or_else(|| {
+            OutputError::write(
+                &place,
+                "the state store is SQLite: set outputs.url_env to a variable holding a Postgres URL",
+            )
+        })?,
         Some(var) => {
             let url = std::env::var(var)
                 .map_err(|_| OutputError::write(&place, format!("the variable {var} (outputs.url_env) is not set")))?;
@@ -172,7 +180,7 @@ pub async fn write(
     };
     create_tables(&pool, schema, results_table, vehicles_table).await.map_err(fail)?;
     let insert = insert_results_sql(schema, results_table);
-    let upsert = upsert_vehicles_sql(schema, results_table, vehicles_table);
+    let upsert = upsert_vehicles_sql(schema, vehicles_table);
     let mut tx = pool.begin().await.map_err(fail)?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results_table} WHERE job_id = $1")))
         .bind(job_id)
@@ -184,16 +192,7 @@ pub async fn write(
     while let Some(chunk) = rows.next().await {
         let chunk = chunk.into_iter().collect::<Result<Vec<_>, _>>()?;
         insert_chunk(&mut tx, &insert, job_id, &chunk).await.map_err(fail)?;
-        let decoded: Vec<&str> =
-            chunk.iter().filter(|r| r.status == "decoded").filter_map(|r| r.vin.as_deref()).collect();
-        if !decoded.is_empty() {
-            sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
-                .bind(job_id)
-                .bind(&decoded)
-                .execute(&mut *tx)
-                .await
-                .map_err(fail)?;
-        }
+        upsert_vehicles(&mut tx, &upsert, job_id, &chunk).await.map_err(fail)?;
         total += chunk.len() as u64;
         store.heartbeat(job_id).await?;
     }
@@ -231,6 +230,46 @@ async fn insert_chunk(
         .bind(texts(&|r| r.recall_campaigns.as_ref().map(|c| c.join(","))))
         .bind(texts(&|r| r.recall_error.clone()))
         .bind(rows.iter().map(|r| serde_json::Value::Object(r.carried.clone())).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The chunk's decoded rows, one per VIN (the latest decode), into the
+/// vehicles table; an older decode never overwrites a newer one.
+async fn upsert_vehicles(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sql: &str,
+    job_id: i64,
+    rows: &[OutputRow],
+) -> Result<(), sqlx::Error> {
+    let mut latest: std::collections::BTreeMap<&str, &OutputRow> = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.status == "decoded" && r.decoded_at.is_some()) {
+        let Some(vin) = r.vin.as_deref() else { continue };
+        let e = latest.entry(vin).or_insert(r);
+        if r.decoded_at > e.decoded_at {
+            *e = r;
+        }
+    }
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<&OutputRow> = latest.into_values().collect();
+    let texts = |f: &dyn Fn(&OutputRow) -> Option<String>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(texts(&|r| r.vin.clone()))
+        .bind(rows.iter().map(|r| r.decoded_at).collect::<Vec<_>>());
+    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
+        q = match kind {
+            Kind::Text => q.bind(texts(&|r| r.text(i).map(str::to_string))),
+            Kind::Int => q.bind(rows.iter().map(|r| r.int(i)).collect::<Vec<_>>()),
+            Kind::Float => q.bind(rows.iter().map(|r| r.float(i)).collect::<Vec<_>>()),
+        };
+    }
+    q.bind(rows.iter().map(|r| r.recall_count()).collect::<Vec<_>>())
+        .bind(texts(&|r| r.recall_campaigns.as_ref().map(|c| c.join(","))))
+        .bind(texts(&|r| r.recall_error.clone()))
+        .bind(job_id)
         .execute(&mut **tx)
         .await?;
     Ok(())

@@ -5,6 +5,237 @@
 //! every test can take a schema of its own.
 
 pub mod postgres;
+pub mod sqlite;
+
+use futures_util::stream::BoxStream;
+
+use crate::output::{CarriedType, OutputRow, RecallMode};
+use crate::spec::JobSpec;
+
+/// One input row as the planner stores it.
+#[derive(Debug, Clone)]
+pub struct PlannedRow {
+    pub source: String,
+    pub row_number: i64,
+    pub raw_vin: String,
+    pub vin: Option<String>,
+    pub check_digit_valid: Option<bool>,
+    pub error_code: Option<&'static str>,
+    pub error_text: Option<String>,
+    pub carried: serde_json::Value,
+}
+
+/// A batch claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedBatch {
+    pub vins: Vec<String>,
+    pub attempts: i32,
+    /// Set for a recall lookup; `None` for a batch decode.
+    pub lookup_key: Option<String>,
+}
+
+/// Why a batch goes back on the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reschedule {
+    /// The call failed in a retryable way: one attempt used.
+    Failed,
+    /// The call got a 429: no attempt used.
+    RateLimited,
+    /// No call was made (the limiter said wait).
+    NotCalled,
+}
+
+/// One decoded VIN to store.
+#[derive(Debug, Clone)]
+pub struct DecodedVin {
+    pub vin: String,
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub model_year: Option<i32>,
+    /// A per-VIN error inside a 200 answer.
+    pub error: Option<(String, String)>,
+    pub raw: serde_json::Value,
+}
+
+/// The counts `status` shows.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct JobCounts {
+    pub job_id: i64,
+    pub name: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub rows: i64,
+    pub valid: i64,
+    pub invalid: std::collections::BTreeMap<String, i64>,
+    pub duplicates: i64,
+    pub cache_hits: i64,
+    pub decoded: i64,
+    pub failed: i64,
+    pub pending: i64,
+    pub batches: i64,
+    pub batches_done: i64,
+    pub dead_lettered_batches: i64,
+    pub dead_lettered_vins: i64,
+    pub calls_made: i64,
+    pub calls_retried: i64,
+    pub rate_limited: i64,
+    /// Recall lookups on (`None`) or off.
+    pub recalls: Option<RecallCounts>,
+    /// Where the outputs went, once written.
+    pub outputs: Vec<String>,
+}
+
+/// A job's recall accounting.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct RecallCounts {
+    /// Distinct lookups the job needed (make/model/year, or VINs).
+    pub lookups: i64,
+    /// Of those, answered by the cache.
+    pub cache_hits: i64,
+    /// Recall calls made (retries included).
+    pub calls: i64,
+    /// Lookups that failed for good: their rows' recalls are unknown.
+    pub failed: i64,
+    /// Once the job's calls are done: rows with at least one recall, rows
+    /// whose recalls are unknown, distinct campaigns.
+    pub rows_with_recalls: Option<i64>,
+    pub rows_unknown: Option<i64>,
+    pub campaigns: Option<i64>,
+    /// Calls a one-lookup-per-row client would make, less the calls made.
+    pub calls_saved: i64,
+}
+
+/// What a job needs next, once a batch ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Batches are still queued or running (or the job has ended).
+    Nothing,
+    /// Recall lookups were planned: enqueue them.
+    Enqueue,
+    /// Every call is done and the job has outputs: write them (this caller
+    /// holds the job in `writing`).
+    Write,
+    /// The job is done.
+    Done,
+}
+
+/// A recall lookup to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub key: String,
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub model_year: Option<i32>,
+    pub vin: Option<String>,
+}
+
+/// The state store: one seam, two implementations. Postgres is for
+/// production and many machines; SQLite (one file) for one machine and the
+/// demo. Both pass the same conformance tests (tests/conformance.rs).
+#[derive(Clone, Debug)]
+pub enum Store {
+    Pg(postgres::PgStore),
+    Lite(sqlite::SqliteStore),
+}
+
+/// Held while planning a job, so two planners never plan it at once.
+pub enum PlanLock {
+    Pg(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Lite(i64),
+}
+
+/// Forwards each listed method to the implementation.
+macro_rules! delegate {
+    ($( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $(
+                $(#[$m])*
+                pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
+                    match self {
+                        Store::Pg(s) => s.$name($($arg),*).await,
+                        Store::Lite(s) => s.$name($($arg),*).await,
+                    }
+                }
+            )*
+        }
+    };
+}
+
+delegate! {
+    /// An unfinished job with this spec, to resume instead of starting a copy.
+    fn resumable_job(&self, spec_hash: &str) -> Option<i64>;
+    fn create_job(&self, name: &str, spec: &serde_json::Value, spec_hash: &str) -> i64;
+    /// Rows of a source already stored for the job, and whether it is complete.
+    fn rows_planned(&self, job_id: i64, source: &str) -> (i64, bool);
+    /// Stores a chunk of input rows and the source's progress in one transaction.
+    fn insert_rows(&self, job_id: i64, source: &str, rows: &[PlannedRow], complete: bool) -> ();
+    /// Plans every row (first occurrence, duplicate, cache hit) and creates the batches, once.
+    fn plan_batches(&self, job_id: i64, batch_size: i32, cache_ttl_hours: f64) -> i64;
+    fn unenqueued(&self, job_id: i64) -> Vec<(i32, i32)>;
+    fn mark_enqueued(&self, job_id: i64, batch_generations: &[(i32, i32)]) -> ();
+    /// Takes a batch for one call (current generation only; a stale lease is taken over).
+    fn claim(&self, job_id: i64, batch_no: i32, generation: i32, lease_secs: f64) -> Option<ClaimedBatch>;
+    /// Stores a batch-decode answer.
+    fn complete(&self, job_id: i64, batch_no: i32, decoded: &[DecodedVin]) -> ();
+    fn set_waiting(&self, job_id: i64, resume_in_secs: f64, reason: &str) -> ();
+    /// Schedules a batch again under a new generation; returns it.
+    fn reschedule(&self, job_id: i64, batch_no: i32, delay_secs: f64, kind: Reschedule, error: &str) -> i32;
+    fn dead_letter(&self, job_id: i64, batch_no: i32, error: &str, called: bool) -> ();
+    fn fail_job(&self, job_id: i64, reason: &str) -> ();
+    fn mark_running(&self, job_id: i64) -> ();
+    fn cancel_job(&self, job_id: i64) -> bool;
+    fn recent_jobs(&self, limit: i64) -> Vec<i64>;
+    fn counts(&self, job_id: i64) -> Option<JobCounts>;
+    fn carried_types(&self, job_id: i64, carry: &[String]) -> Vec<(String, CarriedType)>;
+    fn job_date(&self, job_id: i64) -> sqlx::types::chrono::NaiveDate;
+    fn heartbeat(&self, job_id: i64) -> ();
+    /// Moves a job on once its last batch has ended.
+    fn advance(&self, job_id: i64, spec: &JobSpec) -> Next;
+    fn job_spec(&self, job_id: i64) -> Result<JobSpec, String>;
+    fn begin_rewrite(&self, job_id: i64) -> bool;
+    fn orphaned_writes(&self, lease_secs: f64) -> Vec<i64>;
+    fn finish_writing(&self, job_id: i64, outputs: &[String]) -> ();
+    fn fail_writing(&self, job_id: i64, reason: &str) -> ();
+    fn lookup(&self, key: &str) -> Option<Lookup>;
+    fn complete_recall(&self, job_id: i64, batch_no: i32, key: &str, recalls: &[crate::api::Recall]) -> ();
+    fn reprocess(&self, job_id: i64, failed_only: bool, batch_size: i32, cache_ttl_hours: f64) -> Option<i64>;
+    /// Batches whose queue task was lost (a dead worker's, or never pushed).
+    fn lost_tasks(&self) -> Vec<(i64, i32, i32)>;
+}
+
+impl Store {
+    /// Every output row of a job, in source order, streamed.
+    pub fn output_rows(&self, job_id: i64, mode: RecallMode) -> BoxStream<'_, Result<OutputRow, StoreError>> {
+        use futures_util::StreamExt;
+        match self {
+            Store::Pg(s) => s.output_rows(job_id, mode).boxed(),
+            Store::Lite(s) => s.output_rows(job_id, mode),
+        }
+    }
+
+    pub async fn lock_planning(&self, job_id: i64) -> Result<Option<PlanLock>, StoreError> {
+        Ok(match self {
+            Store::Pg(s) => s.lock_planning(job_id).await?.map(PlanLock::Pg),
+            Store::Lite(s) => s.lock_planning(job_id).await?.then_some(PlanLock::Lite(job_id)),
+        })
+    }
+
+    pub async fn unlock_planning(&self, lock: PlanLock) -> Result<(), StoreError> {
+        match (self, lock) {
+            (Store::Pg(_), PlanLock::Pg(conn)) => postgres::unlock_planning(conn).await,
+            (Store::Lite(s), PlanLock::Lite(job_id)) => s.unlock_planning(job_id).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The Postgres pool, where the state lives in Postgres.
+    pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match self {
+            Store::Pg(s) => Some(&s.pool),
+            Store::Lite(_) => None,
+        }
+    }
+}
 
 /// Where the state lives, from `DATABASE_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +248,6 @@ pub enum DatabaseUrl {
 pub enum StoreError {
     #[error("DATABASE_URL must start with postgres:// or sqlite://, got {0:?}")]
     UnknownScheme(String),
-    #[error("the SQLite state store is not built yet (issue #8); set DATABASE_URL=postgres://USER@HOST:5432/DB")]
-    SqliteNotBuilt,
     #[error(
         "schema name {0:?} is not allowed: use lowercase letters, digits and _, starting with a letter or _ (at most 63)"
     )]

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{StoreError, check_schema, redact};
+use super::{
+    ClaimedBatch, DecodedVin, JobCounts, Lookup, Next, PlannedRow, RecallCounts, Reschedule, StoreError, check_schema,
+    redact,
+};
 
 /// The runner's migrations, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -35,7 +38,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
 
 /// Opens the state store: connects, migrates vinetl's schema and creates
 /// the queue's tables. Every command that touches state starts here.
-pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<PgStore, StoreError> {
+pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<super::Store, StoreError> {
     let pool = connect(url, schema, max_connections).await?;
     migrate(&pool, schema).await?;
     // apalis's migrations install extensions: run them on a connection with
@@ -50,7 +53,7 @@ pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<PgSto
         .map_err(|source| StoreError::Connect { url: shown, source })?;
     crate::queue::setup(&plain).await?;
     plain.close().await;
-    Ok(PgStore::new(pool))
+    Ok(super::Store::Pg(PgStore::new(pool)))
 }
 
 /// Creates the schema if needed and applies pending migrations. Safe to run
@@ -70,104 +73,18 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await.map_err(|source| StoreError::Migrate { schema: schema.to_string(), source })
 }
 
+/// Ends a planning lock (session advisory locks outlive the borrow of a
+/// pooled connection, so it is released explicitly).
+pub async fn unlock_planning(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// The runner's state in Postgres: every SQL statement the runner sends
 /// about jobs, inputs, batches and the cache lives here.
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pub pool: PgPool,
-}
-
-/// One input row as the planner stores it.
-#[derive(Debug, Clone)]
-pub struct PlannedRow {
-    pub source: String,
-    pub row_number: i64,
-    pub raw_vin: String,
-    pub vin: Option<String>,
-    pub check_digit_valid: Option<bool>,
-    pub error_code: Option<&'static str>,
-    pub error_text: Option<String>,
-    pub carried: serde_json::Value,
-}
-
-/// A batch claimed by a worker.
-#[derive(Debug, Clone)]
-pub struct ClaimedBatch {
-    pub vins: Vec<String>,
-    pub attempts: i32,
-    /// Set for a recall lookup; `None` for a batch decode.
-    pub lookup_key: Option<String>,
-}
-
-/// Why a batch goes back on the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reschedule {
-    /// The call failed in a retryable way: one attempt used.
-    Failed,
-    /// The call got a 429: no attempt used.
-    RateLimited,
-    /// No call was made (the limiter said wait).
-    NotCalled,
-}
-
-/// One decoded VIN to store.
-#[derive(Debug, Clone)]
-pub struct DecodedVin {
-    pub vin: String,
-    pub make: Option<String>,
-    pub model: Option<String>,
-    pub model_year: Option<i32>,
-    /// A per-VIN error inside a 200 answer.
-    pub error: Option<(String, String)>,
-    pub raw: serde_json::Value,
-}
-
-/// The counts `status` shows.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
-pub struct JobCounts {
-    pub job_id: i64,
-    pub name: String,
-    pub state: String,
-    pub state_reason: Option<String>,
-    pub rows: i64,
-    pub valid: i64,
-    pub invalid: std::collections::BTreeMap<String, i64>,
-    pub duplicates: i64,
-    pub cache_hits: i64,
-    pub decoded: i64,
-    pub failed: i64,
-    pub pending: i64,
-    pub batches: i64,
-    pub batches_done: i64,
-    pub dead_lettered_batches: i64,
-    pub dead_lettered_vins: i64,
-    pub calls_made: i64,
-    pub calls_retried: i64,
-    pub rate_limited: i64,
-    /// Recall lookups on (`None`) or off.
-    pub recalls: Option<RecallCounts>,
-    /// Where the outputs went, once written.
-    pub outputs: Vec<String>,
-}
-
-/// A job's recall accounting.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
-pub struct RecallCounts {
-    /// Distinct lookups the job needed (make/model/year, or VINs).
-    pub lookups: i64,
-    /// Of those, answered by the cache.
-    pub cache_hits: i64,
-    /// Recall calls made (retries included).
-    pub calls: i64,
-    /// Lookups that failed for good: their rows' recalls are unknown.
-    pub failed: i64,
-    /// Once the job's calls are done: rows with at least one recall, rows
-    /// whose recalls are unknown, distinct campaigns.
-    pub rows_with_recalls: Option<i64>,
-    pub rows_unknown: Option<i64>,
-    pub campaigns: Option<i64>,
-    /// Calls a one-lookup-per-row client would make, less the calls made.
-    pub calls_saved: i64,
 }
 
 impl PgStore {
@@ -212,6 +129,30 @@ impl PgStore {
                 .fetch_one(&mut *conn)
                 .await?;
         Ok(got.then_some(conn))
+    }
+
+    /// Batches whose queue task was lost: claimed by a worker that died
+    /// mid-call (taken back after the lease), or rescheduled but never pushed.
+    pub async fn lost_tasks(&self) -> Result<Vec<(i64, i32, i32)>, StoreError> {
+        let mut lost: Vec<(i64, i32, i32)> = sqlx::query_as(
+            "UPDATE batches b SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
+             FROM jobs j
+             WHERE j.job_id = b.job_id AND j.state IN ('running', 'waiting')
+               AND b.state = 'running'
+               AND b.updated_at < now() - make_interval(secs => 2 * ((j.spec->'provider'->>'timeout_secs')::float8) + 30)
+             RETURNING b.job_id, b.batch_no, b.generation",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let unpushed: Vec<(i64, i32, i32)> = sqlx::query_as(
+            "SELECT b.job_id, b.batch_no, b.generation FROM batches b JOIN jobs j USING (job_id)
+             WHERE j.state IN ('running', 'waiting') AND b.state = 'queued' AND NOT b.enqueued
+               AND b.updated_at < now() - interval '10 seconds'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        lost.extend(unpushed);
+        Ok(lost)
     }
 
     /// Rows of `source` already stored for the job (planning resumes after them).
@@ -500,17 +441,6 @@ impl PgStore {
         Ok(generation)
     }
 
-    /// When the batch's next attempt may run (Unix seconds, database clock).
-    pub async fn next_run_at(&self, job_id: i64, batch_no: i32) -> Result<f64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT extract(epoch FROM next_run_at)::float8 FROM batches WHERE job_id = $1 AND batch_no = $2",
-        )
-        .bind(job_id)
-        .bind(batch_no)
-        .fetch_one(&self.pool)
-        .await?)
-    }
-
     /// Gives up on a batch: a decode's rows end `failed` with the last error;
     /// a recall lookup is marked failed, so its rows show recalls as unknown.
     /// The error is kept in `errors`.
@@ -640,13 +570,6 @@ impl PgStore {
         Ok(true)
     }
 
-    pub async fn job_state(&self, job_id: i64) -> Result<Option<(String, Option<String>)>, StoreError> {
-        Ok(sqlx::query_as("SELECT state, state_reason FROM jobs WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
     pub async fn recent_jobs(&self, limit: i64) -> Result<Vec<i64>, StoreError> {
         Ok(sqlx::query_scalar("SELECT job_id FROM jobs ORDER BY job_id DESC LIMIT $1")
             .bind(limit)
@@ -747,8 +670,12 @@ impl PgStore {
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
 static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // jsonb_to_record reads each cached document once (twenty `->>` would
+    // detoast it twenty times).
     let vehicle: Vec<String> =
-        crate::output::VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("c.raw->>'{field}'")).collect();
+        crate::output::VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("v.\"{field}\"")).collect();
+    let record: Vec<String> =
+        crate::output::VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("\"{field}\" text")).collect();
     format!(
         "WITH camps AS (
              SELECT lookup_key, array_agg(campaign_number ORDER BY campaign_number) AS campaigns
@@ -765,6 +692,7 @@ static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                 {}
          FROM job_inputs ji
          LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
+         LEFT JOIN LATERAL jsonb_to_record(c.raw) AS v({}) ON true
          LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
                                         WHEN $2 = 'model' THEN recall_key(c.make, c.model, c.model_year) END AS key) k
                 ON ji.status = 'decoded'
@@ -772,7 +700,8 @@ static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          LEFT JOIN camps ON camps.lookup_key = rl.lookup_key
          WHERE ji.job_id = $1
          ORDER BY ji.source, ji.row_number",
-        vehicle.join(", ")
+        vehicle.join(", "),
+        record.join(", ")
     )
 });
 
@@ -861,30 +790,6 @@ impl PgStore {
     }
 }
 
-/// What a job needs next, once a batch ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
-    /// Batches are still queued or running (or the job has ended).
-    Nothing,
-    /// Recall lookups were planned: enqueue them.
-    Enqueue,
-    /// Every call is done and the job has outputs: write them (this caller
-    /// holds the job in `writing`).
-    Write,
-    /// The job is done.
-    Done,
-}
-
-/// A recall lookup to make.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lookup {
-    pub key: String,
-    pub make: Option<String>,
-    pub model: Option<String>,
-    pub model_year: Option<i32>,
-    pub vin: Option<String>,
-}
-
 impl PgStore {
     /// Moves a job on when its last batch has ended: plans its recall
     /// lookups (once), then hands it to an output writer or marks it done.
@@ -946,6 +851,21 @@ impl PgStore {
         let json: serde_json::Value =
             sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1").bind(job_id).fetch_one(&self.pool).await?;
         Ok(serde_json::from_value(json).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
+    }
+
+    /// Puts an ended job into `writing` to write its outputs again from the
+    /// stored results. False if it has not ended (or has no calls planned).
+    pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'writing', state_reason = NULL, updated_at = now()
+             WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
+               AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
+        )
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
     }
 
     /// Takes over a job left in `writing` by a writer that stopped beating.
