@@ -191,6 +191,7 @@ impl Cli {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 let counts = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
                 out!("{}", runner::describe(&counts));
+                outln!("  state            {}", state.describe());
                 Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             Command::Submit { spec, state } => {

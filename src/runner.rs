@@ -54,6 +54,11 @@ impl State {
 /// `vinetl submit SPEC`.
 pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted> {
     let spec = load_spec(spec_path)?;
+    anyhow::ensure!(
+        !spec.provider.embedded,
+        "{}: provider.embedded runs the API inside `vinetl run`; use `vinetl run`, or point base_url at a server",
+        spec_path.display()
+    );
     let store = state.open(4).await?;
     Ok(planner::submit(&store, &state.schema, &spec).await?)
 }
@@ -95,11 +100,29 @@ pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
 
 /// `vinetl run SPEC`: submit, work the job to the end here, return its counts.
 pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<JobCounts> {
-    let spec = load_spec(spec_path)?;
+    let mut spec = load_spec(spec_path)?;
+    let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
     let submitted = planner::submit(&store, &state.schema, &spec).await?;
-    work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress).await
+    let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress).await;
+    if let Some(server) = embedded {
+        let _ = server.stop().await;
+    }
+    counts
+}
+
+/// For `provider.embedded`: starts the Car Vin API in this process, limited
+/// like the job's account, and points the spec at it.
+async fn embed(spec: &mut JobSpec) -> anyhow::Result<Option<crate::serve::RunningServer>> {
+    if !spec.provider.embedded {
+        return Ok(None);
+    }
+    let p = &spec.provider;
+    let server = crate::serve::spawn_embedded(p.requests_per_second, p.daily_quota).await?;
+    tracing::info!(url = %server.url(), "embedded Car Vin API started");
+    spec.provider.base_url = server.url();
+    Ok(Some(server))
 }
 
 /// Works the job here until it ends, then returns its counts.
@@ -185,6 +208,14 @@ pub async fn reprocess(
             e => e.into(),
         })?
         .map_err(|e| anyhow::anyhow!(e))?;
+    let mut spec = spec;
+    let embedded = if spec.provider.embedded && !detach {
+        let server = embed(&mut spec).await?;
+        store.update_spec(job_id, &serde_json::to_value(&spec)?).await?;
+        server
+    } else {
+        None
+    };
     let batches = store
         .reprocess(job_id, failed_only, spec.provider.batch_size as i32, spec.cache.ttl_hours)
         .await?
@@ -195,7 +226,11 @@ pub async fn reprocess(
     if detach {
         return store.counts(job_id).await?.context("the job vanished");
     }
-    work_until_done(&store, &state.schema, job_id, concurrency, progress).await
+    let counts = work_until_done(&store, &state.schema, job_id, concurrency, progress).await;
+    if let Some(server) = embedded {
+        let _ = server.stop().await;
+    }
+    counts
 }
 
 /// `vinetl write JOB`: writes an ended job's outputs again from its stored

@@ -92,8 +92,16 @@ pub enum InputFormat {
 #[serde(deny_unknown_fields)]
 pub struct ProviderSpec {
     /// e.g. `https://www.carvinapi.com` or a local `vinetl serve`.
+    #[serde(default)]
     pub base_url: String,
-    /// Name of the environment variable that holds the API key (never the key).
+    /// `vinetl run` starts the Car Vin API in-process on a loopback port,
+    /// with this provider's rate and daily quota as the account's limits, and
+    /// calls it (no key variable needed). For the demo and trials; one machine.
+    #[serde(default)]
+    pub embedded: bool,
+    /// Name of the environment variable that holds the API key (never the
+    /// key; default `CARVIN_API_KEY`).
+    #[serde(default = "default_key_env")]
     pub api_key_env: String,
     /// VINs per batch-decode call, 1 to 20.
     #[serde(default = "default_batch_size")]
@@ -118,6 +126,10 @@ pub struct ProviderSpec {
     /// Attempts per batch before it is dead-lettered (429s do not count).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+}
+
+fn default_key_env() -> String {
+    "CARVIN_API_KEY".to_string()
 }
 
 fn parse_hh_mm(s: &str) -> Option<u32> {
@@ -297,8 +309,8 @@ impl JobSpec {
         if p.burst.is_some_and(|b| !(b.is_finite() && b >= 1.0)) {
             return invalid("provider.burst", "must be at least 1");
         }
-        if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
-            return invalid("provider.base_url", "must start with http:// or https://");
+        if !p.embedded && !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+            return invalid("provider.base_url", "must start with http:// or https:// (or set embedded = true)");
         }
         if p.api_key_env.trim().is_empty() || p.api_key_env.contains(char::is_whitespace) {
             return invalid(

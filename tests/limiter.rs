@@ -189,7 +189,8 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
     let schema = unique_schema("aimd");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 10\n");
-    let limiter = vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
+    let limiter =
+        vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
     let scale =
         || async { sqlx::query_scalar::<_, f64>("SELECT scale FROM limiter").fetch_one(&s.pool).await.unwrap() };
     limiter.push_back(None).await.unwrap();
@@ -227,7 +228,8 @@ async fn many_waiting_calls_share_reservation_round_trips() {
     let schema = unique_schema("batchres");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 400\nburst = 16\n");
-    let limiter = vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
+    let limiter =
+        vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let l = limiter.clone();
@@ -258,7 +260,11 @@ async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes
     // Three limiters stand for three worker processes: only the database is shared.
     let mut limiters = Vec::new();
     for _ in 0..3 {
-        limiters.push(vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap());
+        limiters.push(
+            vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider)
+                .await
+                .unwrap(),
+        );
     }
     let now_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -127,6 +127,32 @@ impl RunningServer {
 }
 
 /// Starts the server in this process (the demo and tests use port 0).
+/// The key of the server `vinetl run` embeds (it listens on loopback only).
+pub const EMBEDDED_KEY: &str = "vinetl-embedded";
+
+/// Starts the embedded server for a job: one key, limited like the job's
+/// account (`per_second` and `per_day`), on a free loopback port.
+pub async fn spawn_embedded(per_second: f64, per_day: Option<u64>) -> Result<RunningServer, ServeError> {
+    let dir = std::env::temp_dir().join(format!("vinetl-embedded-{}-{:08x}", std::process::id(), fastrand::u32(..)));
+    let keys = dir.join("keys.toml");
+    let mut text =
+        format!("[[keys]]\nkey = \"{EMBEDDED_KEY}\"\ntier = \"pro\"\nname = \"embedded\"\nper_second = {per_second}\n");
+    if let Some(d) = per_day {
+        text.push_str(&format!("per_day = {d}\n"));
+    }
+    let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&keys, text));
+    if let Err(e) = written {
+        return Err(ServeError::Keys(crate::serve::keys::KeysError::Read {
+            path: keys.display().to_string(),
+            source: e,
+        }));
+    }
+    let opts = ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), recalls: None, faults: Faults::default() };
+    let server = spawn(opts).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    server
+}
+
 pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
     let server = tokio::task::spawn_blocking({
         let opts = opts.clone();

@@ -193,6 +193,8 @@ delegate! {
     fn advance(&self, job_id: i64, spec: &JobSpec) -> Next;
     fn job_spec(&self, job_id: i64) -> Result<JobSpec, String>;
     fn begin_rewrite(&self, job_id: i64) -> bool;
+    /// Replaces a job's stored spec (an embedded server's new address).
+    fn update_spec(&self, job_id: i64, spec: &serde_json::Value) -> ();
     fn orphaned_writes(&self, lease_secs: f64) -> Vec<i64>;
     fn finish_writing(&self, job_id: i64, outputs: &[String]) -> ();
     fn fail_writing(&self, job_id: i64, reason: &str) -> ();

@@ -853,6 +853,11 @@ impl PgStore {
         Ok(serde_json::from_value(json).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
     }
 
+    pub async fn update_spec(&self, job_id: i64, spec: &serde_json::Value) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET spec = $2 WHERE job_id = $1").bind(job_id).bind(spec).execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Puts an ended job into `writing` to write its outputs again from the
     /// stored results. False if it has not ended (or has no calls planned).
     pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {

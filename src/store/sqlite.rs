@@ -767,6 +767,15 @@ impl SqliteStore {
         Ok(serde_json::from_str(&text).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
     }
 
+    pub async fn update_spec(&self, job_id: i64, spec: &Value) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET spec = ? WHERE job_id = ?")
+            .bind(spec.to_string())
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
         let n = sqlx::query(q("UPDATE jobs SET state = 'writing', state_reason = NULL, updated_at = NOW
              WHERE job_id = ?1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
