@@ -309,7 +309,7 @@ impl JobSpec {
         if p.burst.is_some_and(|b| !(b.is_finite() && b >= 1.0)) {
             return invalid("provider.burst", "must be at least 1");
         }
-        if !p.embedded && !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+        if !(p.embedded || p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
             return invalid("provider.base_url", "must start with http:// or https:// (or set embedded = true)");
         }
         if p.api_key_env.trim().is_empty() || p.api_key_env.contains(char::is_whitespace) {

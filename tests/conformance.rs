@@ -1,0 +1,331 @@
+//! The state-store conformance suite: every test here runs against both
+//! implementations of the seam, Postgres and SQLite, and expects the same
+//! results: enqueue idempotency, crash recovery, the limiter's guarantees,
+//! counts, reprocess.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{KEYS_TOML, pg_url, unique_schema};
+use vinetl::limiter::{Denied, SharedLimiter};
+use vinetl::queue::BatchTask;
+use vinetl::runner::State;
+use vinetl::serve::faults::Faults;
+use vinetl::spec::JobSpec;
+use vinetl::store::{Reschedule, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Pg,
+    Lite,
+}
+
+/// One backend's state for one test: a Postgres schema of its own, or a
+/// SQLite file in a directory of its own.
+struct Env {
+    backend: Backend,
+    url: String,
+    schema: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(backend: Backend) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match backend {
+            Backend::Pg => pg_url(),
+            Backend::Lite => format!("sqlite://{}", dir.path().join("state.db").display()),
+        };
+        Env { backend, url, schema: unique_schema("conf"), dir }
+    }
+
+    fn state(&self) -> State {
+        State::new(Some(&self.url), &self.schema).unwrap()
+    }
+
+    async fn store(&self) -> Store {
+        self.state().open(8).await.unwrap()
+    }
+
+    /// A spec over `vins` in the test's directory.
+    fn spec(&self, vins: &[String], base_url: &str, extra: &str) -> std::path::PathBuf {
+        std::fs::write(self.dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+        let text = format!(
+            "name = \"conformance\"\n[source]\nkind = \"file\"\npath = \"vins.txt\"\n[provider]\nbase_url = \"{base_url}\"\napi_key_env = \"CARVIN_API_KEY\"\nrequests_per_second = 200\n{extra}\n"
+        );
+        let path = self.dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Tasks on the queue for this install.
+    async fn queued_tasks(&self, store: &Store) -> i64 {
+        match store {
+            Store::Pg(s) => sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+                .bind(vinetl::queue::queue_name(&self.schema))
+                .fetch_one(&s.pool)
+                .await
+                .unwrap(),
+            Store::Lite(s) => sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'vinetl.batches'")
+                .fetch_one(&s.queue_pool)
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Moves every running batch's last update `secs` into the past (a
+    /// worker that died that long ago).
+    async fn backdate_running(&self, store: &Store, secs: f64) {
+        match store {
+            Store::Pg(s) => {
+                sqlx::query("UPDATE batches SET updated_at = now() - make_interval(secs => $1) WHERE state = 'running'")
+                    .bind(secs)
+                    .execute(&s.pool)
+                    .await
+                    .map(|r| r.rows_affected())
+                    .unwrap()
+            }
+            Store::Lite(s) => {
+                sqlx::query("UPDATE batches SET updated_at = unixepoch('subsec') - ? WHERE state = 'running'")
+                    .bind(secs)
+                    .execute(&s.pool)
+                    .await
+                    .map(|r| r.rows_affected())
+                    .unwrap()
+            }
+        };
+    }
+
+    /// The `vinetl` binary on this backend.
+    async fn vinetl(&self, key: &str, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("VINETL_SCHEMA", &self.schema)
+            .env("CARVIN_API_KEY", key)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap()
+    }
+
+    async fn status(&self, job: i64) -> serde_json::Value {
+        let out = self.vinetl("unused", &["status", &job.to_string(), "--json"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    async fn cleanup(self) {
+        if self.backend == Backend::Pg {
+            common::cleanup(&self.schema).await;
+        }
+    }
+}
+
+fn pattern_vins(n: usize) -> Vec<String> {
+    std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap().lines().take(n).map(str::to_string).collect()
+}
+
+/// Submitting twice, enqueueing twice and pushing a task twice leave one
+/// queue task per batch, and one job.
+async fn enqueue_is_idempotent(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = JobSpec::load(&env.spec(&pattern_vins(100), "http://127.0.0.1:9", "")).unwrap();
+    let first = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!(first.batches, 5);
+    assert_eq!(env.queued_tasks(&store).await, 5);
+    // The same spec again: the unfinished job is resumed, nothing is added.
+    let again = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!((again.job_id, again.resumed, again.batches), (first.job_id, true, 0));
+    assert_eq!(vinetl::planner::enqueue(&store, &env.schema, first.job_id).await.unwrap(), 0);
+    // A task pushed twice (a crash between push and mark) is one task.
+    let task = BatchTask { job_id: first.job_id, batch_no: 0, generation: 0 };
+    vinetl::queue::push_tasks(&store, &env.schema, &[(task, None)]).await.unwrap();
+    assert_eq!(env.queued_tasks(&store).await, 5);
+    let counts = store.counts(first.job_id).await.unwrap().unwrap();
+    assert_eq!((counts.rows, counts.batches, counts.pending), (100, 5, 100));
+    env.cleanup().await;
+}
+
+/// A batch is called by one worker at a time: a second claim is refused
+/// while the first worker's lease runs, a stale generation never claims,
+/// and a dead worker's batch is taken over (once) after the lease.
+async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "timeout_secs = 1")).unwrap();
+    let job = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("a queued batch is claimed");
+    assert_eq!(claimed.vins.len(), 20);
+    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "no second call while the lease runs");
+    // Rescheduled: the old generation's task is stale.
+    let generation = store.reschedule(job, 0, 0.0, Reschedule::Failed, "503").await.unwrap();
+    assert_eq!(generation, 1);
+    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "a stale generation never claims");
+    let retry = store.claim(job, 0, 1, 60.0).await.unwrap().expect("the current generation claims");
+    assert_eq!(retry.attempts, 1);
+    // The worker dies mid-call: after its lease (2 × 1 s + 30 s) the sweep
+    // finds the batch and queues it under a new generation, exactly once.
+    env.backdate_running(&store, 120.0).await;
+    let lost = store.lost_tasks().await.unwrap();
+    assert_eq!(lost, vec![(job, 0, 2)]);
+    assert!(store.lost_tasks().await.unwrap().is_empty(), "taken over once");
+    assert!(store.claim(job, 0, 2, 60.0).await.unwrap().is_some());
+    env.cleanup().await;
+}
+
+/// Rate and burst hold across several limiters (processes) sharing one
+/// account; the daily quota holds exactly and says when it resets; the
+/// in-flight cap holds and frees a place when a call ends.
+async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let provider = |extra: &str| {
+        let path = env.spec(&pattern_vins(1), "http://127.0.0.1:9", extra);
+        JobSpec::load(&path).unwrap().provider
+    };
+
+    // Rate 20/s, burst 5, four clients for 1.5 s.
+    let p = provider("account = \"rate\"\nburst = 5").clone();
+    let p = vinetl::spec::ProviderSpec { requests_per_second: 20.0, ..p };
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let limiter = SharedLimiter::register(&store, &p).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut grants = Vec::new();
+            while start.elapsed() < Duration::from_millis(1500) {
+                match limiter.try_reserve(1).await.unwrap() {
+                    Ok((n, _)) => grants.extend(std::iter::repeat_n(start.elapsed().as_secs_f64(), n)),
+                    Err(Denied::Later { wait, .. }) => tokio::time::sleep(wait.min(Duration::from_millis(20))).await,
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            grants
+        }));
+    }
+    let mut grants = Vec::new();
+    for t in tasks {
+        grants.extend(t.await.unwrap());
+    }
+    grants.sort_by(f64::total_cmp);
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!(grants.len() >= 20, "the rate is used: {} grants", grants.len());
+    assert!(grants.len() as f64 <= 5.0 + 20.0 * elapsed + 1.0, "{} grants in {elapsed:.2} s", grants.len());
+    for (i, &t0) in grants.iter().enumerate() {
+        // Grant times are seen by the clients; the database's clock decides (2 slots of slack for latency).
+        let n = grants[i..].iter().take_while(|&&t| t < t0 + 1.0).count();
+        assert!(n <= 25 + 2, "{n} grants within one second");
+    }
+
+    // A daily quota of 7: exactly 7 calls, then a wait until the reset.
+    let quota = SharedLimiter::register(&store, &provider("account = \"quota\"\ndaily_quota = 7")).await.unwrap();
+    let mut granted = 0;
+    for _ in 0..12 {
+        match quota.try_reserve(1).await.unwrap() {
+            Ok((n, _)) => granted += n,
+            Err(Denied::Quota { wait }) => assert!(wait <= Duration::from_secs(86_400), "{wait:?}"),
+            Err(Denied::Later { wait, .. }) => tokio::time::sleep(wait).await,
+        }
+    }
+    assert_eq!(granted, 7);
+
+    // Two calls in flight at most, across limiters; a release frees a place.
+    let p = provider("account = \"flight\"\nmax_in_flight = 2");
+    let a = SharedLimiter::register(&store, &p).await.unwrap();
+    let b = SharedLimiter::register(&store, &p).await.unwrap();
+    let one = a.acquire().await.unwrap().unwrap();
+    let _two = b.acquire().await.unwrap().unwrap();
+    match b.try_reserve(1).await.unwrap() {
+        Err(Denied::Later { reason, .. }) => assert_eq!(reason, "in_flight"),
+        other => panic!("a third call in flight: {other:?}"),
+    }
+    a.release(one).await.unwrap();
+    assert!(b.try_reserve(1).await.unwrap().is_ok(), "a place came back");
+    env.cleanup().await;
+}
+
+/// A whole job through the binary: every row accounted for, the same
+/// counts on either store; then a reprocess of its failed rows, and of all
+/// of it (cached: no call).
+async fn counts_and_reprocess(backend: Backend) {
+    let env = Env::new(backend);
+    // A server whose batch decodes all fail: every batch is dead-lettered.
+    let failing = Faults { fault_500: 1.0, fault_path: Some("/api/v1/batch-decode".into()), ..Faults::default() };
+    let (server, _keys) = common::serve(failing).await;
+    let port = server.addr.port();
+    std::fs::copy("jobs/sample-fleet.csv", env.dir.path().join("fleet.csv")).unwrap();
+    let spec = env.spec(&[], &server.url(), "max_attempts = 1\n[recalls]\nenabled = true");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("path = \"vins.txt\"", "path = \"fleet.csv\"\ncarry = [\"unit_id\"]");
+    std::fs::write(&spec, text).unwrap();
+    let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "a job with dead letters still ends done: {}", String::from_utf8_lossy(&out.stderr));
+    let s = env.status(1).await;
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!((s["rows"].as_i64(), s["valid"].as_i64(), s["duplicates"].as_i64()), (Some(291), Some(281), Some(18)));
+    assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64(), s["pending"].as_i64()), (Some(0), Some(281), Some(0)));
+    assert_eq!((s["dead_lettered_batches"].as_i64(), s["dead_lettered_vins"].as_i64()), (Some(14), Some(263)));
+    assert_eq!(s["calls_made"], 14);
+    assert_eq!(s["recalls"]["lookups"], 0, "nothing decoded, nothing to look up");
+
+    // The same address now answers: reprocess the failed rows.
+    server.stop().await.unwrap();
+    let keys = env.dir.path().join("keys.toml");
+    std::fs::write(&keys, KEYS_TOML).unwrap();
+    let healthy = vinetl::serve::spawn(vinetl::serve::ServeOptions {
+        bind: format!("127.0.0.1:{port}"),
+        keys: Some(keys),
+        recalls: None,
+        faults: Faults::default(),
+    })
+    .await
+    .unwrap();
+    let out = env.vinetl("YOUR_API_KEY", &["reprocess", "1", "--failed-only"]).await;
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let s = env.status(1).await;
+    assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64(), s["pending"].as_i64()), (Some(281), Some(0), Some(0)));
+    let lookups = s["recalls"]["lookups"].as_i64().unwrap();
+    assert!(lookups > 0, "{s}");
+    assert_eq!(s["calls_made"].as_i64().unwrap(), 14 + 14 + lookups, "14 failed calls, 14 decodes, the lookups: {s}");
+    // All of it again: every decode and lookup is fresh in the cache.
+    let out = env.vinetl("YOUR_API_KEY", &["reprocess", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = env.status(1).await;
+    assert_eq!(again["calls_made"], s["calls_made"], "no call: {again}");
+    assert_eq!(again["decoded"], 281);
+    assert_eq!(again["recalls"]["cache_hits"], lookups);
+    healthy.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Pg).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Lite).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    enqueue_is_idempotent,
+    a_dead_workers_batch_is_taken_over_once,
+    the_limiter_holds_rate_burst_quota_and_in_flight,
+    counts_and_reprocess,
+);
