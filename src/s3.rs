@@ -82,6 +82,11 @@ impl S3 {
         S3 { client: Client::from_conf(conf.build()) }
     }
 
+    /// Wraps a client built elsewhere (tests pass explicit credentials).
+    pub fn from_client(client: Client) -> S3 {
+        S3 { client }
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

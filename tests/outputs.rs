@@ -283,3 +283,25 @@ async fn an_unwritable_output_fails_the_job_with_the_reason_and_keeps_every_resu
     drop(db);
     cleanup(&schema).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_file_goes_up_in_parts_and_appears_whole() {
+    let s3 = S3Server::start();
+    let client = s3.client();
+    client.create_bucket().bucket("warehouse").send().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("big.parquet");
+    // 40 MB: three parts of 16 MB.
+    let body: Vec<u8> = (0..40 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(&local, &body).unwrap();
+    let store = vinetl::s3::S3::from_client(client.clone());
+    let url = vinetl::s3::S3Url::parse("s3://warehouse/ds/part-00000.parquet").unwrap();
+    assert_eq!(store.upload_file(&local, &url).await.unwrap(), body.len() as u64);
+    let got = client.get_object().bucket("warehouse").key("ds/part-00000.parquet").send().await.unwrap();
+    let bytes = got.body.collect().await.unwrap().into_bytes();
+    assert_eq!(bytes.len(), body.len());
+    assert!(bytes == body, "the object is the file, byte for byte");
+    // A multipart upload leaves an ETag of the form "md5-parts".
+    let head = client.head_object().bucket("warehouse").key("ds/part-00000.parquet").send().await.unwrap();
+    assert!(head.e_tag().unwrap_or_default().contains("-3"), "uploaded in 3 parts: {:?}", head.e_tag());
+}
