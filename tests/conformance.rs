@@ -302,6 +302,44 @@ async fn counts_and_reprocess(backend: Backend) {
     env.cleanup().await;
 }
 
+/// Two `vinetl worker` processes on one store split a job and never call a
+/// batch twice (on SQLite: two processes of one machine sharing the file).
+async fn two_worker_processes_share_a_job(backend: Backend) {
+    let env = Env::new(backend);
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let spec = env.spec(&pattern_vins(400), &server.url(), "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 20");
+    std::fs::write(&spec, text).unwrap();
+    let out = env.vinetl("pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+            .args(["worker", "--concurrency", "2"])
+            .env("DATABASE_URL", &env.url)
+            .env("VINETL_SCHEMA", &env.schema)
+            .env("CARVIN_API_KEY", "pro-counted-key")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let (_a, _b) = (worker(), worker());
+    let mut s = env.status(1).await;
+    for _ in 0..300 {
+        if s["state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = env.status(1).await;
+    }
+    assert_eq!(s["state"], "done", "{s}");
+    assert_eq!(
+        (s["decoded"].as_i64(), s["batches"].as_i64(), s["calls_made"].as_i64()),
+        (Some(400), Some(20), Some(20))
+    );
+    assert_eq!(common::requests_seen(&server.url(), "pro-counted-key", 100_000).await, 20, "one call per batch");
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -328,4 +366,5 @@ conformance!(
     a_dead_workers_batch_is_taken_over_once,
     the_limiter_holds_rate_burst_quota_and_in_flight,
     counts_and_reprocess,
+    two_worker_processes_share_a_job,
 );
