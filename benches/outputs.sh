@@ -4,11 +4,8 @@
 # into the state tables (100,000 distinct decoded VINs with full API JSON,
 # three carried columns), then `vinetl write JOB` writes it:
 #   1. as a local Parquet dataset;
-#   2. the same, side by side, with vin_cache.fields cleared (each row's whole
-#      cached answer parsed instead, as before that column existed);
-#   3. to Postgres tables (results + vehicles), in the same database.
+#   2. to Postgres tables (results + vehicles), in the same database.
 # Prints rows/s and peak RSS of each, and the 10 M / 1 M ratios.
-# OUTPUTS=parquet skips the Postgres tables.
 #   bash benches/outputs.sh [ROWS ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +22,6 @@ cleanup() {
 }
 trap cleanup EXIT
 sizes=("$@")
-fields_array="'Make', 'Model', 'ModelYear', 'Manufacturer', 'Series', 'Trim', 'VehicleType', 'BodyClass', 'Doors', 'DriveType', 'FuelTypePrimary', 'EngineConfiguration', 'EngineCylinders', 'DisplacementL', 'TransmissionStyle', 'GVWR', 'PlantCity', 'PlantState', 'PlantCountry', 'ErrorCode'"
 [ ${#sizes[@]} -eq 0 ] && sizes=(1000000 10000000)
 
 "$bin" migrate > /dev/null
@@ -37,10 +33,8 @@ CREATE TEMP TABLE v (vin text);
 \copy v FROM '$work/vins.txt'
 CREATE TEMP TABLE tpl (raw jsonb);
 \copy tpl FROM '$work/template.json'
-INSERT INTO vin_cache (vin, make, model, model_year, raw, fields)
-SELECT v.vin, 'HONDA', 'ACCORD', 2003, tpl.raw || jsonb_build_object('VIN', v.vin),
-       (SELECT jsonb_object_agg(k, tpl.raw -> k) FROM unnest(ARRAY['Make', 'Model', 'ModelYear', 'Manufacturer', 'Series', 'Trim', 'VehicleType', 'BodyClass', 'Doors', 'DriveType', 'FuelTypePrimary', 'EngineConfiguration', 'EngineCylinders', 'DisplacementL', 'TransmissionStyle', 'GVWR', 'PlantCity', 'PlantState', 'PlantCountry', 'ErrorCode']) AS k WHERE tpl.raw ? k)
-FROM v, tpl;
+INSERT INTO vin_cache (vin, make, model, model_year, raw)
+SELECT v.vin, 'HONDA', 'ACCORD', 2003, tpl.raw || jsonb_build_object('VIN', v.vin) FROM v, tpl;
 CREATE TABLE bench_vins AS SELECT row_number() OVER () - 1 AS i, vin FROM v;
 SQL
 
@@ -74,30 +68,19 @@ SQL
   /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
   result parquet "$rows"
   du -sh "$out" | awk '{print "          dataset on disk: " $1}'
-  # Side by side: the same write reading each row's whole cached answer
-  # (as before vin_cache.fields existed).
-  psql "$DATABASE_URL" -qc "UPDATE $schema.vin_cache SET fields = NULL" >/dev/null
+  psql "$DATABASE_URL" -qc "UPDATE $schema.jobs SET spec = jsonb_set(spec, '{outputs}', '[{\"kind\":\"postgres\",\"url_env\":null,\"schema\":\"$schema\",\"results_table\":\"results\",\"vehicles_table\":\"vehicles\"}]') WHERE job_id = $job" >/dev/null
   /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
-  result parquet-raw "$rows"
-  psql "$DATABASE_URL" -qc "UPDATE $schema.vin_cache SET fields = (SELECT jsonb_object_agg(k, raw -> k) FROM jsonb_object_keys(raw) k WHERE k = ANY(ARRAY[$fields_array]))" >/dev/null
-  if [ "${OUTPUTS:-all}" != parquet ]; then
-    psql "$DATABASE_URL" -qc "UPDATE $schema.jobs SET spec = jsonb_set(spec, '{outputs}', '[{\"kind\":\"postgres\",\"url_env\":null,\"schema\":\"$schema\",\"results_table\":\"results\",\"vehicles_table\":\"vehicles\"}]') WHERE job_id = $job" >/dev/null
-    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
-    result postgres "$rows"
-    psql "$DATABASE_URL" -qc "DELETE FROM $schema.results WHERE job_id = $job" >/dev/null
-  fi
+  result postgres "$rows"
   rm -rf "$out"
-  psql "$DATABASE_URL" -qc "DELETE FROM $schema.job_inputs WHERE job_id = $job" >/dev/null
+  psql "$DATABASE_URL" -qc "DELETE FROM $schema.results WHERE job_id = $job; DELETE FROM $schema.job_inputs WHERE job_id = $job" >/dev/null
 done
 
 if [ ${#sizes[@]} -ge 2 ]; then
   python3 - "$work/results" <<'PY'
 import sys
 r = [l.split() for l in open(sys.argv[1])]
-for kind in ("parquet", "parquet-raw", "postgres"):
+for kind in ("parquet", "postgres"):
     rs = [x for x in r if x[0] == kind]
-    if len(rs) < 2:
-        continue
     a, b = rs[0], rs[-1]
     speed = lambda x: int(x[1]) / float(x[2])
     print(f"{kind}: {b[1]} / {a[1]} rows: rows/s ratio {speed(b) / speed(a):.2f}, peak RSS ratio {int(b[3]) / int(a[3]):.2f}")

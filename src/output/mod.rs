@@ -43,13 +43,6 @@ pub const VEHICLE_COLUMNS: &[(&str, &str, Kind)] = &[
     ("vpic_error_code", "ErrorCode", Kind::Text),
 ];
 
-/// The API fields the vehicle columns come from, out of a cached answer:
-/// stored beside it so writing outputs never parses the whole answer.
-pub fn vehicle_fields(raw: &serde_json::Value) -> serde_json::Value {
-    let fields = VEHICLE_COLUMNS.iter().filter_map(|(_, f, _)| Some((f.to_string(), raw.get(*f)?.clone())));
-    serde_json::Value::Object(fields.collect())
-}
-
 /// The columns before the vehicle columns, in order.
 pub const ROW_COLUMNS: &[&str] = &[
     "job_id",

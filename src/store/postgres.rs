@@ -333,13 +333,13 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let s = |f: &dyn Fn(&DecodedVin) -> Option<String>| decoded.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
-            "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw, fields)
-             SELECT vin, now(), make, model, year, code, text, raw, fields
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::jsonb[],
-                         $8::jsonb[]) AS x(vin, make, model, year, code, text, raw, fields)
+            "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
+             SELECT vin, now(), make, model, year, code, text, raw
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::text[], $7::jsonb[])
+                  AS x(vin, make, model, year, code, text, raw)
              ON CONFLICT (vin) DO UPDATE SET decoded_at = now(), make = EXCLUDED.make, model = EXCLUDED.model,
                  model_year = EXCLUDED.model_year, error_code = EXCLUDED.error_code,
-                 error_text = EXCLUDED.error_text, raw = EXCLUDED.raw, fields = EXCLUDED.fields",
+                 error_text = EXCLUDED.error_text, raw = EXCLUDED.raw",
         )
         .bind(s(&|d| Some(d.vin.clone())))
         .bind(s(&|d| d.make.clone()))
@@ -348,7 +348,6 @@ impl PgStore {
         .bind(s(&|d| d.error.as_ref().map(|e| e.0.clone())))
         .bind(s(&|d| d.error.as_ref().map(|e| e.1.clone())))
         .bind(decoded.iter().map(|d| d.raw.clone()).collect::<Vec<_>>())
-        .bind(decoded.iter().map(|d| crate::output::vehicle_fields(&d.raw)).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -671,8 +670,8 @@ impl PgStore {
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
 static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    // jsonb_to_record reads the small `fields` document once per row (the
-    // whole answer, `raw`, is only read for rows cached before it existed).
+    // jsonb_to_record reads each cached document once (twenty `->>` would
+    // detoast it twenty times).
     let vehicle: Vec<String> =
         crate::output::VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("v.\"{field}\"")).collect();
     let record: Vec<String> =
@@ -693,7 +692,7 @@ static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                 {}
          FROM job_inputs ji
          LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
-         LEFT JOIN LATERAL jsonb_to_record(coalesce(c.fields, c.raw)) AS v({}) ON true
+         LEFT JOIN LATERAL jsonb_to_record(c.raw) AS v({}) ON true
          LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
                                         WHEN $2 = 'model' THEN recall_key(c.make, c.model, c.model_year) END AS key) k
                 ON ji.status = 'decoded'

@@ -295,18 +295,16 @@ impl SqliteStore {
             .iter()
             .map(|d| {
                 json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
-                       "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw,
-                       "fields": crate::output::vehicle_fields(&d.raw)})
+                       "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
             })
             .collect();
-        sqlx::query(q("INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw,
-                                   fields)
+        sqlx::query(q("INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
              SELECT value ->> 'vin', NOW, value ->> 'make', value ->> 'model', value ->> 'year', value ->> 'code',
-                    value ->> 'text', value -> 'raw', value -> 'fields'
+                    value ->> 'text', value -> 'raw'
              FROM json_each(?1) WHERE true
              ON CONFLICT (vin) DO UPDATE SET decoded_at = excluded.decoded_at, make = excluded.make,
                  model = excluded.model, model_year = excluded.model_year, error_code = excluded.error_code,
-                 error_text = excluded.error_text, raw = excluded.raw, fields = excluded.fields"))
+                 error_text = excluded.error_text, raw = excluded.raw"))
         .bind(Value::Array(json).to_string())
         .execute(&mut *tx)
         .await?;
@@ -635,7 +633,7 @@ impl SqliteStore {
                          WHEN ji.key IS NULL THEN 'no make, model and model year to look recalls up by'
                          ELSE 'recalls were not looked up' END AS recall_error,
                     {vehicle}
-             FROM (SELECT ji.*, coalesce(c.fields, c.raw) AS raw, ({key}) AS key
+             FROM (SELECT ji.*, c.raw AS raw, ({key}) AS key
                    FROM job_inputs ji LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
                    WHERE ji.job_id = ?1) ji
              LEFT JOIN recall_lookups rl ON rl.lookup_key = ji.key
