@@ -6,6 +6,8 @@
 #   1. as a local Parquet dataset;
 #   2. to Postgres tables (results + vehicles), in the same database.
 # Prints rows/s and peak RSS of each, and the 10 M / 1 M ratios.
+# OUTPUTS=parquet skips the Postgres tables; EXPLAIN=1 prints the plan of the
+# state query's core join.
 #   bash benches/outputs.sh [ROWS ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,11 +70,14 @@ SQL
   /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
   result parquet "$rows"
   du -sh "$out" | awk '{print "          dataset on disk: " $1}'
-  psql "$DATABASE_URL" -qc "UPDATE $schema.jobs SET spec = jsonb_set(spec, '{outputs}', '[{\"kind\":\"postgres\",\"url_env\":null,\"schema\":\"$schema\",\"results_table\":\"results\",\"vehicles_table\":\"vehicles\"}]') WHERE job_id = $job" >/dev/null
-  /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
-  result postgres "$rows"
+  if [ "${OUTPUTS:-all}" != parquet ]; then
+    psql "$DATABASE_URL" -qc "UPDATE $schema.jobs SET spec = jsonb_set(spec, '{outputs}', '[{\"kind\":\"postgres\",\"url_env\":null,\"schema\":\"$schema\",\"results_table\":\"results\",\"vehicles_table\":\"vehicles\"}]') WHERE job_id = $job" >/dev/null
+    /usr/bin/time -f "%e %M %U %S" -o "$work/time" "$bin" write "$job" > /dev/null
+    result postgres "$rows"
+    psql "$DATABASE_URL" -qc "DELETE FROM $schema.results WHERE job_id = $job" >/dev/null
+  fi
   rm -rf "$out"
-  psql "$DATABASE_URL" -qc "DELETE FROM $schema.results WHERE job_id = $job; DELETE FROM $schema.job_inputs WHERE job_id = $job" >/dev/null
+  psql "$DATABASE_URL" -qc "DELETE FROM $schema.job_inputs WHERE job_id = $job" >/dev/null
 done
 
 if [ ${#sizes[@]} -ge 2 ]; then
@@ -81,6 +86,8 @@ import sys
 r = [l.split() for l in open(sys.argv[1])]
 for kind in ("parquet", "postgres"):
     rs = [x for x in r if x[0] == kind]
+    if len(rs) < 2:
+        continue
     a, b = rs[0], rs[-1]
     speed = lambda x: int(x[1]) / float(x[2])
     print(f"{kind}: {b[1]} / {a[1]} rows: rows/s ratio {speed(b) / speed(a):.2f}, peak RSS ratio {int(b[3]) / int(a[3]):.2f}")
