@@ -207,7 +207,7 @@ async fn insert_chunk(
     rows: &[OutputRow],
 ) -> Result<(), sqlx::Error> {
     let texts = |f: &dyn Fn(&OutputRow) -> Option<String>| rows.iter().map(f).collect::<Vec<_>>();
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(job_id)
         .bind(texts(&|r| Some(r.source.clone())))
         .bind(rows.iter().map(|r| r.source_row).collect::<Vec<_>>())
@@ -218,14 +218,9 @@ async fn insert_chunk(
         .bind(texts(&|r| r.error_text.clone()))
         .bind(rows.iter().map(|r| r.decoded_at).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.check_digit_valid).collect::<Vec<_>>());
-    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
-        q = match kind {
-            Kind::Text => q.bind(texts(&|r| r.text(i).map(str::to_string))),
-            Kind::Int => q.bind(rows.iter().map(|r| r.int(i)).collect::<Vec<_>>()),
-            Kind::Float => q.bind(rows.iter().map(|r| r.float(i)).collect::<Vec<_>>()),
-        };
-    }
-    q.bind(rows.iter().map(|r| r.recall_count()).collect::<Vec<_>>())
+    let refs: Vec<&OutputRow> = rows.iter().collect();
+    bind_vehicle(q, &refs)
+        .bind(rows.iter().map(|r| r.recall_count()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.recall_count().map(|c| c > 0)).collect::<Vec<_>>())
         .bind(texts(&|r| r.recall_campaigns.as_ref().map(|c| c.join(","))))
         .bind(texts(&|r| r.recall_error.clone()))
@@ -233,6 +228,20 @@ async fn insert_chunk(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds one typed array per vehicle column, in [`VEHICLE_COLUMNS`] order.
+fn bind_vehicle<'q>(mut q: PgQuery<'q>, rows: &[&OutputRow]) -> PgQuery<'q> {
+    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
+        q = match kind {
+            Kind::Text => q.bind(rows.iter().map(|r| r.text(i).map(str::to_string)).collect::<Vec<_>>()),
+            Kind::Int => q.bind(rows.iter().map(|r| r.int(i)).collect::<Vec<_>>()),
+            Kind::Float => q.bind(rows.iter().map(|r| r.float(i)).collect::<Vec<_>>()),
+        };
+    }
+    q
 }
 
 /// The chunk's decoded rows, one per VIN (the latest decode), into the
@@ -256,17 +265,11 @@ async fn upsert_vehicles(
     }
     let rows: Vec<&OutputRow> = latest.into_values().collect();
     let texts = |f: &dyn Fn(&OutputRow) -> Option<String>| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(texts(&|r| r.vin.clone()))
         .bind(rows.iter().map(|r| r.decoded_at).collect::<Vec<_>>());
-    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
-        q = match kind {
-            Kind::Text => q.bind(texts(&|r| r.text(i).map(str::to_string))),
-            Kind::Int => q.bind(rows.iter().map(|r| r.int(i)).collect::<Vec<_>>()),
-            Kind::Float => q.bind(rows.iter().map(|r| r.float(i)).collect::<Vec<_>>()),
-        };
-    }
-    q.bind(rows.iter().map(|r| r.recall_count()).collect::<Vec<_>>())
+    bind_vehicle(q, &rows)
+        .bind(rows.iter().map(|r| r.recall_count()).collect::<Vec<_>>())
         .bind(texts(&|r| r.recall_campaigns.as_ref().map(|c| c.join(","))))
         .bind(texts(&|r| r.recall_error.clone()))
         .bind(job_id)

@@ -85,6 +85,83 @@ pub struct JobCounts {
     pub outputs: Vec<String>,
 }
 
+/// A recall answer's campaigns by number (the first record of a number
+/// wins; records without one are dropped).
+pub(crate) fn distinct_campaigns(
+    recalls: &[crate::api::Recall],
+) -> std::collections::BTreeMap<String, &crate::api::Recall> {
+    let mut seen = std::collections::BTreeMap::new();
+    for r in recalls.iter().filter(|r| !r.campaign_number.trim().is_empty()) {
+        seen.entry(r.campaign_number.trim().to_string()).or_insert(r);
+    }
+    seen
+}
+
+/// The parts of [`JobCounts`] each store reads, in one snapshot.
+pub(crate) struct JobHead {
+    pub name: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    /// Calls made, retried, and 429s.
+    pub calls: (i64, i64, i64),
+    pub recalls_on: bool,
+    pub outputs: Vec<String>,
+}
+
+/// Lookups, cache hits, recall calls, rows with recalls, rows unknown,
+/// campaigns, failed lookups.
+pub(crate) type RecallRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
+/// Rows, valid, duplicates, cache hits, decoded, failed, pending.
+pub(crate) type RowCounts = (i64, i64, i64, i64, i64, i64, i64);
+/// Decode batches, done, dead, VINs in dead batches.
+pub(crate) type BatchCounts = (i64, i64, i64, i64);
+
+impl JobCounts {
+    pub(crate) fn assemble(
+        job_id: i64,
+        head: JobHead,
+        recall: RecallRow,
+        rows: RowCounts,
+        invalid: Vec<(String, i64)>,
+        batches: BatchCounts,
+    ) -> JobCounts {
+        let (rows, valid, duplicates, cache_hits, decoded, failed, pending) = rows;
+        let (lookups, recall_cache_hits, recall_calls, with, unknown, campaigns, failed_lookups) = recall;
+        JobCounts {
+            job_id,
+            name: head.name,
+            state: head.state,
+            state_reason: head.state_reason,
+            rows,
+            valid,
+            invalid: invalid.into_iter().collect(),
+            duplicates,
+            cache_hits,
+            decoded,
+            failed,
+            pending,
+            batches: batches.0,
+            batches_done: batches.1,
+            dead_lettered_batches: batches.2,
+            dead_lettered_vins: batches.3,
+            calls_made: head.calls.0,
+            calls_retried: head.calls.1,
+            rate_limited: head.calls.2,
+            recalls: head.recalls_on.then_some(RecallCounts {
+                lookups,
+                cache_hits: recall_cache_hits,
+                calls: recall_calls,
+                failed: failed_lookups,
+                rows_with_recalls: with,
+                rows_unknown: unknown,
+                campaigns,
+                calls_saved: (decoded - recall_calls).max(0),
+            }),
+            outputs: head.outputs,
+        }
+    }
+}
+
 /// A job's recall accounting.
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
 pub struct RecallCounts {

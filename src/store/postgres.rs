@@ -6,8 +6,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
-    ClaimedBatch, DecodedVin, JobCounts, Lookup, Next, PlannedRow, RecallCounts, Reschedule, StoreError, check_schema,
-    redact,
+    ClaimedBatch, DecodedVin, JobCounts, JobHead, Lookup, Next, PlannedRow, RecallRow, Reschedule, StoreError,
+    check_schema, redact,
 };
 
 /// The runner's migrations, compiled into the binary.
@@ -360,22 +360,7 @@ impl PgStore {
         .bind(s(&|d| Some(d.vin.clone())))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2")
-            .bind(job_id)
-            .bind(batch_no)
-            .execute(&mut *tx)
-            .await?;
-        // A completed call also ends a quota wait.
-        sqlx::query(
-            "UPDATE jobs SET calls_made = calls_made + 1, updated_at = now(),
-                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
-                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
-                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
-             WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
+        batch_done(&mut tx, job_id, batch_no, false).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -594,7 +579,6 @@ impl PgStore {
             return Ok(None);
         };
         let recalls_on = spec.pointer("/recalls/enabled").and_then(|v| v.as_bool()).unwrap_or(false);
-        type RecallRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
         let recall_row: RecallRow = sqlx::query_as(
             "SELECT recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
@@ -629,41 +613,17 @@ impl PgStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(JobCounts {
-            job_id,
+        let head = JobHead {
             name,
             state,
             state_reason,
-            rows,
-            valid,
-            invalid: invalid.into_iter().collect(),
-            duplicates,
-            cache_hits,
-            decoded,
-            failed,
-            pending,
-            batches,
-            batches_done,
-            dead_lettered_batches: dead,
-            dead_lettered_vins: dead_vins,
-            calls_made,
-            calls_retried,
-            rate_limited,
-            recalls: recalls_on.then(|| {
-                let (lookups, cache_hits, calls, with, unknown, campaigns, failed) = recall_row;
-                RecallCounts {
-                    lookups,
-                    cache_hits,
-                    calls,
-                    failed,
-                    rows_with_recalls: with,
-                    rows_unknown: unknown,
-                    campaigns,
-                    calls_saved: (decoded - calls).max(0),
-                }
-            }),
+            calls: (calls_made, calls_retried, rate_limited),
+            recalls_on,
             outputs: outputs.unwrap_or_default(),
-        }))
+        };
+        let rows = (rows, valid, duplicates, cache_hits, decoded, failed, pending);
+        let batches = (batches, batches_done, dead, dead_vins);
+        Ok(Some(JobCounts::assemble(job_id, head, recall_row, rows, invalid, batches)))
     }
 }
 
@@ -938,10 +898,7 @@ impl PgStore {
         recalls: &[crate::api::Recall],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut seen = std::collections::BTreeMap::new();
-        for r in recalls.iter().filter(|r| !r.campaign_number.trim().is_empty()) {
-            seen.entry(r.campaign_number.trim().to_string()).or_insert(r);
-        }
+        let seen = super::distinct_campaigns(recalls);
         let s = |f: &dyn Fn(&crate::api::Recall) -> String| seen.values().map(|r| f(r)).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO recalls (campaign_number, manufacturer, component, summary, consequence, remedy, notes,
@@ -983,24 +940,38 @@ impl PgStore {
         .bind(seen.len() as i32)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2")
-            .bind(job_id)
-            .bind(batch_no)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + 1, updated_at = now(),
-                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
-                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
-                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
-             WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
+        batch_done(&mut tx, job_id, batch_no, true).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The batch is done and its call counted; a completed call also ends a
+/// quota wait.
+async fn batch_done(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: i64,
+    batch_no: i32,
+    recall: bool,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2")
+        .bind(job_id)
+        .bind(batch_no)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + CASE WHEN $2 THEN 1 ELSE 0 END,
+             updated_at = now(),
+             state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
+             resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
+             state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
+         WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .bind(recall)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Creates one recall batch per lookup key the job needs and the cache

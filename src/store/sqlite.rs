@@ -14,7 +14,9 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::types::chrono::{DateTime, NaiveDate, Utc};
 
-use super::{ClaimedBatch, DecodedVin, JobCounts, Lookup, Next, PlannedRow, RecallCounts, Reschedule, StoreError};
+use super::{
+    ClaimedBatch, DecodedVin, JobCounts, JobHead, Lookup, Next, PlannedRow, RecallRow, Reschedule, StoreError,
+};
 use crate::output::{CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::JobSpec;
 
@@ -541,7 +543,6 @@ impl SqliteStore {
         };
         let spec: Value = serde_json::from_str(&spec).unwrap_or_default();
         let recalls_on = spec.pointer("/recalls/enabled").and_then(Value::as_bool).unwrap_or(false);
-        type RecallRow = (i64, i64, i64, Option<i64>, Option<i64>, Option<i64>, i64);
         let recall_row: RecallRow = sqlx::query_as(
             "SELECT recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
@@ -576,41 +577,17 @@ impl SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(JobCounts {
-            job_id,
+        let head = JobHead {
             name,
             state,
             state_reason,
-            rows,
-            valid,
-            invalid: invalid.into_iter().collect(),
-            duplicates,
-            cache_hits,
-            decoded,
-            failed,
-            pending,
-            batches,
-            batches_done,
-            dead_lettered_batches: dead,
-            dead_lettered_vins: dead_vins,
-            calls_made,
-            calls_retried,
-            rate_limited,
-            recalls: recalls_on.then(|| {
-                let (lookups, cache_hits, calls, with, unknown, campaigns, failed) = recall_row;
-                RecallCounts {
-                    lookups,
-                    cache_hits,
-                    calls,
-                    failed,
-                    rows_with_recalls: with,
-                    rows_unknown: unknown,
-                    campaigns,
-                    calls_saved: (decoded - calls).max(0),
-                }
-            }),
+            calls: (calls_made, calls_retried, rate_limited),
+            recalls_on,
             outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()).unwrap_or_default(),
-        }))
+        };
+        let rows = (rows, valid, duplicates, cache_hits, decoded, failed, pending);
+        let batches = (batches, batches_done, dead, dead_vins);
+        Ok(Some(JobCounts::assemble(job_id, head, recall_row, rows, invalid, batches)))
     }
 
     pub fn output_rows(
@@ -838,10 +815,7 @@ impl SqliteStore {
         key: &str,
         recalls: &[crate::api::Recall],
     ) -> Result<(), StoreError> {
-        let mut seen = std::collections::BTreeMap::new();
-        for r in recalls.iter().filter(|r| !r.campaign_number.trim().is_empty()) {
-            seen.entry(r.campaign_number.trim().to_string()).or_insert(r);
-        }
+        let seen = super::distinct_campaigns(recalls);
         let json: Vec<Value> = seen
             .iter()
             .map(|(n, r)| {
