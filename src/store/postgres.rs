@@ -256,24 +256,13 @@ impl PgStore {
         .bind(cache_ttl_hours)
         .execute(&mut *tx)
         .await?;
-        let batches = sqlx::query(
-            "INSERT INTO batches (job_id, batch_no, vins)
-             SELECT $1, (n - 1) / $2, array_agg(vin ORDER BY vin)
-             FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
-                   FROM job_inputs WHERE job_id = $1 AND plan = 'call') v
-             GROUP BY (n - 1) / $2",
-        )
-        .bind(job_id)
-        .bind(batch_size)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query("UPDATE jobs SET batches_planned = true, updated_at = now() WHERE job_id = $1")
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(batches as i64)
+        Ok(batches)
     }
 
     /// Batches whose current generation has no queue task yet.
@@ -566,28 +555,39 @@ impl PgStore {
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
-        type JobRow = (String, String, Option<String>, i64, i64, i64, serde_json::Value, Option<Vec<String>>);
-        let Some((name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs)) =
-            sqlx::query_as::<_, JobRow>(
-                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs_written
-                 FROM jobs WHERE job_id = $1",
-            )
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let recalls_on = spec.pointer("/recalls/enabled").and_then(|v| v.as_bool()).unwrap_or(false);
-        let recall_row: RecallRow = sqlx::query_as(
-            "SELECT recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
+        // The job's own row, once: state, call counters, recall figures.
+        let Some(job) = sqlx::query(
+            "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited,
+                    coalesce((spec -> 'recalls' ->> 'enabled')::bool, false), outputs_written,
+                    recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
                     (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead')
              FROM jobs WHERE job_id = $1",
         )
         .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        use sqlx::Row;
+        let head = JobHead {
+            name: job.try_get(0)?,
+            state: job.try_get(1)?,
+            state_reason: job.try_get(2)?,
+            calls: (job.try_get(3)?, job.try_get(4)?, job.try_get(5)?),
+            recalls_on: job.try_get(6)?,
+            outputs: job.try_get::<Option<Vec<String>>, _>(7)?.unwrap_or_default(),
+        };
+        let recall_row: RecallRow = (
+            job.try_get(8)?,
+            job.try_get(9)?,
+            job.try_get(10)?,
+            job.try_get(11)?,
+            job.try_get(12)?,
+            job.try_get(13)?,
+            job.try_get(14)?,
+        );
         let (rows, valid, duplicates, cache_hits, decoded, failed, pending): (i64, i64, i64, i64, i64, i64, i64) =
             sqlx::query_as(
                 "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
@@ -613,14 +613,6 @@ impl PgStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        let head = JobHead {
-            name,
-            state,
-            state_reason,
-            calls: (calls_made, calls_retried, rate_limited),
-            recalls_on,
-            outputs: outputs.unwrap_or_default(),
-        };
         let rows = (rows, valid, duplicates, cache_hits, decoded, failed, pending);
         let batches = (batches, batches_done, dead, dead_vins);
         Ok(Some(JobCounts::assemble(job_id, head, recall_row, rows, invalid, batches)))
@@ -755,6 +747,11 @@ impl PgStore {
     /// lookups (once), then hands it to an output writer or marks it done.
     /// The job's row lock makes exactly one caller see each step.
     pub async fn advance(&self, job_id: i64, spec: &crate::spec::JobSpec) -> Result<Next, StoreError> {
+        // Called after every batch: while others remain (nearly always),
+        // say so without taking the job's row lock.
+        if self.busy(job_id).await? {
+            return Ok(Next::Nothing);
+        }
         let mut tx = self.pool.begin().await?;
         let row: Option<(String, bool, bool)> =
             sqlx::query_as("SELECT state, batches_planned, recalls_planned FROM jobs WHERE job_id = $1 FOR UPDATE")
@@ -765,13 +762,8 @@ impl PgStore {
         if !matches!(state.as_str(), "running" | "waiting") || !batches_planned {
             return Ok(Next::Nothing);
         }
-        let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if busy {
+        // Again under the lock: another worker may have ended the last batch meanwhile.
+        if busy(&mut *tx, job_id).await? {
             return Ok(Next::Nothing);
         }
         let mode = crate::output::RecallMode::of(&spec.recalls);
@@ -831,6 +823,10 @@ impl PgStore {
         .await?
         .rows_affected();
         Ok(n > 0)
+    }
+
+    async fn busy(&self, job_id: i64) -> Result<bool, StoreError> {
+        busy(&self.pool, job_id).await
     }
 
     /// Takes over a job left in `writing` by a writer that stopped beating.
@@ -944,6 +940,37 @@ impl PgStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Whether any of the job's batches is queued or running.
+async fn busy<'e>(db: impl sqlx::PgExecutor<'e>, job_id: i64) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))")
+        .bind(job_id)
+        .fetch_one(db)
+        .await?)
+}
+
+/// Cuts the job's pending VINs, distinct and sorted, into batches of
+/// `batch_size`, numbered after any the job already has. Batch membership
+/// is a pure function of the VINs, so it never depends on timing.
+async fn batch_pending(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: i64,
+    batch_size: i32,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO batches (job_id, batch_no, vins)
+         SELECT $1, base.b + ((v.n - 1) / $2)::int, array_agg(v.vin ORDER BY v.vin)
+         FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
+               FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') d) v,
+              (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1) base
+         GROUP BY base.b, (v.n - 1) / $2",
+    )
+    .bind(job_id)
+    .bind(batch_size)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected() as i64)
 }
 
 /// The batch is done and its call counted; a completed call also ends a
@@ -1101,19 +1128,7 @@ impl PgStore {
         .bind(cache_ttl_hours)
         .execute(&mut *tx)
         .await?;
-        let batches = sqlx::query(
-            "INSERT INTO batches (job_id, batch_no, vins)
-             SELECT $1, base.b + ((v.n - 1) / $2)::int, array_agg(v.vin ORDER BY v.vin)
-             FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
-                   FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') d) v,
-                  (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1) base
-             GROUP BY base.b, (v.n - 1) / $2",
-        )
-        .bind(job_id)
-        .bind(batch_size)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
                  recalls_planned = false, outputs_written = NULL, rows_with_recalls = NULL,
@@ -1124,6 +1139,6 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(batches as i64))
+        Ok(Some(batches))
     }
 }

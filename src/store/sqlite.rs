@@ -222,24 +222,13 @@ impl SqliteStore {
         .bind(cache_ttl_hours)
         .execute(&mut *tx)
         .await?;
-        let batches = sqlx::query(
-            "INSERT INTO batches (job_id, batch_no, vins)
-             SELECT ?1, (n - 1) / ?2, json_group_array(vin)
-             FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
-                   FROM job_inputs WHERE job_id = ?1 AND plan = 'call' ORDER BY vin)
-             GROUP BY (n - 1) / ?2",
-        )
-        .bind(job_id)
-        .bind(i64::from(batch_size))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query(q("UPDATE jobs SET batches_planned = 1, updated_at = NOW WHERE job_id = ?"))
             .bind(job_id)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(batches as i64)
+        Ok(batches)
     }
 
     pub async fn unenqueued(&self, job_id: i64) -> Result<Vec<(i32, i32)>, StoreError> {
@@ -529,29 +518,39 @@ impl SqliteStore {
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         // One read transaction: a consistent snapshot (WAL).
         let mut tx = self.pool.begin().await?;
-        type JobRow = (String, String, Option<String>, i64, i64, i64, String, Option<String>);
-        let Some((name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs)) =
-            sqlx::query_as::<_, JobRow>(
-                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited, spec, outputs_written
-                 FROM jobs WHERE job_id = ?",
-            )
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let spec: Value = serde_json::from_str(&spec).unwrap_or_default();
-        let recalls_on = spec.pointer("/recalls/enabled").and_then(Value::as_bool).unwrap_or(false);
-        let recall_row: RecallRow = sqlx::query_as(
-            "SELECT recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
+        // The job's own row, once: state, call counters, recall figures.
+        let Some(job) = sqlx::query(
+            "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited,
+                    coalesce(spec ->> '$.recalls.enabled', 0), outputs_written,
+                    recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
                     (SELECT count(*) FROM batches WHERE job_id = ?1 AND kind = 'recall' AND state = 'dead')
              FROM jobs WHERE job_id = ?1",
         )
         .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let outputs: Option<String> = job.try_get(7)?;
+        let head = JobHead {
+            name: job.try_get(0)?,
+            state: job.try_get(1)?,
+            state_reason: job.try_get(2)?,
+            calls: (job.try_get(3)?, job.try_get(4)?, job.try_get(5)?),
+            recalls_on: job.try_get(6)?,
+            outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()).unwrap_or_default(),
+        };
+        let recall_row: RecallRow = (
+            job.try_get(8)?,
+            job.try_get(9)?,
+            job.try_get(10)?,
+            job.try_get(11)?,
+            job.try_get(12)?,
+            job.try_get(13)?,
+            job.try_get(14)?,
+        );
         let (rows, valid, duplicates, cache_hits, decoded, failed, pending): (i64, i64, i64, i64, i64, i64, i64) =
             sqlx::query_as(
                 "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
@@ -577,14 +576,6 @@ impl SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        let head = JobHead {
-            name,
-            state,
-            state_reason,
-            calls: (calls_made, calls_retried, rate_limited),
-            recalls_on,
-            outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()).unwrap_or_default(),
-        };
         let rows = (rows, valid, duplicates, cache_hits, decoded, failed, pending);
         let batches = (batches, batches_done, dead, dead_vins);
         Ok(Some(JobCounts::assemble(job_id, head, recall_row, rows, invalid, batches)))
@@ -696,6 +687,11 @@ impl SqliteStore {
     }
 
     pub async fn advance(&self, job_id: i64, spec: &JobSpec) -> Result<Next, StoreError> {
+        // Called after every batch: while others remain (nearly always),
+        // say so without taking the write lock.
+        if busy(&self.pool, job_id).await? {
+            return Ok(Next::Nothing);
+        }
         let mut tx = self.write_tx().await?;
         let row: Option<(String, bool, bool)> =
             sqlx::query_as("SELECT state, batches_planned, recalls_planned FROM jobs WHERE job_id = ?")
@@ -706,13 +702,8 @@ impl SqliteStore {
         if !matches!(state.as_str(), "running" | "waiting") || !batches_planned {
             return Ok(Next::Nothing);
         }
-        let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ? AND state IN ('queued', 'running'))",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        if busy {
+        // Again under the lock: another process may have ended the last batch meanwhile.
+        if busy(&mut *tx, job_id).await? {
             return Ok(Next::Nothing);
         }
         let mode = RecallMode::of(&spec.recalls);
@@ -891,19 +882,7 @@ impl SqliteStore {
         .bind(cache_ttl_hours)
         .execute(&mut *tx)
         .await?;
-        let batches = sqlx::query(
-            "INSERT INTO batches (job_id, batch_no, vins)
-             SELECT ?1, base + (n - 1) / ?2, json_group_array(vin)
-             FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n,
-                          (SELECT coalesce(max(batch_no) + 1, 0) FROM batches WHERE job_id = ?1) AS base
-                   FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = ?1 AND status = 'pending') ORDER BY vin)
-             GROUP BY base + (n - 1) / ?2",
-        )
-        .bind(job_id)
-        .bind(i64::from(batch_size))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query(q("UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
                  recalls_planned = 0, outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
                  campaigns_found = NULL, updated_at = NOW
@@ -912,7 +891,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(batches as i64))
+        Ok(Some(batches))
     }
 
     /// Batches whose queue task was lost (see `worker::sweep`): taken over
@@ -937,6 +916,36 @@ impl SqliteStore {
         lost.extend(unpushed);
         Ok(lost)
     }
+}
+
+/// Whether any of the job's batches is queued or running.
+async fn busy<'e>(db: impl sqlx::SqliteExecutor<'e>, job_id: i64) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = ? AND state IN ('queued', 'running'))")
+        .bind(job_id)
+        .fetch_one(db)
+        .await?)
+}
+
+/// Cuts the job's pending VINs, distinct and sorted, into batches of
+/// `batch_size`, numbered after any the job already has.
+async fn batch_pending(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    job_id: i64,
+    batch_size: i32,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO batches (job_id, batch_no, vins)
+         SELECT ?1, base + (n - 1) / ?2, json_group_array(vin)
+         FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n,
+                      (SELECT coalesce(max(batch_no) + 1, 0) FROM batches WHERE job_id = ?1) AS base
+               FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = ?1 AND status = 'pending') ORDER BY vin)
+         GROUP BY base + (n - 1) / ?2",
+    )
+    .bind(job_id)
+    .bind(i64::from(batch_size))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected() as i64)
 }
 
 /// NHTSA's `DD/MM/YYYY` as `YYYY-MM-DD` (anything else: none).
