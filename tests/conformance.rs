@@ -340,6 +340,37 @@ async fn two_worker_processes_share_a_job(backend: Backend) {
     env.cleanup().await;
 }
 
+/// SQLite has no session locks: a planner's lease must not outlive it for
+/// long, or submitting the spec again could not resume its job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
+    let env = Env::new(Backend::Lite);
+    let store = env.store().await;
+    let Store::Lite(lite) = &store else { unreachable!() };
+    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+    let job = lite
+        .create_job("dead", &serde_json::to_value(&spec).unwrap(), &vinetl::planner::spec_hash(&spec))
+        .await
+        .unwrap();
+    // A planner takes the lease and dies without releasing it.
+    assert!(store.lock_planning(job).await.unwrap().is_some());
+    assert!(store.lock_planning(job).await.unwrap().is_none(), "one planner at a time");
+    let lease: f64 = sqlx::query_scalar("SELECT planning_until - unixepoch('subsec') FROM jobs WHERE job_id = ?")
+        .bind(job)
+        .fetch_one(&lite.pool)
+        .await
+        .unwrap();
+    assert!(lease > 0.0 && lease <= 60.0, "a lease of a minute, not more: {lease} s");
+    assert!(matches!(
+        vinetl::planner::submit(&store, &env.schema, &spec).await,
+        Err(vinetl::planner::PlanError::Busy(j)) if j == job
+    ));
+    // A minute later the lease has run out: the same spec resumes the job.
+    sqlx::query("UPDATE jobs SET planning_until = unixepoch('subsec') - 1").execute(&lite.pool).await.unwrap();
+    let resumed = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {

@@ -119,9 +119,11 @@ impl SqliteStore {
             .await?)
     }
 
-    /// A planning lease on the job (an hour; released when planning ends).
+    /// A planning lease on the job: renewed by every chunk the planner
+    /// stores, released when planning ends, and free again a minute after a
+    /// planner dies, so submitting the spec again resumes the job.
     pub async fn lock_planning(&self, job_id: i64) -> Result<bool, StoreError> {
-        let n = sqlx::query(q("UPDATE jobs SET planning_until = NOW + 3600
+        let n = sqlx::query(q("UPDATE jobs SET planning_until = NOW + 60
              WHERE job_id = ? AND (planning_until IS NULL OR planning_until < NOW)"))
         .bind(job_id)
         .execute(&self.pool)
@@ -178,6 +180,10 @@ impl SqliteStore {
             .await?;
         }
         let last = rows.last().map(|r| r.row_number).unwrap_or(0);
+        sqlx::query(q("UPDATE jobs SET planning_until = NOW + 60 WHERE job_id = ? AND planning_until IS NOT NULL"))
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO job_sources (job_id, source, rows_planned, complete) VALUES (?, ?, ?, ?)
              ON CONFLICT (job_id, source) DO UPDATE
