@@ -70,3 +70,26 @@ fn a_bad_schema_name_is_refused_before_any_sql() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not allowed"));
 }
+
+#[test]
+fn processes_opening_a_new_sqlite_file_together_all_succeed() {
+    // Two workers started at once: sqlx does not lock SQLite migrations.
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("state.db").display());
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                vinetl()
+                    .args(["migrate", "--database-url", &url])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}

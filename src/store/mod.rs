@@ -333,6 +333,8 @@ pub enum StoreError {
     BadSchema(String),
     #[error("cannot connect to Postgres at {url}: {source}. Is it running, and does DATABASE_URL point at it?")]
     Connect { url: String, source: sqlx::Error },
+    #[error("cannot open the SQLite state file {path}: {source}. Is the directory writable?")]
+    SqliteOpen { path: String, source: sqlx::Error },
     #[error("migrating schema {schema} failed: {source}")]
     Migrate { schema: String, source: sqlx::migrate::MigrateError },
     #[error("database error: {0}")]

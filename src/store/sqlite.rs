@@ -45,11 +45,8 @@ pub fn queue_path(state: &str) -> String {
 }
 
 async fn pool_for(path: &str, max_connections: u32) -> Result<SqlitePool, StoreError> {
-    if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Queue(format!("cannot create {}: {e}", dir.display())))?;
-    }
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
-        .map_err(|source| StoreError::Connect { url: path.to_string(), source })?
+        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), source })?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
@@ -59,17 +56,43 @@ async fn pool_for(path: &str, max_connections: u32) -> Result<SqlitePool, StoreE
         .max_connections(max_connections.max(2))
         .connect_with(options)
         .await
-        .map_err(|source| StoreError::Connect { url: path.to_string(), source })
+        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), source })
 }
 
 /// Opens (creating if needed) the state file and the queue file beside it.
 pub async fn open(url: &str, max_connections: u32) -> Result<SqliteStore, StoreError> {
     let path = path_of(url);
+    if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Queue(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    // sqlx takes no lock around SQLite migrations (Postgres has an advisory
+    // lock), and switching a new file to WAL needs it alone: processes
+    // starting together (two workers) would collide. An exclusive lock on a
+    // file beside it makes them take turns while they open and migrate.
+    let lock = open_lock(&format!("{path}.lock")).await?;
     let pool = pool_for(path, max_connections).await?;
-    MIGRATOR.run(&pool).await.map_err(|source| StoreError::Migrate { schema: path.to_string(), source })?;
     let queue_pool = pool_for(&queue_path(path), max_connections).await?;
-    crate::queue::setup_sqlite(&queue_pool).await?;
+    let migrated = async {
+        MIGRATOR.run(&pool).await.map_err(|source| StoreError::Migrate { schema: path.to_string(), source })?;
+        crate::queue::setup_sqlite(&queue_pool).await
+    }
+    .await;
+    drop(lock);
+    migrated?;
     Ok(SqliteStore { pool, queue_pool })
+}
+
+/// Waits for an exclusive lock on `path` (created if missing); released on drop.
+async fn open_lock(path: &str) -> Result<std::fs::File, StoreError> {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|e| StoreError::Queue(format!("locking the SQLite file: {e}")))?
+    .map_err(|e| StoreError::Queue(format!("cannot lock the SQLite state's .lock file: {e}")))
 }
 
 /// SQL with `NOW` standing for SQLite's clock in Unix seconds.
