@@ -8,20 +8,15 @@ use std::process::Command;
 
 use common::ServeProcess;
 
-/// schemathesis from `$VINETL_SCHEMATHESIS`, the venv `.ci/run` makes, or PATH.
+/// schemathesis from `$VINETL_SCHEMATHESIS`, or PATH (scripts/test puts
+/// its pinned venv first on PATH).
 fn schemathesis() -> PathBuf {
     if let Ok(p) = std::env::var("VINETL_SCHEMATHESIS") {
         return PathBuf::from(p);
     }
-    let venv = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/vinetl-venv/bin/schemathesis");
-    if venv.exists() {
-        return venv;
-    }
     match Command::new("schemathesis").arg("--version").output() {
         Ok(o) if o.status.success() => PathBuf::from("schemathesis"),
-        _ => panic!(
-            "schemathesis is not installed: run .ci/run once, or `python3 -m venv ~/.cache/vinetl-venv && ~/.cache/vinetl-venv/bin/pip install 'schemathesis==4.*' requests`"
-        ),
+        _ => panic!("schemathesis is not on PATH: run the tests with scripts/test, which installs it (pinned)"),
     }
 }
 

@@ -23,7 +23,7 @@ fn read_back(root: &str, endpoint: Option<&str>, env: &[(&str, &str)]) -> Value 
     for (vin, _) in KNOWN {
         cmd.args(["--vin", vin]);
     }
-    let out = cmd.output().expect("python3 runs (.ci/run installs duckdb and pyarrow)");
+    let out = cmd.output().expect("python3 runs (scripts/test installs duckdb and pyarrow)");
     assert!(out.status.success(), "read_dataset.py failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

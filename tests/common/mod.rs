@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// The test database; `.ci/run` makes sure it is up.
+/// The test database (scripts/test checks that it answers).
 pub fn pg_url() -> String {
     std::env::var("VINETL_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
@@ -55,7 +55,8 @@ pub async fn serve(faults: vinetl::serve::faults::Faults) -> (vinetl::serve::Run
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, KEYS_TOML).unwrap();
-    let opts = vinetl::serve::ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), recalls: None, faults };
+    let opts =
+        vinetl::serve::ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), faults, ..Default::default() };
     (vinetl::serve::spawn(opts).await.unwrap(), dir)
 }
 
@@ -175,7 +176,7 @@ impl S3Server {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("s3s-fs is not installed: cargo install s3s-fs --version 0.14.1 --features binary --locked (.ci/run does this)");
+            .expect("s3s-fs is not installed: cargo install s3s-fs --version 0.14.1 --features binary --locked (scripts/test does this)");
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
