@@ -7,7 +7,9 @@
 //! the row's lock, with the database's clock, so workers on many machines act
 //! as one careful client and their clocks never matter. If Postgres cannot be
 //! reached, nothing is granted: workers pause rather than exceed the limit.
-//! [`Gcra`] is the same arithmetic in Rust, for the property tests.
+//! On SQLite the same arithmetic is [`Bucket::reserve`], run in one
+//! `BEGIN IMMEDIATE` transaction. Both take an optional clock, so the
+//! property tests (tests/limiter.rs) drive the code that runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +44,16 @@ pub enum Denied {
     Quota { wait: Duration },
 }
 
+/// What one reservation granted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Granted {
+    pub n: usize,
+    /// The store's time of the grant (Unix seconds).
+    pub at: f64,
+    /// Flight rows, one per slot, under a shared in-flight cap.
+    pub flights: Vec<i64>,
+}
+
 /// A granted call: holds its place in flight until released.
 #[derive(Debug)]
 pub struct Slot {
@@ -73,23 +85,46 @@ struct Local {
     waiting: AtomicUsize,
     /// One reservation round trip at a time per process.
     reserving: Mutex<()>,
-    /// Slots granted for waiting callers, and when.
-    bank: std::sync::Mutex<(usize, Option<Instant>)>,
+    /// Slots granted for waiting callers: how many, when (here), and the
+    /// store's time of the grant (to give unused ones back to the quota).
+    bank: std::sync::Mutex<Bank>,
     /// Reservation round trips made, for measurement.
     round_trips: std::sync::atomic::AtomicU64,
 }
 
+#[derive(Debug, Default)]
+struct Bank {
+    slots: usize,
+    at: Option<Instant>,
+    granted_at: f64,
+}
+
+/// What the bank had for a caller.
+enum Banked {
+    Took,
+    Empty,
+    /// `n` slots were never used in time: their quota goes back.
+    Expired {
+        n: usize,
+        granted_at: f64,
+    },
+}
+
 impl Local {
-    fn take_banked(&self) -> bool {
+    fn take_banked(&self) -> Banked {
         let mut bank = self.bank.lock().expect("bank lock");
-        match *bank {
-            (n, Some(at)) if n > 0 && at.elapsed() < BANKED_SLOT_TTL => {
-                bank.0 -= 1;
-                true
+        match bank.at {
+            Some(at) if bank.slots > 0 && at.elapsed() < BANKED_SLOT_TTL => {
+                bank.slots -= 1;
+                Banked::Took
             }
             _ => {
-                *bank = (0, None);
-                false
+                let expired = std::mem::take(&mut *bank);
+                if expired.slots > 0 {
+                    Banked::Expired { n: expired.slots, granted_at: expired.granted_at }
+                } else {
+                    Banked::Empty
+                }
             }
         }
     }
@@ -144,33 +179,65 @@ impl SharedLimiter {
         self.shared.round_trips.load(Ordering::Relaxed)
     }
 
-    /// One reservation round trip for `k` slots: how many were granted, and
-    /// their flight rows under a shared in-flight cap.
-    pub async fn try_reserve(&self, k: usize) -> Result<Result<(usize, Vec<i64>), Denied>, StoreError> {
+    /// One reservation round trip for `k` slots on the store's clock.
+    pub async fn try_reserve(&self, k: usize) -> Result<Result<Granted, Denied>, StoreError> {
+        self.try_reserve_at(k, None).await
+    }
+
+    /// One reservation round trip for `k` slots at time `now` (Unix
+    /// seconds; `None`: the store's clock, as every worker does). A given
+    /// clock lets the property tests replay any interleaving on the code
+    /// that runs.
+    pub async fn try_reserve_at(&self, k: usize, now: Option<f64>) -> Result<Result<Granted, Denied>, StoreError> {
         self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
-        let (granted, wait, reason, flights): (i64, f64, Option<String>, Option<Vec<i64>>) = match &self.store {
+        let k = k.max(1) as i64;
+        let (granted, wait, reason, at, flights): (i64, f64, Option<String>, f64, Vec<i64>) = match &self.store {
             Store::Pg(s) => {
-                let (granted, wait, reason, flights): (i32, f64, Option<String>, Option<Vec<i64>>) =
-                    sqlx::query_as("SELECT granted, wait_secs, reason, flights FROM limiter_reserve($1, $2, $3)")
-                        .bind(&self.account)
-                        .bind(k.max(1) as i32)
-                        .bind(self.lease_secs)
-                        .fetch_one(&s.pool)
-                        .await?;
-                (i64::from(granted), wait, reason, flights)
+                type Row = (i32, f64, Option<String>, f64, Option<Vec<i64>>);
+                let (granted, wait, reason, at, flights): Row = sqlx::query_as(
+                    "SELECT granted, wait_secs, reason, extract(epoch FROM at)::float8, flights
+                     FROM limiter_reserve($1, $2, $3, to_timestamp($4))",
+                )
+                .bind(&self.account)
+                .bind(k as i32)
+                .bind(self.lease_secs)
+                .bind(now)
+                .fetch_one(&s.pool)
+                .await?;
+                (i64::from(granted), wait, reason, at, flights.unwrap_or_default())
             }
             Store::Lite(s) => {
-                let (granted, wait, reason, flights) =
-                    s.limiter_reserve(&self.account, k.max(1) as i64, self.lease_secs).await?;
-                (granted, wait, reason, Some(flights))
+                let (r, at, flights) = s.limiter_reserve(&self.account, k, self.lease_secs, now).await?;
+                (r.granted, r.wait, r.reason.map(str::to_string), at, flights)
             }
         };
         let wait = Duration::from_secs_f64(wait.max(0.0));
         Ok(match (granted, reason.as_deref()) {
-            (n, _) if n > 0 => Ok((n as usize, flights.unwrap_or_default())),
+            (n, _) if n > 0 => Ok(Granted { n: n as usize, at, flights }),
             (_, Some("quota")) => Err(Denied::Quota { wait }),
             (_, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
         })
+    }
+
+    /// Gives `n` reserved but unused calls back to the day's quota (not to
+    /// the rate: a call made later than its slot never breaks the rate).
+    /// Nothing is given back once the quota day granted in has ended.
+    pub async fn refund(&self, n: usize, granted_at: f64) -> Result<(), StoreError> {
+        match &self.store {
+            Store::Pg(s) => {
+                sqlx::query(
+                    "UPDATE limiter SET day_used = greatest(0, day_used - $2)
+                     WHERE account = $1 AND quota_day_start <= to_timestamp($3)",
+                )
+                .bind(&self.account)
+                .bind(n as i64)
+                .bind(granted_at)
+                .execute(&s.pool)
+                .await?;
+            }
+            Store::Lite(s) => s.limiter_refund(&self.account, n as i64, granted_at).await?,
+        }
+        Ok(())
     }
 
     /// Ends a call: frees its place under the shared in-flight cap.
@@ -197,25 +264,38 @@ impl SharedLimiter {
         Ok(outcome?.map(|flight| Slot { _permit: permit, flight }))
     }
 
+    /// A banked slot if one is fresh; expired ones go back to the quota.
+    async fn take_banked(&self) -> Result<bool, StoreError> {
+        match self.shared.take_banked() {
+            Banked::Took => Ok(true),
+            Banked::Empty => Ok(false),
+            Banked::Expired { n, granted_at } => {
+                self.refund(n, granted_at).await?;
+                Ok(false)
+            }
+        }
+    }
+
     async fn reserve_one(&self) -> Result<Result<Option<i64>, Denied>, StoreError> {
         let local = &self.shared;
-        if local.take_banked() {
+        if self.take_banked().await? {
             return Ok(Ok(None));
         }
         // One caller at a time talks to the database, for everyone waiting;
         // the others queue here (fairly) and take banked slots.
         let _turn = local.reserving.lock().await;
         loop {
-            if local.take_banked() {
+            if self.take_banked().await? {
                 return Ok(Ok(None));
             }
             let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
             match self.try_reserve(want).await? {
-                Ok((n, flights)) => {
-                    if n > 1 {
-                        *local.bank.lock().expect("bank lock") = (n - 1, Some(Instant::now()));
+                Ok(granted) => {
+                    if granted.n > 1 {
+                        *local.bank.lock().expect("bank lock") =
+                            Bank { slots: granted.n - 1, at: Some(Instant::now()), granted_at: granted.at };
                     }
-                    return Ok(Ok(flights.first().copied()));
+                    return Ok(Ok(granted.flights.first().copied()));
                 }
                 // Sleep holding the turn: nobody else here would get another
                 // answer from the database before then. The millisecond's
@@ -291,115 +371,95 @@ pub fn batch_size(rate: f64, burst: f64, cap: usize) -> usize {
     ((rate * 0.020).floor() as usize).min(burst.floor() as usize).clamp(1, cap.max(1))
 }
 
-/// The reservation arithmetic of `limiter_reserve`, in Rust, for property
-/// tests: times are seconds on one clock (the database's).
-#[derive(Debug, Clone)]
-pub struct Gcra {
+/// An account's row of the `limiter` table, as the SQLite store keeps it:
+/// times are seconds on the store's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
     pub rate: f64,
     pub burst: f64,
+    /// AIMD factor on the rate (1 = the configured rate).
     pub scale: f64,
+    /// GCRA's theoretical arrival time of the next call.
     pub tat: f64,
+    /// No grants before this (a 429's push-back).
     pub blocked_until: f64,
-    pub daily_quota: Option<u64>,
-    pub day_start: f64,
-    pub day_used: u64,
+    pub daily_quota: Option<i64>,
+    /// Seconds after UTC midnight at which the quota day starts.
+    pub quota_reset: f64,
+    pub quota_day_start: f64,
+    pub day_used: i64,
+    pub max_in_flight: Option<i64>,
 }
 
-impl Gcra {
-    pub fn new(rate: f64, burst: f64, daily_quota: Option<u64>) -> Gcra {
-        Gcra {
-            rate,
-            burst,
-            scale: 1.0,
-            tat: f64::NEG_INFINITY,
-            blocked_until: f64::NEG_INFINITY,
-            daily_quota,
-            day_start: f64::NEG_INFINITY,
-            day_used: 0,
-        }
-    }
+/// What one reservation decided, and the row to store after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    /// Calls granted: all asked for (fewer only when the quota has fewer
+    /// left, or the in-flight cap fewer places), or 0.
+    pub granted: i64,
+    /// When nothing was granted: how long to wait, and why (`blocked`,
+    /// `quota`, `in_flight` or `rate`).
+    pub wait: f64,
+    pub reason: Option<&'static str>,
+    /// The row to write back; `None` leaves it as it was.
+    pub row: Option<Bucket>,
+}
 
-    /// Mirrors `limiter_reserve(account, k)` at time `t`: grants all `k`
-    /// (fewer only when the quota has fewer left) or none.
-    pub fn reserve(&mut self, t: f64, k: u64) -> Result<u64, Denied> {
+impl Bucket {
+    /// Reserves `k` calls at time `t` with `in_flight` calls of the account
+    /// still in flight (unexpired). The same arithmetic as the Postgres
+    /// function `limiter_reserve` (migrations/postgres/0003): the SQLite store
+    /// runs this inside one `BEGIN IMMEDIATE` transaction, and the property
+    /// tests check both against the same rules.
+    pub fn reserve(&self, t: f64, k: i64, in_flight: i64) -> Reservation {
+        let deny = |wait: f64, reason, row| Reservation { granted: 0, wait: wait.max(0.0), reason: Some(reason), row };
         let em = 1.0 / (self.rate * self.scale);
-        let day_start = (t / 86_400.0).floor() * 86_400.0;
-        let used = if self.day_start < day_start { 0 } else { self.day_used };
+        let day_start = ((t - self.quota_reset) / 86_400.0).floor() * 86_400.0 + self.quota_reset;
+        let used = if self.quota_day_start < day_start { 0 } else { self.day_used };
         if t < self.blocked_until {
-            return Err(Denied::Later { wait: secs(self.blocked_until - t), reason: "blocked".into() });
+            return deny(self.blocked_until - t, "blocked", None);
         }
         let mut n = k;
-        if let Some(q) = self.daily_quota {
-            n = n.min(q.saturating_sub(used));
-            if n == 0 {
-                self.day_start = day_start;
-                self.day_used = used;
-                return Err(Denied::Quota { wait: secs(day_start + 86_400.0 - t) });
+        if let Some(quota) = self.daily_quota {
+            n = n.min(quota - used);
+            if n < 1 {
+                let row = Bucket { quota_day_start: day_start, day_used: used, ..self.clone() };
+                return deny(day_start + 86_400.0 - t, "quota", Some(row));
             }
         }
+        if let Some(cap) = self.max_in_flight {
+            n = n.min(cap - in_flight);
+            if n < 1 {
+                // Calls end in milliseconds to seconds: look again shortly.
+                return deny(0.02, "in_flight", None);
+            }
+        }
+        // GCRA: the schedule may run at most `burst` calls ahead of now.
         let base = self.tat.max(t);
         if base + n as f64 * em > t + self.burst * em {
-            return Err(Denied::Later {
-                wait: secs(base + n as f64 * em - (t + self.burst * em)),
-                reason: "rate".into(),
-            });
+            return deny(base + n as f64 * em - (t + self.burst * em), "rate", None);
         }
-        self.tat = base + n as f64 * em;
-        self.day_start = day_start;
-        self.day_used = used + n;
-        Ok(n)
+        let row = Bucket { tat: base + n as f64 * em, quota_day_start: day_start, day_used: used + n, ..self.clone() };
+        Reservation { granted: n, wait: 0.0, reason: None, row: Some(row) }
     }
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
-    proptest! {
-        /// Any interleaving of reservations from several clients: no one-second
-        /// window holds more than rate + burst grants, and no day more than
-        /// the quota.
-        #[test]
-        fn grants_never_exceed_rate_plus_burst_per_second_or_the_daily_quota(
-            rate in 1.0f64..50.0,
-            burst in 1.0f64..20.0,
-            quota in 1u64..400,
-            // (slots asked, gap in ms): clients ask for one or several slots
-            // at their own pace.
-            steps in proptest::collection::vec((1u64..8, 0u32..300), 1..600),
-        ) {
-            let mut g = Gcra::new(rate, burst, Some(quota));
-            let mut t = 86_400.0 * 20_000.0 + 86_000.0; // near a UTC midnight, to cross it
-            let mut grants = Vec::new();
-            for (k, gap) in steps {
-                t += f64::from(gap) / 1000.0;
-                if let Ok(n) = g.reserve(t, k) {
-                    prop_assert!(n >= 1 && n <= k);
-                    grants.extend(std::iter::repeat_n(t, n as usize));
-                }
-            }
-            for (i, &start) in grants.iter().enumerate() {
-                let in_window = grants[i..].iter().take_while(|&&u| u < start + 1.0).count() as f64;
-                prop_assert!(in_window <= rate + burst, "{in_window} grants in 1 s at rate {rate} burst {burst}");
-            }
-            let mut per_day = std::collections::HashMap::new();
-            for t in &grants {
-                *per_day.entry((t / 86_400.0).floor() as i64).or_insert(0u64) += 1;
-            }
-            prop_assert!(per_day.values().all(|&n| n <= quota), "{per_day:?} over quota {quota}");
-        }
-
-        #[test]
-        fn a_push_back_is_honoured_and_only_moves_later(rate in 1.0f64..50.0, a in 0.0f64..10.0, b in 0.0f64..10.0) {
-            let mut g = Gcra::new(rate, 1.0, None);
-            g.blocked_until = 100.0 + a.max(b);
-            prop_assert!(g.reserve(100.0 + a.max(b) - 0.001, 1).is_err());
-            prop_assert!(g.reserve(100.0 + a.max(b), 1).is_ok());
+    fn bucket(rate: f64, burst: f64, quota: Option<i64>) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            scale: 1.0,
+            tat: 0.0,
+            blocked_until: 0.0,
+            daily_quota: quota,
+            quota_reset: 0.0,
+            quota_day_start: 0.0,
+            day_used: 0,
+            max_in_flight: None,
         }
     }
 
@@ -412,12 +472,28 @@ mod tests {
     }
 
     #[test]
-    fn a_used_up_quota_waits_for_the_next_day() {
-        let mut g = Gcra::new(100.0, 100.0, Some(2));
+    fn a_used_up_quota_waits_for_the_next_quota_day() {
         let noon = 86_400.0 * 20_000.0 + 43_200.0;
-        assert!(g.reserve(noon, 1).is_ok());
-        assert!(g.reserve(noon + 1.0, 1).is_ok());
-        assert_eq!(g.reserve(noon + 2.0, 1), Err(Denied::Quota { wait: secs(43_198.0) }));
-        assert!(g.reserve(noon + 43_200.0, 1).is_ok(), "midnight UTC resets it");
+        for (reset, wait) in [(0.0, 43_198.0), (3_600.0, 46_798.0)] {
+            let mut b = Bucket { quota_reset: reset, ..bucket(100.0, 100.0, Some(2)) };
+            for t in [noon, noon + 1.0] {
+                let r = b.reserve(t, 1, 0);
+                assert_eq!(r.granted, 1);
+                b = r.row.unwrap();
+            }
+            let r = b.reserve(noon + 2.0, 1, 0);
+            assert_eq!((r.granted, r.reason, r.wait), (0, Some("quota"), wait), "reset at {reset}");
+            let midnight = b.reserve(noon + 43_200.0, 1, 0).granted;
+            assert_eq!(midnight, if reset == 0.0 { 1 } else { 0 }, "the quota day starts at the reset, UTC");
+            assert_eq!(b.reserve(noon + 2.0 + wait, 1, 0).granted, 1);
+        }
+    }
+
+    #[test]
+    fn the_in_flight_cap_counts_what_is_still_in_flight() {
+        let b = Bucket { max_in_flight: Some(3), ..bucket(100.0, 100.0, None) };
+        assert_eq!(b.reserve(10.0, 5, 1).granted, 2, "two places left");
+        let full = b.reserve(10.0, 1, 3);
+        assert_eq!((full.granted, full.reason), (0, Some("in_flight")));
     }
 }

@@ -198,7 +198,7 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
             let mut grants = Vec::new();
             while start.elapsed() < Duration::from_millis(1500) {
                 match limiter.try_reserve(1).await.unwrap() {
-                    Ok((n, _)) => grants.extend(std::iter::repeat_n(start.elapsed().as_secs_f64(), n)),
+                    Ok(g) => grants.extend(std::iter::repeat_n(start.elapsed().as_secs_f64(), g.n)),
                     Err(Denied::Later { wait, .. }) => tokio::time::sleep(wait.min(Duration::from_millis(20))).await,
                     Err(other) => panic!("{other:?}"),
                 }
@@ -225,12 +225,21 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     let mut granted = 0;
     for _ in 0..12 {
         match quota.try_reserve(1).await.unwrap() {
-            Ok((n, _)) => granted += n,
+            Ok(g) => granted += g.n,
             Err(Denied::Quota { wait }) => assert!(wait <= Duration::from_secs(86_400), "{wait:?}"),
             Err(Denied::Later { wait, .. }) => tokio::time::sleep(wait).await,
         }
     }
     assert_eq!(granted, 7);
+
+    // Reserved but unused calls go back to the day's quota (a banked slot
+    // that expired): 3 reserved, 2 given back, so 3 of 4 remain.
+    let refund =
+        SharedLimiter::register(&store, &provider("account = \"refund\"\ndaily_quota = 4\nburst = 10")).await.unwrap();
+    let g = refund.try_reserve(3).await.unwrap().unwrap();
+    assert_eq!(g.n, 3);
+    refund.refund(2, g.at).await.unwrap();
+    assert_eq!(refund.try_reserve(4).await.unwrap().map(|g| g.n), Ok(3), "two came back");
 
     // Two calls in flight at most, across limiters; a release frees a place.
     let p = provider("account = \"flight\"\nmax_in_flight = 2");
@@ -244,6 +253,134 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     }
     a.release(one).await.unwrap();
     assert!(b.try_reserve(1).await.unwrap().is_ok(), "a place came back");
+    env.cleanup().await;
+}
+
+/// One step of a limiter property case: a reservation of `k` calls, or a
+/// 429 push-back of `block_ms`, `gap_ms` after the previous step.
+#[derive(Debug, Clone)]
+enum Step {
+    Reserve { k: usize, gap_ms: u32 },
+    Block { block_ms: u32, gap_ms: u32 },
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        9 => (1usize..8, 0u32..300).prop_map(|(k, gap_ms)| Step::Reserve { k, gap_ms }),
+        1 => (1u32..3000, 0u32..300).prop_map(|(block_ms, gap_ms)| Step::Block { block_ms, gap_ms }),
+    ]
+}
+
+/// Sets the account's push-back to `until` (what a 429's Retry-After does,
+/// at a synthetic time).
+async fn block_until(store: &Store, account: &str, until: f64) {
+    match store {
+        Store::Pg(s) => sqlx::query(
+            "UPDATE limiter SET blocked_until = greatest(blocked_until, to_timestamp($2)) WHERE account = $1",
+        )
+        .bind(account)
+        .bind(until)
+        .execute(&s.pool)
+        .await
+        .map(|r| r.rows_affected())
+        .unwrap(),
+        Store::Lite(s) => sqlx::query("UPDATE limiter SET blocked_until = max(blocked_until, ?2) WHERE account = ?1")
+            .bind(account)
+            .bind(until)
+            .execute(&s.pool)
+            .await
+            .map(|r| r.rows_affected())
+            .unwrap(),
+    };
+}
+
+/// Property test of the reservation code that runs (the Postgres function,
+/// SQLite's `Bucket` in its transaction), on a synthetic clock: for any
+/// interleaving of reservations and push-backs, no one-second window holds
+/// more than rate + burst grants, no quota day more than the quota, nothing
+/// is granted while pushed back, and a grant is all that was asked for
+/// unless the quota had less left.
+async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
+    use proptest::prelude::*;
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let base = env.spec(&pattern_vins(1), "http://127.0.0.1:9", "");
+    let base = JobSpec::load(&base).unwrap().provider;
+    let cases = std::sync::atomic::AtomicU32::new(0);
+    let strategy = (1.0f64..50.0, 1.0f64..20.0, 1i64..300, proptest::collection::vec(step(), 1..250));
+    let config = proptest::test_runner::Config { cases: 24, failure_persistence: None, ..Default::default() };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let handle = tokio::runtime::Handle::current();
+    let result = runner.run(&strategy, |(rate, burst, quota, steps)| {
+        let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = vinetl::spec::ProviderSpec {
+            requests_per_second: rate,
+            burst: Some(burst),
+            daily_quota: Some(quota as u64),
+            account: Some(format!("prop-{case}")),
+            ..base.clone()
+        };
+        let account = p.account();
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let limiter = SharedLimiter::register(&store, &p).await.unwrap();
+                // Near a UTC midnight, so cases cross into a new quota day.
+                let mut t = 86_400.0 * 20_000.0 + 86_000.0;
+                let mut blocked_until = f64::NEG_INFINITY;
+                let mut grants: Vec<f64> = Vec::new();
+                for step in steps {
+                    match step {
+                        Step::Block { block_ms, gap_ms } => {
+                            t += f64::from(gap_ms) / 1000.0;
+                            blocked_until = blocked_until.max(t + f64::from(block_ms) / 1000.0);
+                            block_until(&store, &account, blocked_until).await;
+                        }
+                        Step::Reserve { k, gap_ms } => {
+                            t += f64::from(gap_ms) / 1000.0;
+                            let day = (t / 86_400.0).floor();
+                            let used_today = grants.iter().filter(|&&g| (g / 86_400.0).floor() == day).count() as i64;
+                            match limiter.try_reserve_at(k, Some(t)).await.unwrap() {
+                                Ok(g) => {
+                                    prop_assert!(
+                                        t >= blocked_until,
+                                        "granted at {t} while blocked until {blocked_until}"
+                                    );
+                                    prop_assert!(g.n >= 1 && g.n <= k, "{} granted for {k}", g.n);
+                                    let left = (quota - used_today) as usize;
+                                    prop_assert!(g.n == k || g.n == left, "{} of {k} granted with {left} left", g.n);
+                                    grants.extend(std::iter::repeat_n(t, g.n));
+                                }
+                                Err(Denied::Later { reason, .. }) if reason == "blocked" => {
+                                    prop_assert!(t < blocked_until, "refused as blocked at {t}, until {blocked_until}");
+                                }
+                                Err(Denied::Later { .. }) => {}
+                                Err(Denied::Quota { .. }) => {
+                                    prop_assert!(
+                                        used_today >= quota,
+                                        "quota refused with {used_today} used of {quota}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                for (i, &start) in grants.iter().enumerate() {
+                    let in_window = grants[i..].iter().take_while(|&&u| u < start + 1.0).count() as f64;
+                    prop_assert!(in_window <= rate + burst, "{in_window} grants in 1 s at rate {rate} burst {burst}");
+                }
+                let mut per_day = std::collections::BTreeMap::new();
+                for g in &grants {
+                    *per_day.entry((g / 86_400.0).floor() as i64).or_insert(0i64) += 1;
+                }
+                prop_assert!(per_day.values().all(|&n| n <= quota), "{per_day:?} over the quota {quota}");
+                Ok(())
+            })
+        })
+    });
+    if let Err(e) = result {
+        panic!("{backend:?}: {e}");
+    }
     env.cleanup().await;
 }
 
@@ -279,8 +416,7 @@ async fn counts_and_reprocess(backend: Backend) {
     let healthy = vinetl::serve::spawn(vinetl::serve::ServeOptions {
         bind: format!("127.0.0.1:{port}"),
         keys: Some(keys),
-        recalls: None,
-        faults: Faults::default(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -396,6 +532,7 @@ conformance!(
     enqueue_is_idempotent,
     a_dead_workers_batch_is_taken_over_once,
     the_limiter_holds_rate_burst_quota_and_in_flight,
+    the_limiter_arithmetic_holds_for_any_interleaving,
     counts_and_reprocess,
     two_worker_processes_share_a_job,
 );

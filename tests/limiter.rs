@@ -244,8 +244,9 @@ async fn many_waiting_calls_share_reservation_round_trips() {
         t.await.unwrap();
     }
     let used: i64 = sqlx::query_scalar("SELECT day_used FROM limiter").fetch_one(&s.pool).await.unwrap();
-    // Every granted slot was used by exactly one call (none lost, none made up)...
-    assert!(used >= 400, "{used} slots granted for 400 calls");
+    // Every slot taken from the quota was used by exactly one call: none
+    // lost, none made up (slots banked but never used go back).
+    assert_eq!(used, 400, "{used} slots taken from the quota for 400 calls");
     // ...and 16 concurrent callers needed far fewer round trips than calls.
     assert!(limiter.round_trips() < 200, "{} round trips for 400 calls", limiter.round_trips());
     eprintln!("400 calls, {} reservation round trips, {used} slots granted", limiter.round_trips());
@@ -289,14 +290,32 @@ async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes
     }
     let most = most.load(std::sync::atomic::Ordering::SeqCst);
     assert!((2..=3).contains(&most), "at most 3 calls in flight across processes, saw {most}");
-    // A worker that dies holding a place: its lease expires and the place comes back.
-    sqlx::query(
-        "INSERT INTO limiter_flights (account, expires_at) SELECT account, now() - interval '1 second' FROM limiter",
-    )
-    .execute(&s.pool)
-    .await
-    .unwrap();
-    let slot = limiters[0].acquire().await.unwrap().unwrap();
+    // Workers that died holding every place: while their leases last, no call
+    // may start; once they expire, the places come back.
+    let fill = |ago: &'static str| {
+        let pool = s.pool.clone();
+        async move {
+            sqlx::query("DELETE FROM limiter_flights").execute(&pool).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO limiter_flights (account, expires_at)
+                 SELECT account, now() + interval '{ago}' FROM limiter, generate_series(1, 3)"
+            )))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    fill("1 minute").await;
+    match limiters[0].try_reserve(1).await.unwrap() {
+        Err(vinetl::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "in_flight"),
+        other => panic!("a fourth call in flight: {other:?}"),
+    }
+    fill("-1 second").await;
+    let slot = tokio::time::timeout(Duration::from_secs(5), limiters[0].acquire())
+        .await
+        .expect("three expired leases give their places back")
+        .unwrap()
+        .unwrap();
     limiters[0].release(slot).await.unwrap();
     cleanup(&schema).await;
 }

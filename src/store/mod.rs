@@ -58,7 +58,7 @@ pub struct DecodedVin {
 }
 
 /// The counts `status` shows.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
 pub struct JobCounts {
     pub job_id: i64,
     pub name: String,
@@ -83,6 +83,51 @@ pub struct JobCounts {
     pub recalls: Option<RecallCounts>,
     /// Where the outputs went, once written.
     pub outputs: Vec<String>,
+    /// When the job started and each phase ended.
+    pub times: JobTimes,
+}
+
+/// When a job was created, when its current run started (the submission,
+/// or the latest `reprocess`), when each phase ended (RFC 3339, UTC), and how
+/// long each took in seconds: planning (read, parse, dedupe, batch), calls
+/// (decodes and recall lookups), writing (the outputs). A phase not reached
+/// yet is null; `vinetl write` restarts writing.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct JobTimes {
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    pub planned_at: Option<String>,
+    pub write_started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub planning_secs: Option<f64>,
+    pub calls_secs: Option<f64>,
+    pub writing_secs: Option<f64>,
+    pub total_secs: Option<f64>,
+}
+
+impl JobTimes {
+    /// From Unix seconds: created, started, planned, writing started, finished.
+    pub(crate) fn from_epochs(t: [Option<f64>; 5]) -> JobTimes {
+        let at = |s: Option<f64>| {
+            s.and_then(|s| sqlx::types::chrono::DateTime::from_timestamp_micros((s * 1e6).round() as i64))
+                .map(|d| d.to_rfc3339())
+        };
+        let span = |a: Option<f64>, b: Option<f64>| Some(((b? - a?) * 1000.0).round() / 1000.0).filter(|d| *d >= 0.0);
+        let [created, started, planned, writing, finished] = t;
+        // Without outputs, the calls end when the job does.
+        let calls_end = writing.or(finished);
+        JobTimes {
+            created_at: at(created),
+            started_at: at(started),
+            planned_at: at(planned),
+            write_started_at: at(writing),
+            finished_at: at(finished),
+            planning_secs: span(started, planned),
+            calls_secs: span(planned, calls_end),
+            writing_secs: span(writing, finished),
+            total_secs: span(started, finished),
+        }
+    }
 }
 
 /// A recall answer's campaigns by number (the first record of a number
@@ -106,6 +151,8 @@ pub(crate) struct JobHead {
     pub calls: (i64, i64, i64),
     pub recalls_on: bool,
     pub outputs: Vec<String>,
+    /// Unix seconds: created, started, planned, writing started, finished.
+    pub times: [Option<f64>; 5],
 }
 
 /// Lookups, cache hits, recall calls, rows with recalls, rows unknown,
@@ -158,6 +205,7 @@ impl JobCounts {
                 calls_saved: (decoded - recall_calls).max(0),
             }),
             outputs: head.outputs,
+            times: JobTimes::from_epochs(head.times),
         }
     }
 }

@@ -501,10 +501,13 @@ impl PgStore {
 
     /// Planning is over: workers may finish the job from now on.
     pub async fn mark_running(&self, job_id: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE jobs SET state = 'running', updated_at = now() WHERE job_id = $1 AND state = 'planning'")
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE jobs SET state = 'running', planned_at = now(), updated_at = now()
+             WHERE job_id = $1 AND state = 'planning'",
+        )
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -561,7 +564,10 @@ impl PgStore {
                     coalesce((spec -> 'recalls' ->> 'enabled')::bool, false), outputs_written,
                     recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
-                    (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead')
+                    (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
+                    extract(epoch FROM created_at)::float8, extract(epoch FROM started_at)::float8,
+                    extract(epoch FROM planned_at)::float8,
+                    extract(epoch FROM write_started_at)::float8, extract(epoch FROM finished_at)::float8
              FROM jobs WHERE job_id = $1",
         )
         .bind(job_id)
@@ -578,6 +584,7 @@ impl PgStore {
             calls: (job.try_get(3)?, job.try_get(4)?, job.try_get(5)?),
             recalls_on: job.try_get(6)?,
             outputs: job.try_get::<Option<Vec<String>>, _>(7)?.unwrap_or_default(),
+            times: [job.try_get(15)?, job.try_get(16)?, job.try_get(17)?, job.try_get(18)?, job.try_get(19)?],
         };
         let recall_row: RecallRow = (
             job.try_get(8)?,
@@ -786,7 +793,8 @@ impl PgStore {
             Next::Done
         } else {
             sqlx::query(
-                "UPDATE jobs SET state = 'writing', updated_at = now(), state_reason = NULL, resume_at = NULL
+                "UPDATE jobs SET state = 'writing', write_started_at = now(), updated_at = now(), state_reason = NULL,
+                     resume_at = NULL
                  WHERE job_id = $1",
             )
             .bind(job_id)
@@ -814,7 +822,7 @@ impl PgStore {
     /// stored results. False if it has not ended (or has no calls planned).
     pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'writing', state_reason = NULL, updated_at = now()
+            "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now()
              WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
                AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
         )
@@ -1131,6 +1139,7 @@ impl PgStore {
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
+                 started_at = now(), planned_at = now(), write_started_at = NULL,
                  recalls_planned = false, outputs_written = NULL, rows_with_recalls = NULL,
                  rows_recalls_unknown = NULL, campaigns_found = NULL, updated_at = now()
              WHERE job_id = $1",

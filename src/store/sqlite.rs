@@ -17,6 +17,7 @@ use sqlx::types::chrono::{DateTime, NaiveDate, Utc};
 use super::{
     ClaimedBatch, DecodedVin, JobCounts, JobHead, Lookup, Next, PlannedRow, RecallRow, Reschedule, StoreError,
 };
+use crate::limiter::{Bucket, Reservation};
 use crate::output::{CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::JobSpec;
 
@@ -134,7 +135,7 @@ impl SqliteStore {
     }
 
     pub async fn create_job(&self, name: &str, spec: &Value, spec_hash: &str) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("INSERT INTO jobs (name, spec, spec_hash) VALUES (?, ?, ?) RETURNING job_id")
+        Ok(sqlx::query_scalar("INSERT INTO jobs (name, spec, spec_hash, started_at) VALUES (?, ?, ?, unixepoch('subsec')) RETURNING job_id")
             .bind(name)
             .bind(spec.to_string())
             .bind(spec_hash)
@@ -498,7 +499,9 @@ impl SqliteStore {
     }
 
     pub async fn mark_running(&self, job_id: i64) -> Result<(), StoreError> {
-        sqlx::query(q("UPDATE jobs SET state = 'running', updated_at = NOW WHERE job_id = ? AND state = 'planning'"))
+        sqlx::query(q(
+            "UPDATE jobs SET state = 'running', planned_at = NOW, updated_at = NOW WHERE job_id = ? AND state = 'planning'",
+        ))
             .bind(job_id)
             .execute(&self.pool)
             .await?;
@@ -553,7 +556,8 @@ impl SqliteStore {
                     coalesce(spec ->> '$.recalls.enabled', 0), outputs_written,
                     recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
                     campaigns_found,
-                    (SELECT count(*) FROM batches WHERE job_id = ?1 AND kind = 'recall' AND state = 'dead')
+                    (SELECT count(*) FROM batches WHERE job_id = ?1 AND kind = 'recall' AND state = 'dead'),
+                    created_at, started_at, planned_at, write_started_at, finished_at
              FROM jobs WHERE job_id = ?1",
         )
         .bind(job_id)
@@ -570,6 +574,7 @@ impl SqliteStore {
             calls: (job.try_get(3)?, job.try_get(4)?, job.try_get(5)?),
             recalls_on: job.try_get(6)?,
             outputs: outputs.and_then(|o| serde_json::from_str(&o).ok()).unwrap_or_default(),
+            times: [job.try_get(15)?, job.try_get(16)?, job.try_get(17)?, job.try_get(18)?, job.try_get(19)?],
         };
         let recall_row: RecallRow = (
             job.try_get(8)?,
@@ -748,7 +753,8 @@ impl SqliteStore {
         }
         let (next, state) = if spec.outputs.is_empty() { (Next::Done, "done") } else { (Next::Write, "writing") };
         sqlx::query(q("UPDATE jobs SET state = ?2, updated_at = NOW, state_reason = NULL, resume_at = NULL,
-                 finished_at = CASE WHEN ?2 = 'done' THEN NOW ELSE finished_at END
+                 finished_at = CASE WHEN ?2 = 'done' THEN NOW ELSE finished_at END,
+                 write_started_at = CASE WHEN ?2 = 'writing' THEN NOW ELSE write_started_at END
              WHERE job_id = ?1"))
         .bind(job_id)
         .bind(state)
@@ -774,9 +780,11 @@ impl SqliteStore {
     }
 
     pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
-        let n = sqlx::query(q("UPDATE jobs SET state = 'writing', state_reason = NULL, updated_at = NOW
+        let n = sqlx::query(q(
+            "UPDATE jobs SET state = 'writing', write_started_at = NOW, state_reason = NULL, updated_at = NOW
              WHERE job_id = ?1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
-               AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = ?1 AND state IN ('queued', 'running'))"))
+               AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = ?1 AND state IN ('queued', 'running'))",
+        ))
         .bind(job_id)
         .execute(&self.pool)
         .await?
@@ -913,7 +921,7 @@ impl SqliteStore {
         .await?;
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         sqlx::query(q("UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
-                 recalls_planned = 0, outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
+                 started_at = NOW, planned_at = NOW, write_started_at = NULL, recalls_planned = 0, outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
                  campaigns_found = NULL, updated_at = NOW
              WHERE job_id = ?"))
         .bind(job_id)
@@ -1088,79 +1096,67 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Returns (granted, wait seconds, reason, flight ids).
+    /// One reservation (see [`Bucket::reserve`]) at `now`, or SQLite's
+    /// clock: the decision, the time it was made at, and the flight ids.
     pub async fn limiter_reserve(
         &self,
         account: &str,
         k: i64,
         lease_secs: f64,
-    ) -> Result<(i64, f64, Option<String>, Vec<i64>), StoreError> {
+        now: Option<f64>,
+    ) -> Result<(Reservation, f64, Vec<i64>), StoreError> {
         let mut tx = self.write_tx().await?;
         type Row = (f64, f64, f64, f64, f64, Option<i64>, f64, f64, i64, Option<i64>, f64);
-        let (rate, burst, scale, tat, blocked_until, quota, reset, day_start_seen, day_used, cap, t): Row =
+        let (rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used, cap, t): Row =
             sqlx::query_as(
                 "SELECT rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used,
-                        max_in_flight, unixepoch('subsec')
-                 FROM limiter WHERE account = ?",
+                        max_in_flight, coalesce(?2, unixepoch('subsec'))
+                 FROM limiter WHERE account = ?1",
             )
             .bind(account)
+            .bind(now)
             .fetch_one(&mut *tx)
             .await?;
-        let em = 1.0 / (rate * scale);
-        let day_start = ((t - reset) / 86_400.0).floor() * 86_400.0 + reset;
-        let used = if day_start_seen < day_start { 0 } else { day_used };
-        let deny = |wait: f64, why: &str| Ok((0, wait.max(0.0), Some(why.to_string()), Vec::new()));
-        if t < blocked_until {
-            return deny(blocked_until - t, "blocked");
-        }
-        let mut n = k;
-        if let Some(quota) = quota {
-            n = n.min(quota - used);
-            if n < 1 {
-                sqlx::query("UPDATE limiter SET quota_day_start = ?2, day_used = ?3 WHERE account = ?1")
-                    .bind(account)
-                    .bind(day_start)
-                    .bind(used)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                return deny(day_start + 86_400.0 - t, "quota");
-            }
-        }
-        if let Some(cap) = cap {
+        let bucket = Bucket {
+            rate,
+            burst,
+            scale,
+            tat,
+            blocked_until,
+            daily_quota,
+            quota_reset,
+            quota_day_start,
+            day_used,
+            max_in_flight: cap,
+        };
+        let mut in_flight = 0;
+        if cap.is_some() {
             sqlx::query("DELETE FROM limiter_flights WHERE account = ? AND expires_at <= ?")
                 .bind(account)
                 .bind(t)
                 .execute(&mut *tx)
                 .await?;
-            let active: i64 = sqlx::query_scalar("SELECT count(*) FROM limiter_flights WHERE account = ?")
+            in_flight = sqlx::query_scalar("SELECT count(*) FROM limiter_flights WHERE account = ?")
                 .bind(account)
                 .fetch_one(&mut *tx)
                 .await?;
-            n = n.min(cap - active);
-            if n < 1 {
-                tx.commit().await?;
-                return deny(0.02, "in_flight");
-            }
         }
-        // GCRA: the schedule may run at most `burst` calls ahead of now.
-        let base = tat.max(t);
-        if base + n as f64 * em > t + burst * em {
-            return deny(base + n as f64 * em - (t + burst * em), "rate");
+        let decision = bucket.reserve(t, k, in_flight);
+        if let Some(row) = &decision.row {
+            sqlx::query(
+                "UPDATE limiter SET tat = ?2, quota_day_start = ?3, day_used = ?4, updated_at = ?5 WHERE account = ?1",
+            )
+            .bind(account)
+            .bind(row.tat)
+            .bind(row.quota_day_start)
+            .bind(row.day_used)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query(
-            "UPDATE limiter SET tat = ?2, quota_day_start = ?3, day_used = ?4, updated_at = ?5 WHERE account = ?1",
-        )
-        .bind(account)
-        .bind(base + n as f64 * em)
-        .bind(day_start)
-        .bind(used + n)
-        .bind(t)
-        .execute(&mut *tx)
-        .await?;
         let mut flights = Vec::new();
         if cap.is_some() {
-            for _ in 0..n {
+            for _ in 0..decision.granted {
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO limiter_flights (account, expires_at) VALUES (?, ?) RETURNING flight_id",
                 )
@@ -1172,7 +1168,18 @@ impl SqliteStore {
             }
         }
         tx.commit().await?;
-        Ok((n, 0.0, None, flights))
+        Ok((decision, t, flights))
+    }
+
+    /// Gives unused reserved calls back to the quota day they were granted in.
+    pub async fn limiter_refund(&self, account: &str, n: i64, granted_at: f64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE limiter SET day_used = max(0, day_used - ?2) WHERE account = ?1 AND quota_day_start <= ?3")
+            .bind(account)
+            .bind(n)
+            .bind(granted_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn limiter_release(&self, flight: i64) -> Result<(), StoreError> {
