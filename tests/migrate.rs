@@ -34,13 +34,24 @@ async fn migrate_creates_the_runner_tables_in_its_own_schema_idempotently() {
 
 #[tokio::test]
 async fn concurrent_migrations_from_many_processes_all_succeed() {
+    // Six processes started together on a schema that does not exist yet:
+    // they race on CREATE SCHEMA and on sqlx's migration lock.
     let schema = unique_schema("race");
-    let children: Vec<_> =
-        (0..4).map(|_| vinetl().args(["migrate", "--database-url", &pg_url(), "--schema", &schema]).output()).collect();
-    for out in children {
-        let out = out.unwrap();
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            vinetl()
+                .args(["migrate", "--database-url", &pg_url(), "--schema", &schema])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    assert!(tables(&schema).await.iter().any(|t| t == "jobs"));
     drop_schema(&schema).await;
 }
 

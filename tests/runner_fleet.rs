@@ -140,19 +140,57 @@ async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
+    let (server, _keys) = common::serve(Faults::default()).await;
     let schema = unique_schema("cancel");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
-    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", "http://127.0.0.1:9", "");
-    let out = vinetl_async(&schema, "k", &["submit", spec.to_str().unwrap()]).await;
+    // 5 calls a second: the 50 batches would take ten seconds.
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "burst = 1");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 5");
+    std::fs::write(&spec, text).unwrap();
+    let key = "pro-counted-key";
+    let out = vinetl_async(&schema, key, &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = vinetl_async(&schema, "k", &["cancel", "1"]).await;
+    let mut worker = common::spawn_worker(&schema, key);
+    // The server's own count; every probe is one request more.
+    let mut probes = 0;
+    let mut seen = async || {
+        probes += 1;
+        requests_seen(&server.url(), key, 100_000).await - (probes - 1)
+    };
+    for _ in 0..300 {
+        if status(&schema, 1).await["calls_made"].as_i64().unwrap() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = vinetl_async(&schema, key, &["cancel", "1"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let at_cancel = seen().await;
+    assert!((3..50).contains(&at_cancel), "cancelled mid-job, after {at_cancel} calls");
+    // Calls in flight at the cancel (at most the worker's two) land; no new one starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = seen().await;
+    assert!(settled <= at_cancel + 2, "{} calls after the cancel", settled - at_cancel);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen().await, settled, "the worker makes no more calls");
+    assert!(worker.try_wait().unwrap().is_none(), "the worker stays up for other jobs");
+
     let s = status(&schema, 1).await;
-    assert_eq!(s["state"], "cancelled");
-    assert_eq!((s["failed"].as_i64(), s["pending"].as_i64()), (Some(1000), Some(0)));
-    // A worker started afterwards makes no call (the API address is unreachable anyway).
-    let out = vinetl_async(&schema, "k", &["cancel", "1"]).await;
+    assert_eq!(s["state"], "cancelled", "{s}");
+    assert_eq!(s["calls_made"].as_u64(), Some(settled), "every call made is counted");
+    // Every row is accounted for: decoded by a call that was made, or failed as cancelled.
+    assert_eq!(s["pending"], 0, "{s}");
+    assert_eq!(s["decoded"].as_u64(), Some(20 * settled), "{s}");
+    assert_eq!(s["failed"].as_u64(), Some(1000 - 20 * settled), "{s}");
+    let db = pool(&schema).await;
+    let cancelled: i64 = sqlx::query_scalar("SELECT count(*) FROM job_inputs WHERE error_code = 'cancelled'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(cancelled as u64, 1000 - 20 * settled);
+    let out = vinetl_async(&schema, key, &["cancel", "1"]).await;
     assert!(!out.status.success(), "cancelling twice says the job has ended");
+    drop(worker);
     cleanup(&schema).await;
 }
