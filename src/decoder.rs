@@ -4,9 +4,11 @@
 //! decodes the model year, agrees with the published claims far more often,
 //! returns vPIC's own strings, and is ~30× faster. Its pattern tables are
 //! generated at build time into `$HOME/.corgi-rs-cache` and mapped at run
-//! time from there or from `$MAPS_DIR`; a deployed binary needs them beside it.
+//! time from `$MAPS_DIR`; [`tables_dir`] says where a binary finds them when
+//! `MAPS_DIR` is unset (a packaged binary carries them beside it).
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use corgi_rs::{CorgiError, VehicleInfo, VinDecoder, VinDecoderError};
 
@@ -16,9 +18,63 @@ use crate::vin::Vin;
 /// The decoder could not start.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot load the vPIC tables ({0}); they are built into $HOME/.corgi-rs-cache by `cargo build`: set MAPS_DIR to a copy of that directory"
+    "cannot load the vPIC tables ({0}); `cargo build` writes them to $HOME/.corgi-rs-cache and `scripts/package` ships them in share/vinetl/vpic: set MAPS_DIR to a directory holding them"
 )]
 pub struct DecoderUnavailable(String);
+
+/// One table stands for the set when a directory is probed (corgi-rs
+/// reports any other missing one by name when it opens them).
+const PROBE_TABLE: &str = "pattern.fst";
+
+/// Where the vPIC tables are, when `MAPS_DIR` does not say:
+/// 1. `share/vinetl/vpic` beside the binary's `bin/` (the layout of
+///    `scripts/package`'s tarball and of the Docker image), or `vpic/` beside
+///    the binary;
+/// 2. `$HOME/.corgi-rs-cache`, where corgi-rs's build script writes them;
+/// 3. the directory that build script used when this binary was built, so
+///    a binary keeps working on its build machine under another `$HOME`.
+///
+/// `None` when `MAPS_DIR` is set (it wins) or no candidate holds them.
+/// The first call's answer is kept for [`tables_in_use`].
+pub fn tables_dir() -> Option<PathBuf> {
+    match tables_in_use() {
+        (Some(dir), why) if why != "MAPS_DIR" => Some(dir),
+        _ => None,
+    }
+}
+
+/// Where the tables in use are, and why (for `vinetl version`), as first
+/// found in this process (before `main` points `MAPS_DIR` at them).
+pub fn tables_in_use() -> (Option<PathBuf>, &'static str) {
+    static FOUND: std::sync::OnceLock<(Option<PathBuf>, &'static str)> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            if let Some(dir) = std::env::var_os("MAPS_DIR") {
+                return (Some(PathBuf::from(dir)), "MAPS_DIR");
+            }
+            tables_candidates()
+                .into_iter()
+                .find(|(d, _)| d.join(PROBE_TABLE).is_file())
+                .map_or((None, "not found"), |(d, why)| (Some(d), why))
+        })
+        .clone()
+}
+
+fn tables_candidates() -> Vec<(PathBuf, &'static str)> {
+    let mut candidates = Vec::new();
+    if let Some(bin) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        candidates.push((bin.join("../share/vinetl/vpic"), "packaged beside the binary"));
+        candidates.push((bin.join("vpic"), "beside the binary"));
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        candidates.push((PathBuf::from(home).join(".corgi-rs-cache"), "$HOME/.corgi-rs-cache"));
+    }
+    let built = env!("VINETL_BUILD_TABLES_DIR");
+    if !built.is_empty() {
+        candidates.push((PathBuf::from(built), "where this binary was built"));
+    }
+    candidates
+}
 
 /// Decodes VINs from the embedded vPIC data. Cheap to share (`Send + Sync`).
 pub struct Decoder {
