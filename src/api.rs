@@ -190,6 +190,38 @@ pub struct Vehicle {
     pub other: BTreeMap<String, String>,
 }
 
+impl Vehicle {
+    /// A field by its vPIC name (`"Make"`, `"ModelYear"`, any of `other`);
+    /// empty when the decode has no value.
+    pub fn field(&self, name: &str) -> &str {
+        match name {
+            "VIN" => &self.vin,
+            "Make" => &self.make,
+            "Model" => &self.model,
+            "ModelYear" => &self.model_year,
+            "BodyClass" => &self.body_class,
+            "DriveType" => &self.drive_type,
+            "FuelTypePrimary" => &self.fuel_type_primary,
+            "EngineConfiguration" => &self.engine_configuration,
+            "EngineCylinders" => &self.engine_cylinders,
+            "DisplacementL" => &self.displacement_l,
+            "TransmissionStyle" => &self.transmission_style,
+            "PlantCity" => &self.plant_city,
+            "PlantState" => &self.plant_state,
+            "PlantCountry" => &self.plant_country,
+            "Manufacturer" => &self.manufacturer,
+            "Series" => &self.series,
+            "Trim" => &self.trim,
+            "Doors" => &self.doors,
+            "VehicleType" => &self.vehicle_type,
+            "GVWR" => &self.gvwr,
+            "ErrorCode" => &self.error_code,
+            "ErrorText" => &self.error_text,
+            other => self.other.get(other).map_or("", String::as_str),
+        }
+    }
+}
+
 /// vPIC's error codes, with its wording, for the cases the embedded decoder
 /// can tell apart.
 pub mod vpic_error {

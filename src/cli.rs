@@ -138,15 +138,37 @@ pub enum Command {
         /// the shipped sample of real records in jobs/recalls/).
         #[arg(long)]
         recalls: Option<PathBuf>,
+        /// Append one JSON line per API request to FILE: time, account label
+        /// (never the key), endpoint, VIN count, status, milliseconds.
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
         #[command(flatten)]
         faults: crate::serve::faults::Faults,
     },
-    /// Decode VINs with the embedded vPIC data and print JSON, as the API's
-    /// batch-decode would. Exits 1 if any VIN is malformed.
+    /// Decode VINs with the embedded vPIC data, offline: VINs given here
+    /// (printed as batch-decode's JSON), or a whole file on every core.
+    ///
+    /// With VINs, exits 1 if any is malformed. With --file, writes one line
+    /// per input row in input order (JSON lines or CSV) to stdout, and a
+    /// summary to stderr.
     Decode {
         /// VINs to decode.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
         vins: Vec<String>,
+        /// A VIN file instead: one VIN per line, CSV or Parquet (by name, as
+        /// job sources; gzip and zstd detected from content); `-` reads stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// CSV or Parquet column holding the VIN (implies CSV unless the name
+        /// says Parquet; default `vin`).
+        #[arg(long, requires = "file")]
+        column: Option<String>,
+        /// Output format for --file.
+        #[arg(long, value_enum, default_value_t = crate::offline::OutputFormat::Jsonl, requires = "file")]
+        format: crate::offline::OutputFormat,
+        /// Decoding threads for --file (default: every core).
+        #[arg(long, requires = "file")]
+        threads: Option<usize>,
     },
     /// Count what a VIN file holds: rows, valid, rejections by kind,
     /// check-digit mismatches, duplicates. Streams; memory stays bounded.
@@ -160,6 +182,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the version and where the vPIC tables are read from.
+    Version,
     /// Create or update vinetl's tables in its schema (idempotent; the runner
     /// also does this on start).
     Migrate {
@@ -252,11 +276,37 @@ impl Cli {
                     Ok(ExitCode::FAILURE)
                 }
             }
-            Command::Serve { bind, keys, recalls, faults } => {
-                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults }).await?;
+            Command::Serve { bind, keys, recalls, audit_log, faults } => {
+                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log }).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Decode { vins } => decode_command(vins).await,
+            Command::Decode { file: Some(file), column, format, threads, .. } => {
+                let threads = threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+                let input = FileFormat::infer(&file, column.as_deref());
+                let started = std::time::Instant::now();
+                let decoded = tokio::task::spawn_blocking(move || {
+                    crate::offline::decode_file(&file, input, format, threads, std::io::stdout())
+                })
+                .await?;
+                let summary = match decoded {
+                    // `vinetl decode --file F | head`: the reader is done; so are we.
+                    Err(crate::offline::DecodeFileError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    other => other?,
+                };
+                eprintln!("{}", crate::offline::describe(&summary, threads, started));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Decode { vins, .. } => decode_command(vins).await,
+            Command::Version => {
+                let (dir, why) = crate::decoder::tables_in_use();
+                let dir =
+                    dir.map_or("none".to_string(), |d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
+                outln!("vinetl {}\nvPIC tables: {dir} ({why})", env!("CARGO_PKG_VERSION"));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod decoder;
 pub mod distinct;
 pub mod finish;
 pub mod limiter;
+pub mod offline;
 pub mod output;
 pub mod planner;
 pub mod queue;

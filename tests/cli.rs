@@ -70,9 +70,20 @@ fn check_names_the_file_it_cannot_read() {
 
 #[test]
 fn every_subcommand_has_help() {
-    for cmd in
-        ["run", "submit", "worker", "status", "reprocess", "write", "cancel", "serve", "decode", "check", "migrate"]
-    {
+    for cmd in [
+        "run",
+        "submit",
+        "worker",
+        "status",
+        "reprocess",
+        "write",
+        "cancel",
+        "serve",
+        "decode",
+        "check",
+        "migrate",
+        "version",
+    ] {
         let out = vinetl().args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -97,4 +108,76 @@ fn a_reader_that_stops_early_does_not_make_vinetl_panic() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// `vinetl decode --file` with `args`, its stdout and stderr.
+fn decode_file(args: &[&str], stdin: Option<&[u8]>) -> (String, String) {
+    let mut child = vinetl()
+        .args(["decode", "--file"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn decode_file_writes_one_line_per_row_in_input_order_whatever_the_threads() {
+    let (one, summary) = decode_file(&["jobs/sample-fleet.csv", "--threads", "1"], None);
+    let (four, _) = decode_file(&["jobs/sample-fleet.csv", "--threads", "4"], None);
+    assert_eq!(one, four, "the same lines, in the same order, on any number of threads");
+    let lines: Vec<Value> = one.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 291, "one line per data row of the CSV");
+    let rows: Vec<u64> = lines.iter().map(|l| l["row"].as_u64().unwrap()).collect();
+    assert_eq!(rows, (1..=291).collect::<Vec<_>>());
+    let invalid: Vec<&Value> = lines.iter().filter(|l| l.get("error").is_some()).collect();
+    assert_eq!(invalid.len(), 10, "the sample's ten invalid rows carry an error, not a decode");
+    assert!(invalid.iter().all(|l| l["error"]["code"] == "INVALID_VIN"));
+    let honda = lines.iter().find(|l| l["input"] == "1HGCM82633A004352").unwrap();
+    assert_eq!((honda["Make"].as_str(), honda["ModelYear"].as_str()), (Some("HONDA"), Some("2003")));
+    assert!(summary.contains("291 rows, 281 decoded") && summary.contains("10 invalid"), "{summary}");
+}
+
+#[test]
+fn decode_file_keeps_input_order_across_many_chunks_and_threads() {
+    // 6,500 rows: four chunks, decoded concurrently, written back in order.
+    let dir = tempfile::tempdir().unwrap();
+    let pattern = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    let vins: Vec<&str> = pattern.lines().cycle().take(6_500).collect();
+    let path = dir.path().join("vins.txt");
+    std::fs::write(&path, vins.join("\n")).unwrap();
+    let (out, _) = decode_file(&[path.to_str().unwrap(), "--threads", "3"], None);
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6_500);
+    for (i, (line, vin)) in lines.iter().zip(&vins).enumerate() {
+        assert_eq!(line["row"], i as u64 + 1);
+        assert_eq!(line["VIN"], *vin, "row {}", i + 1);
+    }
+}
+
+#[test]
+fn decode_file_reads_stdin_and_writes_csv_with_the_output_columns() {
+    let input = b"1HGCM82633A004352\nnot a vin\n5YJSA1DG9DFP14705\n";
+    let (csv, _) = decode_file(&["-", "--format", "csv"], Some(input));
+    let mut reader = csv::Reader::from_reader(csv.as_bytes());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_string).collect();
+    assert_eq!(&header[..4], ["row", "raw_vin", "vin", "status"]);
+    assert!(header.contains(&"model_year".to_string()) && header.contains(&"plant_country".to_string()));
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), 3);
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    assert_eq!(&records[0][col("make")], "HONDA");
+    assert_eq!(&records[1][col("status")], "invalid");
+    assert_eq!(&records[1][col("error_code")], "wrong_length");
+    assert_eq!(&records[2][col("model")], "Model S");
 }
