@@ -313,3 +313,43 @@ async fn the_openapi_document_is_served_and_names_every_endpoint() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_audit_log_has_a_line_per_request_naming_the_account_never_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let server = common::ServeProcess::start(&["--audit-log", log.to_str().unwrap()]);
+    let api = Api::new(server.url.clone());
+    let vins = json!({"vins": ["1HGCM82633A004352", "5YJSA1DG9DFP14705", "WBAPH5C55BA218692"]});
+    assert_eq!(api.post("/api/v1/decode", KEY, json!({"vin": "1HGCM82633A004352"})).await.0, StatusCode::OK);
+    assert_eq!(api.post("/api/v1/batch-decode", KEY, vins.clone()).await.0, StatusCode::OK);
+    assert_eq!(api.post("/api/v1/batch-decode", Some("not-a-key"), vins).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.post("/api/v1/decode", None, json!({"vin": "1HGCM82633A004352"})).await.0, StatusCode::OK);
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        lines = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect();
+        if lines.len() == 4 {
+            assert!(!text.contains("YOUR_API_KEY") && !text.contains("not-a-key"), "keys never reach the log: {text}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let got: Vec<(String, String, u64, u64)> = lines
+        .iter()
+        .map(|l| {
+            let s = |k: &str| l[k].as_str().unwrap().to_string();
+            (s("account"), s("path"), l["status"].as_u64().unwrap(), l["vins"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("guide".into(), "/api/v1/decode".into(), 200, 1),
+            ("guide".into(), "/api/v1/batch-decode".into(), 200, 3),
+            ("(invalid key)".into(), "/api/v1/batch-decode".into(), 401, 0),
+            ("anonymous 127.0.0.1".into(), "/api/v1/decode".into(), 200, 1),
+        ]
+    );
+    assert!(lines.windows(2).all(|w| w[0]["ts"].as_f64() <= w[1]["ts"].as_f64()), "in time order");
+}

@@ -2,6 +2,7 @@
 //! data, faithful to the integration guide. It backs development, the tests
 //! and the demo; the runner talks to it over real HTTP.
 
+pub mod audit;
 pub mod faults;
 pub mod keys;
 mod openapi;
@@ -43,6 +44,8 @@ pub struct ServeOptions {
     pub keys: Option<PathBuf>,
     pub recalls: Option<PathBuf>,
     pub faults: Faults,
+    /// Append a JSON line per API request here.
+    pub audit_log: Option<PathBuf>,
 }
 
 /// A configuration problem found before the server starts.
@@ -56,6 +59,8 @@ pub enum ServeError {
     Decoder(#[from] crate::decoder::DecoderUnavailable),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error("cannot open the audit log {path}: {source}")]
+    AuditLog { path: String, source: std::io::Error },
 }
 
 /// Everything the handlers share.
@@ -79,7 +84,7 @@ impl Server {
         Ok(Server { decoder: Decoder::new()?, accounts, recalls })
     }
 
-    pub fn router(self, faults: Faults) -> Router {
+    pub fn router(self, faults: Faults, audit: Option<audit::AuditLog>) -> Router {
         let state = Arc::new(self);
         let mut api = Router::new()
             .route(api::DECODE_PATH, post(decode))
@@ -87,6 +92,10 @@ impl Server {
             .route(api::RECALLS_PATH, post(recalls));
         if faults.any() {
             api = api.layer(axum::middleware::from_fn_with_state(Arc::new(faults), faults::inject));
+        }
+        // Outside the faults: an injected failure is what the caller got, so it is logged.
+        if let Some(log) = audit {
+            api = api.layer(axum::middleware::from_fn_with_state((Arc::clone(&state), log), audit::record));
         }
         api.route(api::OPENAPI_PATH, get(openapi))
             .fallback(not_found)
@@ -109,6 +118,8 @@ pub struct RunningServer {
     pub recalls: usize,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The audit log's writer, which flushes once the server has stopped.
+    audit: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningServer {
@@ -122,7 +133,11 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        let served = self.task.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Some(audit) = self.audit.take() {
+            let _ = audit.await;
+        }
+        served
     }
 }
 
@@ -147,7 +162,7 @@ pub async fn spawn_embedded(per_second: f64, per_day: Option<u64>) -> Result<Run
             source: e,
         }));
     }
-    let opts = ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), recalls: None, faults: Faults::default() };
+    let opts = ServeOptions { bind: "127.0.0.1:0".into(), keys: Some(keys), ..ServeOptions::default() };
     let server = spawn(opts).await;
     let _ = std::fs::remove_dir_all(&dir);
     server
@@ -165,8 +180,17 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
         .map_err(|source| ServeError::Bind { addr: opts.bind.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.bind.clone(), source })?;
     let (keys, recalls) = (server.accounts.key_count(), server.recalls.len());
+    let (audit, audit_task) = match &opts.audit_log {
+        Some(path) => {
+            let (log, task) = audit::AuditLog::open(path.clone())
+                .await
+                .map_err(|source| ServeError::AuditLog { path: path.display().to_string(), source })?;
+            (Some(log), Some(task))
+        }
+        None => (None, None),
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = server.router(opts.faults.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = server.router(opts.faults.clone(), audit).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -174,7 +198,7 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
             })
             .await
     });
-    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task })
+    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task, audit: audit_task })
 }
 
 /// `vinetl serve`: runs until SIGINT or SIGTERM.
@@ -247,6 +271,12 @@ fn quota_headers(q: &Quota) -> Vec<(HeaderName, HeaderValue)> {
     ]
 }
 
+/// Marks a response with the VINs it answered, for the audit log.
+fn with_vins(mut resp: Response, n: usize) -> Response {
+    resp.extensions_mut().insert(audit::VinCount(n));
+    resp
+}
+
 /// A success answer with the caller's quota in headers (none when unlimited).
 fn ok<T: serde::Serialize>(body: T, quota: Quota) -> Response {
     let mut resp = Json(body).into_response();
@@ -263,6 +293,14 @@ impl Server {
     fn caller(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiFailure> {
         let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
         self.accounts.authenticate(auth, peer.ip()).map_err(|bad| ApiFailure::unauthorized(bad.0))
+    }
+
+    /// Who is calling, for the audit log: an account's label, never its key.
+    fn account_label(&self, headers: &HeaderMap, peer: SocketAddr) -> String {
+        match self.caller(headers, peer) {
+            Ok(caller) => self.accounts.name(caller),
+            Err(_) => "(invalid key)".to_string(),
+        }
     }
 
     fn keyed_caller(&self, headers: &HeaderMap, peer: SocketAddr, what: &str) -> Result<Caller, ApiFailure> {
@@ -327,7 +365,7 @@ async fn decode(
     })?;
     let quota = s.admit(caller)?;
     let vehicle = decode_blocking(&s, vec![vin]).await?.remove(0);
-    Ok(ok(DataResponse { success: true, data: vehicle }, quota))
+    Ok(with_vins(ok(DataResponse { success: true, data: vehicle }, quota), 1))
 }
 
 async fn batch_decode(
@@ -363,7 +401,8 @@ async fn batch_decode(
         })
         .collect();
     tracing::debug!(caller = %s.accounts.name(caller), vins = data.len(), "batch-decode");
-    Ok(ok(DataResponse { success: true, data }, quota))
+    let n = data.len();
+    Ok(with_vins(ok(DataResponse { success: true, data }, quota), n))
 }
 
 async fn recalls(
