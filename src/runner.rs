@@ -314,5 +314,14 @@ pub fn describe(c: &JobCounts) -> String {
     for o in &c.outputs {
         s.push_str(&format!("  output           {o}\n"));
     }
+    let t = &c.times;
+    let phases: Vec<String> = [("planning", t.planning_secs), ("calls", t.calls_secs), ("writing", t.writing_secs)]
+        .iter()
+        .filter_map(|(name, secs)| secs.map(|d| format!("{name} {d:.1} s")))
+        .collect();
+    if let Some(started) = &t.started_at {
+        let total = t.total_secs.map_or(String::new(), |d| format!(", total {d:.1} s"));
+        s.push_str(&format!("  started          {started} ({}{total})\n", phases.join(", ")));
+    }
     s
 }
