@@ -14,5 +14,5 @@ fn main() {
     println!("cargo:rustc-env=VINETL_BUILD_TABLES_DIR={dir}");
     println!("cargo:rerun-if-env-changed=CORGI_CACHE_DIR");
     println!("cargo:rerun-if-env-changed=HOME");
-    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/build.rs");
 }
