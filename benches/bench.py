@@ -473,7 +473,7 @@ def bench_cold(ctx, serve):
                f"(`vinetl decode --file --threads 1`): {fmt_n(ctx.decoder_rate)} VINs/s.")
 
 
-def bench_warm(ctx):
+def bench_warm(ctx, serve):
     """Warm nightly: N rows drawn from cached VINs, three carried columns, 0 calls."""
     import duckdb  # from the venv benches/run makes
 
@@ -519,7 +519,7 @@ def bench_warm(ctx):
             runs.append(("s3", f'[[outputs]]\nkind = "parquet"\npath = "s3://bench/warm-{n}/"\n'
                                f'endpoint = "{ctx.s3.endpoint}"\nregion = "us-east-1"'))
         for case, outputs in runs:
-            s = spec(ctx.work / f"warm-{n}-{case}.toml", source, "http://127.0.0.1:9",
+            s = spec(ctx.work / f"warm-{n}-{case}.toml", source, serve.url,
                      "requests_per_second = 100", outputs)
             job += 1
             r = ctx.vinetl(["run" if outputs else "submit", s], dict(env, **ctx.s3.env))
@@ -683,10 +683,10 @@ def main():
             print(f"== {name}", file=sys.stderr, flush=True)
             t = time.monotonic()
             try:
-                if name in ("calls", "cold", "stores") and shared is None:
+                if name in ("calls", "cold", "warm", "stores") and shared is None:
                     shared = Serve(ctx, [{"key": "bench-unlimited", "tier": "pro", "name": "unlimited"}], "serve")
                 fn = globals()[f"bench_{name}"]
-                fn(ctx, shared) if name in ("calls", "cold", "stores") else fn(ctx)
+                fn(ctx, shared) if name in ("calls", "cold", "warm", "stores") else fn(ctx)
             except Exception as e:  # one broken benchmark must not hide the others' figures
                 ctx.failed.append(name)
                 print(f"benchmark {name} failed: {e}", file=sys.stderr)

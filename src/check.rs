@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::distinct::DistinctVins;
-use crate::source::{FileFormat, FileSource, SourceError};
+use crate::source::{FileFormat, FileSource, SourceError, TextEncoding};
 use crate::vin::{Vin, VinError};
 
 /// How many rejected rows a report quotes, so a person can find them.
@@ -50,7 +50,7 @@ pub enum CheckError {
 }
 
 /// Reads `path` as a stream and counts what it holds.
-pub fn check_file(path: &Path, format: FileFormat) -> Result<CheckReport, CheckError> {
+pub fn check_file(path: &Path, format: FileFormat, encoding: TextEncoding) -> Result<CheckReport, CheckError> {
     let shown = path.display().to_string();
     let spill = |source| CheckError::Spill { path: shown.clone(), source };
     let mut report = CheckReport {
@@ -65,7 +65,7 @@ pub fn check_file(path: &Path, format: FileFormat) -> Result<CheckReport, CheckE
         examples: Vec::new(),
     };
     let mut distinct = DistinctVins::default();
-    for row in FileSource::open(path, format)? {
+    for row in FileSource::open_encoded(path, &shown, format, encoding)? {
         let row = row?;
         report.rows += 1;
         match Vin::parse(&row.vin) {

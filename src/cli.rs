@@ -103,6 +103,9 @@ pub enum Command {
         /// Calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Rewrite a dataset partition even though a later job has written it since.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -111,6 +114,9 @@ pub enum Command {
     Write {
         /// Job id.
         job: i64,
+        /// Rewrite a dataset partition even though a later job has written it since.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -169,18 +175,37 @@ pub enum Command {
         /// Decoding threads for --file (default: every core).
         #[arg(long, requires = "file")]
         threads: Option<usize>,
+        /// Text encoding of --file (default strict UTF-8), e.g. latin1.
+        #[arg(long, requires = "file")]
+        encoding: Option<String>,
     },
-    /// Count what a VIN file holds: rows, valid, rejections by kind,
-    /// check-digit mismatches, duplicates. Streams; memory stays bounded.
+    /// Count what a VIN file holds (rows, valid, rejections by kind,
+    /// check-digit mismatches, duplicates), or check a job spec before it runs.
+    ///
+    /// With a VIN file it streams the file; memory stays bounded. With a job
+    /// spec (a .toml file) it makes the checks `vinetl run` makes before the
+    /// first call (key variable, API host, every output writable, the source
+    /// readable), and with --dry-run also reads the whole source and prints
+    /// the plan: rows, valid, distinct, cache hits, calls needed and the time
+    /// they take at the spec's rate. Nothing is stored or called.
     Check {
-        /// VIN file: one VIN per line, or CSV (gzip and zstd detected from content).
+        /// VIN file (one VIN per line, or CSV; gzip and zstd detected from
+        /// content), or a job spec (.toml).
         file: PathBuf,
         /// CSV column holding the VIN (implies CSV; a .csv file defaults to `vin`).
         #[arg(long)]
         column: Option<String>,
+        /// Text encoding of the file (default strict UTF-8), e.g. latin1.
+        #[arg(long)]
+        encoding: Option<String>,
+        /// For a job spec: also read the source and print the plan.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        state: StateArgs,
     },
     /// Print the version and where the vPIC tables are read from.
     Version,
@@ -195,9 +220,20 @@ pub enum Command {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
-            Command::Check { file, column, json } => {
+            Command::Check { file, column, encoding, dry_run, json, state } => {
+                if file.extension().is_some_and(|e| e == "toml") {
+                    let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                    let checked = runner::check_spec(&state, &file, dry_run).await?;
+                    if json {
+                        outln!("{}", serde_json::to_string_pretty(&checked)?);
+                    } else {
+                        out!("{checked}");
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let encoding = text_encoding(encoding.as_deref())?;
                 let format = FileFormat::infer(&file, column.as_deref());
-                let report = tokio::task::spawn_blocking(move || check_file(&file, format)).await??;
+                let report = tokio::task::spawn_blocking(move || check_file(&file, format, encoding)).await??;
                 if json {
                     outln!("{}", serde_json::to_string_pretty(&report)?);
                 } else {
@@ -213,20 +249,25 @@ impl Cli {
             }
             Command::Run { spec, concurrency, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let counts = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
-                out!("{}", runner::describe(&counts));
-                outln!("  state            {}", state.describe());
-                Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                let ended = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
+                Ok(report(&ended, Some(&state)))
             }
             Command::Submit { spec, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 let s = runner::submit(&state, &spec).await?;
                 outln!(
-                    "job {} {}: {} batches queued; run `vinetl worker` to process them",
+                    "job {} {}: {} rows, {} batches queued; run `vinetl worker` to process them",
                     s.job_id,
                     if s.resumed { "resumed" } else { "submitted" },
+                    s.rows,
                     s.batches
                 );
+                if s.rows == 0 {
+                    eprintln!(
+                        "vinetl: warning: job {}'s input had no rows (source.min_rows = 1 makes that an error)",
+                        s.job_id
+                    );
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Worker { concurrency, state } => {
@@ -253,40 +294,39 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Reprocess { job, failed_only, detach, concurrency, state } => {
+            Command::Reprocess { job, failed_only, detach, concurrency, force, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
                 let progress = !detach && runner::stderr_is_terminal();
-                let counts = runner::reprocess(&state, job, failed_only, detach, concurrency, progress).await?;
-                out!("{}", runner::describe(&counts));
-                Ok(if detach || counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                let ended = runner::reprocess(&state, job, failed_only, detach, concurrency, progress, force).await?;
+                if detach {
+                    outln!("job {job} queued again; running workers take it ({} rows pending)", ended.counts.pending);
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Ok(report(&ended, None))
             }
-            Command::Write { job, state } => {
+            Command::Write { job, force, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let counts = runner::write(&state, job).await?;
-                out!("{}", runner::describe(&counts));
-                Ok(if counts.state == "done" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+                let ended = runner::write(&state, job, force).await?;
+                Ok(report(&ended, None))
             }
             Command::Cancel { job, state } => {
                 let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                if runner::cancel(&state, job).await? {
-                    outln!("job {job} cancelled; calls already in flight finish and are stored");
-                    Ok(ExitCode::SUCCESS)
-                } else {
-                    eprintln!("job {job} does not exist or has already ended");
-                    Ok(ExitCode::FAILURE)
-                }
+                runner::cancel(&state, job).await?;
+                outln!("job {job} cancelled; calls already in flight finish and are stored");
+                Ok(ExitCode::SUCCESS)
             }
             Command::Serve { bind, keys, recalls, audit_log, faults } => {
                 crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log }).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Decode { file: Some(file), column, format, threads, .. } => {
+            Command::Decode { file: Some(file), column, format, threads, encoding, .. } => {
+                let encoding = text_encoding(encoding.as_deref())?;
                 let threads = threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
                 let input = FileFormat::infer(&file, column.as_deref());
                 let started = std::time::Instant::now();
                 let decoded = tokio::task::spawn_blocking(move || {
-                    crate::offline::decode_file(&file, input, format, threads, std::io::stdout())
+                    crate::offline::decode_file(&file, input, encoding, format, threads, std::io::stdout())
                 })
                 .await?;
                 let summary = match decoded {
@@ -309,6 +349,31 @@ impl Cli {
             }
         }
     }
+}
+
+/// `--encoding`: strict UTF-8 when absent.
+fn text_encoding(label: Option<&str>) -> anyhow::Result<crate::source::TextEncoding> {
+    match label {
+        None => Ok(crate::source::TextEncoding::UTF8),
+        Some(l) => crate::source::TextEncoding::from_label(l).ok_or_else(|| {
+            crate::exit::Usage(format!("--encoding {l:?} is not a known encoding (try utf-8, latin1, windows-1252)"))
+                .into()
+        }),
+    }
+}
+
+/// Prints a job's summary (its first line the verdict, also on stderr
+/// when the job did not simply succeed) and returns its exit code.
+fn report(ended: &runner::Ended, state: Option<&runner::State>) -> ExitCode {
+    let (code, text) = runner::summary(ended);
+    out!("{text}");
+    if let Some(state) = state {
+        outln!("  state            {}", state.describe());
+    }
+    if code != crate::exit::OK {
+        eprintln!("vinetl: {}", text.lines().next().unwrap_or_default());
+    }
+    ExitCode::from(code)
 }
 
 async fn decode_command(vins: Vec<String>) -> anyhow::Result<ExitCode> {

@@ -23,8 +23,15 @@ pub enum Outcome<T> {
     /// 429: over the provider's limit. The limiter pushes every worker back;
     /// the call is retried without using up an attempt.
     RateLimited { retry_after: Option<Duration> },
-    /// 5xx, timeouts, connection errors, malformed or incomplete JSON: retry
-    /// with exponential backoff, counting an attempt.
+    /// The API could not be reached at all (connection refused, DNS or TLS
+    /// failure): the account's circuit opens; no attempt is used and the
+    /// call does not count against the quota.
+    Unreachable(String),
+    /// A 5xx, a 408 or a timeout: retried with backoff, counting an
+    /// attempt; a run of them across the account opens the circuit.
+    ServerError(String),
+    /// Malformed or incomplete JSON, a body cut short: retry with
+    /// exponential backoff, counting an attempt.
     Retry(String),
     /// Any other answer (a 400 for a request we built, a 404 for a wrong base
     /// URL): retrying cannot help, so the batch is dead-lettered at once.
@@ -97,11 +104,23 @@ impl ApiClient {
         let sent = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(body).send().await;
         let resp = match sent {
             Ok(r) => r,
-            Err(e) => return Outcome::Retry(describe_transport(&e)),
+            Err(e) => return transport_outcome(&e),
         };
         let (status, headers) = (resp.status(), resp.headers().clone());
         let body = resp.bytes().await.map_err(|e| describe_transport(&e));
         classify(status, &headers, body)
+    }
+}
+
+/// A request that got no HTTP answer: unreachable, or a timeout.
+fn transport_outcome<T>(e: &reqwest::Error) -> Outcome<T> {
+    let text = describe_transport(e);
+    if e.is_connect() {
+        Outcome::Unreachable(text)
+    } else if e.is_timeout() {
+        Outcome::ServerError(text)
+    } else {
+        Outcome::Retry(text)
     }
 }
 
@@ -111,6 +130,8 @@ impl<T> Outcome<T> {
             Outcome::Done(t) => Outcome::Done(f(t)),
             Outcome::StopJob(m) => Outcome::StopJob(m),
             Outcome::RateLimited { retry_after } => Outcome::RateLimited { retry_after },
+            Outcome::Unreachable(m) => Outcome::Unreachable(m),
+            Outcome::ServerError(m) => Outcome::ServerError(m),
             Outcome::Retry(m) => Outcome::Retry(m),
             Outcome::GiveUp(m) => Outcome::GiveUp(m),
         }
@@ -153,7 +174,7 @@ pub fn classify<T: DeserializeOwned>(
         },
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::StopJob(message()),
         StatusCode::TOO_MANY_REQUESTS => Outcome::RateLimited { retry_after: retry_after(headers) },
-        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => Outcome::Retry(message()),
+        s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => Outcome::ServerError(message()),
         _ => Outcome::GiveUp(message()),
     }
 }
@@ -219,6 +240,8 @@ mod tests {
             Outcome::Done(_) => "done",
             Outcome::StopJob(_) => "stop",
             Outcome::RateLimited { .. } => "429",
+            Outcome::Unreachable(_) => "unreachable",
+            Outcome::ServerError(_) => "5xx",
             Outcome::Retry(_) => "retry",
             Outcome::GiveUp(_) => "give up",
         }
@@ -239,10 +262,10 @@ mod tests {
             (403, &[], Ok(err), "stop"),
             (429, &[("retry-after", "3")], Ok(err), "429"),
             (429, &[], Ok(err), "429"),
-            (500, &[], Ok(err), "retry"),
-            (502, &[], Ok("bad gateway"), "retry"),
-            (503, &[], Ok(""), "retry"),
-            (408, &[], Ok(""), "retry"),
+            (500, &[], Ok(err), "5xx"),
+            (502, &[], Ok("bad gateway"), "5xx"),
+            (503, &[], Ok(""), "5xx"),
+            (408, &[], Ok(""), "5xx"),
             (400, &[], Ok(err), "give up"),
             (404, &[], Ok(err), "give up"),
             (413, &[], Ok(err), "give up"),
@@ -251,6 +274,16 @@ mod tests {
             let got = run(*status, headers, *body);
             assert_eq!(kind(&got), *want, "{status} {body:?}: {got:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_unreachable_not_a_retry() {
+        // A port nothing listens on: bind one, then close it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = ApiClient::new(&format!("http://127.0.0.1:{port}"), "k", Duration::from_secs(2)).unwrap();
+        let vin = Vin::parse("1HGCM82633A004352").unwrap();
+        let got = client.batch_decode(&[vin]).await;
+        assert_eq!(kind(&got), "unreachable", "{got:?}");
     }
 
     #[test]

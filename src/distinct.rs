@@ -46,10 +46,19 @@ impl DistinctVins {
     }
 
     /// Number of distinct VINs inserted. Consumes the counter.
-    pub fn finish(mut self) -> std::io::Result<u64> {
+    pub fn finish(self) -> std::io::Result<u64> {
+        self.finish_with(|_| {})
+    }
+
+    /// Number of distinct VINs inserted, visiting each once, in sorted
+    /// order (the packed order). Consumes the counter.
+    pub fn finish_with(mut self, mut visit: impl FnMut(&str)) -> std::io::Result<u64> {
         self.buf.sort_unstable();
         self.buf.dedup();
         if self.runs.is_empty() {
+            for &k in &self.buf {
+                visit(&unpack(k));
+            }
             return Ok(self.buf.len() as u64);
         }
         let mut sources: Vec<Box<dyn Iterator<Item = std::io::Result<u128>>>> = Vec::new();
@@ -69,6 +78,7 @@ impl DistinctVins {
             if last != Some(k) {
                 distinct += 1;
                 last = Some(k);
+                visit(&unpack(k));
             }
             if let Some(next) = sources[i].next() {
                 heap.push(Reverse((next?, i)));
@@ -115,6 +125,10 @@ fn pack(vin: &Vin) -> u128 {
     vin.as_str().bytes().fold(0u128, |acc, c| (acc << 6) | u128::from(c - b'0'))
 }
 
+fn unpack(k: u128) -> String {
+    (0..17).rev().map(|i| char::from(((k >> (6 * i)) & 0x3f) as u8 + b'0')).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,7 +149,11 @@ mod tests {
                 set.insert(pool[i]);
             }
             prop_assert_eq!(counter.seen(), picks.len() as u64);
-            prop_assert_eq!(counter.finish().unwrap(), set.len() as u64);
+            let mut visited = Vec::new();
+            prop_assert_eq!(counter.finish_with(|v| visited.push(v.to_string())).unwrap(), set.len() as u64);
+            let mut want: Vec<String> = set.iter().map(Vin::to_string).collect();
+            want.sort();
+            prop_assert_eq!(visited, want, "each distinct VIN visited once, in order");
         }
     }
 

@@ -17,9 +17,9 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
     let next = store.advance(job_id, spec).await?;
     match next {
         Next::Enqueue => {
-            planner::enqueue(store, schema, job_id).await?;
+            planner::enqueue(store, schema, crate::queue::Lane::of(&spec.provider), job_id).await?;
         }
-        Next::Write => write(store, job_id, spec).await?,
+        Next::Write => write(store, job_id, spec, false).await?,
         Next::Done | Next::Nothing => {}
     }
     Ok(next)
@@ -30,8 +30,8 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
 /// result is kept, so `vinetl reprocess` writes again without calling the API.
 /// A failure of the state store leaves the job in `writing` for another
 /// worker to take over when the lease runs out.
-pub async fn write(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
-    match output::write_all(store, job_id, spec).await {
+pub async fn write(store: &Store, job_id: i64, spec: &JobSpec, replace_newer: bool) -> Result<(), StoreError> {
+    match output::write_all(store, job_id, spec, replace_newer).await {
         Ok(written) => store.finish_writing(job_id, &written.outputs).await,
         Err(OutputError::Store(e)) => Err(e),
         Err(e) => {
@@ -49,7 +49,7 @@ pub async fn resume_orphaned_writes(store: &Store) -> Result<usize, StoreError> 
     let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {
-            Ok(spec) => write(store, job_id, &spec).await?,
+            Ok(spec) => write(store, job_id, &spec, false).await?,
             Err(reason) => store.fail_writing(job_id, &reason).await?,
         }
     }

@@ -42,6 +42,9 @@ pub enum Denied {
     Later { wait: Duration, reason: String },
     /// The day's quota is used up until it resets, `wait` from now.
     Quota { wait: Duration },
+    /// The API is unreachable (the account's circuit is open): the next
+    /// probe is due `wait` from now.
+    Circuit { wait: Duration },
 }
 
 /// What one reservation granted.
@@ -215,6 +218,7 @@ impl SharedLimiter {
         Ok(match (granted, reason.as_deref()) {
             (n, _) if n > 0 => Ok(Granted { n: n as usize, at, flights }),
             (_, Some("quota")) => Err(Denied::Quota { wait }),
+            (_, Some("circuit")) => Err(Denied::Circuit { wait }),
             (_, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
         })
     }
@@ -347,19 +351,118 @@ impl SharedLimiter {
         Ok(())
     }
 
-    /// A successful call: recover a little of a reduced rate.
-    pub async fn succeeded(&self) -> Result<(), StoreError> {
-        let pool = match &self.store {
-            Store::Pg(s) => &s.pool,
-            Store::Lite(s) => return s.limiter_succeeded(&self.account, RECOVERY_STEP).await,
-        };
-        sqlx::query("UPDATE limiter SET scale = least(1, scale + $2) WHERE account = $1 AND scale < 1")
-            .bind(&self.account)
-            .bind(RECOVERY_STEP)
-            .execute(pool)
-            .await?;
+    /// The API answered (any status but a 5xx): the circuit closes, and a
+    /// success recovers a little of a reduced rate. One statement, and none
+    /// at all in the usual case (full rate, circuit closed).
+    pub async fn answered(&self, success: bool) -> Result<(), StoreError> {
+        match &self.store {
+            Store::Pg(s) => {
+                sqlx::query(
+                    "UPDATE limiter SET scale = CASE WHEN $2 THEN least(1, scale + $3) ELSE scale END,
+                         circuit_since = NULL, circuit_failures = 0, circuit_reason = NULL, server_errors = 0
+                     WHERE account = $1 AND (($2 AND scale < 1) OR circuit_since IS NOT NULL OR server_errors > 0)",
+                )
+                .bind(&self.account)
+                .bind(success)
+                .bind(RECOVERY_STEP)
+                .execute(&s.pool)
+                .await?;
+            }
+            Store::Lite(s) => s.limiter_answered(&self.account, success, RECOVERY_STEP).await?,
+        }
         Ok(())
     }
+
+    /// The API could not be reached (connection refused, DNS, TLS): the
+    /// circuit opens (or stays open) and the next probe backs off. The call
+    /// never reached the API, so its quota unit comes back.
+    pub async fn unreachable(&self, reason: &str) -> Result<(), StoreError> {
+        self.trip(reason, 1).await
+    }
+
+    /// A 5xx answer or a timeout: after [`SERVER_ERRORS_TO_OPEN`] in a row,
+    /// across the account, the circuit opens. Returns whether it is open.
+    pub async fn server_error(&self, reason: &str) -> Result<bool, StoreError> {
+        let run: i64 = match &self.store {
+            Store::Pg(s) => {
+                sqlx::query_scalar(
+                    "UPDATE limiter SET server_errors = server_errors + 1 WHERE account = $1 RETURNING server_errors::bigint",
+                )
+                .bind(&self.account)
+                .fetch_one(&s.pool)
+                .await?
+            }
+            Store::Lite(s) => s.limiter_server_error(&self.account).await?,
+        };
+        if run >= SERVER_ERRORS_TO_OPEN {
+            self.trip(reason, 0).await?;
+        }
+        Ok(run >= SERVER_ERRORS_TO_OPEN)
+    }
+
+    async fn trip(&self, reason: &str, refund: i64) -> Result<(), StoreError> {
+        match &self.store {
+            Store::Pg(s) => {
+                sqlx::query(
+                    "UPDATE limiter SET circuit_since = coalesce(circuit_since, clock_timestamp()),
+                         circuit_probe_at = clock_timestamp()
+                             + make_interval(secs => least($3, 1 << least(circuit_failures, 10))),
+                         circuit_failures = circuit_failures + 1, circuit_reason = $2, server_errors = 0,
+                         day_used = greatest(0, day_used - $4)
+                     WHERE account = $1",
+                )
+                .bind(&self.account)
+                .bind(reason)
+                .bind(MAX_PROBE_GAP_SECS)
+                .bind(refund)
+                .execute(&s.pool)
+                .await?;
+            }
+            Store::Lite(s) => s.limiter_trip(&self.account, reason, MAX_PROBE_GAP_SECS, refund).await?,
+        }
+        Ok(())
+    }
+
+    /// The account's circuit, if it is open.
+    pub async fn circuit(&self) -> Result<Option<Circuit>, StoreError> {
+        let row: Option<(Option<f64>, f64, Option<String>)> = match &self.store {
+            Store::Pg(s) => {
+                sqlx::query_as(
+                    "SELECT extract(epoch FROM circuit_since)::float8, extract(epoch FROM circuit_probe_at)::float8,
+                            circuit_reason
+                     FROM limiter WHERE account = $1",
+                )
+                .bind(&self.account)
+                .fetch_optional(&s.pool)
+                .await?
+            }
+            Store::Lite(s) => {
+                sqlx::query_as("SELECT circuit_since, circuit_probe_at, circuit_reason FROM limiter WHERE account = ?")
+                    .bind(&self.account)
+                    .fetch_optional(&s.pool)
+                    .await?
+            }
+        };
+        Ok(row.and_then(|(since, probe_at, reason)| {
+            Some(Circuit { since: since?, probe_at, reason: reason.unwrap_or_default() })
+        }))
+    }
+}
+
+/// 5xx answers (or timeouts) in a row, across the account, that open the
+/// circuit: one can be a bad node; five mean the API is down.
+pub const SERVER_ERRORS_TO_OPEN: i64 = 5;
+/// Probes back off 1 s, 2 s, 4 s … up to this: an outage ends within a
+/// minute of being over, and a long one costs one call a minute.
+pub const MAX_PROBE_GAP_SECS: i64 = 60;
+
+/// An open circuit: since when (Unix seconds), when the next probe may go,
+/// and the last failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Circuit {
+    pub since: f64,
+    pub probe_at: f64,
+    pub reason: String,
 }
 
 /// Slots one reservation may ask for: 20 ms worth of calls at the
@@ -389,6 +492,10 @@ pub struct Bucket {
     pub quota_day_start: f64,
     pub day_used: i64,
     pub max_in_flight: Option<i64>,
+    /// The circuit: open since then (`None`: closed), and when the next
+    /// probe may go.
+    pub circuit_since: Option<f64>,
+    pub circuit_probe_at: f64,
 }
 
 /// What one reservation decided, and the row to store after it.
@@ -397,8 +504,8 @@ pub struct Reservation {
     /// Calls granted: all asked for (fewer only when the quota has fewer
     /// left, or the in-flight cap fewer places), or 0.
     pub granted: i64,
-    /// When nothing was granted: how long to wait, and why (`blocked`,
-    /// `quota`, `in_flight` or `rate`).
+    /// When nothing was granted: how long to wait, and why (`circuit`,
+    /// `blocked`, `quota`, `in_flight` or `rate`).
     pub wait: f64,
     pub reason: Option<&'static str>,
     /// The row to write back; `None` leaves it as it was.
@@ -407,12 +514,21 @@ pub struct Reservation {
 
 impl Bucket {
     /// Reserves `k` calls at time `t` with `in_flight` calls of the account
-    /// still in flight (unexpired). The same arithmetic as the Postgres
-    /// function `limiter_reserve` (migrations/postgres/0003): the SQLite store
-    /// runs this inside one `BEGIN IMMEDIATE` transaction, and the property
-    /// tests check both against the same rules.
-    pub fn reserve(&self, t: f64, k: i64, in_flight: i64) -> Reservation {
+    /// still in flight (unexpired); a probe through an open circuit holds
+    /// the next probe back for `lease` seconds. The same arithmetic as the
+    /// Postgres function `limiter_reserve` (migrations/postgres/0003): the
+    /// SQLite store runs this inside one `BEGIN IMMEDIATE` transaction, and
+    /// the property tests check both against the same rules.
+    pub fn reserve(&self, t: f64, k: i64, in_flight: i64, lease: f64) -> Reservation {
         let deny = |wait: f64, reason, row| Reservation { granted: 0, wait: wait.max(0.0), reason: Some(reason), row };
+        let mut k = k;
+        if self.circuit_since.is_some() {
+            if t < self.circuit_probe_at {
+                return deny(self.circuit_probe_at - t, "circuit", None);
+            }
+            // One probe, alone.
+            k = 1;
+        }
         let em = 1.0 / (self.rate * self.scale);
         let day_start = ((t - self.quota_reset) / 86_400.0).floor() * 86_400.0 + self.quota_reset;
         let used = if self.quota_day_start < day_start { 0 } else { self.day_used };
@@ -439,7 +555,14 @@ impl Bucket {
         if base + n as f64 * em > t + self.burst * em {
             return deny(base + n as f64 * em - (t + self.burst * em), "rate", None);
         }
-        let row = Bucket { tat: base + n as f64 * em, quota_day_start: day_start, day_used: used + n, ..self.clone() };
+        let probe_at = if self.circuit_since.is_some() { t + lease } else { self.circuit_probe_at };
+        let row = Bucket {
+            tat: base + n as f64 * em,
+            quota_day_start: day_start,
+            day_used: used + n,
+            circuit_probe_at: probe_at,
+            ..self.clone()
+        };
         Reservation { granted: n, wait: 0.0, reason: None, row: Some(row) }
     }
 }
@@ -460,6 +583,8 @@ mod tests {
             quota_day_start: 0.0,
             day_used: 0,
             max_in_flight: None,
+            circuit_since: None,
+            circuit_probe_at: 0.0,
         }
     }
 
@@ -477,23 +602,35 @@ mod tests {
         for (reset, wait) in [(0.0, 43_198.0), (3_600.0, 46_798.0)] {
             let mut b = Bucket { quota_reset: reset, ..bucket(100.0, 100.0, Some(2)) };
             for t in [noon, noon + 1.0] {
-                let r = b.reserve(t, 1, 0);
+                let r = b.reserve(t, 1, 0, 60.0);
                 assert_eq!(r.granted, 1);
                 b = r.row.unwrap();
             }
-            let r = b.reserve(noon + 2.0, 1, 0);
+            let r = b.reserve(noon + 2.0, 1, 0, 60.0);
             assert_eq!((r.granted, r.reason, r.wait), (0, Some("quota"), wait), "reset at {reset}");
-            let midnight = b.reserve(noon + 43_200.0, 1, 0).granted;
+            let midnight = b.reserve(noon + 43_200.0, 1, 0, 60.0).granted;
             assert_eq!(midnight, if reset == 0.0 { 1 } else { 0 }, "the quota day starts at the reset, UTC");
-            assert_eq!(b.reserve(noon + 2.0 + wait, 1, 0).granted, 1);
+            assert_eq!(b.reserve(noon + 2.0 + wait, 1, 0, 60.0).granted, 1);
         }
+    }
+
+    #[test]
+    fn an_open_circuit_lets_one_probe_through_when_due_and_holds_the_next() {
+        let b = Bucket { circuit_since: Some(5.0), circuit_probe_at: 12.0, ..bucket(100.0, 100.0, None) };
+        let early = b.reserve(10.0, 4, 0, 30.0);
+        assert_eq!((early.granted, early.reason, early.wait), (0, Some("circuit"), 2.0));
+        let probe = b.reserve(12.0, 4, 0, 30.0);
+        assert_eq!(probe.granted, 1, "one probe, however many were asked for");
+        let after = probe.row.unwrap();
+        assert_eq!(after.circuit_probe_at, 42.0, "the next probe waits for this one's lease");
+        assert_eq!(after.reserve(13.0, 1, 0, 30.0).reason, Some("circuit"));
     }
 
     #[test]
     fn the_in_flight_cap_counts_what_is_still_in_flight() {
         let b = Bucket { max_in_flight: Some(3), ..bucket(100.0, 100.0, None) };
-        assert_eq!(b.reserve(10.0, 5, 1).granted, 2, "two places left");
-        let full = b.reserve(10.0, 1, 3);
+        assert_eq!(b.reserve(10.0, 5, 1, 60.0).granted, 2, "two places left");
+        let full = b.reserve(10.0, 1, 3, 60.0);
         assert_eq!((full.granted, full.reason), (0, Some("in_flight")));
     }
 }

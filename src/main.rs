@@ -23,9 +23,6 @@ async fn run() -> ExitCode {
         .init();
     match vinetl::cli::Cli::parse().run().await {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("vinetl: error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => vinetl::exit::fail(&e),
     }
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::api::{ApiError, Vehicle, code};
 use crate::decoder::Decoder;
 use crate::output::VEHICLE_COLUMNS;
-use crate::source::{FileFormat, FileSource, InputRow, SourceError};
+use crate::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
 use crate::vin::Vin;
 
 /// Rows per unit of work: large enough that channel hops cost nothing per
@@ -149,6 +149,7 @@ fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) ->
 pub fn decode_file(
     path: &Path,
     format: FileFormat,
+    encoding: TextEncoding,
     output: OutputFormat,
     threads: usize,
     out: impl Write + Send,
@@ -156,7 +157,7 @@ pub fn decode_file(
     let stdin = path == Path::new("-");
     let (open, shown) =
         if stdin { (Path::new("/dev/stdin"), "stdin".to_string()) } else { (path, path.display().to_string()) };
-    let source = FileSource::open_named(open, &shown, format)?;
+    let source = FileSource::open_encoded(open, &shown, format, encoding)?;
     let decoder = Decoder::new()?;
     let threads = threads.max(1);
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<InputRow>)>(threads * 2);

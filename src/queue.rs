@@ -53,6 +53,39 @@ pub fn queue_name(schema: &str) -> String {
     format!("vinetl.batches.{schema}")
 }
 
+/// Which workers may take a job's tasks. A job on an embedded API (the
+/// demo's in-process server) can only be called by a `vinetl run` that
+/// hosts one, so its tasks live on a queue of their own that `vinetl
+/// worker` never reads: a worker can never call a dead in-process port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Shared,
+    Embedded,
+}
+
+impl Lane {
+    pub fn of(provider: &crate::spec::ProviderSpec) -> Lane {
+        if provider.embedded { Lane::Embedded } else { Lane::Shared }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Lane::Shared => "",
+            Lane::Embedded => ".embedded",
+        }
+    }
+
+    /// The Postgres queue of this lane in `schema`.
+    pub fn queue(self, schema: &str) -> String {
+        format!("{}{}", queue_name(schema), self.suffix())
+    }
+
+    /// The SQLite queue of this lane (one install per file).
+    fn sqlite_queue(self) -> String {
+        format!("vinetl.batches{}", self.suffix())
+    }
+}
+
 /// Creates apalis's tables (schema `apalis`; its migrations also create the
 /// hstore and pgcrypto extensions, which needs a role allowed to).
 pub async fn setup(pool: &PgPool) -> Result<(), StoreError> {
@@ -62,16 +95,16 @@ pub async fn setup(pool: &PgPool) -> Result<(), StoreError> {
 }
 
 /// The queue for pushing tasks.
-pub fn storage(pool: &PgPool, schema: &str) -> PostgresStorage<BatchTask> {
-    worker_storage(pool, schema, 4)
+pub fn storage(pool: &PgPool, schema: &str, lane: Lane) -> PostgresStorage<BatchTask> {
+    worker_storage(pool, schema, lane, 4)
 }
 
 /// The queue for a worker running `concurrency` calls: a fetch claims at
 /// most that many tasks, so work stays spread across workers and little is
 /// claimed but not started (apalis counts those as attempts at shutdown).
-pub fn worker_storage(pool: &PgPool, schema: &str, concurrency: usize) -> PostgresStorage<BatchTask> {
+pub fn worker_storage(pool: &PgPool, schema: &str, lane: Lane, concurrency: usize) -> PostgresStorage<BatchTask> {
     let config = Config::default()
-        .queue(queue_name(schema))
+        .queue(lane.queue(schema))
         .heartbeat_interval(HEARTBEAT)
         .missed_heartbeats(MISSED_HEARTBEATS)
         .batch_size(concurrency.max(1));
@@ -85,10 +118,10 @@ pub async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
 }
 
-/// The SQLite queue (one file per install, so one queue name).
-pub fn sqlite_storage(pool: &SqlitePool, concurrency: usize) -> apalis_sqlite::SqliteStorage<BatchTask> {
+/// The SQLite queue (one file per install, so one queue name per lane).
+pub fn sqlite_storage(pool: &SqlitePool, lane: Lane, concurrency: usize) -> apalis_sqlite::SqliteStorage<BatchTask> {
     let config = apalis_sqlite::Config::default()
-        .queue("vinetl.batches")
+        .queue(lane.sqlite_queue())
         .heartbeat_interval(HEARTBEAT)
         .missed_heartbeats(MISSED_HEARTBEATS)
         .batch_size(concurrency.max(1));
@@ -99,13 +132,14 @@ pub fn sqlite_storage(pool: &SqlitePool, concurrency: usize) -> apalis_sqlite::S
 pub async fn push_tasks(
     store: &Store,
     schema: &str,
+    lane: Lane,
     tasks: &[(BatchTask, Option<Duration>)],
 ) -> Result<(), StoreError> {
     match store {
-        Store::Pg(s) => push(&mut storage(&s.pool, schema), tasks).await,
+        Store::Pg(s) => push(&mut storage(&s.pool, schema, lane), tasks).await,
         Store::Lite(s) => {
             // apalis-sqlite skips a duplicate idempotency key (ON CONFLICT DO NOTHING).
-            let mut storage = sqlite_storage(&s.queue_pool, 4);
+            let mut storage = sqlite_storage(&s.queue_pool, lane, 4);
             let all: Vec<_> = tasks
                 .iter()
                 .map(|(t, delay)| {

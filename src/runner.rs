@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::exit::Usage;
 use crate::planner::{self, Submitted};
+use crate::preflight::Checks;
 use crate::spec::JobSpec;
 use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, postgres, sqlite};
 
@@ -42,6 +44,33 @@ impl State {
         }
     }
 
+    /// For commands that only read or change existing state (`status`,
+    /// `cancel`, `write`, `reprocess`, `check`): fails with "no vinetl
+    /// state at ..." instead of creating a file, a directory or a schema.
+    pub async fn open_existing(&self, connections: u32) -> Result<Store, StoreError> {
+        match &self.url {
+            DatabaseUrl::Sqlite(url) => {
+                if !Path::new(sqlite::path_of(url)).is_file() {
+                    return Err(StoreError::NoState(self.describe()));
+                }
+            }
+            DatabaseUrl::Postgres(url) => {
+                let pool = postgres::connect(url, &self.schema, 1).await?;
+                let exists: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'jobs')",
+                )
+                .bind(&self.schema)
+                .fetch_one(&pool)
+                .await?;
+                pool.close().await;
+                if !exists {
+                    return Err(StoreError::NoState(self.describe()));
+                }
+            }
+        }
+        self.open(connections).await
+    }
+
     /// Where the state is, for messages (passwords masked).
     pub fn describe(&self) -> String {
         match &self.url {
@@ -51,15 +80,25 @@ impl State {
     }
 }
 
-/// `vinetl submit SPEC`.
+/// `vinetl submit SPEC`: checks, then plans; workers do the calls, so the
+/// key variable need only be set where they run.
 pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted> {
     let spec = load_spec(spec_path)?;
-    anyhow::ensure!(
-        !spec.provider.embedded,
-        "{}: provider.embedded runs the API inside `vinetl run`; use `vinetl run`, or point base_url at a server",
-        spec_path.display()
-    );
+    if spec.provider.embedded {
+        return Err(Usage(format!(
+            "{}: provider.embedded runs the API inside `vinetl run`; use `vinetl run`, or point base_url at a server",
+            spec_path.display()
+        ))
+        .into());
+    }
     let store = state.open(4).await?;
+    crate::preflight::run(&spec, store.pg_pool(), Checks { key: false, api: true }).await?;
+    if std::env::var(&spec.provider.api_key_env).is_err() {
+        eprintln!(
+            "vinetl: warning: {} is not set here; the workers that run this job need it",
+            spec.provider.api_key_env
+        );
+    }
     Ok(planner::submit(&store, &state.schema, &spec).await?)
 }
 
@@ -84,7 +123,7 @@ pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
         let stop = async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
-        match crate::worker::run(store.clone(), &state.schema, concurrency, stop).await {
+        match crate::worker::run(store.clone(), &state.schema, concurrency, None, stop).await {
             Ok(()) => return Ok(()),
             Err(e) if *stop_rx.borrow() => return Err(e),
             Err(e) => {
@@ -98,18 +137,27 @@ pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
     }
 }
 
-/// `vinetl run SPEC`: submit, work the job to the end here, return its counts.
-pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<JobCounts> {
+/// How a job ended, with what its spec allows.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub counts: JobCounts,
+    pub max_failed_share: f64,
+}
+
+/// `vinetl run SPEC`: check, submit, work the job to the end here.
+pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<Ended> {
     let mut spec = load_spec(spec_path)?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
+    crate::preflight::run(&spec, store.pg_pool(), Checks { key: true, api: true }).await?;
     let submitted = planner::submit(&store, &state.schema, &spec).await?;
-    let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress).await;
+    let url = embedded.as_ref().map(crate::serve::RunningServer::url);
+    let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url).await;
     if let Some(server) = embedded {
         let _ = server.stop().await;
     }
-    counts
+    Ok(Ended { counts: counts?, max_failed_share: spec.max_failed_share })
 }
 
 /// For `provider.embedded`: starts the Car Vin API in this process, limited
@@ -125,18 +173,20 @@ async fn embed(spec: &mut JobSpec) -> anyhow::Result<Option<crate::serve::Runnin
     Ok(Some(server))
 }
 
-/// Works the job here until it ends, then returns its counts.
+/// Works the job here until it ends, then returns its counts. `embedded`
+/// is this process's in-process API, for an embedded job.
 async fn work_until_done(
     store: &Store,
     schema: &str,
     job_id: i64,
     concurrency: usize,
     progress: bool,
+    embedded: Option<String>,
 ) -> anyhow::Result<JobCounts> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The worker and the watcher run side by side in this task; the watcher
     // stops the worker once the job has ended.
-    let worker = crate::worker::run(store.clone(), schema, concurrency, async move {
+    let worker = crate::worker::run(store.clone(), schema, concurrency, embedded, async move {
         let _ = stop_rx.await;
     });
     let watcher = async {
@@ -189,6 +239,31 @@ pub fn stderr_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
+/// An ended job's spec, refused (with what to do) when its planning
+/// failed, or when a later job has taken over its dataset and `force` is
+/// not given.
+async fn ended_job_spec(store: &Store, job_id: i64, force: bool) -> anyhow::Result<JobSpec> {
+    let spec = store.job_spec(job_id).await?.map_err(|e| anyhow::anyhow!(e))?;
+    let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
+    if let Some(reason) = counts.state_reason.as_deref().filter(|r| r.starts_with("planning failed"))
+        && counts.state == "failed"
+    {
+        return Err(Usage(format!(
+            "job {job_id} failed while planning ({reason}); there is nothing to redo: fix the input and submit the spec again"
+        ))
+        .into());
+    }
+    if let Some(o) = counts.outputs.iter().find(|o| o.contains("(superseded by job"))
+        && !force
+    {
+        return Err(Usage(format!(
+            "job {job_id}'s output {o}: writing it again would replace the later job's; add --force to do that anyway"
+        ))
+        .into());
+    }
+    Ok(spec)
+}
+
 /// `vinetl reprocess JOB`: puts an ended job back to work (all of it or its
 /// failed rows) and, unless `detach`, works it to the end here.
 pub async fn reprocess(
@@ -198,73 +273,167 @@ pub async fn reprocess(
     detach: bool,
     concurrency: usize,
     progress: bool,
-) -> anyhow::Result<JobCounts> {
-    let store = state.open(concurrency as u32 + 4).await?;
-    let spec = store
-        .job_spec(job_id)
-        .await
-        .map_err(|e| match e {
-            StoreError::Sql(sqlx::Error::RowNotFound) => anyhow::anyhow!("no job {job_id}"),
-            e => e.into(),
-        })?
-        .map_err(|e| anyhow::anyhow!(e))?;
-    let mut spec = spec;
-    let embedded = if spec.provider.embedded && !detach {
-        let server = embed(&mut spec).await?;
+    force: bool,
+) -> anyhow::Result<Ended> {
+    let store = state.open_existing(concurrency as u32 + 4).await?;
+    let mut spec = ended_job_spec(&store, job_id, force).await?;
+    if spec.provider.embedded && detach {
+        return Err(Usage(format!(
+            "job {job_id} calls an embedded API, which only this command can host: run it without --detach"
+        ))
+        .into());
+    }
+    let embedded = embed(&mut spec).await?;
+    if embedded.is_some() {
         store.update_spec(job_id, &serde_json::to_value(&spec)?).await?;
-        server
-    } else {
-        None
-    };
+    }
     let batches = store
         .reprocess(job_id, failed_only, spec.provider.batch_size as i32, spec.cache.ttl_hours)
         .await?
-        .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))?;
+        .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))
+        .map_err(|e| Usage(e.to_string()))?;
     tracing::info!(job = job_id, batches, "reprocessing");
-    planner::enqueue(&store, &state.schema, job_id).await?;
+    planner::enqueue(&store, &state.schema, crate::queue::Lane::of(&spec.provider), job_id).await?;
     crate::finish::advance(&store, &state.schema, job_id, &spec).await?;
+    let max_failed_share = spec.max_failed_share;
     if detach {
-        return store.counts(job_id).await?.context("the job vanished");
+        let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
+        return Ok(Ended { counts, max_failed_share });
     }
-    let counts = work_until_done(&store, &state.schema, job_id, concurrency, progress).await;
+    let url = embedded.as_ref().map(crate::serve::RunningServer::url);
+    let counts = work_until_done(&store, &state.schema, job_id, concurrency, progress, url).await;
     if let Some(server) = embedded {
         let _ = server.stop().await;
     }
-    counts
+    Ok(Ended { counts: counts?, max_failed_share })
 }
 
 /// `vinetl write JOB`: writes an ended job's outputs again from its stored
 /// results, making no API call (a lost file, a dropped table).
-pub async fn write(state: &State, job_id: i64) -> anyhow::Result<JobCounts> {
-    let store = state.open(4).await?;
-    let spec = store.job_spec(job_id).await?.map_err(|e| anyhow::anyhow!(e))?;
-    anyhow::ensure!(!spec.outputs.is_empty(), "job {job_id}'s spec names no [[outputs]]");
-    anyhow::ensure!(
-        store.begin_rewrite(job_id).await?,
-        "job {job_id} has not ended (or is being written): wait for it, or `vinetl cancel {job_id}` first"
-    );
-    crate::finish::write(&store, job_id, &spec).await?;
-    store.counts(job_id).await?.context("the job vanished")
+pub async fn write(state: &State, job_id: i64, force: bool) -> anyhow::Result<Ended> {
+    let store = state.open_existing(4).await?;
+    let spec = ended_job_spec(&store, job_id, force).await?;
+    if spec.outputs.is_empty() {
+        return Err(Usage(format!("job {job_id}'s spec names no [[outputs]]: there is nothing to write")).into());
+    }
+    if !store.begin_rewrite(job_id).await? {
+        return Err(Usage(format!(
+            "job {job_id} has not ended (or is being written): wait for it, or `vinetl cancel {job_id}` first"
+        ))
+        .into());
+    }
+    crate::finish::write(&store, job_id, &spec, force).await?;
+    let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
+    Ok(Ended { counts, max_failed_share: spec.max_failed_share })
 }
 
-/// `vinetl cancel JOB`.
-pub async fn cancel(state: &State, job: i64) -> anyhow::Result<bool> {
-    let store = state.open(2).await?;
-    Ok(store.cancel_job(job).await?)
+/// `vinetl cancel JOB`: the job's state before the cancel.
+pub async fn cancel(state: &State, job: i64) -> anyhow::Result<()> {
+    let store = state.open_existing(2).await?;
+    if store.cancel_job(job).await? {
+        return Ok(());
+    }
+    match store.counts(job).await? {
+        None => Err(StoreError::NoJob(job).into()),
+        Some(c) => Err(Usage(format!("job {job} has already ended ({}): there is nothing to cancel", c.state)).into()),
+    }
 }
 
 /// `vinetl status [JOB]`.
 pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCounts>> {
-    let store = state.open(2).await?;
+    let store = state.open_existing(2).await?;
     let ids = match job {
         Some(id) => vec![id],
         None => store.recent_jobs(20).await?,
     };
     let mut out = Vec::new();
     for id in ids {
-        out.push(store.counts(id).await?.with_context(|| format!("no job {id}"))?);
+        out.push(store.counts(id).await?.ok_or(StoreError::NoJob(id))?);
     }
     Ok(out)
+}
+
+/// What `vinetl check SPEC` found: the checks that passed, and with
+/// `--dry-run` what planning would do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpecCheck {
+    pub spec: String,
+    pub passed: Vec<String>,
+    pub plan: Option<planner::Estimate>,
+}
+
+/// `vinetl check SPEC [--dry-run]`: the preflight checks `run` makes (the
+/// key must be set here), and optionally a plan, without creating a job or
+/// any state.
+pub async fn check_spec(state: &State, spec_path: &Path, dry_run: bool) -> anyhow::Result<SpecCheck> {
+    let spec = load_spec(spec_path)?;
+    let store = match state.open_existing(2).await {
+        Ok(store) => Some(store),
+        Err(StoreError::NoState(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let pg = store.as_ref().and_then(Store::pg_pool);
+    let passed = crate::preflight::run(&spec, pg, Checks { key: true, api: true }).await?;
+    let plan = if dry_run { Some(planner::estimate(store.as_ref(), &spec).await?) } else { None };
+    Ok(SpecCheck { spec: spec_path.display().to_string(), passed, plan })
+}
+
+impl std::fmt::Display for SpecCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}: every check passed", self.spec)?;
+        for p in &self.passed {
+            writeln!(f, "  ok  {p}")?;
+        }
+        if let Some(e) = &self.plan {
+            writeln!(f, "  plan (dry run; nothing stored, nothing called)")?;
+            writeln!(f, "    rows              {:>12}", e.rows)?;
+            writeln!(f, "    valid             {:>12}", e.valid)?;
+            writeln!(f, "    invalid           {:>12}", e.invalid)?;
+            writeln!(f, "    distinct VINs     {:>12}", e.distinct)?;
+            writeln!(f, "    cache hits        {:>12}", e.cache_hits)?;
+            writeln!(f, "    decode calls      {:>12}", e.calls)?;
+            let days = e.quota_days.map_or(String::new(), |d| format!(", {d:.1} days of quota"));
+            writeln!(f, "    time at the rate  {:>12}{days}", format!("{:.0} s", e.seconds_at_rate))?;
+        }
+        Ok(())
+    }
+}
+
+/// The exit code a job's end calls for, and the line that says why: the
+/// summary's first line, and on stderr when it is not 0.
+pub fn verdict(e: &Ended) -> (u8, String) {
+    let c = &e.counts;
+    let head = format!("job {} ({})", c.job_id, c.name);
+    let reason = c.state_reason.as_deref().map_or(String::new(), |r| format!(": {r}"));
+    match c.state.as_str() {
+        "done" => {
+            let share = if c.rows > 0 { c.failed as f64 / c.rows as f64 } else { 0.0 };
+            if c.failed > 0 && share > e.max_failed_share {
+                (
+                    crate::exit::ROWS_FAILED,
+                    format!(
+                        "{head}: done, but {} of {} rows failed ({:.1}%, over max_failed_share {:.1}%)",
+                        c.failed,
+                        c.rows,
+                        share * 100.0,
+                        e.max_failed_share * 100.0
+                    ),
+                )
+            } else {
+                (crate::exit::OK, format!("{head}: done"))
+            }
+        }
+        "failed" | "cancelled" => (crate::exit::JOB_FAILED, format!("{head}: {}{reason}", c.state)),
+        other => (crate::exit::ERROR, format!("{head}: {other}{reason}")),
+    }
+}
+
+/// The run summary: the verdict line, then the counts.
+pub fn summary(e: &Ended) -> (u8, String) {
+    let (code, line) = verdict(e);
+    let body = describe(&e.counts);
+    let rest = body.split_once('\n').map_or("", |(_, rest)| rest);
+    (code, format!("{line}\n{rest}"))
 }
 
 /// The text `status` and `run` print.
@@ -313,6 +482,9 @@ pub fn describe(c: &JobCounts) -> String {
     }
     for o in &c.outputs {
         s.push_str(&format!("  output           {o}\n"));
+    }
+    if c.rows == 0 && c.state == "done" {
+        s.push_str("  warning          the input had no rows (source.min_rows = 1 makes that an error)\n");
     }
     let t = &c.times;
     let phases: Vec<String> = [("planning", t.planning_secs), ("calls", t.calls_secs), ("writing", t.writing_secs)]

@@ -184,6 +184,19 @@ impl S3 {
         Ok(keys)
     }
 
+    /// A small object's bytes, or `None` if there is no such object.
+    pub async fn get_bytes(&self, url: &S3Url) -> Result<Option<Vec<u8>>, S3Error> {
+        let got = self.client.get_object().bucket(&url.bucket).key(&url.key).send().await;
+        let object = match got {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(Self::call_err(url)(e)),
+        };
+        let body =
+            object.body.collect().await.map_err(|e| S3Error::Call { url: url.to_string(), message: e.to_string() })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
     /// Uploads a small object in one PUT.
     pub async fn put_bytes(&self, url: &S3Url, body: Vec<u8>) -> Result<(), S3Error> {
         self.client

@@ -14,6 +14,11 @@ use crate::api::MAX_BATCH;
 pub struct JobSpec {
     /// Names the job in `status` and in outputs.
     pub name: String,
+    /// The share of rows (0 to 1) that may end `failed` (dead-lettered,
+    /// refused by the API, cancelled) before the run's exit code says so
+    /// (exit 4). Invalid rows are validly rejected and never count. Default 0.
+    #[serde(default)]
+    pub max_failed_share: f64,
     pub source: SourceSpec,
     pub provider: ProviderSpec,
     #[serde(default)]
@@ -39,6 +44,13 @@ pub enum SourceSpec {
         /// Input columns copied to every output row, names and values kept.
         #[serde(default)]
         carry: Vec<String>,
+        /// Text encoding of lines and CSV: strict UTF-8 by default, or a
+        /// WHATWG label such as `latin1` for legacy exports.
+        encoding: Option<String>,
+        /// Fewer rows than this fail the job (default 0: an empty input
+        /// only warns).
+        #[serde(default)]
+        min_rows: u64,
     },
     /// S3 objects: `s3://bucket/key`, a prefix ending in `/`, or a glob
     /// (`s3://bucket/exports/*.csv.gz`). Credentials come from the standard
@@ -52,6 +64,9 @@ pub enum SourceSpec {
         vin_column: Option<String>,
         #[serde(default)]
         carry: Vec<String>,
+        encoding: Option<String>,
+        #[serde(default)]
+        min_rows: u64,
     },
     /// A Postgres table and column (read in keyset pages on `key`), or a
     /// SELECT (read through a cursor).
@@ -68,6 +83,8 @@ pub enum SourceSpec {
         query: Option<String>,
         #[serde(default)]
         carry: Vec<String>,
+        #[serde(default)]
+        min_rows: u64,
     },
 }
 
@@ -126,6 +143,11 @@ pub struct ProviderSpec {
     /// Attempts per batch before it is dead-lettered (429s do not count).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// How long the API may stay unreachable (refused connections, DNS or
+    /// TLS failures, a run of 5xx) before the job fails: `6h` (default),
+    /// `30m`, `90s`. Until then the job waits and probes; no batch loses an
+    /// attempt and no refused call counts against the quota.
+    pub give_up_after: Option<String>,
 }
 
 fn default_key_env() -> String {
@@ -152,9 +174,24 @@ fn default_max_attempts() -> u32 {
 }
 
 impl ProviderSpec {
-    /// The limiter key.
+    /// The limiter key. An embedded API's address changes every run, so
+    /// its account does not depend on it.
     pub fn account(&self) -> String {
-        self.account.clone().unwrap_or_else(|| format!("{}#{}", self.base_url.trim_end_matches('/'), self.api_key_env))
+        if let Some(a) = &self.account {
+            return a.clone();
+        }
+        if self.embedded {
+            return "embedded".to_string();
+        }
+        format!("{}#{}", self.base_url.trim_end_matches('/'), self.api_key_env)
+    }
+
+    /// `give_up_after` in seconds (6 hours by default).
+    pub fn give_up_after_secs(&self) -> f64 {
+        self.give_up_after
+            .as_deref()
+            .and_then(|d| humantime::parse_duration(d).ok())
+            .map_or(6.0 * 3600.0, |d| d.as_secs_f64())
     }
 
     /// Minutes after UTC midnight at which the quota resets.
@@ -324,6 +361,22 @@ impl JobSpec {
         if p.max_attempts == 0 {
             return invalid("provider.max_attempts", "must be at least 1");
         }
+        if let Some(d) = &p.give_up_after
+            && humantime::parse_duration(d).is_err()
+        {
+            return invalid("provider.give_up_after", "must be a duration such as \"6h\", \"30m\" or \"90s\"");
+        }
+        if !(self.max_failed_share.is_finite() && (0.0..=1.0).contains(&self.max_failed_share)) {
+            return invalid("max_failed_share", "must be a share from 0 to 1, e.g. 0.01 for 1 %");
+        }
+        if let Some(e) = self.source.encoding_label()
+            && crate::source::TextEncoding::from_label(e).is_none()
+        {
+            return invalid(
+                "source.encoding",
+                "is not a known encoding: use \"utf-8\" (default), \"latin1\", \"windows-1252\", ...",
+            );
+        }
         if !(self.cache.ttl_hours.is_finite() && self.cache.ttl_hours >= 0.0) {
             return invalid("cache.ttl_hours", "must be zero or more");
         }
@@ -382,6 +435,29 @@ impl JobSpec {
     pub fn carry(&self) -> &[String] {
         match &self.source {
             SourceSpec::File { carry, .. } | SourceSpec::S3 { carry, .. } | SourceSpec::Postgres { carry, .. } => carry,
+        }
+    }
+}
+
+impl SourceSpec {
+    fn encoding_label(&self) -> Option<&str> {
+        match self {
+            SourceSpec::File { encoding, .. } | SourceSpec::S3 { encoding, .. } => encoding.as_deref(),
+            SourceSpec::Postgres { .. } => None,
+        }
+    }
+
+    /// How the source's text is decoded (validated at load).
+    pub fn encoding(&self) -> crate::source::TextEncoding {
+        self.encoding_label().and_then(crate::source::TextEncoding::from_label).unwrap_or_default()
+    }
+
+    /// Fewer input rows than this fail the job.
+    pub fn min_rows(&self) -> u64 {
+        match self {
+            SourceSpec::File { min_rows, .. }
+            | SourceSpec::S3 { min_rows, .. }
+            | SourceSpec::Postgres { min_rows, .. } => *min_rows,
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use crate::api::BatchEntry;
 use crate::client::{ApiClient, Outcome, backoff};
 use crate::limiter::{Denied, SharedLimiter};
-use crate::queue::{self, BatchTask};
+use crate::queue::{self, BatchTask, Lane};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
 use crate::store::{DecodedVin, Reschedule, Store};
@@ -28,15 +28,20 @@ struct JobRuntime {
 pub struct WorkerState {
     store: Store,
     schema: String,
+    /// The address of the API this process hosts (`vinetl run` of an
+    /// embedded spec): embedded jobs are called there, whatever their stored
+    /// spec says. `None` in `vinetl worker`, which never sees embedded jobs.
+    embedded: Option<String>,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
     limiters: Mutex<HashMap<String, SharedLimiter>>,
 }
 
 impl WorkerState {
-    pub fn new(store: Store, schema: &str) -> Arc<WorkerState> {
+    pub fn new(store: Store, schema: &str, embedded: Option<String>) -> Arc<WorkerState> {
         Arc::new(WorkerState {
             store,
             schema: schema.to_string(),
+            embedded,
             jobs: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
         })
@@ -50,7 +55,17 @@ impl WorkerState {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
-        let client = match ApiClient::from_spec(&spec.provider) {
+        let timeout = Duration::from_secs(spec.provider.timeout_secs);
+        let client = match (&self.embedded, spec.provider.embedded) {
+            (Some(url), true) => ApiClient::new(url, crate::serve::EMBEDDED_KEY, timeout),
+            (None, true) => {
+                return Ok(Err(format!(
+                    "job {job_id} calls an embedded API, which only `vinetl run` of its spec hosts; run that"
+                )));
+            }
+            (_, false) => ApiClient::from_spec(&spec.provider),
+        };
+        let client = match client {
             Ok(c) => c,
             Err(e) => return Ok(Err(format!("worker {}: {e}", queue::worker_name()))),
         };
@@ -122,11 +137,15 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             // Not a failure: the job waits for the quota to reset, then goes on.
             let resume = format!("the daily quota is used up; resumes in {} s at the quota reset", wait.as_secs());
             store.set_waiting(task.job_id, wait.as_secs_f64(), &resume).await?;
-            reschedule(state, task, wait, Reschedule::NotCalled, &resume).await?;
+            reschedule(state, &rt, task, wait, Reschedule::NotCalled, &resume).await?;
+            return Ok(());
+        }
+        Err(Denied::Circuit { wait }) => {
+            wait_for_the_api(state, &rt, &limiter, task, wait).await?;
             return Ok(());
         }
         Err(Denied::Later { wait, reason }) => {
-            reschedule(state, task, wait, Reschedule::NotCalled, &format!("limiter: {reason}")).await?;
+            reschedule(state, &rt, task, wait, Reschedule::NotCalled, &format!("limiter: {reason}")).await?;
             return Ok(());
         }
     };
@@ -142,38 +161,114 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Outcome::Done(Answer::Decoded(entries)) => {
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
             store.complete(task.job_id, task.batch_no, &decoded).await?;
-            limiter.succeeded().await?;
+            limiter.answered(true).await?;
         }
         Outcome::Done(Answer::Recalls(recalls)) => {
             let key = batch.lookup_key.as_deref().unwrap_or_default();
             store.complete_recall(task.job_id, task.batch_no, key, &recalls).await?;
-            limiter.succeeded().await?;
+            limiter.answered(true).await?;
         }
         Outcome::StopJob(reason) => {
+            limiter.answered(false).await?;
             tracing::error!(job = task.job_id, %reason, "API refused the key; stopping the job");
             store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await?;
         }
         Outcome::RateLimited { retry_after } => {
             // Every worker of the account waits; the batch does not lose an attempt.
+            limiter.answered(false).await?;
             limiter.push_back(retry_after).await?;
             let wait = retry_after.unwrap_or(Duration::from_secs(1));
-            reschedule(state, task, wait, Reschedule::RateLimited, "429 Too Many Requests").await?;
+            reschedule(state, &rt, task, wait, Reschedule::RateLimited, "429 Too Many Requests").await?;
+        }
+        Outcome::Unreachable(reason) => {
+            // One event for the account, not a failure of this batch: the
+            // circuit opens, the call is not counted, and the batch waits.
+            tracing::warn!(job = task.job_id, batch = task.batch_no, %reason, "the API is unreachable");
+            limiter.unreachable(&reason).await?;
+            let wait = limiter.circuit().await?.map_or(Duration::from_secs(1), |c| secs_until(c.probe_at));
+            wait_for_the_api(state, &rt, &limiter, task, wait).await?;
+        }
+        Outcome::ServerError(reason) => {
+            if limiter.server_error(&reason).await? {
+                tracing::warn!(job = task.job_id, %reason, "server errors in a row: the API is treated as down");
+            }
+            retry_or_dead_letter(state, &rt, task, batch.attempts, reason).await?;
         }
         Outcome::Retry(reason) => {
-            let attempt = batch.attempts as u32 + 1;
-            if attempt >= rt.spec.provider.max_attempts {
-                let why = format!("gave up after {attempt} attempts: {reason}");
-                store.dead_letter(task.job_id, task.batch_no, &why, true).await?;
-            } else {
-                reschedule(state, task, backoff(attempt), Reschedule::Failed, &reason).await?;
-            }
+            limiter.answered(false).await?;
+            retry_or_dead_letter(state, &rt, task, batch.attempts, reason).await?;
         }
         Outcome::GiveUp(reason) => {
+            limiter.answered(false).await?;
             store.dead_letter(task.job_id, task.batch_no, &reason, true).await?;
         }
     }
     crate::finish::advance(store, &state.schema, task.job_id, &rt.spec).await?;
     Ok(())
+}
+
+/// A failed attempt: retried with backoff, or dead-lettered once the
+/// batch has used its attempts.
+async fn retry_or_dead_letter(
+    state: &WorkerState,
+    rt: &JobRuntime,
+    task: BatchTask,
+    attempts: i32,
+    reason: String,
+) -> Result<(), StoreError> {
+    let attempt = attempts as u32 + 1;
+    if attempt >= rt.spec.provider.max_attempts {
+        let why = format!("gave up after {attempt} attempts: {reason}");
+        state.store.dead_letter(task.job_id, task.batch_no, &why, true).await
+    } else {
+        reschedule(state, rt, task, backoff(attempt), Reschedule::Failed, &reason).await
+    }
+}
+
+/// The account's circuit is open: the job waits, saying why and until
+/// when, and the batch goes back without using an attempt; or, once the API
+/// has been unreachable for longer than `give_up_after`, the job fails.
+async fn wait_for_the_api(
+    state: &WorkerState,
+    rt: &JobRuntime,
+    limiter: &SharedLimiter,
+    task: BatchTask,
+    wait: Duration,
+) -> Result<(), StoreError> {
+    let circuit = limiter.circuit().await?;
+    let (since, reason) = circuit.as_ref().map_or((now_secs(), String::new()), |c| (c.since, c.reason.clone()));
+    let give_up = rt.spec.provider.give_up_after_secs();
+    if now_secs() - since > give_up {
+        let why = format!(
+            "the API has been unreachable since {} ({reason}); gave up after provider.give_up_after = {}",
+            timestamp(since),
+            humantime::format_duration(Duration::from_secs(give_up as u64))
+        );
+        return state.store.fail_job(task.job_id, &why).await;
+    }
+    let text = format!(
+        "API unreachable since {} ({reason}); next probe at {}",
+        timestamp(since),
+        timestamp(now_secs() + wait.as_secs_f64())
+    );
+    state.store.set_waiting(task.job_id, wait.as_secs_f64(), &text).await?;
+    // A little after the probe: by then it has usually answered.
+    let delay = wait + Duration::from_millis(fastrand::u64(50..500));
+    reschedule(state, rt, task, delay, Reschedule::NotCalled, &text).await
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn secs_until(t: f64) -> Duration {
+    Duration::from_secs_f64((t - now_secs()).max(0.0))
+}
+
+/// Unix seconds as RFC 3339 UTC, to the second.
+fn timestamp(t: f64) -> String {
+    sqlx::types::chrono::DateTime::from_timestamp(t as i64, 0)
+        .map_or_else(String::new, |d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
 }
 
 /// The guide's request: by make, model and year, or by VIN.
@@ -191,6 +286,7 @@ fn recall_request(lookup: &crate::store::Lookup) -> crate::api::RecallsRequest {
 
 async fn reschedule(
     state: &WorkerState,
+    rt: &JobRuntime,
     task: BatchTask,
     delay: Duration,
     kind: Reschedule,
@@ -198,7 +294,7 @@ async fn reschedule(
 ) -> Result<(), StoreError> {
     let generation = state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), kind, why).await?;
     let next = BatchTask { generation, ..task };
-    queue::push_tasks(&state.store, &state.schema, &[(next, Some(delay))]).await?;
+    queue::push_tasks(&state.store, &state.schema, Lane::of(&rt.spec.provider), &[(next, Some(delay))]).await?;
     state.store.mark_enqueued(task.job_id, &[(task.batch_no, generation)]).await
 }
 
@@ -233,22 +329,34 @@ fn decoded_vin(entry: BatchEntry) -> DecodedVin {
 pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
     let all = store.lost_tasks().await?;
     crate::finish::resume_orphaned_writes(store).await?;
+    let mut lanes = HashMap::new();
     for &(job_id, batch_no, generation) in &all {
-        queue::push_tasks(store, schema, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
+        let lane = match lanes.get(&job_id) {
+            Some(&lane) => lane,
+            None => {
+                let lane = store.job_spec(job_id).await?.map_or(Lane::Shared, |spec| Lane::of(&spec.provider));
+                *lanes.entry(job_id).or_insert(lane)
+            }
+        };
+        queue::push_tasks(store, schema, lane, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
         store.mark_enqueued(job_id, &[(batch_no, generation)]).await?;
     }
     Ok(all.len())
 }
 
-/// Runs a worker until `stop` resolves, then drains in-flight calls.
+/// Runs a worker until `stop` resolves, then drains in-flight calls. With
+/// `embedded` (the address of this process's in-process API) it works the
+/// embedded lane, calling that address; otherwise the shared lane.
 pub async fn run(
     store: Store,
     schema: &str,
     concurrency: usize,
+    embedded: Option<String>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let name = queue::worker_name();
-    let state = WorkerState::new(store.clone(), schema);
+    let lane = if embedded.is_some() { Lane::Embedded } else { Lane::Shared };
+    let state = WorkerState::new(store.clone(), schema, embedded);
     let ctx = WorkerContext::new(&name);
     // One builder for either backend (their types differ, the wiring does not).
     macro_rules! build {
@@ -292,8 +400,8 @@ pub async fn run(
     };
     tracing::info!(worker = %name, concurrency, "worker started");
     let result = match &store {
-        Store::Pg(s) => build!(queue::worker_storage(&s.pool, schema, concurrency)).run().await,
-        Store::Lite(s) => build!(queue::sqlite_storage(&s.queue_pool, concurrency)).run().await,
+        Store::Pg(s) => build!(queue::worker_storage(&s.pool, schema, lane, concurrency)).run().await,
+        Store::Lite(s) => build!(queue::sqlite_storage(&s.queue_pool, lane, concurrency)).run().await,
     };
     sweeper.abort();
     stopper.abort();

@@ -139,10 +139,13 @@ async fn enqueue_is_idempotent(backend: Backend) {
     // The same spec again: the unfinished job is resumed, nothing is added.
     let again = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
     assert_eq!((again.job_id, again.resumed, again.batches), (first.job_id, true, 0));
-    assert_eq!(vinetl::planner::enqueue(&store, &env.schema, first.job_id).await.unwrap(), 0);
+    assert_eq!(
+        vinetl::planner::enqueue(&store, &env.schema, vinetl::queue::Lane::Shared, first.job_id).await.unwrap(),
+        0
+    );
     // A task pushed twice (a crash between push and mark) is one task.
     let task = BatchTask { job_id: first.job_id, batch_no: 0, generation: 0 };
-    vinetl::queue::push_tasks(&store, &env.schema, &[(task, None)]).await.unwrap();
+    vinetl::queue::push_tasks(&store, &env.schema, vinetl::queue::Lane::Shared, &[(task, None)]).await.unwrap();
     assert_eq!(env.queued_tasks(&store).await, 5);
     let counts = store.counts(first.job_id).await.unwrap().unwrap();
     assert_eq!((counts.rows, counts.batches, counts.pending), (100, 5, 100));
@@ -228,6 +231,7 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
             Ok(g) => granted += g.n,
             Err(Denied::Quota { wait }) => assert!(wait <= Duration::from_secs(86_400), "{wait:?}"),
             Err(Denied::Later { wait, .. }) => tokio::time::sleep(wait).await,
+            Err(Denied::Circuit { .. }) => panic!("no circuit was opened"),
         }
     }
     assert_eq!(granted, 7);
@@ -240,6 +244,36 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     assert_eq!(g.n, 3);
     refund.refund(2, g.at).await.unwrap();
     assert_eq!(refund.try_reserve(4).await.unwrap().map(|g| g.n), Ok(3), "two came back");
+
+    // The circuit: an unreachable API stops every caller until a probe is
+    // due, lets one probe through, and closes on an answer; the refused call
+    // gives its quota unit back.
+    let c = SharedLimiter::register(&store, &provider("account = \"circuit\"\ndaily_quota = 10\nburst = 10"))
+        .await
+        .unwrap();
+    let other = SharedLimiter::register(&store, &provider("account = \"circuit\"\ndaily_quota = 10\nburst = 10"))
+        .await
+        .unwrap();
+    assert_eq!(c.try_reserve(1).await.unwrap().map(|g| g.n), Ok(1));
+    c.unreachable("connection refused").await.unwrap();
+    let open = c.circuit().await.unwrap().expect("open");
+    assert_eq!(open.reason, "connection refused");
+    let wait = match other.try_reserve(1).await.unwrap() {
+        Err(Denied::Circuit { wait }) => wait,
+        got => panic!("another process may not call while it is open: {got:?}"),
+    };
+    assert!(wait <= Duration::from_secs(1), "{wait:?}");
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    assert_eq!(other.try_reserve(5).await.unwrap().map(|g| g.n), Ok(1), "one probe, alone");
+    assert!(matches!(c.try_reserve(1).await.unwrap(), Err(Denied::Circuit { .. })), "while the probe is out");
+    other.answered(true).await.unwrap();
+    assert!(c.circuit().await.unwrap().is_none(), "an answer closes it");
+    // 10 a day: 1 refused (given back) and 1 probe used 1 unit: 9 left.
+    assert_eq!(c.try_reserve(10).await.unwrap().map(|g| g.n), Ok(9));
+    for _ in 0..vinetl::limiter::SERVER_ERRORS_TO_OPEN - 1 {
+        assert!(!c.server_error("500").await.unwrap());
+    }
+    assert!(c.server_error("500").await.unwrap(), "five 5xx in a row open it");
 
     // Two calls in flight at most, across limiters; a release frees a place.
     let p = provider("account = \"flight\"\nmax_in_flight = 2");
@@ -361,6 +395,7 @@ async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
                                         "quota refused with {used_today} used of {quota}"
                                     );
                                 }
+                                Err(Denied::Circuit { .. }) => prop_assert!(false, "no circuit was opened"),
                             }
                         }
                     }
@@ -389,8 +424,10 @@ async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
 /// of it (cached: no call).
 async fn counts_and_reprocess(backend: Backend) {
     let env = Env::new(backend);
-    // A server whose batch decodes all fail: every batch is dead-lettered.
-    let failing = Faults { fault_500: 1.0, fault_path: Some("/api/v1/batch-decode".into()), ..Faults::default() };
+    // A server whose batch decodes all come back broken (a 200 with
+    // truncated JSON): every batch is dead-lettered. (All 500s would open the
+    // circuit instead: an API that only answers 500 is down.)
+    let failing = Faults { fault_malformed: 1.0, fault_path: Some("/api/v1/batch-decode".into()), ..Faults::default() };
     let (server, _keys) = common::serve(failing).await;
     let port = server.addr.port();
     std::fs::copy("jobs/sample-fleet.csv", env.dir.path().join("fleet.csv")).unwrap();
@@ -400,7 +437,7 @@ async fn counts_and_reprocess(backend: Backend) {
         .replace("path = \"vins.txt\"", "path = \"fleet.csv\"\ncarry = [\"unit_id\"]");
     std::fs::write(&spec, text).unwrap();
     let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
-    assert!(out.status.success(), "a job with dead letters still ends done: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4), "done, with failed rows: {}", String::from_utf8_lossy(&out.stderr));
     let s = env.status(1).await;
     assert_eq!(s["state"], "done", "{s}");
     assert_eq!((s["rows"].as_i64(), s["valid"].as_i64(), s["duplicates"].as_i64()), (Some(291), Some(281), Some(18)));

@@ -204,7 +204,7 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
             .unwrap();
     assert!(blocked > 0.0 && blocked <= 0.4, "{blocked}");
     for _ in 0..10 {
-        limiter.succeeded().await.unwrap();
+        limiter.answered(true).await.unwrap();
     }
     assert!((scale().await - 0.35).abs() < 1e-9, "1 % back per success");
     // A Retry-After only ever moves the push-back later.

@@ -60,7 +60,7 @@ fn an_unreachable_database_fails_fast_naming_it_without_the_password() {
     let out = vinetl().args(["migrate", "--database-url", "postgres://u:hunter2@127.0.0.1:1/db"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("127.0.0.1:1") && err.contains("Is it running"), "{err}");
+    assert!(err.contains("127.0.0.1:1") && err.contains("is Postgres running there"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
 

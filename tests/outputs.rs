@@ -255,18 +255,30 @@ async fn an_unwritable_output_fails_the_job_with_the_reason_and_keeps_every_resu
     let schema = unique_schema("outfail");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("vins.txt"), "1HGCM82633A004352\nJTDBT923291344240\n").unwrap();
-    // The output path is a file, so the directory cannot be created.
     let blocker = dir.path().join("blocked");
-    std::fs::write(&blocker, b"").unwrap();
     let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
     let text = std::fs::read_to_string(&spec).unwrap()
         + &format!("[[outputs]]\nkind = \"parquet\"\npath = \"{}/ds\"\n", blocker.display());
     std::fs::write(&spec, text).unwrap();
-    let out = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stdout}");
-    assert!(stdout.contains("writing outputs failed") && stdout.contains("blocked/ds"), "{stdout}");
-    assert!(stdout.contains("vinetl reprocess 1"), "says how to recover: {stdout}");
+    // Writable at submit (the preflight checks), then, before the write, the
+    // output's parent becomes a file (a disk swapped, a mount gone).
+    let out = vinetl_async_env(&schema, KEY, &["submit", spec.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&blocker).unwrap();
+    std::fs::write(&blocker, b"").unwrap();
+    let worker = common::spawn_worker(&schema, KEY);
+    let mut s = common::status(&schema, 1).await;
+    for _ in 0..300 {
+        if s["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s = common::status(&schema, 1).await;
+    }
+    drop(worker);
+    let reason = s["state_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("writing outputs failed") && reason.contains("blocked/ds"), "{s}");
+    assert!(reason.contains("vinetl reprocess 1"), "says how to recover: {s}");
     // The decodes are kept: fixing the path and reprocessing calls nothing.
     std::fs::remove_file(&blocker).unwrap();
     let out = vinetl_async_env(&schema, KEY, &["reprocess", "1"], &[]).await;

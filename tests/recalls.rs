@@ -122,8 +122,9 @@ async fn one_recall_call_per_uncached_combination_and_none_within_the_ttl() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lookup_that_fails_for_good_leaves_recalls_unknown_not_zero() {
-    // Every recall call fails; decodes work.
-    let faults = Faults { fault_500: 1.0, fault_path: Some("/api/v1/recalls".into()), ..Faults::default() };
+    // Every recall answer comes back broken (a 200 with truncated JSON);
+    // decodes work. (Only 500s would open the circuit: the API is down.)
+    let faults = Faults { fault_malformed: 1.0, fault_path: Some("/api/v1/recalls".into()), ..Faults::default() };
     let (server, _keys) = common::serve(faults).await;
     let schema = unique_schema("recallfail");
     let dir = tempfile::tempdir().unwrap();
@@ -151,7 +152,7 @@ async fn a_lookup_that_fails_for_good_leaves_recalls_unknown_not_zero() {
     for (has, count, error) in rows {
         assert_eq!((has, count), (None, None), "unknown, not zero");
         let error = error.unwrap_or_default();
-        assert!(error.starts_with("recall lookup failed") && error.contains("500"), "{error}");
+        assert!(error.starts_with("recall lookup failed") && error.contains("malformed"), "{error}");
     }
     drop(db);
     cleanup(&schema).await;

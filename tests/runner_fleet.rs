@@ -77,7 +77,9 @@ async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
         text.push('\n');
     }
     std::fs::write(dir.path().join("vins.txt"), text).unwrap();
-    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", "http://127.0.0.1:9", "");
+    // An API that answers the preflight; planning calls nothing.
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
 
     let mut planner = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
         .args(["submit", spec.to_str().unwrap()])

@@ -164,6 +164,18 @@ impl Dest {
         }
     }
 
+    /// A small file's bytes, or `None` if it does not exist.
+    async fn get(&self, rel: &str) -> Result<Option<Vec<u8>>, OutputError> {
+        match self {
+            Dest::Local(root) => match std::fs::read(root.join(rel)) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(self.err(format!("reading {rel}: {e}"))),
+            },
+            Dest::S3 { s3, root } => s3.get_bytes(&Dest::url(root, rel)).await.map_err(|e| self.err(e)),
+        }
+    }
+
     /// Moves a staged file into place.
     async fn promote(&self, from: &str, to: &str) -> Result<(), OutputError> {
         match self {
@@ -431,13 +443,39 @@ fn encode(
     Ok(total)
 }
 
-/// Writes the job's dataset and commits it. Returns rows written and where.
+/// Checks, before any call is paid for, that the dataset's location can be
+/// written: creates and removes a probe file (or object) there.
+pub async fn probe(output: &OutputSpec) -> Result<(), OutputError> {
+    let OutputSpec::Parquet { path, endpoint, region, .. } = output else {
+        unreachable!("dataset::probe takes parquet outputs")
+    };
+    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref()).await?;
+    let probe = format!("_vinetl_probe_{:016x}", fastrand::u64(..));
+    dest.put(&probe, b"vinetl preflight".to_vec()).await?;
+    dest.delete(&probe).await
+}
+
+/// What a dataset write did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    pub rows: u64,
+    /// The partition written.
+    pub place: String,
+    /// The earlier job whose output this replaced, if another one's.
+    pub replaced: Option<i64>,
+}
+
+/// Writes the job's dataset and commits it. A partition belongs to the
+/// latest job that wrote it: writing replaces an earlier job's output (the
+/// caller marks that job's output superseded), but a later job's output is
+/// only replaced with `replace_newer` (`vinetl write --force`).
 pub async fn write(
     store: &Store,
     job_id: i64,
     spec: &JobSpec,
     output: &OutputSpec,
-) -> Result<(u64, String), OutputError> {
+    replace_newer: bool,
+) -> Result<Committed, OutputError> {
     let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file } = output else {
         unreachable!("dataset::write takes parquet outputs")
     };
@@ -446,6 +484,18 @@ pub async fn write(
         "none" => String::new(),
         key => format!("{key}={}/", store.job_date(job_id).await?.format("%Y-%m-%d")),
     };
+    // 0. Whose output the partition holds now.
+    let holder = match dest.get(&format!("{partition_dir}{MANIFEST}")).await? {
+        Some(bytes) => serde_json::from_slice::<Manifest>(&bytes).ok().map(|m| m.job_id),
+        None => None,
+    };
+    if let Some(newer) = holder.filter(|&h| h > job_id)
+        && !replace_newer
+    {
+        return Err(dest.err(format!(
+            "{partition_dir} holds job {newer}'s output, written after this job's; `vinetl write {job_id} --force` replaces it"
+        )));
+    }
     let carried = store.carried_types(job_id, spec.carry()).await?;
     let schema = schema(&carried);
 
@@ -552,7 +602,11 @@ pub async fn write(
     if let Dest::Local(root) = &dest {
         let _ = std::fs::remove_dir(root.join(STAGING));
     }
-    Ok((rows, format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir)))
+    Ok(Committed {
+        rows,
+        place: format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir),
+        replaced: holder.filter(|&h| h != job_id),
+    })
 }
 
 /// Whether a dataset partition is committed: its `_SUCCESS` and manifest

@@ -4,7 +4,6 @@
 //! old rows or the new ones, never half), with batched UNNEST statements.
 
 use futures_util::StreamExt;
-use sqlx::PgPool;
 
 use super::{Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::{JobSpec, OutputSpec};
@@ -133,9 +132,14 @@ fn upsert_vehicles_sql(schema: &str, vehicles: &str) -> String {
     )
 }
 
-async fn create_tables(pool: &PgPool, schema: &str, results: &str, vehicles: &str) -> Result<(), sqlx::Error> {
+async fn create_tables(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    results: &str,
+    vehicles: &str,
+) -> Result<(), sqlx::Error> {
     for stmt in ddl(schema, results, vehicles) {
-        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(pool).await {
+        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut *conn).await {
             // Two writers racing on IF NOT EXISTS: one gets a unique violation.
             let raced = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23505" || c == "42P07");
             if !raced {
@@ -143,6 +147,49 @@ async fn create_tables(pool: &PgPool, schema: &str, results: &str, vehicles: &st
             }
         }
     }
+    Ok(())
+}
+
+/// The output's database: `url_env`'s, or the state store's.
+async fn connect(
+    state: Option<&sqlx::PgPool>,
+    url_env: Option<&str>,
+    place: &str,
+) -> Result<sqlx::PgPool, OutputError> {
+    match url_env {
+        None => state.cloned().ok_or_else(|| {
+            OutputError::write(
+                place,
+                "the state store is SQLite: set outputs.url_env to a variable holding a Postgres URL",
+            )
+        }),
+        Some(var) => {
+            let url = std::env::var(var)
+                .map_err(|_| OutputError::write(place, format!("the variable {var} (outputs.url_env) is not set")))?;
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect(&url)
+                .await
+                .map_err(|e| {
+                    OutputError::write(place, format!("cannot connect to {}: {e}", crate::store::redact(&url)))
+                })
+        }
+    }
+}
+
+/// Checks, before any call is paid for, that the output's tables can be
+/// created or written: the same DDL in a transaction that is rolled back.
+pub async fn probe(state: Option<&sqlx::PgPool>, output: &OutputSpec) -> Result<(), OutputError> {
+    let OutputSpec::Postgres { url_env, schema, results_table, vehicles_table } = output else {
+        unreachable!("tables::probe takes postgres outputs")
+    };
+    let place = format!("postgres {schema}.{results_table} and {schema}.{vehicles_table}");
+    let pool = connect(state, url_env.as_deref(), &place).await?;
+    let fail = |e: sqlx::Error| OutputError::write(&place, e);
+    let mut tx = pool.begin().await.map_err(fail)?;
+    create_tables(&mut tx, schema, results_table, vehicles_table).await.map_err(fail)?;
+    tx.rollback().await.map_err(fail)?;
     Ok(())
 }
 
@@ -158,27 +205,10 @@ pub async fn write(
     };
     let place = format!("postgres {schema}.{results_table} and {schema}.{vehicles_table}");
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
-    let pool = match url_env {
-        None => store.pg_pool().cloned().ok_or_else(|| {
-            OutputError::write(
-                &place,
-                "the state store is SQLite: set outputs.url_env to a variable holding a Postgres URL",
-            )
-        })?,
-        Some(var) => {
-            let url = std::env::var(var)
-                .map_err(|_| OutputError::write(&place, format!("the variable {var} (outputs.url_env) is not set")))?;
-            sqlx::postgres::PgPoolOptions::new()
-                .max_connections(2)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect(&url)
-                .await
-                .map_err(|e| {
-                    OutputError::write(&place, format!("cannot connect to {}: {e}", crate::store::redact(&url)))
-                })?
-        }
-    };
-    create_tables(&pool, schema, results_table, vehicles_table).await.map_err(fail)?;
+    let pool = connect(store.pg_pool(), url_env.as_deref(), &place).await?;
+    create_tables(&mut *pool.acquire().await.map_err(fail)?, schema, results_table, vehicles_table)
+        .await
+        .map_err(fail)?;
     let insert = insert_results_sql(schema, results_table);
     let upsert = upsert_vehicles_sql(schema, vehicles_table);
     let mut tx = pool.begin().await.map_err(fail)?;

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use super::{InputRow, SourceError};
+use super::{InputRow, SourceError, TextEncoding};
 
 /// How a file holds its VINs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,8 +97,18 @@ impl FileSource {
     }
 
     /// Opens `path`, naming it `shown` in rows' errors (an S3 object read
-    /// from a temporary file is named by its URL).
+    /// from a temporary file is named by its URL); text is strict UTF-8.
     pub fn open_named(path: &Path, shown: &str, format: FileFormat) -> Result<FileSource, SourceError> {
+        FileSource::open_encoded(path, shown, format, TextEncoding::UTF8)
+    }
+
+    /// [`FileSource::open_named`], reading text in `encoding`.
+    pub fn open_encoded(
+        path: &Path,
+        shown: &str,
+        format: FileFormat,
+        encoding: TextEncoding,
+    ) -> Result<FileSource, SourceError> {
         let shown = shown.to_string();
         let file = File::open(path).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
         let rows: Box<dyn Iterator<Item = _>> = match format {
@@ -106,8 +116,8 @@ impl FileSource {
             format => {
                 let reader = decompress(file).map_err(|source| SourceError::Open { path: shown.clone(), source })?;
                 match format {
-                    FileFormat::Csv { column, carry } => Box::new(csv_rows(shown, reader, &column, &carry)?),
-                    _ => Box::new(LineRows { path: shown, reader, row: 0, buf: Vec::new() }),
+                    FileFormat::Csv { column, carry } => Box::new(csv_rows(shown, reader, &column, &carry, encoding)?),
+                    _ => Box::new(LineRows { path: shown, reader, row: 0, buf: Vec::new(), encoding }),
                 }
             }
         };
@@ -131,6 +141,7 @@ struct LineRows {
     reader: Box<dyn BufRead>,
     row: u64,
     buf: Vec<u8>,
+    encoding: TextEncoding,
 }
 
 impl Iterator for LineRows {
@@ -141,11 +152,13 @@ impl Iterator for LineRows {
             Ok(0) => None,
             Ok(_) => {
                 self.row += 1;
-                // A line that is not UTF-8 still becomes a row; its bad bytes
-                // turn into U+FFFD and the VIN parser names their position.
-                let line = String::from_utf8_lossy(&self.buf);
-                let vin = line.trim_end_matches(['\n', '\r']).to_string();
-                Some(Ok(InputRow { row: self.row, vin, carried: Vec::new() }))
+                let line = self.buf.strip_suffix(b"\n").unwrap_or(&self.buf);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                Some(self.encoding.decode(line, &self.path, self.row).map(|vin| InputRow {
+                    row: self.row,
+                    vin,
+                    carried: Vec::new(),
+                }))
             }
             Err(source) => Some(Err(SourceError::Read { path: self.path.clone(), row: self.row, source })),
         }
@@ -157,22 +170,23 @@ fn csv_rows(
     reader: Box<dyn BufRead>,
     column: &str,
     carry: &[String],
+    encoding: TextEncoding,
 ) -> Result<impl Iterator<Item = Result<InputRow, SourceError>> + use<>, SourceError> {
     let mut reader = reader;
     let head = reader.fill_buf().map_err(|source| SourceError::Read { path: path.clone(), row: 0, source })?;
     let delimiter = sniff_delimiter(head);
     let mut csv = csv::ReaderBuilder::new().flexible(true).delimiter(delimiter).from_reader(reader);
-    let header = csv.byte_headers().map_err(|e| csv_error(&path, 0, e))?.clone();
+    let header: Vec<String> = csv
+        .byte_headers()
+        .map_err(|e| csv_error(&path, 0, e))?
+        .iter()
+        .map(|h| encoding.decode(h, &path, 0))
+        .collect::<Result<_, _>>()?;
     let find = |name: &str| {
         let wanted = name.trim().to_lowercase();
-        header
-            .iter()
-            .position(|h| String::from_utf8_lossy(h).trim().trim_start_matches('\u{feff}').to_lowercase() == wanted)
-            .ok_or_else(|| SourceError::MissingColumn {
-                path: path.clone(),
-                column: name.to_string(),
-                header: header.iter().map(|h| String::from_utf8_lossy(h).into_owned()).collect::<Vec<_>>().join(", "),
-            })
+        header.iter().position(|h| h.trim().trim_start_matches('\u{feff}').to_lowercase() == wanted).ok_or_else(|| {
+            SourceError::MissingColumn { path: path.clone(), column: name.to_string(), header: header.join(", ") }
+        })
     };
     let index = find(column)?;
     let carried: Vec<usize> = carry.iter().map(|c| find(c)).collect::<Result<_, _>>()?;
@@ -183,11 +197,17 @@ fn csv_rows(
         Ok(true) => {
             row += 1;
             // A short record has no VIN cell: an empty VIN, rejected as such.
-            let cell = |i: usize| record.get(i).map(|v| String::from_utf8_lossy(v).into_owned());
-            let vin = cell(index).unwrap_or_default();
-            // A short record carries nulls, never values from another column.
-            let carried = carried.iter().map(|&i| cell(i).map(serde_json::Value::String).unwrap_or_default()).collect();
-            Some(Ok(InputRow { row, vin, carried }))
+            let cell = |i: usize| record.get(i).map(|v| encoding.decode(v, &path, row)).transpose();
+            let read = || -> Result<InputRow, SourceError> {
+                let vin = cell(index)?.unwrap_or_default();
+                // A short record carries nulls, never values from another column.
+                let carried = carried
+                    .iter()
+                    .map(|&i| Ok(cell(i)?.map(serde_json::Value::String).unwrap_or_default()))
+                    .collect::<Result<_, SourceError>>()?;
+                Ok(InputRow { row, vin, carried })
+            };
+            Some(read())
         }
         Err(e) => Some(Err(csv_error(&path, row + 1, e))),
     }))
@@ -283,6 +303,24 @@ mod tests {
         let err =
             FileSource::open(&p, FileFormat::Csv { column: "vin".into(), carry: vec![] }).err().unwrap().to_string();
         assert!(err.contains("fleet.csv") && err.contains("\"vin\"") && err.contains("unit, chassis"), "{err}");
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_an_error_naming_file_and_row_unless_an_encoding_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("legacy.csv");
+        std::fs::write(&p, b"vin,city\n1HGCM82633A004352,Berlin\n5YJSA1DG9DFP14705,K\xf6ln\n").unwrap();
+        let format = FileFormat::Csv { column: "vin".into(), carry: vec!["city".into()] };
+        let got: Vec<_> = FileSource::open(&p, format.clone()).unwrap().collect();
+        assert!(got[0].is_ok());
+        let msg = got[1].as_ref().unwrap_err().to_string();
+        assert!(msg.contains("legacy.csv row 2") && msg.contains("0xf6") && msg.contains("latin1"), "{msg}");
+        let latin1 = TextEncoding::from_label("latin1").unwrap();
+        let rows: Vec<_> =
+            FileSource::open_encoded(&p, "legacy.csv", format, latin1).unwrap().map(Result::unwrap).collect();
+        assert_eq!(rows[1].carried, [serde_json::json!("Köln")]);
+        assert_eq!(TextEncoding::from_label("utf-8"), Some(TextEncoding::UTF8));
+        assert_eq!(TextEncoding::from_label("klingon"), None);
     }
 
     #[test]

@@ -10,13 +10,46 @@ pub mod postgres;
 
 pub use file::{FileFormat, FileSource};
 
+/// How a text file's bytes become characters: strict UTF-8 (the default,
+/// where a byte sequence that is not UTF-8 is an error naming file and row),
+/// or a legacy encoding named by its WHATWG label (`latin1`, `windows-1252`,
+/// `shift_jis`, ...), decoded by `encoding_rs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TextEncoding(Option<&'static encoding_rs::Encoding>);
+
+impl TextEncoding {
+    pub const UTF8: TextEncoding = TextEncoding(None);
+
+    /// `utf-8`/`utf8` is strict UTF-8; any other WHATWG label is that encoding.
+    pub fn from_label(label: &str) -> Option<TextEncoding> {
+        let e = encoding_rs::Encoding::for_label(label.trim().as_bytes())?;
+        Some(if e == encoding_rs::UTF_8 { TextEncoding::UTF8 } else { TextEncoding(Some(e)) })
+    }
+
+    /// Decodes one cell or line of row `row` of `path`.
+    pub fn decode(&self, bytes: &[u8], path: &str, row: u64) -> Result<String, SourceError> {
+        match self.0 {
+            None => match std::str::from_utf8(bytes) {
+                Ok(s) => Ok(s.to_string()),
+                Err(e) => Err(SourceError::NotUtf8 {
+                    path: path.to_string(),
+                    row,
+                    byte: bytes[e.valid_up_to()],
+                    at: e.valid_up_to() + 1,
+                }),
+            },
+            Some(enc) => Ok(enc.decode_without_bom_handling(bytes).0.into_owned()),
+        }
+    }
+}
+
 /// One row of input, before its VIN is parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputRow {
     /// 1-based data row number within its file or object (a CSV header is
     /// not a row; a record spanning several lines is one row).
     pub row: u64,
-    /// The raw VIN cell, exactly as read (lossily decoded if not UTF-8).
+    /// The raw VIN cell, exactly as read (decoded with the source's encoding).
     pub vin: String,
     /// Values of the carried columns, in the order the spec names them
     /// (strings from CSV; typed JSON values from Parquet and Postgres).
@@ -45,4 +78,8 @@ pub enum SourceError {
     NotText { path: String, column: String, found: String },
     #[error("{path}: a file of one VIN per line has no columns to carry ({columns}); use CSV or Parquet")]
     NoColumns { path: String, columns: String },
+    #[error(
+        "{path} row {row}: not valid UTF-8 (byte 0x{byte:02x} at byte {at} of the cell); if the file is Latin-1, set source.encoding = \"latin1\" (or --encoding latin1)"
+    )]
+    NotUtf8 { path: String, row: u64, byte: u8, at: usize },
 }

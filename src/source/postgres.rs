@@ -77,15 +77,7 @@ pub async fn read(
         let obj = next.map_err(|e| SourceError::Query { path: label.clone(), row: row + 1, message: e.to_string() })?;
         let Value::Object(map) = obj else { continue };
         if row == 0 {
-            for name in std::iter::once(&vin_column).chain(carry) {
-                if !map.keys().any(|k| k.eq_ignore_ascii_case(name)) {
-                    return Err(SourceError::MissingColumn {
-                        path: label,
-                        column: name.clone(),
-                        header: map.keys().cloned().collect::<Vec<_>>().join(", "),
-                    });
-                }
-            }
+            has_columns(&label, &map, &vin_column, carry)?;
         }
         row += 1;
         let get = |name: &str| map.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
@@ -104,6 +96,41 @@ pub async fn read(
         emit(chunk).await;
     }
     Ok(row)
+}
+
+/// Runs the input's query for its first row: the table, the query's
+/// syntax, the permission and the VIN and carried columns are checked
+/// before anything is planned.
+pub async fn probe(pool: &PgPool, input: &PgInput, carry: &[String]) -> Result<(), SourceError> {
+    let label = input.label();
+    let (sql, vin_column) = input.sql()?;
+    let first: Option<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("{sql} LIMIT 1")))
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| SourceError::Query { path: label.clone(), row: 1, message: crate::exit::render(&e.into()) })?;
+    match first {
+        Some(Value::Object(map)) => has_columns(&label, &map, &vin_column, carry),
+        _ => Ok(()),
+    }
+}
+
+/// The first row has the VIN column and every carried one.
+fn has_columns(
+    label: &str,
+    map: &serde_json::Map<String, Value>,
+    vin_column: &str,
+    carry: &[String],
+) -> Result<(), SourceError> {
+    for name in std::iter::once(vin_column).chain(carry.iter().map(String::as_str)) {
+        if !map.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+            return Err(SourceError::MissingColumn {
+                path: label.to_string(),
+                column: name.to_string(),
+                header: map.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

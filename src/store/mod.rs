@@ -292,6 +292,10 @@ delegate! {
     fn create_job(&self, name: &str, spec: &serde_json::Value, spec_hash: &str) -> i64;
     /// Rows of a source already stored for the job, and whether it is complete.
     fn rows_planned(&self, job_id: i64, source: &str) -> (i64, bool);
+    /// Rows stored for the job, over all its sources.
+    fn total_rows(&self, job_id: i64) -> i64;
+    /// How many of `vins` the cache holds a decode for younger than the TTL.
+    fn cached_count(&self, vins: &[String], cache_ttl_hours: f64) -> i64;
     /// Stores a chunk of input rows and the source's progress in one transaction.
     fn insert_rows(&self, job_id: i64, source: &str, rows: &[PlannedRow], complete: bool) -> ();
     /// Plans every row (first occurrence, duplicate, cache hit) and creates the batches, once.
@@ -322,6 +326,10 @@ delegate! {
     fn update_spec(&self, job_id: i64, spec: &serde_json::Value) -> ();
     fn orphaned_writes(&self, lease_secs: f64) -> Vec<i64>;
     fn finish_writing(&self, job_id: i64, outputs: &[String]) -> ();
+    /// Where a job's outputs went (`None`: no such job).
+    fn job_outputs(&self, job_id: i64) -> Option<Vec<String>>;
+    /// Rewrites that list (an output superseded by a later job).
+    fn set_outputs(&self, job_id: i64, outputs: &[String]) -> ();
     fn fail_writing(&self, job_id: i64, reason: &str) -> ();
     fn lookup(&self, key: &str) -> Option<Lookup>;
     fn complete_recall(&self, job_id: i64, batch_no: i32, key: &str, recalls: &[crate::api::Recall]) -> ();
@@ -379,16 +387,36 @@ pub enum StoreError {
         "schema name {0:?} is not allowed: use lowercase letters, digits and _, starting with a letter or _ (at most 63)"
     )]
     BadSchema(String),
-    #[error("cannot connect to Postgres at {url}: {source}. Is it running, and does DATABASE_URL point at it?")]
-    Connect { url: String, source: sqlx::Error },
-    #[error("cannot open the SQLite state file {path}: {source}. Is the directory writable?")]
-    SqliteOpen { path: String, source: sqlx::Error },
+    #[error("cannot connect to Postgres at {url}: {}", connect_hint(error))]
+    Connect { url: String, error: sqlx::Error },
+    #[error("cannot open the SQLite state file {path}: {error}: is the directory writable?")]
+    SqliteOpen { path: String, error: sqlx::Error },
+    /// A read-only command found no state where it looked.
+    #[error("no vinetl state at {0}: run `vinetl submit` or `vinetl run` there first, or point DATABASE_URL elsewhere")]
+    NoState(String),
+    #[error("no job {0}: `vinetl status` lists the jobs")]
+    NoJob(i64),
     #[error("migrating schema {schema} failed: {source}")]
     Migrate { schema: String, source: sqlx::migrate::MigrateError },
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("queue: {0}")]
     Queue(String),
+}
+
+/// What went wrong connecting, and what to do about it.
+fn connect_hint(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("3D000") => format!("{}: create it, or fix the database name in DATABASE_URL", db.message()),
+            Some("28P01" | "28000") => format!("{}: check the user and password in DATABASE_URL", db.message()),
+            _ => db.message().to_string(),
+        },
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+            "nothing answered within 5 s: is Postgres running there, and does DATABASE_URL point at it?".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 impl DatabaseUrl {

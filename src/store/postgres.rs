@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, StoreError> {
     let schema = check_schema(schema)?;
     let shown = redact(url);
-    let connect_err = |source| StoreError::Connect { url: shown.clone(), source };
+    let connect_err = |source| StoreError::Connect { url: shown.clone(), error: source };
     let options = PgConnectOptions::from_str(url)
         .map_err(connect_err)?
         // `public` stays on the path for the extensions apalis installs there.
@@ -50,7 +50,7 @@ pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<super
         .acquire_timeout(CONNECT_TIMEOUT)
         .connect(url)
         .await
-        .map_err(|source| StoreError::Connect { url: shown, source })?;
+        .map_err(|source| StoreError::Connect { url: shown, error: source })?;
     crate::queue::setup(&plain).await?;
     plain.close().await;
     Ok(super::Store::Pg(PgStore::new(pool)))
@@ -164,6 +164,25 @@ impl PgStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.unwrap_or((0, false)))
+    }
+
+    pub async fn cached_count(&self, vins: &[String], cache_ttl_hours: f64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM vin_cache WHERE vin = ANY($1) AND decoded_at > now() - make_interval(secs => $2 * 3600)",
+        )
+        .bind(vins)
+        .bind(cache_ttl_hours)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn total_rows(&self, job_id: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(coalesce(sum(rows_planned), 0) AS BIGINT) FROM job_sources WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Stores a chunk of input rows and the source's progress in one
@@ -808,8 +827,11 @@ impl PgStore {
 
     /// The spec a job was submitted with, or why it cannot be read.
     pub async fn job_spec(&self, job_id: i64) -> Result<Result<crate::spec::JobSpec, String>, StoreError> {
-        let json: serde_json::Value =
-            sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1").bind(job_id).fetch_one(&self.pool).await?;
+        let json: serde_json::Value = sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NoJob(job_id))?;
         Ok(serde_json::from_value(json).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
     }
 
@@ -849,6 +871,23 @@ impl PgStore {
     }
 
     /// The outputs are written: the job is done.
+    pub async fn job_outputs(&self, job_id: i64) -> Result<Option<Vec<String>>, StoreError> {
+        let row: Option<Option<Vec<String>>> = sqlx::query_scalar("SELECT outputs_written FROM jobs WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(Option::unwrap_or_default))
+    }
+
+    pub async fn set_outputs(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET outputs_written = $2 WHERE job_id = $1")
+            .bind(job_id)
+            .bind(outputs)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),

@@ -47,7 +47,7 @@ pub fn queue_path(state: &str) -> String {
 
 async fn pool_for(path: &str, max_connections: u32) -> Result<SqlitePool, StoreError> {
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
-        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), source })?
+        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), error: source })?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
@@ -57,7 +57,7 @@ async fn pool_for(path: &str, max_connections: u32) -> Result<SqlitePool, StoreE
         .max_connections(max_connections.max(2))
         .connect_with(options)
         .await
-        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), source })
+        .map_err(|source| StoreError::SqliteOpen { path: path.to_string(), error: source })
 }
 
 /// Opens (creating if needed) the state file and the queue file beside it.
@@ -169,6 +169,26 @@ impl SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.unwrap_or((0, false)))
+    }
+
+    pub async fn cached_count(&self, vins: &[String], cache_ttl_hours: f64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM vin_cache WHERE vin IN (SELECT value FROM json_each(?1))
+             AND decoded_at > unixepoch('subsec') - ?2 * 3600",
+        )
+        .bind(Value::from(vins.to_vec()).to_string())
+        .bind(cache_ttl_hours)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn total_rows(&self, job_id: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT CAST(coalesce(sum(rows_planned), 0) AS BIGINT) FROM job_sources WHERE job_id = ?",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     pub async fn insert_rows(
@@ -765,8 +785,11 @@ impl SqliteStore {
     }
 
     pub async fn job_spec(&self, job_id: i64) -> Result<Result<JobSpec, String>, StoreError> {
-        let text: String =
-            sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = ?").bind(job_id).fetch_one(&self.pool).await?;
+        let text: String = sqlx::query_scalar("SELECT spec FROM jobs WHERE job_id = ?")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NoJob(job_id))?;
         Ok(serde_json::from_str(&text).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
     }
 
@@ -799,6 +822,23 @@ impl SqliteStore {
         .bind(lease_secs)
         .fetch_all(&self.pool)
         .await?)
+    }
+
+    pub async fn job_outputs(&self, job_id: i64) -> Result<Option<Vec<String>>, StoreError> {
+        let row: Option<Option<String>> = sqlx::query_scalar("SELECT outputs_written FROM jobs WHERE job_id = ?")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|o| o.and_then(|o| serde_json::from_str(&o).ok()).unwrap_or_default()))
+    }
+
+    pub async fn set_outputs(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET outputs_written = ? WHERE job_id = ?")
+            .bind(Value::from(outputs.to_vec()).to_string())
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
@@ -1106,17 +1146,30 @@ impl SqliteStore {
         now: Option<f64>,
     ) -> Result<(Reservation, f64, Vec<i64>), StoreError> {
         let mut tx = self.write_tx().await?;
-        type Row = (f64, f64, f64, f64, f64, Option<i64>, f64, f64, i64, Option<i64>, f64);
-        let (rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used, cap, t): Row =
-            sqlx::query_as(
-                "SELECT rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used,
-                        max_in_flight, coalesce(?2, unixepoch('subsec'))
-                 FROM limiter WHERE account = ?1",
-            )
-            .bind(account)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
+        type Row = (f64, f64, f64, f64, f64, Option<i64>, f64, f64, i64, Option<i64>, f64, Option<f64>, f64);
+        let (
+            rate,
+            burst,
+            scale,
+            tat,
+            blocked_until,
+            daily_quota,
+            quota_reset,
+            quota_day_start,
+            day_used,
+            cap,
+            t,
+            circuit_since,
+            circuit_probe_at,
+        ): Row = sqlx::query_as(
+            "SELECT rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used,
+                    max_in_flight, coalesce(?2, unixepoch('subsec')), circuit_since, circuit_probe_at
+             FROM limiter WHERE account = ?1",
+        )
+        .bind(account)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
         let bucket = Bucket {
             rate,
             burst,
@@ -1128,6 +1181,8 @@ impl SqliteStore {
             quota_day_start,
             day_used,
             max_in_flight: cap,
+            circuit_since,
+            circuit_probe_at,
         };
         let mut in_flight = 0;
         if cap.is_some() {
@@ -1141,16 +1196,18 @@ impl SqliteStore {
                 .fetch_one(&mut *tx)
                 .await?;
         }
-        let decision = bucket.reserve(t, k, in_flight);
+        let decision = bucket.reserve(t, k, in_flight, lease_secs);
         if let Some(row) = &decision.row {
             sqlx::query(
-                "UPDATE limiter SET tat = ?2, quota_day_start = ?3, day_used = ?4, updated_at = ?5 WHERE account = ?1",
+                "UPDATE limiter SET tat = ?2, quota_day_start = ?3, day_used = ?4, updated_at = ?5, circuit_probe_at = ?6
+                 WHERE account = ?1",
             )
             .bind(account)
             .bind(row.tat)
             .bind(row.quota_day_start)
             .bind(row.day_used)
             .bind(t)
+            .bind(row.circuit_probe_at)
             .execute(&mut *tx)
             .await?;
         }
@@ -1217,12 +1274,42 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn limiter_succeeded(&self, account: &str, step: f64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE limiter SET scale = min(1, scale + ?2) WHERE account = ?1 AND scale < 1")
-            .bind(account)
-            .bind(step)
-            .execute(&self.pool)
-            .await?;
+    pub async fn limiter_answered(&self, account: &str, success: bool, step: f64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE limiter SET scale = CASE WHEN ?2 THEN min(1, scale + ?3) ELSE scale END,
+                 circuit_since = NULL, circuit_failures = 0, circuit_reason = NULL, server_errors = 0
+             WHERE account = ?1 AND ((?2 AND scale < 1) OR circuit_since IS NOT NULL OR server_errors > 0)",
+        )
+        .bind(account)
+        .bind(success)
+        .bind(step)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn limiter_server_error(&self, account: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE limiter SET server_errors = server_errors + 1 WHERE account = ? RETURNING server_errors",
+        )
+        .bind(account)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Opens the circuit (see `SharedLimiter::trip`).
+    pub async fn limiter_trip(&self, account: &str, reason: &str, max_gap: i64, refund: i64) -> Result<(), StoreError> {
+        sqlx::query(q("UPDATE limiter SET circuit_since = coalesce(circuit_since, NOW),
+                 circuit_probe_at = NOW + min(?3, 1 << min(circuit_failures, 10)),
+                 circuit_failures = circuit_failures + 1, circuit_reason = ?2, server_errors = 0,
+                 day_used = max(0, day_used - ?4)
+             WHERE account = ?1"))
+        .bind(account)
+        .bind(reason)
+        .bind(max_gap)
+        .bind(refund)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

@@ -69,12 +69,17 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn start(extra: &[&str]) -> ServeProcess {
+        ServeProcess::start_on("127.0.0.1:0", extra)
+    }
+
+    /// On a given address (a server restarted on the same port).
+    pub fn start_on(bind: &str, extra: &[&str]) -> ServeProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys.toml");
         std::fs::write(&keys, KEYS_TOML).unwrap();
         let mut child = vinetl()
-            .args(["serve", "--bind", "127.0.0.1:0", "--keys", keys.to_str().unwrap()])
+            .args(["serve", "--bind", bind, "--keys", keys.to_str().unwrap()])
             .args(extra)
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -90,6 +95,24 @@ impl ServeProcess {
         std::thread::spawn(move || for _ in lines {});
         ServeProcess { child, url, _dir: dir }
     }
+}
+
+impl ServeProcess {
+    /// SIGTERM: requests in flight are answered, then the server exits.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+/// Lines of a server's audit log (`--audit-log`).
+pub fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 impl Drop for ServeProcess {

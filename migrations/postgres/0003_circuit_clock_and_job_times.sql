@@ -1,6 +1,19 @@
+-- The circuit breaker, an injectable clock for the limiter, and job phase times.
+
+-- A circuit breaker per account, in the shared limiter: connection refused,
+-- DNS or TLS failures, or a run of 5xx answers (or timeouts) open it; while
+-- it is open no worker calls, except one probe at a time with growing
+-- back-off; any HTTP answer that is not a 5xx closes it (see limiter.rs).
+ALTER TABLE limiter ADD COLUMN circuit_since TIMESTAMPTZ;
+ALTER TABLE limiter ADD COLUMN circuit_probe_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity';
+ALTER TABLE limiter ADD COLUMN circuit_failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE limiter ADD COLUMN circuit_reason TEXT;
+-- 5xx answers (and timeouts) in a row, across every worker of the account.
+ALTER TABLE limiter ADD COLUMN server_errors INTEGER NOT NULL DEFAULT 0;
+
 -- The limiter's clock can be passed in, so the property tests drive the
 -- function that runs in production with synthetic times (production passes
--- nothing: the database clock). Same arithmetic as 0001's version.
+-- nothing: the database clock). Otherwise 0001's arithmetic, plus the circuit.
 DROP FUNCTION limiter_reserve(TEXT, INTEGER, DOUBLE PRECISION);
 CREATE FUNCTION limiter_reserve(p_account TEXT, k INTEGER, lease_secs DOUBLE PRECISION DEFAULT 60,
                                 p_now TIMESTAMPTZ DEFAULT NULL)
@@ -24,6 +37,16 @@ BEGIN
     em := 1.0 / (l.rate * l.scale);
     day_start := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
     used := CASE WHEN l.quota_day_start < day_start THEN 0 ELSE l.day_used END;
+    -- The API is unreachable: nobody calls until the next probe is due, and
+    -- then one caller alone makes it (its grant moves the next probe on).
+    IF l.circuit_since IS NOT NULL THEN
+        IF t < l.circuit_probe_at THEN
+            RETURN QUERY SELECT 0, extract(epoch FROM l.circuit_probe_at - t)::float8, 'circuit'::text, t,
+                NULL::bigint[];
+            RETURN;
+        END IF;
+        k := 1;
+    END IF;
     IF t < l.blocked_until THEN
         RETURN QUERY SELECT 0, extract(epoch FROM l.blocked_until - t)::float8, 'blocked'::text, t, NULL::bigint[];
         RETURN;
@@ -57,7 +80,9 @@ BEGIN
         RETURN;
     END IF;
     UPDATE limiter SET tat = base + make_interval(secs => n * em), quota_day_start = day_start,
-                       day_used = used + n, updated_at = t
+                       day_used = used + n, updated_at = t,
+                       circuit_probe_at = CASE WHEN l.circuit_since IS NULL THEN l.circuit_probe_at
+                                               ELSE t + make_interval(secs => lease_secs) END
     WHERE account = p_account;
     IF l.max_in_flight IS NOT NULL THEN
         WITH ins AS (
