@@ -76,6 +76,7 @@ def timed(cmd, env=None, cwd=None, stdout=None, check=True):
 class Ctx:
     def __init__(self, args):
         self.bin = args.bin
+        self.baseline = args.baseline_bin
         self.quick = args.quick
         self.pg = os.environ.get("VINETL_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
         self.work = Path(tempfile.mkdtemp(prefix="vinetl-bench-"))
@@ -107,8 +108,8 @@ class Ctx:
                              check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
-    def vinetl(self, args, env, **kw):
-        return timed([self.bin, *map(str, args)], env=env, **kw)
+    def vinetl(self, args, env, bin=None, **kw):
+        return timed([bin or self.bin, *map(str, args)], env=env, **kw)
 
     def status(self, env, job):
         return json.loads(self.vinetl(["status", job, "--json"], env).out)
@@ -571,8 +572,12 @@ def bench_warm(ctx, serve):
 
 
 def bench_stores(ctx, serve):
-    """The same job on Postgres and on SQLite."""
+    """The same job on Postgres and on SQLite; with --baseline-bin, each also
+    on the baseline build, interleaved (this, baseline, baseline, this) and
+    the best of two kept, so both builds see the same machine."""
     sizes = ctx.size([2_000, 5_000], [5_000, 20_000])
+    builds = [("this", ctx.bin)] + ([("baseline", ctx.baseline)] if ctx.baseline else [])
+    order = [b for b in builds] + [b for b in reversed(builds)] if ctx.baseline else builds
     rows = []
     for n in sizes:
         f = ctx.work / f"stores-{n}.txt"
@@ -581,18 +586,28 @@ def bench_stores(ctx, serve):
                  "requests_per_second = 100000", "[recalls]\nenabled = true")
         walls = {}
         for store in ("postgres", "sqlite"):
-            db = ctx.pg if store == "postgres" else f"sqlite://{ctx.work}/stores-{n}.db"
-            env = ctx.env(ctx.schema(f"stores_{n}"), db=db)
-            r = ctx.vinetl(["run", s, "--concurrency", 8], env)
-            st = ctx.status(env, 1)
-            walls[store] = r.wall
-            rows.append((fmt_n(n), store, fmt_s(r.wall), fmt_n(n / r.wall), st["calls_made"], f"{r.rss_mb:.0f} MB"))
-        ratio = walls["sqlite"] / walls["postgres"]
-        ctx.row("stores", "same job, SQLite vs Postgres", fmt_n(n), f"SQLite {fmt_s(walls['sqlite'])}",
-                f"Postgres {fmt_s(walls['postgres'])}", f"{ratio:.1f}x",
+            for i, (build, exe) in enumerate(order):
+                tag = f"{store}_{n}_{build}_{i}"
+                db = ctx.pg if store == "postgres" else f"sqlite://{ctx.work}/stores-{tag}.db"
+                env = ctx.env(ctx.schema(f"stores_{tag}"), db=db)
+                r = ctx.vinetl(["run", s, "--concurrency", 8], env, bin=exe)
+                st = ctx.status(env, 1)
+                best = walls.get((store, build))
+                walls[(store, build)] = r.wall if best is None else min(best, r.wall)
+                rows.append((fmt_n(n), store, build, fmt_s(r.wall), fmt_n(n / r.wall), st["calls_made"],
+                             f"{r.rss_mb:.0f} MB"))
+        ratio = walls[("sqlite", "this")] / walls[("postgres", "this")]
+        ctx.row("stores", "same job, SQLite vs Postgres", fmt_n(n), f"SQLite {fmt_s(walls[('sqlite', 'this')])}",
+                f"Postgres {fmt_s(walls[('postgres', 'this')])}", f"{ratio:.1f}x",
                 goal(ratio <= 2, "SQLite within 2x of Postgres") if n == sizes[-1] else "")
+        if ctx.baseline:
+            for store in ("postgres", "sqlite"):
+                this, base = walls[(store, "this")], walls[(store, "baseline")]
+                ctx.row("stores", f"{store}: this build vs baseline (best of 2)", fmt_n(n), f"this {fmt_s(this)}",
+                        f"baseline {fmt_s(base)}", f"{this / base:.2f}x",
+                        goal(this <= base * 1.1, "no slowdown (within 10 %)") if n == sizes[-1] else "")
     ctx.detail("State stores end to end (`vinetl run --concurrency 8`, recalls on, local `vinetl serve`)",
-               ["VINs", "store", "wall", "VINs/s", "calls", "peak RSS"], rows)
+               ["VINs", "store", "build", "wall", "VINs/s", "calls", "peak RSS"], rows)
 
 
 def bench_choice(ctx):
@@ -665,6 +680,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes: under 5 minutes on 2 cores")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHES)} (decoder runs for cold)")
     ap.add_argument("--no-write", action="store_true", help="print the table only; leave BENCHMARKS.md alone")
+    ap.add_argument("--baseline-bin", help="another vinetl build (say, the previous revision's) that the stores "
+                    "benchmark runs side by side with this one")
     ap.add_argument("--command", default="benches/run")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else set(BENCHES)

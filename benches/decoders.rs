@@ -34,7 +34,7 @@ fn agrees(claim: &str, got: &str) -> (bool, bool) {
 
 fn main() {
     let corgi = corgi_rs::VinDecoder::try_new().expect("corgi tables");
-    let ours = vinetl::decoder::Decoder::new().expect("corgi tables");
+    let ours = vinetl::local::decoder::Decoder::new().expect("corgi tables");
     let vd = vin_decode::Decoder::new().expect("vin-decode data");
     let candidates: Vec<(&str, DecodeFn)> = vec![
         (

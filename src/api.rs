@@ -18,6 +18,10 @@ pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
 /// The guide: "Maximum 20 VINs per request".
 pub const MAX_BATCH: usize = 20;
 
+/// The key of the server `vinetl run` embeds for `provider.embedded` (it
+/// listens on loopback only, and only that process knows its port).
+pub const EMBEDDED_KEY: &str = "vinetl-embedded";
+
 /// `POST /api/v1/decode`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

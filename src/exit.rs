@@ -30,13 +30,13 @@ pub struct Usage(pub String);
 /// The exit code for an error that ended a command.
 pub fn code_for(e: &anyhow::Error) -> u8 {
     use crate::store::StoreError;
-    if e.chain().any(|c| matches!(c.downcast_ref(), Some(crate::planner::PlanError::Failed { .. }))) {
+    if e.chain().any(|c| matches!(c.downcast_ref(), Some(crate::job::plan::PlanError::Failed { .. }))) {
         return JOB_FAILED;
     }
     let usage = e.chain().any(|c| {
         c.is::<Usage>()
             || c.is::<crate::spec::SpecError>()
-            || c.is::<crate::preflight::PreflightError>()
+            || c.is::<crate::job::preflight::PreflightError>()
             || matches!(
                 c.downcast_ref::<StoreError>(),
                 Some(

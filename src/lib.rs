@@ -1,32 +1,34 @@
 //! vinetl: batch VIN enrichment through the Car Vin API.
 //!
-//! The library holds every subcommand; the `vinetl` binary only parses
-//! arguments. Start at [`vin::Vin`] (the one way a string becomes a VIN),
-//! [`api`] (the wire format shared by client and server) and [`cli`] (what
-//! each command does).
+//! The source tree follows a job's path:
+//!
+//! - [`spec`]: what a job is (the TOML spec), checked on load;
+//! - [`io::source`]: where its rows come from (files, S3, Postgres);
+//! - [`job`]: planning, the queue, the workers and the steps a job takes to
+//!   its end, with the checks made before any call;
+//! - [`call`]: the Car Vin API client and the shared rate limiter;
+//! - [`store`]: the state every process shares (Postgres or SQLite);
+//! - [`io::output`]: where results go (Parquet, Postgres tables);
+//! - [`cli`]: the commands that drive all of it; [`exit`] what they return.
+//!
+//! Beside it: [`serve`] (a Car Vin API-compatible server), [`local`] (what
+//! runs here without the API: the embedded vPIC decoder, `decode --file`,
+//! `check`), and the vocabulary every part shares: [`vin`] (the one way a
+//! string becomes a VIN), [`api`] (the wire format of client and server) and
+//! [`columns`] (the output's columns and rows).
 
 pub mod api;
-pub mod check;
+pub mod call;
 pub mod cli;
-pub mod client;
-pub mod decoder;
-pub mod distinct;
+pub mod columns;
 pub mod exit;
-pub mod finish;
-pub mod limiter;
-pub mod offline;
-pub mod output;
-pub mod planner;
-pub mod preflight;
-pub mod queue;
-pub mod runner;
-pub mod s3;
+pub mod io;
+pub mod job;
+pub mod local;
 pub mod serve;
-pub mod source;
 pub mod spec;
 pub mod store;
 pub mod vin;
-pub mod worker;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM, whichever comes first.
 pub async fn shutdown_signal() {

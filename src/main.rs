@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     // corgi-rs reads its tables from MAPS_DIR or $HOME/.corgi-rs-cache only;
     // point it at the copy this binary finds (a packaged binary carries its
     // own). Set before any thread starts, the only time set_var is sound.
-    if let Some(dir) = vinetl::decoder::tables_dir() {
+    if let Some(dir) = vinetl::local::decoder::tables_dir() {
         // SAFETY: no other thread exists yet; the runtime is built below.
         unsafe { std::env::set_var("MAPS_DIR", dir) };
     }

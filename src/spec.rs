@@ -240,12 +240,19 @@ impl RecallSpec {
     pub fn ttl_hours(&self) -> f64 {
         self.ttl_hours.unwrap_or(24.0)
     }
+
+    /// How rows' recall keys are made: off, by make/model/year, or by VIN.
+    pub fn mode(&self) -> crate::columns::RecallMode {
+        use crate::columns::RecallMode;
+        match (self.enabled, self.per_vin) {
+            (false, _) => RecallMode::Off,
+            (true, false) => RecallMode::ByModel,
+            (true, true) => RecallMode::ByVin,
+        }
+    }
 }
 
-/// Lowercase letters, digits and `_`, starting with a letter or `_`.
-fn is_identifier(s: &str) -> bool {
-    crate::store::check_schema(s).is_ok()
-}
+use crate::columns::is_identifier;
 
 /// Where results go besides vinetl's own tables. Every output holds one row
 /// per input row; writing a job again replaces its earlier output.
@@ -370,7 +377,7 @@ impl JobSpec {
             return invalid("max_failed_share", "must be a share from 0 to 1, e.g. 0.01 for 1 %");
         }
         if let Some(e) = self.source.encoding_label()
-            && crate::source::TextEncoding::from_label(e).is_none()
+            && encoding_rs::Encoding::for_label(e.trim().as_bytes()).is_none()
         {
             return invalid(
                 "source.encoding",
@@ -386,7 +393,7 @@ impl JobSpec {
                 _ => return invalid("source", "a postgres source needs exactly one of `table` or `query`"),
             }
         }
-        if let Some(taken) = self.carry().iter().find(|c| crate::output::reserved_names().any(|r| r == c.as_str())) {
+        if let Some(taken) = self.carry().iter().find(|c| crate::columns::reserved_names().any(|r| r == c.as_str())) {
             return invalid(
                 "source.carry",
                 &format!(
@@ -440,16 +447,12 @@ impl JobSpec {
 }
 
 impl SourceSpec {
-    fn encoding_label(&self) -> Option<&str> {
+    /// The source's text encoding, as the spec names it (checked at load).
+    pub fn encoding_label(&self) -> Option<&str> {
         match self {
             SourceSpec::File { encoding, .. } | SourceSpec::S3 { encoding, .. } => encoding.as_deref(),
             SourceSpec::Postgres { .. } => None,
         }
-    }
-
-    /// How the source's text is decoded (validated at load).
-    pub fn encoding(&self) -> crate::source::TextEncoding {
-        self.encoding_label().and_then(crate::source::TextEncoding::from_label).unwrap_or_default()
     }
 
     /// Fewer input rows than this fail the job.

@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{KEYS_TOML, pg_url, unique_schema};
-use vinetl::limiter::{Denied, SharedLimiter};
-use vinetl::queue::BatchTask;
-use vinetl::runner::State;
+use vinetl::call::limiter::{Denied, SharedLimiter};
+use vinetl::cli::jobs::State;
+use vinetl::job::queue::BatchTask;
 use vinetl::serve::faults::Faults;
 use vinetl::spec::JobSpec;
 use vinetl::store::{Reschedule, Store};
@@ -61,39 +61,43 @@ impl Env {
 
     /// Tasks on the queue for this install.
     async fn queued_tasks(&self, store: &Store) -> i64 {
-        match store {
-            Store::Pg(s) => sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
-                .bind(vinetl::queue::queue_name(&self.schema))
-                .fetch_one(&s.pool)
+        match (store.pg_pool(), store.sqlite_pools()) {
+            (Some(pool), _) => sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
+                .bind(vinetl::job::queue::queue_name(&self.schema))
+                .fetch_one(pool)
                 .await
                 .unwrap(),
-            Store::Lite(s) => sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'vinetl.batches'")
-                .fetch_one(&s.queue_pool)
-                .await
-                .unwrap(),
+            (None, Some((_, queue))) => {
+                sqlx::query_scalar("SELECT count(*) FROM Jobs WHERE job_type = 'vinetl.batches'")
+                    .fetch_one(queue)
+                    .await
+                    .unwrap()
+            }
+            (None, None) => unreachable!(),
         }
     }
 
     /// Moves every running batch's last update `secs` into the past (a
     /// worker that died that long ago).
     async fn backdate_running(&self, store: &Store, secs: f64) {
-        match store {
-            Store::Pg(s) => {
+        match (store.pg_pool(), store.sqlite_pools()) {
+            (Some(pool), _) => {
                 sqlx::query("UPDATE batches SET updated_at = now() - make_interval(secs => $1) WHERE state = 'running'")
                     .bind(secs)
-                    .execute(&s.pool)
+                    .execute(pool)
                     .await
                     .map(|r| r.rows_affected())
                     .unwrap()
             }
-            Store::Lite(s) => {
+            (None, Some((pool, _))) => {
                 sqlx::query("UPDATE batches SET updated_at = unixepoch('subsec') - ? WHERE state = 'running'")
                     .bind(secs)
-                    .execute(&s.pool)
+                    .execute(pool)
                     .await
                     .map(|r| r.rows_affected())
                     .unwrap()
             }
+            (None, None) => unreachable!(),
         };
     }
 
@@ -133,19 +137,21 @@ async fn enqueue_is_idempotent(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
     let spec = JobSpec::load(&env.spec(&pattern_vins(100), "http://127.0.0.1:9", "")).unwrap();
-    let first = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    let first = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
     assert_eq!(first.batches, 5);
     assert_eq!(env.queued_tasks(&store).await, 5);
     // The same spec again: the unfinished job is resumed, nothing is added.
-    let again = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    let again = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
     assert_eq!((again.job_id, again.resumed, again.batches), (first.job_id, true, 0));
     assert_eq!(
-        vinetl::planner::enqueue(&store, &env.schema, vinetl::queue::Lane::Shared, first.job_id).await.unwrap(),
+        vinetl::job::queue::enqueue(&store, &env.schema, vinetl::job::queue::Lane::Shared, first.job_id).await.unwrap(),
         0
     );
     // A task pushed twice (a crash between push and mark) is one task.
     let task = BatchTask { job_id: first.job_id, batch_no: 0, generation: 0 };
-    vinetl::queue::push_tasks(&store, &env.schema, vinetl::queue::Lane::Shared, &[(task, None)]).await.unwrap();
+    vinetl::job::queue::push_tasks(&store, &env.schema, vinetl::job::queue::Lane::Shared, &[(task, None)])
+        .await
+        .unwrap();
     assert_eq!(env.queued_tasks(&store).await, 5);
     let counts = store.counts(first.job_id).await.unwrap().unwrap();
     assert_eq!((counts.rows, counts.batches, counts.pending), (100, 5, 100));
@@ -159,7 +165,7 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
     let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "timeout_secs = 1")).unwrap();
-    let job = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
     let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("a queued batch is claimed");
     assert_eq!(claimed.vins.len(), 20);
     assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "no second call while the lease runs");
@@ -270,7 +276,7 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     assert!(c.circuit().await.unwrap().is_none(), "an answer closes it");
     // 10 a day: 1 refused (given back) and 1 probe used 1 unit: 9 left.
     assert_eq!(c.try_reserve(10).await.unwrap().map(|g| g.n), Ok(9));
-    for _ in 0..vinetl::limiter::SERVER_ERRORS_TO_OPEN - 1 {
+    for _ in 0..vinetl::call::limiter::SERVER_ERRORS_TO_OPEN - 1 {
         assert!(!c.server_error("500").await.unwrap());
     }
     assert!(c.server_error("500").await.unwrap(), "five 5xx in a row open it");
@@ -309,23 +315,26 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
 /// Sets the account's push-back to `until` (what a 429's Retry-After does,
 /// at a synthetic time).
 async fn block_until(store: &Store, account: &str, until: f64) {
-    match store {
-        Store::Pg(s) => sqlx::query(
+    match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => sqlx::query(
             "UPDATE limiter SET blocked_until = greatest(blocked_until, to_timestamp($2)) WHERE account = $1",
         )
         .bind(account)
         .bind(until)
-        .execute(&s.pool)
+        .execute(pool)
         .await
         .map(|r| r.rows_affected())
         .unwrap(),
-        Store::Lite(s) => sqlx::query("UPDATE limiter SET blocked_until = max(blocked_until, ?2) WHERE account = ?1")
-            .bind(account)
-            .bind(until)
-            .execute(&s.pool)
-            .await
-            .map(|r| r.rows_affected())
-            .unwrap(),
+        (None, Some((pool, _))) => {
+            sqlx::query("UPDATE limiter SET blocked_until = max(blocked_until, ?2) WHERE account = ?1")
+                .bind(account)
+                .bind(until)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected())
+                .unwrap()
+        }
+        (None, None) => unreachable!(),
     };
 }
 
@@ -519,10 +528,10 @@ async fn two_worker_processes_share_a_job(backend: Backend) {
 async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     let env = Env::new(Backend::Lite);
     let store = env.store().await;
-    let Store::Lite(lite) = &store else { unreachable!() };
+    let (lite, _) = store.sqlite_pools().expect("SQLite");
     let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
-    let job = lite
-        .create_job("dead", &serde_json::to_value(&spec).unwrap(), &vinetl::planner::spec_hash(&spec))
+    let job = store
+        .create_job("dead", &serde_json::to_value(&spec).unwrap(), &vinetl::job::plan::spec_hash(&spec))
         .await
         .unwrap();
     // A planner takes the lease and dies without releasing it.
@@ -530,18 +539,67 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     assert!(store.lock_planning(job).await.unwrap().is_none(), "one planner at a time");
     let lease: f64 = sqlx::query_scalar("SELECT planning_until - unixepoch('subsec') FROM jobs WHERE job_id = ?")
         .bind(job)
-        .fetch_one(&lite.pool)
+        .fetch_one(lite)
         .await
         .unwrap();
     assert!(lease > 0.0 && lease <= 60.0, "a lease of a minute, not more: {lease} s");
     assert!(matches!(
-        vinetl::planner::submit(&store, &env.schema, &spec).await,
-        Err(vinetl::planner::PlanError::Busy(j)) if j == job
+        vinetl::job::plan::submit(&store, &env.schema, &spec).await,
+        Err(vinetl::job::plan::PlanError::Busy(j)) if j == job
     ));
     // A minute later the lease has run out: the same spec resumes the job.
-    sqlx::query("UPDATE jobs SET planning_until = unixepoch('subsec') - 1").execute(&lite.pool).await.unwrap();
-    let resumed = vinetl::planner::submit(&store, &env.schema, &spec).await.unwrap();
+    sqlx::query("UPDATE jobs SET planning_until = unixepoch('subsec') - 1").execute(lite).await.unwrap();
+    let resumed = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
     assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
+}
+
+/// The same job on both stores gives the same output rows (the one query
+/// each dialect writes its own way), the same carried types and the same
+/// counts: decoded, duplicate, invalid and recall-flagged rows, carried
+/// columns.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_stores_give_the_same_output_rows_and_counts() {
+    use futures_util::TryStreamExt;
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let mut seen = Vec::new();
+    for backend in [Backend::Pg, Backend::Lite] {
+        let env = Env::new(backend);
+        std::fs::copy("jobs/sample-fleet.csv", env.dir.path().join("fleet.csv")).unwrap();
+        let spec = env.spec(&[], &server.url(), "[recalls]\nenabled = true");
+        let text = std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("path = \"vins.txt\"", "path = \"fleet.csv\"\ncarry = [\"unit_id\", \"odometer_km\"]");
+        std::fs::write(&spec, text).unwrap();
+        let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+        assert!(out.status.code().is_some_and(|c| c == 0 || c == 4), "{}", String::from_utf8_lossy(&out.stderr));
+        let store = env.store().await;
+        let rows: Vec<_> = store.output_rows(1, vinetl::columns::RecallMode::ByModel).try_collect().await.unwrap();
+        let rows: Vec<String> = rows
+            .into_iter()
+            .map(|r| {
+                assert_eq!(r.decoded_at.is_some(), r.status == "decoded", "{r:?}");
+                let r = vinetl::columns::OutputRow { decoded_at: None, ..r };
+                // Each backend's file lives in a directory of its own.
+                format!("{r:?}").replace(&env.dir.path().display().to_string(), "DIR")
+            })
+            .collect();
+        let carry = ["unit_id".to_string(), "odometer_km".to_string()];
+        let types = format!("{:?}", store.carried_types(1, &carry).await.unwrap());
+        let mut counts = env.status(1).await;
+        counts.as_object_mut().unwrap().remove("times");
+        seen.push((rows, types, counts));
+        env.cleanup().await;
+    }
+    let (pg, lite) = (&seen[0], &seen[1]);
+    assert_eq!(pg.0.len(), 291);
+    assert!(pg.0.iter().any(|r| r.contains("recall_campaigns: Some([\"")), "some rows have recalls");
+    assert!(pg.0.iter().any(|r| r.contains("status: \"invalid\"")), "some rows are invalid");
+    for (i, (a, b)) in pg.0.iter().zip(&lite.0).enumerate() {
+        assert_eq!(a, b, "output row {i}: Postgres, then SQLite");
+    }
+    assert_eq!(pg.1, lite.1, "carried types");
+    assert_eq!(pg.2, lite.2, "counts");
+    server.stop().await.unwrap();
 }
 
 macro_rules! conformance {

@@ -15,11 +15,17 @@ fn spec_with_provider(provider: &str) -> vinetl::spec::JobSpec {
     vinetl::spec::JobSpec::parse("t.toml", &text).unwrap()
 }
 
-async fn store(schema: &str) -> vinetl::store::postgres::PgStore {
-    match vinetl::store::postgres::open(&pg_url(), schema, 10).await.unwrap() {
-        vinetl::store::Store::Pg(s) => s,
-        other => panic!("not Postgres: {other:?}"),
-    }
+/// A Postgres store for the test's schema, and its pool.
+struct Pg {
+    store: vinetl::store::Store,
+    pool: sqlx::PgPool,
+}
+
+async fn store(schema: &str) -> Pg {
+    let url = vinetl::store::DatabaseUrl::parse(&pg_url()).unwrap();
+    let (store, _) = vinetl::store::Store::open(&url, schema, 10).await.unwrap();
+    let pool = store.pg_pool().expect("Postgres").clone();
+    Pg { store, pool }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -189,8 +195,7 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
     let schema = unique_schema("aimd");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 10\n");
-    let limiter =
-        vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
+    let limiter = vinetl::call::limiter::SharedLimiter::register(&s.store, &spec.provider).await.unwrap();
     let scale =
         || async { sqlx::query_scalar::<_, f64>("SELECT scale FROM limiter").fetch_one(&s.pool).await.unwrap() };
     limiter.push_back(None).await.unwrap();
@@ -217,7 +222,7 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
             .unwrap();
     assert!(blocked > 25.0, "{blocked}");
     match limiter.try_reserve(1).await.unwrap() {
-        Err(vinetl::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "blocked"),
+        Err(vinetl::call::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "blocked"),
         other => panic!("{other:?}"),
     }
     cleanup(&schema).await;
@@ -228,8 +233,7 @@ async fn many_waiting_calls_share_reservation_round_trips() {
     let schema = unique_schema("batchres");
     let s = store(&schema).await;
     let spec = spec_with_provider("requests_per_second = 400\nburst = 16\n");
-    let limiter =
-        vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider).await.unwrap();
+    let limiter = vinetl::call::limiter::SharedLimiter::register(&s.store, &spec.provider).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let l = limiter.clone();
@@ -261,11 +265,7 @@ async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes
     // Three limiters stand for three worker processes: only the database is shared.
     let mut limiters = Vec::new();
     for _ in 0..3 {
-        limiters.push(
-            vinetl::limiter::SharedLimiter::register(&vinetl::store::Store::Pg(s.clone()), &spec.provider)
-                .await
-                .unwrap(),
-        );
+        limiters.push(vinetl::call::limiter::SharedLimiter::register(&s.store, &spec.provider).await.unwrap());
     }
     let now_in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -307,7 +307,7 @@ async fn the_in_flight_cap_holds_across_processes_and_a_dead_workers_place_comes
     };
     fill("1 minute").await;
     match limiters[0].try_reserve(1).await.unwrap() {
-        Err(vinetl::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "in_flight"),
+        Err(vinetl::call::limiter::Denied::Later { reason, .. }) => assert_eq!(reason, "in_flight"),
         other => panic!("a fourth call in flight: {other:?}"),
     }
     fill("-1 second").await;

@@ -291,7 +291,7 @@ async fn an_unwritable_output_fails_the_job_with_the_reason_and_keeps_every_resu
         .fetch_one(&db)
         .await
         .unwrap();
-    assert!(vinetl::output::dataset::is_committed(&blocker.join("ds").join(format!("dt={date}"))));
+    assert!(vinetl::io::output::dataset::is_committed(&blocker.join("ds").join(format!("dt={date}"))));
     drop(db);
     cleanup(&schema).await;
 }
@@ -306,8 +306,8 @@ async fn a_large_file_goes_up_in_parts_and_appears_whole() {
     // 40 MB: three parts of 16 MB.
     let body: Vec<u8> = (0..40 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     std::fs::write(&local, &body).unwrap();
-    let store = vinetl::s3::S3::from_client(client.clone());
-    let url = vinetl::s3::S3Url::parse("s3://warehouse/ds/part-00000.parquet").unwrap();
+    let store = vinetl::io::s3::S3::from_client(client.clone());
+    let url = vinetl::io::s3::S3Url::parse("s3://warehouse/ds/part-00000.parquet").unwrap();
     assert_eq!(store.upload_file(&local, &url).await.unwrap(), body.len() as u64);
     let got = client.get_object().bucket("warehouse").key("ds/part-00000.parquet").send().await.unwrap();
     let bytes = got.body.collect().await.unwrap().into_bytes();

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{cleanup, pool, requests_seen, status, unique_schema, vinetl_async, write_spec};
-use vinetl::decoder::Decoder;
+use vinetl::local::decoder::Decoder;
 use vinetl::serve::faults::Faults;
 use vinetl::vin::Vin;
 

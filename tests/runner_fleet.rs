@@ -52,7 +52,7 @@ async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
     // Both workers took tasks.
     let db = pool(&schema).await;
     let workers: i64 = sqlx::query_scalar("SELECT count(DISTINCT lock_by) FROM apalis.jobs WHERE job_type = $1")
-        .bind(vinetl::queue::queue_name(&schema))
+        .bind(vinetl::job::queue::queue_name(&schema))
         .fetch_one(&db)
         .await
         .unwrap();
@@ -117,7 +117,7 @@ async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
     assert_eq!(s["rows"], 60_000);
     assert_eq!(s["batches"], 3_000);
     let tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
-        .bind(vinetl::queue::queue_name(&schema))
+        .bind(vinetl::job::queue::queue_name(&schema))
         .fetch_one(&db)
         .await
         .unwrap();
@@ -132,7 +132,7 @@ async fn a_planner_killed_halfway_is_resumed_and_enqueues_nothing_twice() {
         .unwrap();
     assert_eq!(jobs, 1);
     let tasks_after: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1")
-        .bind(vinetl::queue::queue_name(&schema))
+        .bind(vinetl::job::queue::queue_name(&schema))
         .fetch_one(&db)
         .await
         .unwrap();

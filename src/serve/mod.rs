@@ -1,6 +1,10 @@
 //! `vinetl serve`: a Car Vin API-compatible server on embedded NHTSA vPIC
 //! data, faithful to the integration guide. It backs development, the tests
 //! and the demo; the runner talks to it over real HTTP.
+//!
+//! It shares the wire format ([`crate::api`]) and the decoder
+//! ([`crate::local::decoder`]) with the runner and nothing else: it never
+//! reads the runner's state, so it behaves as the real API would.
 
 pub mod audit;
 pub mod faults;
@@ -24,10 +28,10 @@ use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::api::{
-    self, ApiError, BatchDecodeRequest, BatchEntry, DataResponse, DecodeRequest, ErrorResponse, MAX_BATCH,
-    RecallsRequest, RecallsResponse, Vehicle, code,
+    self, ApiError, BatchDecodeRequest, BatchEntry, DataResponse, DecodeRequest, EMBEDDED_KEY, ErrorResponse,
+    MAX_BATCH, RecallsRequest, RecallsResponse, Vehicle, code,
 };
-use crate::decoder::Decoder;
+use crate::local::decoder::Decoder;
 use crate::vin::Vin;
 use faults::Faults;
 use keys::{Accounts, Caller, Limited, Quota};
@@ -56,7 +60,7 @@ pub enum ServeError {
     #[error(transparent)]
     Recalls(#[from] recalls::RecallsError),
     #[error(transparent)]
-    Decoder(#[from] crate::decoder::DecoderUnavailable),
+    Decoder(#[from] crate::local::decoder::DecoderUnavailable),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("cannot open the audit log {path}: {source}")]
@@ -140,10 +144,6 @@ impl RunningServer {
         served
     }
 }
-
-/// Starts the server in this process (the demo and tests use port 0).
-/// The key of the server `vinetl run` embeds (it listens on loopback only).
-pub const EMBEDDED_KEY: &str = "vinetl-embedded";
 
 /// Starts the embedded server for a job: one key, limited like the job's
 /// account (`per_second` and `per_day`), on a free loopback port.

@@ -173,7 +173,7 @@ pub async fn cleanup(schema: &str) {
     let pool = pool("public").await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&pool).await.unwrap();
     let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
-        .bind(vinetl::queue::queue_name(schema))
+        .bind(vinetl::job::queue::queue_name(schema))
         .execute(&pool)
         .await;
 }

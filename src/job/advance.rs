@@ -3,8 +3,8 @@
 //! by whoever ended a batch (a worker) or planned the job (every row cached);
 //! the job's row lock makes exactly one caller take each step.
 
-use crate::output::{self, OutputError};
-use crate::planner;
+use crate::io::output::{self, OutputError};
+use crate::job::queue::{self, Lane};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
 use crate::store::{Next, Store};
@@ -14,10 +14,11 @@ pub const WRITE_LEASE_SECS: f64 = 120.0;
 
 /// Moves the job on if its calls are all done.
 pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> Result<Next, StoreError> {
-    let next = store.advance(job_id, spec).await?;
+    let r = &spec.recalls;
+    let next = store.advance(job_id, r.mode(), r.ttl_hours(), !spec.outputs.is_empty()).await?;
     match next {
         Next::Enqueue => {
-            planner::enqueue(store, schema, crate::queue::Lane::of(&spec.provider), job_id).await?;
+            queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
         }
         Next::Write => write(store, job_id, spec, false).await?,
         Next::Done | Next::Nothing => {}

@@ -1,10 +1,17 @@
 //! The command line. `main.rs` parses [`Cli`] and calls [`Cli::run`]; each
-//! subcommand is a library function a test can call too.
+//! subcommand is a library function ([`jobs`]) a test can call too.
+//!
+//! This is the application layer: it opens the state store and sets the
+//! queue up beside it, wires the parts together and prints. It keeps no
+//! rules of its own: what a job does is [`crate::job`]'s, what a command
+//! returns is [`crate::exit`]'s.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+pub mod jobs;
 
 /// `print!` that survives a closed pipe.
 macro_rules! out {
@@ -16,9 +23,8 @@ macro_rules! outln {
     ($($arg:tt)*) => { write_stdout(&format!("{}\n", format!($($arg)*))) };
 }
 
-use crate::check::check_file;
-use crate::runner;
-use crate::source::FileFormat;
+use crate::io::source::FileFormat;
+use crate::local::check::check_file;
 
 /// Batch VIN enrichment: decode vehicle specs and recall flags through the
 /// Car Vin API, for files, S3 objects and Postgres tables, at any scale.
@@ -170,8 +176,8 @@ pub enum Command {
         #[arg(long, requires = "file")]
         column: Option<String>,
         /// Output format for --file.
-        #[arg(long, value_enum, default_value_t = crate::offline::OutputFormat::Jsonl, requires = "file")]
-        format: crate::offline::OutputFormat,
+        #[arg(long, value_enum, default_value_t = crate::local::decode_file::OutputFormat::Jsonl, requires = "file")]
+        format: crate::local::decode_file::OutputFormat,
         /// Decoding threads for --file (default: every core).
         #[arg(long, requires = "file")]
         threads: Option<usize>,
@@ -222,8 +228,8 @@ impl Cli {
         match self.command {
             Command::Check { file, column, encoding, dry_run, json, state } => {
                 if file.extension().is_some_and(|e| e == "toml") {
-                    let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                    let checked = runner::check_spec(&state, &file, dry_run).await?;
+                    let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                    let checked = jobs::check_spec(&state, &file, dry_run).await?;
                     if json {
                         outln!("{}", serde_json::to_string_pretty(&checked)?);
                     } else {
@@ -242,19 +248,19 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Migrate { state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 state.open(2).await?;
                 outln!("{} is up to date", state.describe());
                 Ok(ExitCode::SUCCESS)
             }
             Command::Run { spec, concurrency, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let ended = runner::run(&state, &spec, concurrency, runner::stderr_is_terminal()).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal()).await?;
                 Ok(report(&ended, Some(&state)))
             }
             Command::Submit { spec, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let s = runner::submit(&state, &spec).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let s = jobs::submit(&state, &spec).await?;
                 outln!(
                     "job {} {}: {} rows, {} batches queued; run `vinetl worker` to process them",
                     s.job_id,
@@ -271,13 +277,13 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Worker { concurrency, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                runner::worker(&state, concurrency).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                jobs::worker(&state, concurrency).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { job, json, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let jobs = runner::status(&state, job).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let jobs = jobs::status(&state, job).await?;
                 if json {
                     let out = if job.is_some() {
                         serde_json::to_string_pretty(&jobs[0])?
@@ -289,15 +295,15 @@ impl Cli {
                     outln!("no jobs yet");
                 } else {
                     for j in &jobs {
-                        outln!("{}", runner::describe(j));
+                        outln!("{}", jobs::describe(j));
                     }
                 }
                 Ok(ExitCode::SUCCESS)
             }
             Command::Reprocess { job, failed_only, detach, concurrency, force, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let progress = !detach && runner::stderr_is_terminal();
-                let ended = runner::reprocess(&state, job, failed_only, detach, concurrency, progress, force).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let progress = !detach && jobs::stderr_is_terminal();
+                let ended = jobs::reprocess(&state, job, failed_only, detach, concurrency, progress, force).await?;
                 if detach {
                     outln!("job {job} queued again; running workers take it ({} rows pending)", ended.counts.pending);
                     return Ok(ExitCode::SUCCESS);
@@ -305,13 +311,13 @@ impl Cli {
                 Ok(report(&ended, None))
             }
             Command::Write { job, force, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                let ended = runner::write(&state, job, force).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let ended = jobs::write(&state, job, force).await?;
                 Ok(report(&ended, None))
             }
             Command::Cancel { job, state } => {
-                let state = runner::State::new(state.database_url.as_deref(), &state.schema)?;
-                runner::cancel(&state, job).await?;
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                jobs::cancel(&state, job).await?;
                 outln!("job {job} cancelled; calls already in flight finish and are stored");
                 Ok(ExitCode::SUCCESS)
             }
@@ -326,22 +332,24 @@ impl Cli {
                 let input = FileFormat::infer(&file, column.as_deref());
                 let started = std::time::Instant::now();
                 let decoded = tokio::task::spawn_blocking(move || {
-                    crate::offline::decode_file(&file, input, encoding, format, threads, std::io::stdout())
+                    crate::local::decode_file::decode_file(&file, input, encoding, format, threads, std::io::stdout())
                 })
                 .await?;
                 let summary = match decoded {
                     // `vinetl decode --file F | head`: the reader is done; so are we.
-                    Err(crate::offline::DecodeFileError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    Err(crate::local::decode_file::DecodeFileError::Write(e))
+                        if e.kind() == std::io::ErrorKind::BrokenPipe =>
+                    {
                         return Ok(ExitCode::SUCCESS);
                     }
                     other => other?,
                 };
-                eprintln!("{}", crate::offline::describe(&summary, threads, started));
+                eprintln!("{}", crate::local::decode_file::describe(&summary, threads, started));
                 Ok(ExitCode::SUCCESS)
             }
             Command::Decode { vins, .. } => decode_command(vins).await,
             Command::Version => {
-                let (dir, why) = crate::decoder::tables_in_use();
+                let (dir, why) = crate::local::decoder::tables_in_use();
                 let dir =
                     dir.map_or("none".to_string(), |d| std::fs::canonicalize(&d).unwrap_or(d).display().to_string());
                 outln!("vinetl {}\nvPIC tables: {dir} ({why})", env!("CARGO_PKG_VERSION"));
@@ -352,10 +360,10 @@ impl Cli {
 }
 
 /// `--encoding`: strict UTF-8 when absent.
-fn text_encoding(label: Option<&str>) -> anyhow::Result<crate::source::TextEncoding> {
+fn text_encoding(label: Option<&str>) -> anyhow::Result<crate::io::source::TextEncoding> {
     match label {
-        None => Ok(crate::source::TextEncoding::UTF8),
-        Some(l) => crate::source::TextEncoding::from_label(l).ok_or_else(|| {
+        None => Ok(crate::io::source::TextEncoding::UTF8),
+        Some(l) => crate::io::source::TextEncoding::from_label(l).ok_or_else(|| {
             crate::exit::Usage(format!("--encoding {l:?} is not a known encoding (try utf-8, latin1, windows-1252)"))
                 .into()
         }),
@@ -364,8 +372,8 @@ fn text_encoding(label: Option<&str>) -> anyhow::Result<crate::source::TextEncod
 
 /// Prints a job's summary (its first line the verdict, also on stderr
 /// when the job did not simply succeed) and returns its exit code.
-fn report(ended: &runner::Ended, state: Option<&runner::State>) -> ExitCode {
-    let (code, text) = runner::summary(ended);
+fn report(ended: &jobs::Ended, state: Option<&jobs::State>) -> ExitCode {
+    let (code, text) = jobs::summary(ended);
     out!("{text}");
     if let Some(state) = state {
         outln!("  state            {}", state.describe());
@@ -380,7 +388,7 @@ async fn decode_command(vins: Vec<String>) -> anyhow::Result<ExitCode> {
     use crate::api::{ApiError, BatchEntry, code};
     use crate::vin::Vin;
     let entries = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<BatchEntry>> {
-        let decoder = crate::decoder::Decoder::new()?;
+        let decoder = crate::local::decoder::Decoder::new()?;
         Ok(vins
             .iter()
             .map(|raw| match Vin::parse(raw) {

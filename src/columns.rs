@@ -1,15 +1,8 @@
-//! Outputs: every input row of a job, decoded or carrying its error, written
-//! as a Parquet dataset ([`dataset`]) and to Postgres tables ([`tables`]).
-//!
-//! Both read the same rows ([`OutputRow`], streamed in source order by the
-//! state store) and share one column list, documented in the README.
-
-pub mod dataset;
-pub mod tables;
+//! The output's columns and rows: the vocabulary the state store, the
+//! outputs and the specs share. It imports nothing of vinetl's, so anything
+//! may import it.
 
 use sqlx::types::chrono::{DateTime, Utc};
-
-use crate::spec::{JobSpec, OutputSpec, RecallSpec};
 
 /// How a vehicle column is typed in the outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,14 +110,6 @@ pub enum RecallMode {
 }
 
 impl RecallMode {
-    pub fn of(spec: &RecallSpec) -> RecallMode {
-        match (spec.enabled, spec.per_vin) {
-            (false, _) => RecallMode::Off,
-            (true, false) => RecallMode::ByModel,
-            (true, true) => RecallMode::ByVin,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             RecallMode::Off => "off",
@@ -158,72 +143,14 @@ impl CarriedType {
     }
 }
 
-/// What a job writes, and where, for `status` and the run summary.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
-pub struct Written {
-    pub rows: u64,
-    pub outputs: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OutputError {
-    #[error("{output}: {message}")]
-    Write { output: String, message: String },
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-}
-
-impl OutputError {
-    pub fn write(output: impl std::fmt::Display, message: impl std::fmt::Display) -> OutputError {
-        OutputError::Write { output: output.to_string(), message: message.to_string() }
-    }
-}
-
-/// Writes every output the spec names, one after the other. Each replaces
-/// this job's earlier output wholesale; a dataset partition another, earlier
-/// job wrote is replaced too, and that job's status says so.
-pub async fn write_all(
-    store: &crate::store::Store,
-    job_id: i64,
-    spec: &JobSpec,
-    replace_newer: bool,
-) -> Result<Written, OutputError> {
-    let mut written = Written::default();
-    for output in &spec.outputs {
-        let (rows, place) = match output {
-            OutputSpec::Parquet { .. } => {
-                let done = dataset::write(store, job_id, spec, output, replace_newer).await?;
-                if let Some(earlier) = done.replaced {
-                    mark_superseded(store, earlier, &done.place, job_id).await?;
-                }
-                (done.rows, done.place)
-            }
-            OutputSpec::Postgres { .. } => tables::write(store, job_id, spec, output).await?,
-        };
-        written.rows = rows;
-        written.outputs.push(place);
-    }
-    Ok(written)
-}
-
-/// The note an output line carries once a later job has replaced it.
-const SUPERSEDED: &str = " (superseded by job ";
-
-/// Marks `place` in job `earlier`'s outputs as replaced by job `by`.
-async fn mark_superseded(store: &crate::store::Store, earlier: i64, place: &str, by: i64) -> Result<(), OutputError> {
-    let Some(outputs) = store.job_outputs(earlier).await? else { return Ok(()) };
-    let marked: Vec<String> =
-        outputs.into_iter().map(|o| if o == place { format!("{o}{SUPERSEDED}{by})") } else { o }).collect();
-    store.set_outputs(earlier, &marked).await?;
-    Ok(())
-}
-
-/// Checks that an output can be written, before any call is paid for.
-pub async fn probe(store_pool: Option<&sqlx::PgPool>, output: &OutputSpec) -> Result<(), OutputError> {
-    match output {
-        OutputSpec::Parquet { .. } => dataset::probe(output).await,
-        OutputSpec::Postgres { .. } => tables::probe(store_pool, output).await,
-    }
+/// Lowercase letters, digits and `_`, starting with a letter or `_`, at
+/// most 63 long: a schema, table or partition name that is spliced into DDL
+/// (identifiers cannot be bound), so it is checked first.
+pub fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[cfg(test)]

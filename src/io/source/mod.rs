@@ -26,6 +26,12 @@ impl TextEncoding {
         Some(if e == encoding_rs::UTF_8 { TextEncoding::UTF8 } else { TextEncoding(Some(e)) })
     }
 
+    /// The encoding a spec names (a label the spec's check accepted), or
+    /// strict UTF-8.
+    pub fn of(label: Option<&str>) -> TextEncoding {
+        label.and_then(TextEncoding::from_label).unwrap_or_default()
+    }
+
     /// Decodes one cell or line of row `row` of `path`.
     pub fn decode(&self, bytes: &[u8], path: &str, row: u64) -> Result<String, SourceError> {
         match self.0 {

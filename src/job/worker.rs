@@ -10,9 +10,9 @@ use apalis::prelude::*;
 use tokio::sync::Mutex;
 
 use crate::api::BatchEntry;
-use crate::client::{ApiClient, Outcome, backoff};
-use crate::limiter::{Denied, SharedLimiter};
-use crate::queue::{self, BatchTask, Lane};
+use crate::call::client::{ApiClient, Outcome, backoff};
+use crate::call::limiter::{Denied, SharedLimiter};
+use crate::job::queue::{self, BatchTask, Lane};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
 use crate::store::{DecodedVin, Reschedule, Store};
@@ -57,7 +57,7 @@ impl WorkerState {
         };
         let timeout = Duration::from_secs(spec.provider.timeout_secs);
         let client = match (&self.embedded, spec.provider.embedded) {
-            (Some(url), true) => ApiClient::new(url, crate::serve::EMBEDDED_KEY, timeout),
+            (Some(url), true) => ApiClient::new(url, crate::api::EMBEDDED_KEY, timeout),
             (None, true) => {
                 return Ok(Err(format!(
                     "job {job_id} calls an embedded API, which only `vinetl run` of its spec hosts; run that"
@@ -203,7 +203,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             store.dead_letter(task.job_id, task.batch_no, &reason, true).await?;
         }
     }
-    crate::finish::advance(store, &state.schema, task.job_id, &rt.spec).await?;
+    crate::job::advance::advance(store, &state.schema, task.job_id, &rt.spec).await?;
     Ok(())
 }
 
@@ -328,7 +328,7 @@ fn decoded_vin(entry: BatchEntry) -> DecodedVin {
 /// mid-call. Run by every worker now and then; pushing is idempotent.
 pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
     let all = store.lost_tasks().await?;
-    crate::finish::resume_orphaned_writes(store).await?;
+    crate::job::advance::resume_orphaned_writes(store).await?;
     let mut lanes = HashMap::new();
     for &(job_id, batch_no, generation) in &all {
         let lane = match lanes.get(&job_id) {
@@ -399,9 +399,10 @@ pub async fn run(
         })
     };
     tracing::info!(worker = %name, concurrency, "worker started");
-    let result = match &store {
-        Store::Pg(s) => build!(queue::worker_storage(&s.pool, schema, lane, concurrency)).run().await,
-        Store::Lite(s) => build!(queue::sqlite_storage(&s.queue_pool, lane, concurrency)).run().await,
+    let result = match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => build!(queue::worker_storage(pool, schema, lane, concurrency)).run().await,
+        (None, Some((_, queue))) => build!(queue::sqlite_storage(queue, lane, concurrency)).run().await,
+        (None, None) => unreachable!("a store is Postgres or SQLite"),
     };
     sweeper.abort();
     stopper.abort();

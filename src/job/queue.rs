@@ -88,7 +88,7 @@ impl Lane {
 
 /// Creates apalis's tables (schema `apalis`; its migrations also create the
 /// hstore and pgcrypto extensions, which needs a role allowed to).
-pub async fn setup(pool: &PgPool) -> Result<(), StoreError> {
+async fn setup_pg(pool: &PgPool) -> Result<(), StoreError> {
     PostgresStorage::setup(pool)
         .await
         .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
@@ -112,10 +112,22 @@ pub fn worker_storage(pool: &PgPool, schema: &str, lane: Lane, concurrency: usiz
 }
 
 /// Creates apalis-sqlite's tables in the queue's own file.
-pub async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
-    apalis_sqlite::SqliteStorage::setup(pool)
-        .await
-        .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
+/// sqlx's SQLite migrator reads, then writes, in a deferred transaction: a
+/// worker writing the queue meanwhile makes the upgrade fail at once with
+/// SQLITE_BUSY (busy_timeout does not apply to a lock upgrade), so a busy
+/// queue file is tried again for up to ten seconds.
+async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
+    let mut tries = 0;
+    loop {
+        match apalis_sqlite::SqliteStorage::setup(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 100 && e.to_string().contains("database is locked") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(StoreError::Queue(format!("creating the apalis queue tables failed: {e}"))),
+        }
+    }
 }
 
 /// The SQLite queue (one file per install, so one queue name per lane).
@@ -128,6 +140,18 @@ pub fn sqlite_storage(pool: &SqlitePool, lane: Lane, concurrency: usize) -> apal
     apalis_sqlite::SqliteStorage::new(pool).with_config(config)
 }
 
+/// A queue task for `t`, due after `delay` (apalis's task types differ per
+/// backend; the building does not).
+macro_rules! task {
+    ($t:expr, $delay:expr) => {{
+        let mut b = TaskBuilder::new($t).idempotency_key($t.idempotency_key());
+        if let Some(d) = $delay {
+            b = b.run_after(d);
+        }
+        b.build()
+    }};
+}
+
 /// Pushes tasks onto the store's queue.
 pub async fn push_tasks(
     store: &Store,
@@ -135,25 +159,50 @@ pub async fn push_tasks(
     lane: Lane,
     tasks: &[(BatchTask, Option<Duration>)],
 ) -> Result<(), StoreError> {
-    match store {
-        Store::Pg(s) => push(&mut storage(&s.pool, schema, lane), tasks).await,
-        Store::Lite(s) => {
+    match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => push(&mut storage(pool, schema, lane), tasks).await,
+        (None, Some((_, queue))) => {
             // apalis-sqlite skips a duplicate idempotency key (ON CONFLICT DO NOTHING).
-            let mut storage = sqlite_storage(&s.queue_pool, lane, 4);
-            let all: Vec<_> = tasks
-                .iter()
-                .map(|(t, delay)| {
-                    let mut b = TaskBuilder::new(*t).idempotency_key(t.idempotency_key());
-                    if let Some(d) = delay {
-                        b = b.run_after(*d);
-                    }
-                    b.build()
-                })
-                .collect();
-            storage
+            let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay)).collect();
+            sqlite_storage(queue, lane, 4)
                 .push_all(futures_util::stream::iter(all))
                 .await
                 .map_err(|e| StoreError::Queue(format!("pushing {} tasks: {e}", tasks.len())))
+        }
+        (None, None) => unreachable!("a store is Postgres or SQLite"),
+    }
+}
+
+/// Pushes a task for every queued batch of the job that has none yet.
+pub async fn enqueue(store: &Store, schema: &str, lane: Lane, job_id: i64) -> Result<usize, StoreError> {
+    let pending = store.unenqueued(job_id).await?;
+    // 500 tasks a push: one statement of a few hundred kilobytes at most.
+    for chunk in pending.chunks(500) {
+        let tasks: Vec<_> =
+            chunk.iter().map(|&(batch_no, generation)| (BatchTask { job_id, batch_no, generation }, None)).collect();
+        push_tasks(store, schema, lane, &tasks).await?;
+        store.mark_enqueued(job_id, chunk).await?;
+    }
+    Ok(pending.len())
+}
+
+/// Creates the queue's tables beside the store's: apalis-postgres's in the
+/// schema `apalis` (its migrations also install the hstore and pgcrypto
+/// extensions, so they run with the default search path, where every vinetl
+/// schema finds them), or apalis-sqlite's in the queue file.
+pub async fn setup(store: &Store, database_url: &str) -> Result<(), StoreError> {
+    match store.sqlite_pools() {
+        Some((_, queue)) => setup_sqlite(queue).await,
+        None => {
+            let plain = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(database_url)
+                .await
+                .map_err(|error| StoreError::Connect { url: crate::store::redact(database_url), error })?;
+            let done = setup_pg(&plain).await;
+            plain.close().await;
+            done
         }
     }
 }
@@ -165,22 +214,15 @@ pub async fn push(
     storage: &mut PostgresStorage<BatchTask>,
     tasks: &[(BatchTask, Option<Duration>)],
 ) -> Result<(), StoreError> {
-    let build = |(t, delay): &(BatchTask, Option<Duration>)| {
-        let mut b = TaskBuilder::new(*t).idempotency_key(t.idempotency_key());
-        if let Some(d) = delay {
-            b = b.run_after(*d);
-        }
-        b.build()
-    };
-    let all: Vec<_> = tasks.iter().map(build).collect();
+    let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay)).collect();
     if storage.push_all(futures_util::stream::iter(all)).await.is_ok() {
         return Ok(());
     }
-    for t in tasks {
-        if let Err(e) = storage.push_task(build(t)).await
+    for (t, delay) in tasks {
+        if let Err(e) = storage.push_task(task!(*t, *delay)).await
             && !is_duplicate(&e)
         {
-            return Err(StoreError::Queue(format!("pushing batch {} of job {}: {e}", t.0.batch_no, t.0.job_id)));
+            return Err(StoreError::Queue(format!("pushing batch {} of job {}: {e}", t.batch_no, t.job_id)));
         }
     }
     Ok(())

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::queue::{self, BatchTask, Lane};
-use crate::s3::{S3, S3Url};
-use crate::source::postgres::PgInput;
-use crate::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
+use crate::io::s3::{S3, S3Url};
+use crate::io::source::postgres::PgInput;
+use crate::io::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
+use crate::job::queue::{self, Lane};
 use crate::spec::{InputFormat, JobSpec, SourceSpec};
 use crate::store::StoreError;
 use crate::store::{PlannedRow, Store};
@@ -28,7 +28,7 @@ pub enum PlanError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    S3(#[from] crate::s3::S3Error),
+    S3(#[from] crate::io::s3::S3Error),
     #[error("{0}")]
     Config(String),
     #[error("job {0} is being planned by another process; wait for it, or stop it and submit again")]
@@ -123,9 +123,9 @@ pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submi
     if rows == 0 {
         tracing::warn!(job = job_id, "the input had no rows");
     }
-    enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
+    queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
     store.mark_running(job_id).await?;
-    crate::finish::advance(store, schema, job_id, spec).await?;
+    crate::job::advance::advance(store, schema, job_id, spec).await?;
     Ok(Submitted { job_id, resumed, batches, rows })
 }
 
@@ -153,7 +153,7 @@ pub async fn estimate(store: Option<&Store>, spec: &JobSpec) -> Result<Estimate,
     let reader = async move { read_source(None, 0, spec, tx).await };
     let counter = async {
         let mut est = Estimate::default();
-        let mut distinct = crate::distinct::DistinctVins::default();
+        let mut distinct = crate::local::distinct::DistinctVins::default();
         while let Some(msg) = rx.recv().await {
             let Read::Rows(_, rows) = msg? else { continue };
             for row in rows {
@@ -214,18 +214,6 @@ pub async fn estimate(store: Option<&Store>, spec: &JobSpec) -> Result<Estimate,
     est.seconds_at_rate = ((est.calls as f64 - p.burst()).max(0.0)) / p.requests_per_second;
     est.quota_days = p.daily_quota.map(|q| est.calls as f64 / q.max(1) as f64);
     Ok(est)
-}
-
-/// Pushes a task for every queued batch that has none yet.
-pub async fn enqueue(store: &Store, schema: &str, lane: Lane, job_id: i64) -> Result<usize, StoreError> {
-    let pending = store.unenqueued(job_id).await?;
-    for chunk in pending.chunks(500) {
-        let tasks: Vec<_> =
-            chunk.iter().map(|&(batch_no, generation)| (BatchTask { job_id, batch_no, generation }, None)).collect();
-        queue::push_tasks(store, schema, lane, &tasks).await?;
-        store.mark_enqueued(job_id, chunk).await?;
-    }
-    Ok(pending.len())
 }
 
 /// One message from a source reader.
@@ -292,7 +280,8 @@ async fn read_source(store: Option<&Store>, job_id: i64, spec: &JobSpec, tx: Sen
             for file in files {
                 let label = file.display().to_string();
                 let fmt = file_format(&file, *format, vin_column.as_deref(), carry)?;
-                read_file(store, job_id, file, label, fmt, spec.source.encoding(), tx.clone()).await?;
+                read_file(store, job_id, file, label, fmt, TextEncoding::of(spec.source.encoding_label()), tx.clone())
+                    .await?;
             }
         }
         SourceSpec::S3 { url, endpoint, region, format, vin_column, carry, .. } => {
@@ -309,7 +298,8 @@ async fn read_source(store: Option<&Store>, job_id: i64, spec: &JobSpec, tx: Sen
                 s3.download(&object, tmp.path()).await?;
                 let fmt = file_format(std::path::Path::new(&object.key), *format, vin_column.as_deref(), carry)?;
                 let path = tmp.path().to_path_buf();
-                read_file(store, job_id, path, label, fmt, spec.source.encoding(), tx.clone()).await?;
+                read_file(store, job_id, path, label, fmt, TextEncoding::of(spec.source.encoding_label()), tx.clone())
+                    .await?;
                 drop(tmp);
             }
         }
@@ -321,11 +311,12 @@ async fn read_source(store: Option<&Store>, job_id: i64, spec: &JobSpec, tx: Sen
             if complete {
                 return Ok(());
             }
-            let sent = crate::source::postgres::read(&pool, &input, carry, CHUNK_ROWS, async |rows: Vec<InputRow>| {
-                let rows: Vec<InputRow> = rows.into_iter().filter(|r| r.row as i64 > done_rows).collect();
-                rows.is_empty() || tx.send(Ok(Read::Rows(label.clone(), rows))).await.is_ok()
-            })
-            .await;
+            let sent =
+                crate::io::source::postgres::read(&pool, &input, carry, CHUNK_ROWS, async |rows: Vec<InputRow>| {
+                    let rows: Vec<InputRow> = rows.into_iter().filter(|r| r.row as i64 > done_rows).collect();
+                    rows.is_empty() || tx.send(Ok(Read::Rows(label.clone(), rows))).await.is_ok()
+                })
+                .await;
             sent?;
             let _ = tx.send(Ok(Read::Done(label))).await;
         }

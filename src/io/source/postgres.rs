@@ -107,7 +107,7 @@ pub async fn probe(pool: &PgPool, input: &PgInput, carry: &[String]) -> Result<(
     let first: Option<Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("{sql} LIMIT 1")))
         .fetch_optional(pool)
         .await
-        .map_err(|e| SourceError::Query { path: label.clone(), row: 1, message: crate::exit::render(&e.into()) })?;
+        .map_err(|e| SourceError::Query { path: label.clone(), row: 1, message: db_message(&e) })?;
     match first {
         Some(Value::Object(map)) => has_columns(&label, &map, &vin_column, carry),
         _ => Ok(()),
@@ -131,6 +131,11 @@ fn has_columns(
         }
     }
     Ok(())
+}
+
+/// The database's own words for a failed query (without sqlx's prefix).
+fn db_message(e: &sqlx::Error) -> String {
+    e.as_database_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
 #[cfg(test)]

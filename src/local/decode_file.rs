@@ -17,9 +17,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::api::{ApiError, Vehicle, code};
-use crate::decoder::Decoder;
-use crate::output::VEHICLE_COLUMNS;
-use crate::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
+use crate::io::output::VEHICLE_COLUMNS;
+use crate::io::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
+use crate::local::decoder::Decoder;
 use crate::vin::Vin;
 
 /// Rows per unit of work: large enough that channel hops cost nothing per
@@ -50,7 +50,7 @@ pub enum DecodeFileError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
-    Decoder(#[from] crate::decoder::DecoderUnavailable),
+    Decoder(#[from] crate::local::decoder::DecoderUnavailable),
     #[error("writing the output failed: {0}")]
     Write(std::io::Error),
 }

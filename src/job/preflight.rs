@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::source::{FileSource, SourceError};
+use crate::io::source::{FileSource, SourceError, TextEncoding};
 use crate::spec::{JobSpec, SourceSpec};
 
 /// A check that failed: the setting to fix and what is wrong.
@@ -58,7 +58,7 @@ pub async fn run(
         passed.push(format!("API key variable {} is set", p.api_key_env));
     }
     for (i, output) in spec.outputs.iter().enumerate() {
-        crate::output::probe(state_pool, output)
+        crate::io::output::probe(state_pool, output)
             .await
             .map_err(|e| fail(format!("outputs[{i}]"), format!("cannot be written: {e}; nothing was called")))?;
         passed.push(format!("output {} can be written", i + 1));
@@ -105,12 +105,12 @@ async fn source_reads(spec: &JobSpec) -> Result<(), PreflightError> {
     let src = |e: &dyn std::fmt::Display| fail("source", e.to_string());
     match &spec.source {
         SourceSpec::File { path, format, vin_column, carry, .. } => {
-            let files = crate::planner::expand_glob(path).map_err(|e| src(&e))?;
+            let files = crate::job::plan::expand_glob(path).map_err(|e| src(&e))?;
             for file in files {
                 let fmt =
-                    crate::planner::file_format(&file, *format, vin_column.as_deref(), carry).map_err(|e| src(&e))?;
+                    crate::job::plan::file_format(&file, *format, vin_column.as_deref(), carry).map_err(|e| src(&e))?;
                 let shown = file.display().to_string();
-                let encoding = spec.source.encoding();
+                let encoding = TextEncoding::of(spec.source.encoding_label());
                 let first = tokio::task::spawn_blocking(move || -> Result<(), SourceError> {
                     let mut rows = FileSource::open_encoded(&file, &shown, fmt, encoding)?;
                     rows.next().transpose().map(drop)
@@ -121,14 +121,14 @@ async fn source_reads(spec: &JobSpec) -> Result<(), PreflightError> {
             }
         }
         SourceSpec::S3 { url, endpoint, region, .. } => {
-            let s3 = crate::s3::S3::connect(endpoint.as_deref(), region.as_deref()).await;
-            let url = crate::s3::S3Url::parse(url).map_err(|e| src(&e))?;
+            let s3 = crate::io::s3::S3::connect(endpoint.as_deref(), region.as_deref()).await;
+            let url = crate::io::s3::S3Url::parse(url).map_err(|e| src(&e))?;
             s3.list(&url).await.map_err(|e| src(&e))?;
         }
         SourceSpec::Postgres { url_env, .. } => {
-            let input = crate::planner::pg_input(&spec.source).map_err(|e| src(&e))?;
-            let pool = crate::planner::source_pool(url_env).await.map_err(|e| src(&e))?;
-            crate::source::postgres::probe(&pool, &input, spec.carry()).await.map_err(|e| src(&e))?;
+            let input = crate::job::plan::pg_input(&spec.source).map_err(|e| src(&e))?;
+            let pool = crate::job::plan::source_pool(url_env).await.map_err(|e| src(&e))?;
+            crate::io::source::postgres::probe(&pool, &input, spec.carry()).await.map_err(|e| src(&e))?;
             pool.close().await;
         }
     }

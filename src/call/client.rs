@@ -65,7 +65,7 @@ impl ApiClient {
     /// Reads the key from the variable the spec names.
     pub fn from_spec(spec: &ProviderSpec) -> Result<ApiClient, ClientError> {
         if spec.embedded {
-            return ApiClient::new(&spec.base_url, crate::serve::EMBEDDED_KEY, Duration::from_secs(spec.timeout_secs));
+            return ApiClient::new(&spec.base_url, crate::api::EMBEDDED_KEY, Duration::from_secs(spec.timeout_secs));
         }
         let key = std::env::var(&spec.api_key_env)
             .ok()

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::distinct::DistinctVins;
-use crate::source::{FileFormat, FileSource, SourceError, TextEncoding};
+use crate::io::source::{FileFormat, FileSource, SourceError, TextEncoding};
+use crate::local::distinct::DistinctVins;
 use crate::vin::{Vin, VinError};
 
 /// How many rejected rows a report quotes, so a person can find them.

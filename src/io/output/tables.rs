@@ -5,7 +5,8 @@
 
 use futures_util::StreamExt;
 
-use super::{Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
+use super::OutputError;
+use crate::columns::{Kind, OutputRow, VEHICLE_COLUMNS};
 use crate::spec::{JobSpec, OutputSpec};
 use crate::store::Store;
 
@@ -217,7 +218,7 @@ pub async fn write(
         .execute(&mut *tx)
         .await
         .map_err(fail)?;
-    let mut rows = store.output_rows(job_id, RecallMode::of(&spec.recalls)).chunks(CHUNK_ROWS);
+    let mut rows = store.output_rows(job_id, spec.recalls.mode()).chunks(CHUNK_ROWS);
     let mut total = 0u64;
     while let Some(chunk) = rows.next().await {
         let chunk = chunk.into_iter().collect::<Result<Vec<_>, _>>()?;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::exit::Usage;
-use crate::planner::{self, Submitted};
-use crate::preflight::Checks;
+use crate::job::plan::{self, Submitted};
+use crate::job::preflight::Checks;
 use crate::spec::JobSpec;
 use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, postgres, sqlite};
 
@@ -36,12 +36,15 @@ impl State {
     }
 
     /// Connects (or creates the SQLite file), migrating vinetl's tables and
-    /// the queue's.
+    /// then the queue's beside them.
     pub async fn open(&self, connections: u32) -> Result<Store, StoreError> {
-        match &self.url {
-            DatabaseUrl::Postgres(url) => postgres::open(url, &self.schema, connections).await,
-            DatabaseUrl::Sqlite(url) => Ok(Store::Lite(sqlite::open(url, connections).await?)),
-        }
+        let (store, guard) = Store::open(&self.url, &self.schema, connections).await?;
+        let url = match &self.url {
+            DatabaseUrl::Postgres(u) | DatabaseUrl::Sqlite(u) => u,
+        };
+        crate::job::queue::setup(&store, url).await?;
+        drop(guard);
+        Ok(store)
     }
 
     /// For commands that only read or change existing state (`status`,
@@ -92,14 +95,14 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted
         .into());
     }
     let store = state.open(4).await?;
-    crate::preflight::run(&spec, store.pg_pool(), Checks { key: false, api: true }).await?;
+    crate::job::preflight::run(&spec, store.pg_pool(), Checks { key: false, api: true }).await?;
     if std::env::var(&spec.provider.api_key_env).is_err() {
         eprintln!(
             "vinetl: warning: {} is not set here; the workers that run this job need it",
             spec.provider.api_key_env
         );
     }
-    Ok(planner::submit(&store, &state.schema, &spec).await?)
+    Ok(plan::submit(&store, &state.schema, &spec).await?)
 }
 
 /// Reads and checks a spec before anything connects anywhere.
@@ -123,12 +126,12 @@ pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
         let stop = async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
-        match crate::worker::run(store.clone(), &state.schema, concurrency, None, stop).await {
+        match crate::job::worker::run(store.clone(), &state.schema, concurrency, None, stop).await {
             Ok(()) => return Ok(()),
             Err(e) if *stop_rx.borrow() => return Err(e),
             Err(e) => {
                 failures += 1;
-                let wait = crate::client::backoff(failures.min(6));
+                let wait = crate::call::client::backoff(failures.min(6));
                 tracing::error!(error = %e, restart_in = ?wait, "worker stopped on an error; restarting");
                 eprintln!("vinetl worker: {e:#}; restarting in {:.1} s", wait.as_secs_f64());
                 tokio::time::sleep(wait).await;
@@ -150,8 +153,8 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
-    crate::preflight::run(&spec, store.pg_pool(), Checks { key: true, api: true }).await?;
-    let submitted = planner::submit(&store, &state.schema, &spec).await?;
+    crate::job::preflight::run(&spec, store.pg_pool(), Checks { key: true, api: true }).await?;
+    let submitted = plan::submit(&store, &state.schema, &spec).await?;
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
     let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url).await;
     if let Some(server) = embedded {
@@ -186,7 +189,7 @@ async fn work_until_done(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The worker and the watcher run side by side in this task; the watcher
     // stops the worker once the job has ended.
-    let worker = crate::worker::run(store.clone(), schema, concurrency, embedded, async move {
+    let worker = crate::job::worker::run(store.clone(), schema, concurrency, embedded, async move {
         let _ = stop_rx.await;
     });
     let watcher = async {
@@ -293,8 +296,8 @@ pub async fn reprocess(
         .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))
         .map_err(|e| Usage(e.to_string()))?;
     tracing::info!(job = job_id, batches, "reprocessing");
-    planner::enqueue(&store, &state.schema, crate::queue::Lane::of(&spec.provider), job_id).await?;
-    crate::finish::advance(&store, &state.schema, job_id, &spec).await?;
+    crate::job::queue::enqueue(&store, &state.schema, crate::job::queue::Lane::of(&spec.provider), job_id).await?;
+    crate::job::advance::advance(&store, &state.schema, job_id, &spec).await?;
     let max_failed_share = spec.max_failed_share;
     if detach {
         let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
@@ -322,7 +325,7 @@ pub async fn write(state: &State, job_id: i64, force: bool) -> anyhow::Result<En
         ))
         .into());
     }
-    crate::finish::write(&store, job_id, &spec, force).await?;
+    crate::job::advance::write(&store, job_id, &spec, force).await?;
     let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
     Ok(Ended { counts, max_failed_share: spec.max_failed_share })
 }
@@ -359,7 +362,7 @@ pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCo
 pub struct SpecCheck {
     pub spec: String,
     pub passed: Vec<String>,
-    pub plan: Option<planner::Estimate>,
+    pub plan: Option<plan::Estimate>,
 }
 
 /// `vinetl check SPEC [--dry-run]`: the preflight checks `run` makes (the
@@ -373,8 +376,8 @@ pub async fn check_spec(state: &State, spec_path: &Path, dry_run: bool) -> anyho
         Err(e) => return Err(e.into()),
     };
     let pg = store.as_ref().and_then(Store::pg_pool);
-    let passed = crate::preflight::run(&spec, pg, Checks { key: true, api: true }).await?;
-    let plan = if dry_run { Some(planner::estimate(store.as_ref(), &spec).await?) } else { None };
+    let passed = crate::job::preflight::run(&spec, pg, Checks { key: true, api: true }).await?;
+    let plan = if dry_run { Some(plan::estimate(store.as_ref(), &spec).await?) } else { None };
     Ok(SpecCheck { spec: spec_path.display().to_string(), passed, plan })
 }
 

@@ -32,8 +32,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::{CarriedType, Kind, OutputError, OutputRow, RecallMode, VEHICLE_COLUMNS};
-use crate::s3::{S3, S3Url};
+use super::OutputError;
+use crate::columns::{CarriedType, Kind, OutputRow, VEHICLE_COLUMNS};
+use crate::io::s3::{S3, S3Url};
 use crate::spec::{JobSpec, OutputSpec};
 use crate::store::Store;
 
@@ -527,7 +528,7 @@ pub async fn write(
         let rows_per_file = rows_per_file.unwrap_or(DEFAULT_ROWS_PER_FILE).max(1);
         tokio::task::spawn_blocking(move || encode(dir, schema, job_id, carried, rows_per_file, chunk_rx, done_tx))
     };
-    let mode = RecallMode::of(&spec.recalls);
+    let mode = spec.recalls.mode();
     let producer = async move {
         let mut rows = store.output_rows(job_id, mode).chunks(CHUNK_ROWS);
         let mut beat = Instant::now();

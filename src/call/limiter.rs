@@ -1,0 +1,336 @@
+//! One rate limit for every worker of an account, shared through the state
+//! store (Postgres; or SQLite, for the processes of one machine).
+//!
+//! The `limiter` row of an account holds a GCRA schedule (rate and burst), a
+//! push-back time set by 429s, an AIMD scale on the rate, and the day's quota.
+//! `limiter_reserve` (a SQL function, see the migration) grants calls under
+//! the row's lock, with the database's clock, so workers on many machines act
+//! as one careful client and their clocks never matter. If Postgres cannot be
+//! reached, nothing is granted: workers pause rather than exceed the limit.
+//! On SQLite the store runs the same arithmetic in Rust, in one `BEGIN
+//! IMMEDIATE` transaction. Both take an optional clock, so the property
+//! tests (tests/conformance.rs) drive the code that runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::spec::ProviderSpec;
+use crate::store::{Store, StoreError};
+
+/// Without `Retry-After`, a 429 halves the shared rate (down to this share
+/// of the configured one) and pushes every worker back by one new interval.
+pub const MIN_SCALE: f64 = 0.05;
+/// Each successful call gives back this much of the configured rate: from
+/// the floor to full speed takes ~100 successes, so a wrong rate cannot storm.
+pub const RECOVERY_STEP: f64 = 0.01;
+/// Waits longer than this are not slept through in a worker: the batch is
+/// rescheduled instead, freeing the worker.
+pub const MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
+/// Slots reserved for callers already waiting in this process must be taken
+/// within this long, or they are dropped unused: a slot is never spent late,
+/// so calls start when the database granted them.
+pub const BANKED_SLOT_TTL: Duration = Duration::from_millis(50);
+
+/// Why no call may be made now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Denied {
+    /// Rate, or a 429's push-back: retry after `wait`.
+    Later { wait: Duration, reason: String },
+    /// The day's quota is used up until it resets, `wait` from now.
+    Quota { wait: Duration },
+    /// The API is unreachable (the account's circuit is open): the next
+    /// probe is due `wait` from now.
+    Circuit { wait: Duration },
+}
+
+/// What one reservation granted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Granted {
+    pub n: usize,
+    /// The store's time of the grant (Unix seconds).
+    pub at: f64,
+    /// Flight rows, one per slot, under a shared in-flight cap.
+    pub flights: Vec<i64>,
+}
+
+/// A granted call: holds its place in flight until released.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    flight: Option<i64>,
+}
+
+/// The shared limiter of one account, plus this process's in-flight cap.
+///
+/// When several calls of a process wait at once, one round trip reserves
+/// slots for all of them (up to the burst), so high rates cost far fewer
+/// round trips than calls.
+#[derive(Debug, Clone)]
+pub struct SharedLimiter {
+    store: Store,
+    account: String,
+    in_flight: Arc<Semaphore>,
+    /// How long a flight row holds a place under the shared in-flight cap
+    /// if its worker dies mid-call.
+    lease_secs: f64,
+    /// Most slots one reservation asks for (see [`batch_size`]).
+    max_batch: usize,
+    shared: Arc<Local>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Callers of `acquire` waiting for a slot right now.
+    waiting: AtomicUsize,
+    /// One reservation round trip at a time per process.
+    reserving: Mutex<()>,
+    /// Slots granted for waiting callers: how many, when (here), and the
+    /// store's time of the grant (to give unused ones back to the quota).
+    bank: std::sync::Mutex<Bank>,
+    /// Reservation round trips made, for measurement.
+    round_trips: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Bank {
+    slots: usize,
+    at: Option<Instant>,
+    granted_at: f64,
+}
+
+/// What the bank had for a caller.
+enum Banked {
+    Took,
+    Empty,
+    /// `n` slots were never used in time: their quota goes back.
+    Expired {
+        n: usize,
+        granted_at: f64,
+    },
+}
+
+impl Local {
+    fn take_banked(&self) -> Banked {
+        let mut bank = self.bank.lock().expect("bank lock");
+        match bank.at {
+            Some(at) if bank.slots > 0 && at.elapsed() < BANKED_SLOT_TTL => {
+                bank.slots -= 1;
+                Banked::Took
+            }
+            _ => {
+                let expired = std::mem::take(&mut *bank);
+                if expired.slots > 0 {
+                    Banked::Expired { n: expired.slots, granted_at: expired.granted_at }
+                } else {
+                    Banked::Empty
+                }
+            }
+        }
+    }
+}
+
+impl SharedLimiter {
+    /// Creates or updates the account's row from the spec (a changed rate
+    /// or quota applies from the next reservation on).
+    pub async fn register(store: &Store, p: &ProviderSpec) -> Result<SharedLimiter, StoreError> {
+        store.limiter_register(p).await?;
+        Ok(SharedLimiter::new(store, p))
+    }
+
+    fn new(store: &Store, p: &ProviderSpec) -> SharedLimiter {
+        let cap = p.max_in_flight.map(|n| n.max(1) as usize).unwrap_or(Semaphore::MAX_PERMITS);
+        SharedLimiter {
+            store: store.clone(),
+            account: p.account(),
+            in_flight: Arc::new(Semaphore::new(cap)),
+            // Two call timeouts and some slack, like a batch's claim.
+            lease_secs: 2.0 * p.timeout_secs as f64 + 30.0,
+            // Under a shared in-flight cap every slot carries its flight row,
+            // so slots are reserved one by one.
+            max_batch: if p.max_in_flight.is_some() { 1 } else { batch_size(p.requests_per_second, p.burst(), cap) },
+            shared: Arc::new(Local::default()),
+        }
+    }
+
+    /// Reservation round trips this process has made to the database.
+    pub fn round_trips(&self) -> u64 {
+        self.shared.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// One reservation round trip for `k` slots on the store's clock.
+    pub async fn try_reserve(&self, k: usize) -> Result<Result<Granted, Denied>, StoreError> {
+        self.try_reserve_at(k, None).await
+    }
+
+    /// One reservation round trip for `k` slots at time `now` (Unix
+    /// seconds; `None`: the store's clock, as every worker does). A given
+    /// clock lets the property tests replay any interleaving on the code
+    /// that runs.
+    pub async fn try_reserve_at(&self, k: usize, now: Option<f64>) -> Result<Result<Granted, Denied>, StoreError> {
+        self.shared.round_trips.fetch_add(1, Ordering::Relaxed);
+        let k = k.max(1) as i64;
+        let (granted, wait, reason, at, flights) =
+            self.store.limiter_reserve(&self.account, k, self.lease_secs, now).await?;
+        let wait = Duration::from_secs_f64(wait.max(0.0));
+        Ok(match (granted, reason.as_deref()) {
+            (n, _) if n > 0 => Ok(Granted { n: n as usize, at, flights }),
+            (_, Some("quota")) => Err(Denied::Quota { wait }),
+            (_, Some("circuit")) => Err(Denied::Circuit { wait }),
+            (_, r) => Err(Denied::Later { wait, reason: r.unwrap_or("rate").to_string() }),
+        })
+    }
+
+    /// Gives `n` reserved but unused calls back to the day's quota (not to
+    /// the rate: a call made later than its slot never breaks the rate).
+    /// Nothing is given back once the quota day granted in has ended.
+    pub async fn refund(&self, n: usize, granted_at: f64) -> Result<(), StoreError> {
+        self.store.limiter_refund(&self.account, n as i64, granted_at).await
+    }
+
+    /// Ends a call: frees its place under the shared in-flight cap.
+    pub async fn release(&self, slot: Slot) -> Result<(), StoreError> {
+        match slot.flight {
+            Some(id) => self.store.limiter_release(id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for a call slot. Short waits are slept through; a long one (a
+    /// big push-back, or the quota) comes back as `Denied` for the caller to
+    /// reschedule. The permit holds an in-flight place until dropped.
+    pub async fn acquire(&self) -> Result<Result<Slot, Denied>, StoreError> {
+        let permit = Arc::clone(&self.in_flight).acquire_owned().await.expect("the semaphore is never closed");
+        let local = &self.shared;
+        local.waiting.fetch_add(1, Ordering::SeqCst);
+        let outcome = self.reserve_one().await;
+        local.waiting.fetch_sub(1, Ordering::SeqCst);
+        Ok(outcome?.map(|flight| Slot { _permit: permit, flight }))
+    }
+
+    /// A banked slot if one is fresh; expired ones go back to the quota.
+    async fn take_banked(&self) -> Result<bool, StoreError> {
+        match self.shared.take_banked() {
+            Banked::Took => Ok(true),
+            Banked::Empty => Ok(false),
+            Banked::Expired { n, granted_at } => {
+                self.refund(n, granted_at).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn reserve_one(&self) -> Result<Result<Option<i64>, Denied>, StoreError> {
+        let local = &self.shared;
+        if self.take_banked().await? {
+            return Ok(Ok(None));
+        }
+        // One caller at a time talks to the database, for everyone waiting;
+        // the others queue here (fairly) and take banked slots.
+        let _turn = local.reserving.lock().await;
+        loop {
+            if self.take_banked().await? {
+                return Ok(Ok(None));
+            }
+            let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
+            match self.try_reserve(want).await? {
+                Ok(granted) => {
+                    if granted.n > 1 {
+                        *local.bank.lock().expect("bank lock") =
+                            Bank { slots: granted.n - 1, at: Some(Instant::now()), granted_at: granted.at };
+                    }
+                    return Ok(Ok(granted.flights.first().copied()));
+                }
+                // Sleep holding the turn: nobody else here would get another
+                // answer from the database before then. The millisecond's
+                // margin keeps a rounding refusal from costing a round trip.
+                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => {
+                    tokio::time::sleep(wait + Duration::from_millis(1)).await
+                }
+                Err(denied) => return Ok(Err(denied)),
+            }
+        }
+    }
+
+    /// A 429: no worker anywhere calls before `retry_after` has passed (the
+    /// push-back only moves later). Without `Retry-After`, the shared rate is
+    /// halved too (AIMD), and everyone waits one new interval.
+    pub async fn push_back(&self, retry_after: Option<Duration>) -> Result<(), StoreError> {
+        self.store.limiter_push_back(&self.account, retry_after.map(|d| d.as_secs_f64()), MIN_SCALE).await
+    }
+
+    /// The API answered (any status but a 5xx): the circuit closes, and a
+    /// success recovers a little of a reduced rate. One statement, and none
+    /// at all in the usual case (full rate, circuit closed).
+    pub async fn answered(&self, success: bool) -> Result<(), StoreError> {
+        self.store.limiter_answered(&self.account, success, RECOVERY_STEP).await
+    }
+
+    /// The API could not be reached (connection refused, DNS, TLS): the
+    /// circuit opens (or stays open) and the next probe backs off. The call
+    /// never reached the API, so its quota unit comes back.
+    pub async fn unreachable(&self, reason: &str) -> Result<(), StoreError> {
+        self.trip(reason, 1).await
+    }
+
+    /// A 5xx answer or a timeout: after [`SERVER_ERRORS_TO_OPEN`] in a row,
+    /// across the account, the circuit opens. Returns whether it is open.
+    pub async fn server_error(&self, reason: &str) -> Result<bool, StoreError> {
+        let run = self.store.limiter_server_error(&self.account).await?;
+        if run >= SERVER_ERRORS_TO_OPEN {
+            self.trip(reason, 0).await?;
+        }
+        Ok(run >= SERVER_ERRORS_TO_OPEN)
+    }
+
+    async fn trip(&self, reason: &str, refund: i64) -> Result<(), StoreError> {
+        self.store.limiter_trip(&self.account, reason, MAX_PROBE_GAP_SECS, refund).await
+    }
+
+    /// The account's circuit, if it is open.
+    pub async fn circuit(&self) -> Result<Option<Circuit>, StoreError> {
+        let open = self.store.limiter_circuit(&self.account).await?;
+        Ok(open.map(|(since, probe_at, reason)| Circuit { since, probe_at, reason }))
+    }
+}
+
+/// 5xx answers (or timeouts) in a row, across the account, that open the
+/// circuit: one can be a bad node; five mean the API is down.
+pub const SERVER_ERRORS_TO_OPEN: i64 = 5;
+/// Probes back off 1 s, 2 s, 4 s … up to this: an outage ends within a
+/// minute of being over, and a long one costs one call a minute.
+pub const MAX_PROBE_GAP_SECS: i64 = 60;
+
+/// An open circuit: since when (Unix seconds), when the next probe may go,
+/// and the last failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Circuit {
+    pub since: f64,
+    pub probe_at: f64,
+    pub reason: String,
+}
+
+/// Slots one reservation may ask for: 20 ms worth of calls at the
+/// configured rate, never above the burst (GCRA would refuse more) or the
+/// in-flight cap. At low rates that is 1: a round trip per call costs nothing
+/// there, and all-or-nothing batches would eat the burst's slack, which
+/// absorbs timer jitter (BENCHMARKS.md). At 400 calls/s it is 8.
+pub fn batch_size(rate: f64, burst: f64, cap: usize) -> usize {
+    ((rate * 0.020).floor() as usize).min(burst.floor() as usize).clamp(1, cap.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_batch_only_at_high_rates() {
+        assert_eq!(batch_size(20.0, 2.0, 8), 1);
+        assert_eq!(batch_size(400.0, 16.0, 16), 8);
+        assert_eq!(batch_size(400.0, 4.0, 16), 4, "never above the burst");
+        assert_eq!(batch_size(5000.0, 200.0, 16), 16, "never above the in-flight cap");
+    }
+}

@@ -1,0 +1,1231 @@
+//! The store core: every operation on the runner's state, written once.
+//! The transaction flow, the SQL both dialects run (with the marks of
+//! [`super::sql`]), the binds and the row mapping live here; a dialect
+//! ([`super::postgres`], [`super::sqlite`]) supplies only what differs:
+//! connecting, binding and reading values, beginning a write, the planning
+//! lock, the limiter's reservation, and the few statements whose shape
+//! differs (batch cutting, recall planning, carried types, the output
+//! query).
+
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use serde_json::{Value, json};
+use sqlx::types::chrono::{DateTime, NaiveDate};
+
+use super::records::{
+    ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, RecallCounts, Reschedule, StoreError,
+    distinct_campaigns,
+};
+use super::sql::{Arg, Dialect, Row, args};
+use super::{postgres, sqlite};
+use crate::columns::{CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
+use crate::spec::ProviderSpec;
+
+/// The state store: one core over two dialects. Postgres is for
+/// production and many machines; SQLite (one file) for one machine and the
+/// demo. Both pass the same conformance tests (tests/conformance.rs).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub(super) db: Db,
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum Db {
+    Pg(sqlx::PgPool),
+    /// The state file's pool, and the queue file's (apalis-sqlite keeps
+    /// its own migrations, so its tables live in a file of their own).
+    Lite {
+        pool: sqlx::SqlitePool,
+        queue: sqlx::SqlitePool,
+    },
+}
+
+/// Where one statement runs: a pool, or an open transaction.
+pub(super) enum Conn<'a> {
+    Pg(&'a sqlx::PgPool),
+    PgTx(&'a mut sqlx::PgConnection),
+    Lite(&'a sqlx::SqlitePool),
+    LiteTx(&'a mut sqlx::SqliteConnection),
+}
+
+impl Conn<'_> {
+    pub(super) async fn exec(self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
+        match self {
+            Conn::Pg(p) => postgres::exec(p, Dialect::Postgres.sql(sql), args).await,
+            Conn::PgTx(c) => postgres::exec(c, Dialect::Postgres.sql(sql), args).await,
+            Conn::Lite(p) => sqlite::exec(p, Dialect::Sqlite.sql(sql), args).await,
+            Conn::LiteTx(c) => sqlite::exec(c, Dialect::Sqlite.sql(sql), args).await,
+        }
+    }
+
+    pub(super) async fn rows(self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+        match self {
+            Conn::Pg(p) => postgres::rows(p, Dialect::Postgres.sql(sql), args).await,
+            Conn::PgTx(c) => postgres::rows(c, Dialect::Postgres.sql(sql), args).await,
+            Conn::Lite(p) => sqlite::rows(p, Dialect::Sqlite.sql(sql), args).await,
+            Conn::LiteTx(c) => sqlite::rows(c, Dialect::Sqlite.sql(sql), args).await,
+        }
+    }
+
+    pub(super) async fn row(self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
+        Ok(self.rows(sql, args).await?.into_iter().next())
+    }
+
+    pub(super) async fn one(self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
+        self.row(sql, args).await?.ok_or(StoreError::Sql(sqlx::Error::RowNotFound))
+    }
+}
+
+/// An open transaction of either dialect.
+pub(super) enum Tx {
+    Pg(sqlx::Transaction<'static, sqlx::Postgres>),
+    Lite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Tx {
+    pub(super) fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Tx::Pg(t) => Conn::PgTx(t),
+            Tx::Lite(t) => Conn::LiteTx(t),
+        }
+    }
+
+    pub(super) async fn exec(&mut self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
+        self.conn().exec(sql, args).await
+    }
+
+    pub(super) async fn rows(&mut self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+        self.conn().rows(sql, args).await
+    }
+
+    pub(super) async fn row(&mut self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
+        self.conn().row(sql, args).await
+    }
+
+    pub(super) async fn one(&mut self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
+        self.conn().one(sql, args).await
+    }
+
+    pub(super) async fn commit(self) -> Result<(), StoreError> {
+        match self {
+            Tx::Pg(t) => t.commit().await?,
+            Tx::Lite(t) => t.commit().await?,
+        }
+        Ok(())
+    }
+}
+
+/// Held while planning a job, so two planners never plan it at once.
+pub enum PlanLock {
+    /// A session advisory lock, held by this connection.
+    Pg(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    /// A lease on the job's row.
+    Lite(i64),
+}
+
+/// Whether any of the job's batches is queued or running.
+const BUSY: &str = "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))";
+
+impl Store {
+    pub(super) fn conn(&self) -> Conn<'_> {
+        match &self.db {
+            Db::Pg(p) => Conn::Pg(p),
+            Db::Lite { pool, .. } => Conn::Lite(pool),
+        }
+    }
+
+    async fn exec(&self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
+        self.conn().exec(sql, args).await
+    }
+
+    async fn rows(&self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+        self.conn().rows(sql, args).await
+    }
+
+    async fn row(&self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
+        self.conn().row(sql, args).await
+    }
+
+    async fn one(&self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
+        self.conn().one(sql, args).await
+    }
+
+    /// A write transaction: SQLite takes its write lock at the start
+    /// (`BEGIN IMMEDIATE`), so concurrent writers queue instead of failing
+    /// to upgrade a read lock.
+    pub(super) async fn write(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.db {
+            Db::Pg(p) => Tx::Pg(p.begin().await?),
+            Db::Lite { pool, .. } => Tx::Lite(pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    /// A read transaction that sees one snapshot.
+    async fn snapshot(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.db {
+            Db::Pg(p) => {
+                let mut t = p.begin().await?;
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *t).await?;
+                Tx::Pg(t)
+            }
+            // A WAL read transaction is a snapshot already.
+            Db::Lite { pool, .. } => Tx::Lite(pool.begin().await?),
+        })
+    }
+
+    /// The Postgres pool, where the state lives in Postgres.
+    pub fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.db {
+            Db::Pg(p) => Some(p),
+            Db::Lite { .. } => None,
+        }
+    }
+
+    /// The SQLite state file's pool and the queue file's, on SQLite.
+    pub fn sqlite_pools(&self) -> Option<(&sqlx::SqlitePool, &sqlx::SqlitePool)> {
+        match &self.db {
+            Db::Pg(_) => None,
+            Db::Lite { pool, queue } => Some((pool, queue)),
+        }
+    }
+
+    // ------------------------------------------------------------ jobs
+
+    /// An unfinished job with this spec (its planner died, or it is still
+    /// running), to resume instead of starting a copy that would pay for the
+    /// same calls again.
+    pub async fn resumable_job(&self, spec_hash: &str) -> Result<Option<i64>, StoreError> {
+        let row = self
+            .row(
+                "SELECT job_id FROM jobs WHERE spec_hash = $1 AND state IN ('planning', 'running', 'waiting')
+                 ORDER BY job_id DESC LIMIT 1",
+                args![spec_hash],
+            )
+            .await?;
+        row.map(|r| r.int(0)).transpose()
+    }
+
+    pub async fn create_job(&self, name: &str, spec: &Value, spec_hash: &str) -> Result<i64, StoreError> {
+        self.one(
+            "INSERT INTO jobs (name, spec, spec_hash, started_at) VALUES ($1, $2, $3, now()) RETURNING job_id",
+            args![name, spec, spec_hash],
+        )
+        .await?
+        .int(0)
+    }
+
+    pub async fn lock_planning(&self, job_id: i64) -> Result<Option<PlanLock>, StoreError> {
+        match &self.db {
+            Db::Pg(p) => Ok(postgres::lock_planning(p, job_id).await?.map(PlanLock::Pg)),
+            Db::Lite { .. } => {
+                let n = self
+                    .exec(
+                        "UPDATE jobs SET planning_until = now() + {secs 60}
+                         WHERE job_id = $1 AND (planning_until IS NULL OR planning_until < now())",
+                        args![job_id],
+                    )
+                    .await?;
+                Ok((n > 0).then_some(PlanLock::Lite(job_id)))
+            }
+        }
+    }
+
+    pub async fn unlock_planning(&self, lock: PlanLock) -> Result<(), StoreError> {
+        match lock {
+            PlanLock::Pg(conn) => postgres::unlock_planning(conn).await,
+            PlanLock::Lite(job_id) => {
+                self.exec("UPDATE jobs SET planning_until = NULL WHERE job_id = $1", args![job_id]).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Rows of `source` already stored for the job (planning resumes after
+    /// them), and whether the source is complete.
+    pub async fn rows_planned(&self, job_id: i64, source: &str) -> Result<(i64, bool), StoreError> {
+        let row = self
+            .row(
+                "SELECT rows_planned, complete FROM job_sources WHERE job_id = $1 AND source = $2",
+                args![job_id, source],
+            )
+            .await?;
+        row.map_or(Ok((0, false)), |r| Ok((r.int(0)?, r.bool(1)?)))
+    }
+
+    pub async fn total_rows(&self, job_id: i64) -> Result<i64, StoreError> {
+        self.one(
+            "SELECT CAST(coalesce(sum(rows_planned), 0) AS BIGINT) FROM job_sources WHERE job_id = $1",
+            args![job_id],
+        )
+        .await?
+        .int(0)
+    }
+
+    /// How many of `vins` the cache holds a decode for younger than the TTL.
+    pub async fn cached_count(&self, vins: &[String], cache_ttl_hours: f64) -> Result<i64, StoreError> {
+        self.one(
+            "SELECT count(*) FROM vin_cache WHERE vin {in $1} AND decoded_at > now() - {secs $2 * 3600}",
+            args![vins, cache_ttl_hours],
+        )
+        .await?
+        .int(0)
+    }
+
+    /// Stores a chunk of input rows and the source's progress in one
+    /// transaction, as one statement. Re-inserting rows after a crash is a
+    /// no-op; a SQLite planner's lease is renewed with every chunk.
+    pub async fn insert_rows(
+        &self,
+        job_id: i64,
+        source: &str,
+        rows: &[PlannedRow],
+        complete: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        if !rows.is_empty() {
+            let json: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({"n": r.row_number, "raw": r.raw_vin, "vin": r.vin, "cdv": r.check_digit_valid,
+                           "code": r.error_code, "text": r.error_text, "carried": r.carried})
+                })
+                .collect();
+            tx.exec(
+                "INSERT INTO job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, error_code,
+                                             error_text, carried, plan, status)
+                     SELECT $1, $2, x.n, x.raw, x.vin, x.cdv, x.code, x.text, x.carried,
+                            CASE WHEN x.vin IS NULL THEN 'invalid' ELSE 'call' END,
+                            CASE WHEN x.vin IS NULL THEN 'invalid' ELSE 'pending' END
+                     FROM {rows $3: n bigint, raw text, vin text, cdv boolean, code text, text text, carried jsonb}
+                     WHERE true
+                     ON CONFLICT (job_id, source, row_number) DO NOTHING",
+                args![job_id, source, Value::Array(json)],
+            )
+            .await?;
+        }
+        if matches!(self.db, Db::Lite { .. }) {
+            tx.exec(
+                "UPDATE jobs SET planning_until = now() + {secs 60} WHERE job_id = $1 AND planning_until IS NOT NULL",
+                args![job_id],
+            )
+            .await?;
+        }
+        tx.exec(
+            "INSERT INTO job_sources (job_id, source, rows_planned, complete) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (job_id, source) DO UPDATE
+                 SET rows_planned = greatest(job_sources.rows_planned, excluded.rows_planned),
+                     complete = excluded.complete",
+            args![job_id, source, rows.last().map_or(0, |r| r.row_number), complete],
+        )
+        .await?;
+        tx.commit().await
+    }
+
+    /// Decides every valid row's plan (first occurrence, duplicate, cache
+    /// hit) and creates the batches, all in one transaction, once per job.
+    /// Batch membership is a pure function of the job's VINs (sorted, then
+    /// cut every `batch_size`), so it never depends on timing.
+    pub async fn plan_batches(&self, job_id: i64, batch_size: i32, cache_ttl_hours: f64) -> Result<i64, StoreError> {
+        let mut tx = self.write().await?;
+        let planned = tx.one("SELECT batches_planned FROM jobs WHERE job_id = $1 {for update}", args![job_id]).await?;
+        if planned.bool(0)? {
+            return Ok(0);
+        }
+        // The first row of each VIN (by source, row) is the one that calls;
+        // later rows of the same VIN are duplicates and share its result.
+        tx.exec(
+            "UPDATE job_inputs SET plan = 'duplicate'
+                 WHERE job_id = $1 AND vin IS NOT NULL AND EXISTS (
+                     SELECT 1 FROM job_inputs e WHERE e.job_id = job_inputs.job_id AND e.vin = job_inputs.vin
+                       AND (e.source, e.row_number) < (job_inputs.source, job_inputs.row_number))",
+            args![job_id],
+        )
+        .await?;
+        // Fresh cache entries cost no call: those VINs are decoded already.
+        tx.exec(
+            "UPDATE job_inputs SET
+                     plan = CASE WHEN job_inputs.plan = 'call' THEN 'cache_hit' ELSE job_inputs.plan END,
+                     status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
+                     error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
+                 FROM vin_cache c
+                 WHERE job_inputs.job_id = $1 AND c.vin = job_inputs.vin AND c.decoded_at > now() - {secs $2 * 3600}",
+            args![job_id, cache_ttl_hours],
+        )
+        .await?;
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
+        tx.exec("UPDATE jobs SET batches_planned = true, updated_at = now() WHERE job_id = $1", args![job_id]).await?;
+        tx.commit().await?;
+        Ok(batches)
+    }
+
+    /// Batches whose current generation has no queue task yet.
+    pub async fn unenqueued(&self, job_id: i64) -> Result<Vec<(i32, i32)>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT batch_no, generation FROM batches WHERE job_id = $1 AND state = 'queued' AND NOT enqueued
+                 ORDER BY batch_no",
+                args![job_id],
+            )
+            .await?;
+        rows.iter().map(|r| Ok((r.int32(0)?, r.int32(1)?))).collect()
+    }
+
+    pub async fn mark_enqueued(&self, job_id: i64, batch_generations: &[(i32, i32)]) -> Result<(), StoreError> {
+        let pairs: Vec<Value> = batch_generations.iter().map(|(b, g)| json!({"b": b, "g": g})).collect();
+        self.exec(
+            "UPDATE batches SET enqueued = true
+                 FROM {rows $2: b integer, g integer}
+                 WHERE batches.job_id = $1 AND batches.batch_no = x.b AND batches.generation = x.g",
+            args![job_id, Value::Array(pairs)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes a batch for one call. Only the task of the batch's current
+    /// generation may, and only when the batch is queued, or running but
+    /// abandoned for longer than `lease_secs` (its worker died mid-call).
+    pub async fn claim(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        generation: i32,
+        lease_secs: f64,
+    ) -> Result<Option<ClaimedBatch>, StoreError> {
+        let row = self
+            .row(
+                "UPDATE batches SET state = 'running', updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3
+                   AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
+                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
+                                 AND j.state IN ('planning', 'running', 'waiting'))
+                 RETURNING vins, attempts, lookup_key",
+                args![job_id, batch_no, generation, lease_secs],
+            )
+            .await?;
+        row.map(|r| Ok(ClaimedBatch { vins: r.texts(0)?, attempts: r.int32(1)?, lookup_key: r.opt_text(2)? }))
+            .transpose()
+    }
+
+    /// Stores a batch-decode answer: the cache (latest decode per VIN),
+    /// every input row of those VINs in this job (duplicates included), the
+    /// batch and the call count, in one transaction.
+    pub async fn complete(&self, job_id: i64, batch_no: i32, decoded: &[DecodedVin]) -> Result<(), StoreError> {
+        let json: Vec<Value> = decoded
+            .iter()
+            .map(|d| {
+                json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
+                       "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
+            })
+            .collect();
+        let vins: Vec<String> = decoded.iter().map(|d| d.vin.clone()).collect();
+        let mut tx = self.write().await?;
+        tx.exec(
+            "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
+                 SELECT x.vin, now(), x.make, x.model, x.year, x.code, x.text, x.raw
+                 FROM {rows $1: vin text, make text, model text, year integer, code text, text text, raw jsonb}
+                 WHERE true
+                 ON CONFLICT (vin) DO UPDATE SET decoded_at = excluded.decoded_at, make = excluded.make,
+                     model = excluded.model, model_year = excluded.model_year, error_code = excluded.error_code,
+                     error_text = excluded.error_text, raw = excluded.raw",
+            args![Value::Array(json)],
+        )
+        .await?;
+        tx.exec(
+            "UPDATE job_inputs SET status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
+                     error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
+                 FROM vin_cache c
+                 WHERE job_inputs.job_id = $1 AND job_inputs.vin {in $2} AND c.vin = job_inputs.vin
+                   AND job_inputs.status = 'pending'",
+            args![job_id, vins],
+        )
+        .await?;
+        batch_done(&mut tx, job_id, batch_no, false).await?;
+        tx.commit().await
+    }
+
+    /// The quota is used up (or the API unreachable): the job waits,
+    /// saying until when, in words.
+    pub async fn set_waiting(&self, job_id: i64, resume_in_secs: f64, reason: &str) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE jobs SET state = 'waiting', state_reason = $3, resume_at = now() + {secs $2}, updated_at = now()
+                 WHERE job_id = $1 AND state IN ('running', 'waiting')",
+            args![job_id, resume_in_secs, reason],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Schedules the batch again: bumps the generation (so a duplicate task
+    /// of the old one is stale) and counts what happened. Returns the new
+    /// generation.
+    pub async fn reschedule(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        delay_secs: f64,
+        kind: Reschedule,
+        error: &str,
+    ) -> Result<i32, StoreError> {
+        let attempt = i64::from(kind == Reschedule::Failed);
+        let mut tx = self.write().await?;
+        let row = tx
+            .one(
+                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1,
+                     attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5, updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 RETURNING generation, kind = 'recall'",
+                args![job_id, batch_no, attempt, delay_secs, error],
+            )
+            .await?;
+        if kind != Reschedule::NotCalled {
+            tx.exec(
+                "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2,
+                         calls_retried = calls_retried + $3, rate_limited = rate_limited + 1 - $3, updated_at = now()
+                     WHERE job_id = $1",
+                args![job_id, i64::from(row.bool(1)?), attempt],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        row.int32(0)
+    }
+
+    /// Gives up on a batch: a decode's rows end `failed` with the last
+    /// error; a recall lookup is marked failed, so its rows show recalls as
+    /// unknown. The error is kept in `errors`.
+    pub async fn dead_letter(&self, job_id: i64, batch_no: i32, error: &str, called: bool) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let row = tx
+            .one(
+                "UPDATE batches SET state = 'dead', last_error = $3, updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 RETURNING vins, lookup_key",
+                args![job_id, batch_no, error],
+            )
+            .await?;
+        let lookup_key = row.opt_text(1)?;
+        match &lookup_key {
+            Some(key) => {
+                tx.exec(
+                    "UPDATE recall_lookups SET error_text = $2, failed_at = now() WHERE lookup_key = $1",
+                    args![key, error],
+                )
+                .await?
+            }
+            None => {
+                tx.exec(
+                    "UPDATE job_inputs SET status = 'failed', error_code = 'dead_letter', error_text = $3
+                         WHERE job_id = $1 AND vin {in $2} AND status = 'pending'",
+                    args![job_id, row.texts(0)?, error],
+                )
+                .await?
+            }
+        };
+        tx.exec(
+            "INSERT INTO errors (job_id, batch_no, error_code, error_text) VALUES ($1, $2, 'dead_letter', $3)",
+            args![job_id, batch_no, error],
+        )
+        .await?;
+        if called {
+            tx.exec(
+                "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2 WHERE job_id = $1",
+                args![job_id, i64::from(lookup_key.is_some())],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Stops a job for good (a rejected key, a failed plan): no batch of it
+    /// runs again, and its pending rows end `failed` with the reason.
+    pub async fn fail_job(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        for sql in [
+            "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
+             WHERE job_id = $1 AND state NOT IN ('done', 'failed', 'cancelled')",
+            "UPDATE batches SET state = 'dead', last_error = $2 WHERE job_id = $1 AND state IN ('queued', 'running')",
+            "UPDATE job_inputs SET status = 'failed', error_code = 'job_failed', error_text = $2
+             WHERE job_id = $1 AND status = 'pending'",
+            "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'job_failed', $2)",
+        ] {
+            tx.exec(sql, args![job_id, reason]).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Planning is over: the job runs.
+    pub async fn mark_running(&self, job_id: i64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE jobs SET state = 'running', planned_at = now(), updated_at = now()
+                 WHERE job_id = $1 AND state = 'planning'",
+            args![job_id],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stops a job: queued batches are dropped, calls in flight finish and
+    /// are stored, pending rows (but those in flight) end `failed`.
+    pub async fn cancel_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let changed = tx
+            .exec(
+                "UPDATE jobs SET state = 'cancelled', state_reason = 'cancelled by an operator', finished_at = now(),
+                     updated_at = now()
+                 WHERE job_id = $1 AND state IN ('planning', 'running', 'waiting')",
+                args![job_id],
+            )
+            .await?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        for sql in [
+            "UPDATE batches SET state = 'cancelled', updated_at = now() WHERE job_id = $1 AND state = 'queued'",
+            "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
+             WHERE job_id = $1 AND status = 'pending'
+               AND vin NOT IN (SELECT e.value FROM batches b, {each b.vins} WHERE b.job_id = $1 AND b.state = 'running')",
+        ] {
+            tx.exec(sql, args![job_id]).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn recent_jobs(&self, limit: i64) -> Result<Vec<i64>, StoreError> {
+        let rows = self.rows("SELECT job_id FROM jobs ORDER BY job_id DESC LIMIT $1", args![limit]).await?;
+        rows.iter().map(|r| r.int(0)).collect()
+    }
+
+    /// Every count `status` shows, from one snapshot.
+    pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
+        let mut tx = self.snapshot().await?;
+        // The job's own row, once: state, call counters, recall figures, times.
+        let Some(job) = tx
+            .row(
+                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited,
+                        {json spec recalls.enabled}, outputs_written,
+                        recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
+                        campaigns_found,
+                        (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
+                        {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
+                        {epoch finished_at}
+                 FROM jobs WHERE job_id = $1",
+                args![job_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let rows = tx
+            .one(
+                "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
+                        count(*) FILTER (WHERE plan = 'cache_hit'), count(*) FILTER (WHERE status = 'decoded'),
+                        count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'pending')
+                 FROM job_inputs WHERE job_id = $1",
+                args![job_id],
+            )
+            .await?;
+        let invalid = tx
+            .rows(
+                "SELECT error_code, count(*) FROM job_inputs WHERE job_id = $1 AND status = 'invalid'
+                 GROUP BY error_code ORDER BY error_code",
+                args![job_id],
+            )
+            .await?;
+        let batches = tx
+            .one(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead'),
+                        CAST(coalesce(sum({len vins}) FILTER (WHERE state = 'dead'), 0) AS BIGINT)
+                 FROM batches WHERE job_id = $1 AND kind = 'decode'",
+                args![job_id],
+            )
+            .await?;
+        tx.commit().await?;
+        let decoded = rows.int(4)?;
+        let recall_calls = job.int(10)?;
+        let recalls = job.bool(6)?.then(|| -> Result<RecallCounts, StoreError> {
+            Ok(RecallCounts {
+                lookups: job.int(8)?,
+                cache_hits: job.int(9)?,
+                calls: recall_calls,
+                failed: job.int(14)?,
+                rows_with_recalls: job.opt_int(11)?,
+                rows_unknown: job.opt_int(12)?,
+                campaigns: job.opt_int(13)?,
+                calls_saved: (decoded - recall_calls).max(0),
+            })
+        });
+        Ok(Some(JobCounts {
+            job_id,
+            name: job.text(0)?,
+            state: job.text(1)?,
+            state_reason: job.opt_text(2)?,
+            rows: rows.int(0)?,
+            valid: rows.int(1)?,
+            invalid: invalid.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect::<Result<_, StoreError>>()?,
+            duplicates: rows.int(2)?,
+            cache_hits: rows.int(3)?,
+            decoded,
+            failed: rows.int(5)?,
+            pending: rows.int(6)?,
+            batches: batches.int(0)?,
+            batches_done: batches.int(1)?,
+            dead_lettered_batches: batches.int(2)?,
+            dead_lettered_vins: batches.int(3)?,
+            calls_made: job.int(3)?,
+            calls_retried: job.int(4)?,
+            rate_limited: job.int(5)?,
+            recalls: recalls.transpose()?,
+            outputs: job.texts(7)?,
+            times: JobTimes::from_epochs([
+                job.opt_real(15)?,
+                job.opt_real(16)?,
+                job.opt_real(17)?,
+                job.opt_real(18)?,
+                job.opt_real(19)?,
+            ]),
+        }))
+    }
+
+    /// Every output row of a job, in source order, streamed.
+    pub fn output_rows(&self, job_id: i64, mode: RecallMode) -> BoxStream<'_, Result<OutputRow, StoreError>> {
+        let args = args![job_id, mode.as_str()];
+        let rows = match &self.db {
+            Db::Pg(p) => postgres::stream(p, postgres::OUTPUT_SQL.as_str(), args),
+            Db::Lite { pool, .. } => sqlite::stream(pool, sqlite::OUTPUT_SQL.as_str(), args),
+        };
+        rows.map(|r| output_row(r?)).boxed()
+    }
+
+    /// The Parquet type of each carried column, from the values the job holds.
+    pub async fn carried_types(&self, job_id: i64, carry: &[String]) -> Result<Vec<(String, CarriedType)>, StoreError> {
+        let seen = match &self.db {
+            Db::Pg(p) => postgres::carried_types(p, job_id).await?,
+            Db::Lite { pool, .. } => sqlite::carried_types(pool, job_id).await?,
+        };
+        Ok(carry
+            .iter()
+            .map(|name| {
+                let t = seen
+                    .iter()
+                    .find(|(k, _, _)| k == name)
+                    .map_or(CarriedType::Text, |(_, types, ints)| CarriedType::infer(types, *ints));
+                (name.clone(), t)
+            })
+            .collect())
+    }
+
+    /// The job's creation date (UTC): the `dt` partition of its output.
+    pub async fn job_date(&self, job_id: i64) -> Result<NaiveDate, StoreError> {
+        let created = self.one("SELECT {epoch created_at} FROM jobs WHERE job_id = $1", args![job_id]).await?;
+        let secs = created.opt_real(0)?.unwrap_or_default();
+        Ok(DateTime::from_timestamp(secs as i64, 0).unwrap_or_default().date_naive())
+    }
+
+    /// The output writer is alive: keeps another worker from taking over.
+    pub async fn heartbeat(&self, job_id: i64) -> Result<(), StoreError> {
+        self.exec("UPDATE jobs SET updated_at = now() WHERE job_id = $1 AND state = 'writing'", args![job_id]).await?;
+        Ok(())
+    }
+
+    /// Moves a job on when its last batch has ended: plans its recall
+    /// lookups (once, in `mode`, reusing those younger than `recall_ttl_hours`),
+    /// then hands it to an output writer (`has_outputs`) or marks it done.
+    /// The job's row lock (SQLite: the write lock) makes exactly one caller
+    /// see each step.
+    pub async fn advance(
+        &self,
+        job_id: i64,
+        mode: RecallMode,
+        recall_ttl_hours: f64,
+        has_outputs: bool,
+    ) -> Result<Next, StoreError> {
+        // Called after every batch: while others remain (nearly always),
+        // say so without taking the lock.
+        if self.one(BUSY, args![job_id]).await?.bool(0)? {
+            return Ok(Next::Nothing);
+        }
+        let mut tx = self.write().await?;
+        let Some(job) = tx
+            .row(
+                "SELECT state, batches_planned, recalls_planned FROM jobs WHERE job_id = $1 {for update}",
+                args![job_id],
+            )
+            .await?
+        else {
+            return Ok(Next::Nothing);
+        };
+        if !matches!(job.text(0)?.as_str(), "running" | "waiting") || !job.bool(1)? {
+            return Ok(Next::Nothing);
+        }
+        // Again under the lock: another process may have ended the last batch meanwhile.
+        if tx.one(BUSY, args![job_id]).await?.bool(0)? {
+            return Ok(Next::Nothing);
+        }
+        if mode != RecallMode::Off && !job.bool(2)? {
+            let (keys, made) = match &mut tx {
+                Tx::Pg(t) => postgres::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
+                Tx::Lite(t) => sqlite::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
+            };
+            tx.exec(
+                "UPDATE jobs SET recalls_planned = true, recall_lookups = $2, recall_cache_hits = $3,
+                         updated_at = now()
+                     WHERE job_id = $1",
+                args![job_id, keys, keys - made],
+            )
+            .await?;
+            if made > 0 {
+                tx.commit().await?;
+                return Ok(Next::Enqueue);
+            }
+        }
+        if mode != RecallMode::Off {
+            match &mut tx {
+                Tx::Pg(t) => postgres::summarise_recalls(t, job_id, mode).await?,
+                Tx::Lite(t) => sqlite::summarise_recalls(t, job_id, mode).await?,
+            }
+        }
+        let (next, state) = if has_outputs { (Next::Write, "writing") } else { (Next::Done, "done") };
+        tx.exec(
+            "UPDATE jobs SET state = $2, updated_at = now(), state_reason = NULL, resume_at = NULL,
+                     finished_at = CASE WHEN $2 = 'done' THEN now() ELSE finished_at END,
+                     write_started_at = CASE WHEN $2 = 'writing' THEN now() ELSE write_started_at END
+                 WHERE job_id = $1",
+            args![job_id, state],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    /// The spec a job was submitted with, or why it cannot be read.
+    pub async fn job_spec(&self, job_id: i64) -> Result<Result<crate::spec::JobSpec, String>, StoreError> {
+        let row = self
+            .row("SELECT spec FROM jobs WHERE job_id = $1", args![job_id])
+            .await?
+            .ok_or(StoreError::NoJob(job_id))?;
+        Ok(serde_json::from_value(row.json(0)?).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
+    }
+
+    /// Replaces a job's stored spec (an embedded server's new address).
+    pub async fn update_spec(&self, job_id: i64, spec: &Value) -> Result<(), StoreError> {
+        self.exec("UPDATE jobs SET spec = $2 WHERE job_id = $1", args![job_id, spec]).await?;
+        Ok(())
+    }
+
+    /// Puts an ended job into `writing` to write its outputs again from the
+    /// stored results. False if it has not ended (or has no calls planned).
+    pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now()
+                 WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
+                   AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
+                args![job_id],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// Takes over the jobs left in `writing` by writers that stopped beating.
+    pub async fn orphaned_writes(&self, lease_secs: f64) -> Result<Vec<i64>, StoreError> {
+        let rows = self
+            .rows(
+                "UPDATE jobs SET updated_at = now()
+                 WHERE state = 'writing' AND updated_at < now() - {secs $1} RETURNING job_id",
+                args![lease_secs],
+            )
+            .await?;
+        rows.iter().map(|r| r.int(0)).collect()
+    }
+
+    /// The outputs are written: the job is done.
+    pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),
+                     state_reason = NULL
+                 WHERE job_id = $1 AND state = 'writing'",
+            args![job_id, outputs],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Where a job's outputs went (`None`: no such job).
+    pub async fn job_outputs(&self, job_id: i64) -> Result<Option<Vec<String>>, StoreError> {
+        let row = self.row("SELECT outputs_written FROM jobs WHERE job_id = $1", args![job_id]).await?;
+        row.map(|r| r.texts(0)).transpose()
+    }
+
+    /// Rewrites that list (an output superseded by a later job).
+    pub async fn set_outputs(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+        self.exec("UPDATE jobs SET outputs_written = $2 WHERE job_id = $1", args![job_id, outputs]).await?;
+        Ok(())
+    }
+
+    /// Writing failed: the job fails with the reason; every call's result
+    /// is kept, so `vinetl reprocess` writes again without calling.
+    pub async fn fail_writing(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        for sql in [
+            "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
+             WHERE job_id = $1 AND state = 'writing'",
+            "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'output_failed', $2)",
+        ] {
+            tx.exec(sql, args![job_id, reason]).await?;
+        }
+        tx.commit().await
+    }
+
+    /// What a recall lookup asks for.
+    pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>, StoreError> {
+        let row = self
+            .row("SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1", args![key])
+            .await?;
+        row.map(|r| {
+            Ok(Lookup {
+                key: key.to_string(),
+                make: r.opt_text(0)?,
+                model: r.opt_text(1)?,
+                model_year: r.opt_int(2)?.map(|y| y as i32),
+                vin: r.opt_text(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Stores a recall answer: the campaigns (upserted), the lookup's links
+    /// (replaced), the lookup, the batch and the call counts, in one transaction.
+    pub async fn complete_recall(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        key: &str,
+        recalls: &[crate::api::Recall],
+    ) -> Result<(), StoreError> {
+        let seen = distinct_campaigns(recalls);
+        let json: Vec<Value> = seen
+            .iter()
+            .map(|(n, r)| {
+                json!({"n": n, "m": r.manufacturer, "c": r.component, "s": r.summary, "q": r.consequence,
+                       "r": r.remedy, "o": r.notes.clone().filter(|o| !o.is_empty()),
+                       "d": iso_date(&r.report_received_date), "p": r.park_it, "po": r.park_outside,
+                       "ota": r.over_the_air_update})
+            })
+            .collect();
+        let numbers: Vec<String> = seen.keys().cloned().collect();
+        let mut tx = self.write().await?;
+        tx.exec(
+            "INSERT INTO recalls (campaign_number, manufacturer, component, summary, consequence, remedy, notes,
+                                      report_received_date, park_it, park_outside, over_the_air_update, updated_at)
+                 SELECT x.n, x.m, x.c, x.s, x.q, x.r, x.o, {date x.d}, x.p, x.po, x.ota, now()
+                 FROM {rows $1: n text, m text, c text, s text, q text, r text, o text, d text, p boolean,
+                                po boolean, ota boolean}
+                 WHERE true
+                 ON CONFLICT (campaign_number) DO UPDATE SET manufacturer = excluded.manufacturer,
+                     component = excluded.component, summary = excluded.summary, consequence = excluded.consequence,
+                     remedy = excluded.remedy, notes = excluded.notes,
+                     report_received_date = excluded.report_received_date, park_it = excluded.park_it,
+                     park_outside = excluded.park_outside, over_the_air_update = excluded.over_the_air_update,
+                     updated_at = excluded.updated_at",
+            args![Value::Array(json)],
+        )
+        .await?;
+        tx.exec("DELETE FROM recall_lookup_campaigns WHERE lookup_key = $1", args![key]).await?;
+        tx.exec(
+            "INSERT INTO recall_lookup_campaigns (lookup_key, campaign_number) SELECT $1, e.value FROM {each $2}",
+            args![key, numbers],
+        )
+        .await?;
+        tx.exec(
+            "UPDATE recall_lookups SET looked_up_at = now(), campaigns = $2, error_text = NULL, failed_at = NULL
+                 WHERE lookup_key = $1",
+            args![key, seen.len() as i64],
+        )
+        .await?;
+        batch_done(&mut tx, job_id, batch_no, true).await?;
+        tx.commit().await
+    }
+
+    /// Puts an ended job back to work: its failed rows (`failed_only`) or
+    /// every valid row go back to pending; rows whose VIN has a fresh,
+    /// successful decode in the cache take it at no cost; the rest get new
+    /// batches. Recall lookups are planned again (the cache answers fresh
+    /// ones) and the outputs are rewritten. Returns the new batch count, or
+    /// `None` if the job is still running (or does not exist).
+    pub async fn reprocess(
+        &self,
+        job_id: i64,
+        failed_only: bool,
+        batch_size: i32,
+        cache_ttl_hours: f64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.write().await?;
+        let ended = tx
+            .row(
+                "SELECT state IN ('done', 'failed', 'cancelled') FROM jobs WHERE job_id = $1 {for update}",
+                args![job_id],
+            )
+            .await?;
+        if !ended.map(|r| r.bool(0)).transpose()?.unwrap_or(false) {
+            return Ok(None);
+        }
+        tx.exec(
+            "UPDATE job_inputs SET status = 'pending', error_code = NULL, error_text = NULL, decoded_at = NULL
+                 WHERE job_id = $1 AND status <> 'invalid' AND (NOT $2 OR status = 'failed')",
+            args![job_id, failed_only],
+        )
+        .await?;
+        tx.exec(
+            "UPDATE job_inputs SET status = 'decoded', decoded_at = c.decoded_at
+                 FROM vin_cache c
+                 WHERE job_inputs.job_id = $1 AND job_inputs.status = 'pending' AND c.vin = job_inputs.vin
+                   AND c.error_code IS NULL AND c.decoded_at > now() - {secs $2 * 3600}",
+            args![job_id, cache_ttl_hours],
+        )
+        .await?;
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
+        tx.exec(
+            "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
+                     started_at = now(), planned_at = now(), write_started_at = NULL, recalls_planned = false,
+                     outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
+                     campaigns_found = NULL, updated_at = now()
+                 WHERE job_id = $1",
+            args![job_id],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(batches))
+    }
+
+    /// Batches whose queue task was lost: claimed by a worker that died
+    /// mid-call (taken back after the lease), or rescheduled but never pushed.
+    pub async fn lost_tasks(&self) -> Result<Vec<(i64, i32, i32)>, StoreError> {
+        let mut tx = self.write().await?;
+        let mut lost = tx
+            .rows(
+                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
+                 WHERE state = 'running' AND EXISTS (
+                     SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.state IN ('running', 'waiting')
+                       AND batches.updated_at < now() - {secs 2 * {jsonf j.spec provider.timeout_secs} + 30})
+                 RETURNING job_id, batch_no, generation",
+                args![],
+            )
+            .await?;
+        lost.extend(
+            tx.rows(
+                "SELECT b.job_id, b.batch_no, b.generation FROM batches b JOIN jobs j ON j.job_id = b.job_id
+                     WHERE j.state IN ('running', 'waiting') AND b.state = 'queued' AND NOT b.enqueued
+                       AND b.updated_at < now() - {secs 10}",
+                args![],
+            )
+            .await?,
+        );
+        tx.commit().await?;
+        lost.iter().map(|r| Ok((r.int(0)?, r.int32(1)?, r.int32(2)?))).collect()
+    }
+
+    // ------------------------------------------------------------ limiter
+
+    /// Creates or updates the account's limiter row (a changed rate or
+    /// quota applies from the next reservation on).
+    pub async fn limiter_register(&self, p: &ProviderSpec) -> Result<(), StoreError> {
+        self.exec(
+            "INSERT INTO limiter (account, rate, burst, daily_quota, quota_reset, max_in_flight)
+                 VALUES ($1, $2, $3, $4, {secs $5}, $6)
+                 ON CONFLICT (account) DO UPDATE SET rate = excluded.rate, burst = excluded.burst,
+                     daily_quota = excluded.daily_quota, quota_reset = excluded.quota_reset,
+                     max_in_flight = excluded.max_in_flight, updated_at = now()",
+            args![
+                p.account(),
+                p.requests_per_second,
+                p.burst(),
+                p.daily_quota.map(|q| q as i64),
+                f64::from(p.quota_reset_minutes()) * 60.0,
+                p.max_in_flight.map(|n| i64::from(n.max(1)))
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Reserves `k` calls for `account` at `now` (Unix seconds; `None`: the
+    /// store's clock): how many were granted, else how long to wait and why;
+    /// the time of the decision; and the flight rows under an in-flight cap.
+    pub async fn limiter_reserve(
+        &self,
+        account: &str,
+        k: i64,
+        lease_secs: f64,
+        now: Option<f64>,
+    ) -> Result<(i64, f64, Option<String>, f64, Vec<i64>), StoreError> {
+        match &self.db {
+            Db::Pg(p) => postgres::limiter_reserve(p, account, k, lease_secs, now).await,
+            Db::Lite { pool, .. } => sqlite::limiter_reserve(pool, account, k, lease_secs, now).await,
+        }
+    }
+
+    /// Gives `n` reserved but unused calls back to the quota day they were
+    /// granted in (never to an ended day).
+    pub async fn limiter_refund(&self, account: &str, n: i64, granted_at: f64) -> Result<(), StoreError> {
+        self.exec(
+                "UPDATE limiter SET day_used = greatest(0, day_used - $2) WHERE account = $1 AND quota_day_start <= {ts $3}",
+                args![account, n, granted_at],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn limiter_release(&self, flight: i64) -> Result<(), StoreError> {
+        self.exec("DELETE FROM limiter_flights WHERE flight_id = $1", args![flight]).await?;
+        Ok(())
+    }
+
+    /// A 429: no caller before `retry_after` seconds (only ever moved
+    /// later); without one the rate halves (to `min_scale` at least) and
+    /// everyone waits one new interval.
+    pub async fn limiter_push_back(
+        &self,
+        account: &str,
+        retry_after: Option<f64>,
+        min_scale: f64,
+    ) -> Result<(), StoreError> {
+        match retry_after {
+            Some(secs) => {
+                self.exec(
+                    "UPDATE limiter SET blocked_until = greatest(blocked_until, clock_timestamp() + {secs $2}),
+                             updated_at = now()
+                         WHERE account = $1",
+                    args![account, secs],
+                )
+                .await?
+            }
+            None => {
+                self.exec(
+                    "UPDATE limiter SET scale = greatest($2, scale / 2),
+                             blocked_until = greatest(blocked_until,
+                                 clock_timestamp() + {secs 1.0 / (rate * greatest($2, scale / 2))}),
+                             updated_at = now()
+                         WHERE account = $1",
+                    args![account, min_scale],
+                )
+                .await?
+            }
+        };
+        Ok(())
+    }
+
+    /// The API answered (a success recovers `step` of a reduced rate): the
+    /// circuit closes. No write at all in the usual case.
+    pub async fn limiter_answered(&self, account: &str, success: bool, step: f64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE limiter SET scale = CASE WHEN $2 THEN least(1, scale + $3) ELSE scale END,
+                     circuit_since = NULL, circuit_failures = 0, circuit_reason = NULL, server_errors = 0
+                 WHERE account = $1 AND (($2 AND scale < 1) OR circuit_since IS NOT NULL OR server_errors > 0)",
+            args![account, success, step],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// One more 5xx (or timeout) in a row; returns the run's length.
+    pub async fn limiter_server_error(&self, account: &str) -> Result<i64, StoreError> {
+        self.one(
+            "UPDATE limiter SET server_errors = server_errors + 1 WHERE account = $1
+                 RETURNING CAST(server_errors AS BIGINT)",
+            args![account],
+        )
+        .await?
+        .int(0)
+    }
+
+    /// Opens (or keeps open) the account's circuit: the next probe backs
+    /// off 1, 2, 4 … `max_gap` seconds; `refund` quota units come back.
+    pub async fn limiter_trip(&self, account: &str, reason: &str, max_gap: i64, refund: i64) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE limiter SET circuit_since = coalesce(circuit_since, clock_timestamp()),
+                     circuit_probe_at = clock_timestamp() + {secs least($3, 1 << least(circuit_failures, 10))},
+                     circuit_failures = circuit_failures + 1, circuit_reason = $2, server_errors = 0,
+                     day_used = greatest(0, day_used - $4)
+                 WHERE account = $1",
+            args![account, reason, max_gap, refund],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The account's circuit: open since (Unix seconds; `None`: closed),
+    /// next probe, last failure.
+    pub async fn limiter_circuit(&self, account: &str) -> Result<Option<(f64, f64, String)>, StoreError> {
+        let row = self.row(
+                "SELECT {epoch circuit_since}, {epoch circuit_probe_at}, circuit_reason FROM limiter WHERE account = $1",
+                args![account],
+            )
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(r.opt_real(0)?.map(|since| {
+            (since, r.opt_real(1).ok().flatten().unwrap_or(since), r.opt_text(2).ok().flatten().unwrap_or_default())
+        }))
+    }
+}
+
+/// Cuts the job's pending VINs, distinct and sorted, into batches of
+/// `batch_size`, numbered after any the job already has.
+async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64, StoreError> {
+    match tx {
+        Tx::Pg(t) => postgres::batch_pending(t, job_id, batch_size).await,
+        Tx::Lite(t) => sqlite::batch_pending(t, job_id, batch_size).await,
+    }
+}
+
+/// The batch is done and its call counted; a completed call also ends a
+/// wait (quota, outage).
+async fn batch_done(tx: &mut Tx, job_id: i64, batch_no: i32, recall: bool) -> Result<(), StoreError> {
+    tx.exec(
+        "UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2",
+        args![job_id, batch_no],
+    )
+    .await?;
+    tx.exec(
+        "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2, updated_at = now(),
+                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
+                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
+                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
+             WHERE job_id = $1",
+        args![job_id, i64::from(recall)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// One row of the output query (both dialects' columns, in one order).
+fn output_row(mut r: Row) -> Result<OutputRow, StoreError> {
+    let carried = match r.json(9)? {
+        Value::Object(m) => m,
+        _ => Default::default(),
+    };
+    let vehicle = (0..VEHICLE_COLUMNS.len()).map(|i| r.take_text(12 + i)).collect::<Result<_, _>>()?;
+    Ok(OutputRow {
+        source: r.text(0)?,
+        source_row: r.int(1)?,
+        raw_vin: r.text(2)?,
+        vin: r.take_text(3)?,
+        status: r.text(4)?,
+        error_code: r.take_text(5)?,
+        error_text: r.take_text(6)?,
+        decoded_at: r.opt_real(7)?.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)),
+        check_digit_valid: r.opt_bool(8)?,
+        recall_campaigns: if r.is_null(10) { None } else { Some(r.texts(10)?) },
+        recall_error: r.take_text(11)?,
+        vehicle,
+        carried,
+    })
+}
+
+/// NHTSA's `DD/MM/YYYY` as `YYYY-MM-DD` (anything else: none).
+fn iso_date(d: &str) -> Option<String> {
+    let p: Vec<&str> = d.trim().split('/').collect();
+    match p.as_slice() {
+        [dd, mm, yyyy] if dd.len() == 2 && mm.len() == 2 && yyyy.len() == 4 => Some(format!("{yyyy}-{mm}-{dd}")),
+        _ => None,
+    }
+}

@@ -1,0 +1,279 @@
+//! What the state store takes and gives: the records of jobs, rows,
+//! batches and counts, its errors, and where it lives. Both dialects and
+//! the core speak these; they import nothing of the store's own.
+
+use crate::api::Recall;
+
+/// One input row as the planner stores it.
+#[derive(Debug, Clone)]
+pub struct PlannedRow {
+    pub source: String,
+    pub row_number: i64,
+    pub raw_vin: String,
+    pub vin: Option<String>,
+    pub check_digit_valid: Option<bool>,
+    pub error_code: Option<&'static str>,
+    pub error_text: Option<String>,
+    pub carried: serde_json::Value,
+}
+
+/// A batch claimed by a worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedBatch {
+    pub vins: Vec<String>,
+    pub attempts: i32,
+    /// Set for a recall lookup; `None` for a batch decode.
+    pub lookup_key: Option<String>,
+}
+
+/// Why a batch goes back on the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reschedule {
+    /// The call failed in a retryable way: one attempt used.
+    Failed,
+    /// The call got a 429: no attempt used.
+    RateLimited,
+    /// No call was made (the limiter said wait).
+    NotCalled,
+}
+
+/// One decoded VIN to store.
+#[derive(Debug, Clone)]
+pub struct DecodedVin {
+    pub vin: String,
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub model_year: Option<i32>,
+    /// A per-VIN error inside a 200 answer.
+    pub error: Option<(String, String)>,
+    pub raw: serde_json::Value,
+}
+
+/// The counts `status` shows.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct JobCounts {
+    pub job_id: i64,
+    pub name: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub rows: i64,
+    pub valid: i64,
+    pub invalid: std::collections::BTreeMap<String, i64>,
+    pub duplicates: i64,
+    pub cache_hits: i64,
+    pub decoded: i64,
+    pub failed: i64,
+    pub pending: i64,
+    pub batches: i64,
+    pub batches_done: i64,
+    pub dead_lettered_batches: i64,
+    pub dead_lettered_vins: i64,
+    pub calls_made: i64,
+    pub calls_retried: i64,
+    pub rate_limited: i64,
+    /// Recall lookups on (`None`) or off.
+    pub recalls: Option<RecallCounts>,
+    /// Where the outputs went, once written.
+    pub outputs: Vec<String>,
+    /// When the job started and each phase ended.
+    pub times: JobTimes,
+}
+
+/// When a job was created, when its current run started (the submission,
+/// or the latest `reprocess`), when each phase ended (RFC 3339, UTC), and how
+/// long each took in seconds: planning (read, parse, dedupe, batch), calls
+/// (decodes and recall lookups), writing (the outputs). A phase not reached
+/// yet is null; `vinetl write` restarts writing.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct JobTimes {
+    pub created_at: Option<String>,
+    pub started_at: Option<String>,
+    pub planned_at: Option<String>,
+    pub write_started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub planning_secs: Option<f64>,
+    pub calls_secs: Option<f64>,
+    pub writing_secs: Option<f64>,
+    pub total_secs: Option<f64>,
+}
+
+impl JobTimes {
+    /// From Unix seconds: created, started, planned, writing started, finished.
+    pub(crate) fn from_epochs(t: [Option<f64>; 5]) -> JobTimes {
+        let at = |s: Option<f64>| {
+            s.and_then(|s| sqlx::types::chrono::DateTime::from_timestamp_micros((s * 1e6).round() as i64))
+                .map(|d| d.to_rfc3339())
+        };
+        let span = |a: Option<f64>, b: Option<f64>| Some(((b? - a?) * 1000.0).round() / 1000.0).filter(|d| *d >= 0.0);
+        let [created, started, planned, writing, finished] = t;
+        // Without outputs, the calls end when the job does.
+        let calls_end = writing.or(finished);
+        JobTimes {
+            created_at: at(created),
+            started_at: at(started),
+            planned_at: at(planned),
+            write_started_at: at(writing),
+            finished_at: at(finished),
+            planning_secs: span(started, planned),
+            calls_secs: span(planned, calls_end),
+            writing_secs: span(writing, finished),
+            total_secs: span(started, finished),
+        }
+    }
+}
+
+/// A recall answer's campaigns by number (the first record of a number
+/// wins; records without one are dropped).
+pub(crate) fn distinct_campaigns(recalls: &[Recall]) -> std::collections::BTreeMap<String, &Recall> {
+    let mut seen = std::collections::BTreeMap::new();
+    for r in recalls.iter().filter(|r| !r.campaign_number.trim().is_empty()) {
+        seen.entry(r.campaign_number.trim().to_string()).or_insert(r);
+    }
+    seen
+}
+
+/// A job's recall accounting.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct RecallCounts {
+    /// Distinct lookups the job needed (make/model/year, or VINs).
+    pub lookups: i64,
+    /// Of those, answered by the cache.
+    pub cache_hits: i64,
+    /// Recall calls made (retries included).
+    pub calls: i64,
+    /// Lookups that failed for good: their rows' recalls are unknown.
+    pub failed: i64,
+    /// Once the job's calls are done: rows with at least one recall, rows
+    /// whose recalls are unknown, distinct campaigns.
+    pub rows_with_recalls: Option<i64>,
+    pub rows_unknown: Option<i64>,
+    pub campaigns: Option<i64>,
+    /// Calls a one-lookup-per-row client would make, less the calls made.
+    pub calls_saved: i64,
+}
+
+/// What a job needs next, once a batch ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Batches are still queued or running (or the job has ended).
+    Nothing,
+    /// Recall lookups were planned: enqueue them.
+    Enqueue,
+    /// Every call is done and the job has outputs: write them (this caller
+    /// holds the job in `writing`).
+    Write,
+    /// The job is done.
+    Done,
+}
+
+/// A recall lookup to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub key: String,
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub model_year: Option<i32>,
+    pub vin: Option<String>,
+}
+
+/// Where the state lives, from `DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Postgres(String),
+    Sqlite(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("DATABASE_URL must start with postgres:// or sqlite://, got {0:?}")]
+    UnknownScheme(String),
+    #[error(
+        "schema name {0:?} is not allowed: use lowercase letters, digits and _, starting with a letter or _ (at most 63)"
+    )]
+    BadSchema(String),
+    #[error("cannot connect to Postgres at {url}: {}", connect_hint(error))]
+    Connect { url: String, error: sqlx::Error },
+    #[error("cannot open the SQLite state file {path}: {error}: is the directory writable?")]
+    SqliteOpen { path: String, error: sqlx::Error },
+    /// A read-only command found no state where it looked.
+    #[error("no vinetl state at {0}: run `vinetl submit` or `vinetl run` there first, or point DATABASE_URL elsewhere")]
+    NoState(String),
+    #[error("no job {0}: `vinetl status` lists the jobs")]
+    NoJob(i64),
+    #[error("migrating schema {schema} failed: {source}")]
+    Migrate { schema: String, source: sqlx::migrate::MigrateError },
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("queue: {0}")]
+    Queue(String),
+    /// A value that is not what the statement promised (a bug, or a
+    /// schema changed under a running process).
+    #[error("unexpected value from the database: {0}")]
+    Decode(String),
+}
+
+/// What went wrong connecting, and what to do about it.
+fn connect_hint(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("3D000") => format!("{}: create it, or fix the database name in DATABASE_URL", db.message()),
+            Some("28P01" | "28000") => format!("{}: check the user and password in DATABASE_URL", db.message()),
+            _ => db.message().to_string(),
+        },
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+            "nothing answered within 5 s: is Postgres running there, and does DATABASE_URL point at it?".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+impl DatabaseUrl {
+    pub fn parse(url: &str) -> Result<DatabaseUrl, StoreError> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DatabaseUrl::Postgres(url.to_string()))
+        } else if url.starts_with("sqlite:") {
+            Ok(DatabaseUrl::Sqlite(url.to_string()))
+        } else {
+            Err(StoreError::UnknownScheme(redact(url)))
+        }
+    }
+}
+
+/// A schema name is spliced into DDL (identifiers cannot be bound), so it is
+/// checked against a strict pattern first.
+pub fn check_schema(schema: &str) -> Result<&str, StoreError> {
+    if crate::columns::is_identifier(schema) { Ok(schema) } else { Err(StoreError::BadSchema(schema.to_string())) }
+}
+
+/// The URL with any password replaced, fit for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((auth, host)) = rest.split_once('@') else { return url.to_string() };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        let err = DatabaseUrl::parse("mysql://u:secret@h/db").unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn schema_names_are_checked_before_they_reach_sql() {
+        assert!(check_schema("vinetl").is_ok());
+        assert!(check_schema("t_123").is_ok());
+        for bad in ["", "1abc", "a-b", "A", "x; drop table jobs", &"a".repeat(64)] {
+            assert!(check_schema(bad).is_err(), "{bad:?}");
+        }
+    }
+}
