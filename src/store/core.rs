@@ -372,10 +372,11 @@ impl Store {
 
     pub async fn mark_enqueued(&self, job_id: i64, batch_generations: &[(i32, i32)]) -> Result<(), StoreError> {
         let pairs: Vec<Value> = batch_generations.iter().map(|(b, g)| json!({"b": b, "g": g})).collect();
+        // A row-value IN, not UPDATE ... FROM: SQLite would scan the batches
+        // once per pair, holding the write lock a hundred times longer.
         self.exec(
             "UPDATE batches SET enqueued = true
-                 FROM {rows $2: b integer, g integer}
-                 WHERE batches.job_id = $1 AND batches.batch_no = x.b AND batches.generation = x.g",
+             WHERE job_id = $1 AND (batch_no, generation) IN (SELECT x.b, x.g FROM {rows $2: b integer, g integer})",
             args![job_id, Value::Array(pairs)],
         )
         .await?;
