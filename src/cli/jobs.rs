@@ -11,7 +11,7 @@ use crate::exit::Usage;
 use crate::job::plan::{self, Submitted};
 use crate::job::preflight::Checks;
 use crate::spec::JobSpec;
-use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, postgres, sqlite};
+use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, sqlite};
 
 /// The state file when `DATABASE_URL` is unset: SQLite, in the working
 /// directory (the queue goes beside it, in `vinetl-queue.db`).
@@ -51,25 +51,8 @@ impl State {
     /// `cancel`, `write`, `reprocess`, `check`): fails with "no vinetl
     /// state at ..." instead of creating a file, a directory or a schema.
     pub async fn open_existing(&self, connections: u32) -> Result<Store, StoreError> {
-        match &self.url {
-            DatabaseUrl::Sqlite(url) => {
-                if !Path::new(sqlite::path_of(url)).is_file() {
-                    return Err(StoreError::NoState(self.describe()));
-                }
-            }
-            DatabaseUrl::Postgres(url) => {
-                let pool = postgres::connect(url, &self.schema, 1).await?;
-                let exists: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'jobs')",
-                )
-                .bind(&self.schema)
-                .fetch_one(&pool)
-                .await?;
-                pool.close().await;
-                if !exists {
-                    return Err(StoreError::NoState(self.describe()));
-                }
-            }
+        if !Store::exists(&self.url, &self.schema).await? {
+            return Err(StoreError::NoState(self.describe()));
         }
         self.open(connections).await
     }

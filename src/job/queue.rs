@@ -111,23 +111,26 @@ pub fn worker_storage(pool: &PgPool, schema: &str, lane: Lane, concurrency: usiz
     PostgresStorage::new(pool).with_config(config)
 }
 
-/// Creates apalis-sqlite's tables in the queue's own file.
-/// sqlx's SQLite migrator reads, then writes, in a deferred transaction: a
-/// worker writing the queue meanwhile makes the upgrade fail at once with
-/// SQLITE_BUSY (busy_timeout does not apply to a lock upgrade), so a busy
-/// queue file is tried again for up to ten seconds.
+/// Creates apalis-sqlite's tables in the queue's own file, when any of its
+/// migrations is missing (a new file, a new apalis). Otherwise nothing is
+/// written: sqlx's SQLite migrator reads, then writes, in a deferred
+/// transaction, and a worker writing the queue meanwhile would make that
+/// upgrade fail at once with SQLITE_BUSY (busy_timeout does not apply to a
+/// lock upgrade). A new file is set up under the state's open lock
+/// ([`crate::store::Store::open`]), so processes take turns.
 async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
-    let mut tries = 0;
-    loop {
-        match apalis_sqlite::SqliteStorage::setup(pool).await {
-            Ok(()) => return Ok(()),
-            Err(e) if tries < 100 && e.to_string().contains("database is locked") => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(StoreError::Queue(format!("creating the apalis queue tables failed: {e}"))),
-        }
+    let migrator = apalis_sqlite::SqliteStorage::<()>::migrations();
+    // No table yet reads as nothing applied.
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
+    if migrator.iter().all(|m| m.migration_type.is_down_migration() || applied.contains(&m.version)) {
+        return Ok(());
     }
+    apalis_sqlite::SqliteStorage::setup(pool)
+        .await
+        .map_err(|e| StoreError::Queue(format!("creating the apalis queue tables failed: {e}")))
 }
 
 /// The SQLite queue (one file per install, so one queue name per lane).

@@ -49,7 +49,7 @@ pub(super) enum Conn<'a> {
 }
 
 impl Conn<'_> {
-    pub(super) async fn exec(self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
+    async fn exec(self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
         match self {
             Conn::Pg(p) => postgres::exec(p, Dialect::Postgres.sql(sql), args).await,
             Conn::PgTx(c) => postgres::exec(c, Dialect::Postgres.sql(sql), args).await,
@@ -58,7 +58,7 @@ impl Conn<'_> {
         }
     }
 
-    pub(super) async fn rows(self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+    async fn rows(self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
         match self {
             Conn::Pg(p) => postgres::rows(p, Dialect::Postgres.sql(sql), args).await,
             Conn::PgTx(c) => postgres::rows(c, Dialect::Postgres.sql(sql), args).await,
@@ -67,13 +67,43 @@ impl Conn<'_> {
         }
     }
 
-    pub(super) async fn row(self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
-        Ok(self.rows(sql, args).await?.into_iter().next())
+    fn dialect(&self) -> Dialect {
+        match self {
+            Conn::Pg(_) | Conn::PgTx(_) => Dialect::Postgres,
+            Conn::Lite(_) | Conn::LiteTx(_) => Dialect::Sqlite,
+        }
     }
+}
 
-    pub(super) async fn one(self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
-        self.row(sql, args).await?.ok_or(StoreError::Sql(sqlx::Error::RowNotFound))
-    }
+/// A statement's runners, through `self.conn()`, for the store (`&self`)
+/// and a transaction (`&mut self`): `exec` (rows affected), `rows`, `row`
+/// (the first, if any), `one` (exactly one); `pick` takes the statement of
+/// this dialect where the two differ.
+macro_rules! runners_via_conn {
+    ($($mut:ident)?) => {
+        pub(super) async fn exec(&$($mut)? self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
+            self.conn().exec(sql, args).await
+        }
+
+        pub(super) async fn rows(&$($mut)? self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
+            self.conn().rows(sql, args).await
+        }
+
+        pub(super) async fn row(&$($mut)? self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
+            Ok(self.rows(sql, args).await?.into_iter().next())
+        }
+
+        pub(super) async fn one(&$($mut)? self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
+            self.row(sql, args).await?.ok_or(StoreError::Sql(sqlx::Error::RowNotFound))
+        }
+
+        fn pick(&$($mut)? self, pg: &'static str, lite: &'static str) -> &'static str {
+            match self.conn().dialect() {
+                Dialect::Postgres => pg,
+                Dialect::Sqlite => lite,
+            }
+        }
+    };
 }
 
 /// An open transaction of either dialect.
@@ -83,28 +113,14 @@ pub(super) enum Tx {
 }
 
 impl Tx {
-    pub(super) fn conn(&mut self) -> Conn<'_> {
+    fn conn(&mut self) -> Conn<'_> {
         match self {
             Tx::Pg(t) => Conn::PgTx(t),
             Tx::Lite(t) => Conn::LiteTx(t),
         }
     }
 
-    pub(super) async fn exec(&mut self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
-        self.conn().exec(sql, args).await
-    }
-
-    pub(super) async fn rows(&mut self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
-        self.conn().rows(sql, args).await
-    }
-
-    pub(super) async fn row(&mut self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
-        self.conn().row(sql, args).await
-    }
-
-    pub(super) async fn one(&mut self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
-        self.conn().one(sql, args).await
-    }
+    runners_via_conn!(mut);
 
     pub(super) async fn commit(self) -> Result<(), StoreError> {
         match self {
@@ -127,28 +143,14 @@ pub enum PlanLock {
 const BUSY: &str = "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))";
 
 impl Store {
-    pub(super) fn conn(&self) -> Conn<'_> {
+    fn conn(&self) -> Conn<'_> {
         match &self.db {
             Db::Pg(p) => Conn::Pg(p),
             Db::Lite { pool, .. } => Conn::Lite(pool),
         }
     }
 
-    async fn exec(&self, sql: &'static str, args: &[Arg]) -> Result<u64, StoreError> {
-        self.conn().exec(sql, args).await
-    }
-
-    async fn rows(&self, sql: &'static str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
-        self.conn().rows(sql, args).await
-    }
-
-    async fn row(&self, sql: &'static str, args: &[Arg]) -> Result<Option<Row>, StoreError> {
-        self.conn().row(sql, args).await
-    }
-
-    async fn one(&self, sql: &'static str, args: &[Arg]) -> Result<Row, StoreError> {
-        self.conn().one(sql, args).await
-    }
+    runners_via_conn!();
 
     /// A write transaction: SQLite takes its write lock at the start
     /// (`BEGIN IMMEDIATE`), so concurrent writers queue instead of failing
@@ -699,20 +701,16 @@ impl Store {
 
     /// The Parquet type of each carried column, from the values the job holds.
     pub async fn carried_types(&self, job_id: i64, carry: &[String]) -> Result<Vec<(String, CarriedType)>, StoreError> {
-        let seen = match &self.db {
-            Db::Pg(p) => postgres::carried_types(p, job_id).await?,
-            Db::Lite { pool, .. } => sqlite::carried_types(pool, job_id).await?,
-        };
-        Ok(carry
+        let seen = self.rows(self.pick(postgres::CARRIED_TYPES, sqlite::CARRIED_TYPES), args![job_id]).await?;
+        carry
             .iter()
             .map(|name| {
-                let t = seen
-                    .iter()
-                    .find(|(k, _, _)| k == name)
-                    .map_or(CarriedType::Text, |(_, types, ints)| CarriedType::infer(types, *ints));
-                (name.clone(), t)
+                let Some(r) = seen.iter().find(|r| r.text(0).is_ok_and(|k| &k == name)) else {
+                    return Ok((name.clone(), CarriedType::Text));
+                };
+                Ok((name.clone(), CarriedType::infer(&r.texts(1)?, r.bool(2)?)))
             })
-            .collect())
+            .collect()
     }
 
     /// The job's creation date (UTC): the `dt` partition of its output.
@@ -764,7 +762,10 @@ impl Store {
         }
         if mode != RecallMode::Off && !job.bool(2)? {
             let (keys, made) = match &mut tx {
-                Tx::Pg(t) => postgres::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
+                Tx::Pg(_) => {
+                    let r = tx.one(&postgres::PLAN_RECALLS, args![job_id, mode.as_str(), recall_ttl_hours]).await?;
+                    (r.int(0)?, r.int(1)?)
+                }
                 Tx::Lite(t) => sqlite::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
             };
             tx.exec(
@@ -780,10 +781,8 @@ impl Store {
             }
         }
         if mode != RecallMode::Off {
-            match &mut tx {
-                Tx::Pg(t) => postgres::summarise_recalls(t, job_id, mode).await?,
-                Tx::Lite(t) => sqlite::summarise_recalls(t, job_id, mode).await?,
-            }
+            let sql = tx.pick(&postgres::SUMMARISE_RECALLS, &sqlite::SUMMARISE_RECALLS);
+            tx.exec(sql, args![job_id, mode.as_str()]).await?;
         }
         let (next, state) = if has_outputs { (Next::Write, "writing") } else { (Next::Done, "done") };
         tx.exec(
@@ -1059,10 +1058,18 @@ impl Store {
         lease_secs: f64,
         now: Option<f64>,
     ) -> Result<(i64, f64, Option<String>, f64, Vec<i64>), StoreError> {
-        match &self.db {
-            Db::Pg(p) => postgres::limiter_reserve(p, account, k, lease_secs, now).await,
-            Db::Lite { pool, .. } => sqlite::limiter_reserve(pool, account, k, lease_secs, now).await,
-        }
+        let Db::Lite { pool, .. } = &self.db else {
+            let r = self.one(postgres::LIMITER_RESERVE, args![account, k, lease_secs, now]).await?;
+            let flights = serde_json::from_value(r.json(4)?).map_err(|e| StoreError::Decode(e.to_string()))?;
+            return Ok((
+                r.int(0)?,
+                r.opt_real(1)?.unwrap_or(0.0),
+                r.opt_text(2)?,
+                r.opt_real(3)?.unwrap_or(0.0),
+                flights,
+            ));
+        };
+        sqlite::limiter_reserve(pool, account, k, lease_secs, now).await
     }
 
     /// Gives `n` reserved but unused calls back to the quota day they were
@@ -1172,10 +1179,8 @@ impl Store {
 /// Cuts the job's pending VINs, distinct and sorted, into batches of
 /// `batch_size`, numbered after any the job already has.
 async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64, StoreError> {
-    match tx {
-        Tx::Pg(t) => postgres::batch_pending(t, job_id, batch_size).await,
-        Tx::Lite(t) => sqlite::batch_pending(t, job_id, batch_size).await,
-    }
+    let sql = tx.pick(postgres::BATCH_PENDING, sqlite::BATCH_PENDING);
+    Ok(tx.exec(sql, args![job_id, batch_size]).await? as i64)
 }
 
 /// The batch is done and its call counted; a completed call also ends a

@@ -39,4 +39,13 @@ impl Store {
             }
         })
     }
+
+    /// Whether `url` holds vinetl state already (a SQLite file, or a
+    /// Postgres schema with vinetl's tables), without creating any.
+    pub async fn exists(url: &DatabaseUrl, schema: &str) -> Result<bool, StoreError> {
+        match url {
+            DatabaseUrl::Sqlite(u) => Ok(std::path::Path::new(sqlite::path_of(u)).is_file()),
+            DatabaseUrl::Postgres(u) => postgres::has_state(u, schema).await,
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! nothing here calls back.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,7 +18,7 @@ use sqlx::{Column, Postgres, Row as _, TypeInfo};
 
 use super::records::{StoreError, check_schema, redact};
 use super::sql::{Arg, Row, Val, bind_args, runners};
-use crate::columns::{RecallMode, VEHICLE_COLUMNS};
+use crate::columns::VEHICLE_COLUMNS;
 
 /// The runner's migrations, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -51,6 +52,20 @@ pub async fn open(url: &str, schema: &str, max_connections: u32) -> Result<PgPoo
     let pool = connect(url, schema, max_connections).await?;
     migrate(&pool, schema).await?;
     Ok(pool)
+}
+
+/// Whether `schema` holds vinetl's tables (read-only commands must not
+/// create it).
+pub async fn has_state(url: &str, schema: &str) -> Result<bool, StoreError> {
+    let pool = connect(url, schema, 1).await?;
+    let exists = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = $1 AND table_name = 'jobs')",
+    )
+    .bind(schema)
+    .fetch_one(&pool)
+    .await;
+    pool.close().await;
+    Ok(exists?)
 }
 
 /// Creates the schema if needed and applies pending migrations. Safe to run
@@ -125,112 +140,85 @@ pub(super) async fn unlock_planning(mut conn: sqlx::pool::PoolConnection<Postgre
     Ok(())
 }
 
-type Tx = sqlx::Transaction<'static, Postgres>;
-
-/// Cuts the job's pending VINs, distinct and sorted, into batches of
-/// `batch_size`, numbered after any the job already has.
-pub(super) async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64, StoreError> {
-    Ok(sqlx::query(
-        "INSERT INTO batches (job_id, batch_no, vins)
-         SELECT $1, base.b + ((v.n - 1) / $2)::int, array_agg(v.vin ORDER BY v.vin)
-         FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
-               FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') d) v,
-              (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1) base
-         GROUP BY base.b, (v.n - 1) / $2",
-    )
-    .bind(job_id)
-    .bind(batch_size)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected() as i64)
-}
+/// Cuts the job's pending VINs, distinct and sorted, into batches of `$2`,
+/// numbered after any the job already has.
+pub(super) const BATCH_PENDING: &str = "INSERT INTO batches (job_id, batch_no, vins)
+     SELECT $1, base.b + ((v.n - 1) / $2)::int, array_agg(v.vin ORDER BY v.vin)
+     FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n
+           FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') d) v,
+          (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1) base
+     GROUP BY base.b, (v.n - 1) / $2";
 
 /// The job's recall keys as a lateral subquery of `ji` and `c` (`$2`: the mode).
 const KEY: &str = "CROSS JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
                                                   ELSE recall_key(c.make, c.model, c.model_year) END AS key) k";
 
-/// Registers every distinct lookup the job needs and creates a recall
-/// batch for each one the cache cannot answer, in one statement. Returns
-/// (lookups, batches made).
-pub(super) async fn plan_recalls(
-    tx: &mut Tx,
-    job_id: i64,
-    mode: RecallMode,
-    ttl_hours: f64,
-) -> Result<(i64, i64), StoreError> {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "WITH keys AS (
-                 SELECT k.key, min(c.make) AS make, min(c.model) AS model, min(c.model_year) AS year, min(ji.vin) AS vin
-                 FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin {KEY}
-                 WHERE ji.job_id = $1 AND ji.status = 'decoded' AND k.key IS NOT NULL
-                 GROUP BY k.key),
-             registered AS (
-                 INSERT INTO recall_lookups (lookup_key, make, model, model_year, vin)
-                 SELECT key, make, model, year, CASE WHEN $2 = 'vin' THEN vin END FROM keys
-                 ON CONFLICT (lookup_key) DO NOTHING),
-             stale AS (
-                 SELECT keys.key, keys.vin FROM keys LEFT JOIN recall_lookups l ON l.lookup_key = keys.key
-                 WHERE l.looked_up_at IS NULL OR l.looked_up_at <= now() - make_interval(secs => $3 * 3600)
-                    OR (l.failed_at IS NOT NULL AND l.failed_at > l.looked_up_at)),
-             base AS (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1),
-             made AS (
-                 INSERT INTO batches (job_id, batch_no, kind, vins, lookup_key)
-                 SELECT $1, base.b + (row_number() OVER (ORDER BY stale.key))::int - 1, 'recall', ARRAY[stale.vin],
-                        stale.key
-                 FROM stale, base
-                 RETURNING 1)
-             SELECT (SELECT count(*) FROM keys), (SELECT count(*) FROM made)"
-        )
-    });
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(SQL.as_str()))
-        .bind(job_id)
-        .bind(mode.as_str())
-        .bind(ttl_hours)
-        .fetch_one(&mut **tx)
-        .await?)
-}
-
-/// Stores the job's recall figures: rows with recalls, rows whose recalls
-/// are unknown, distinct campaigns found.
-pub(super) async fn summarise_recalls(tx: &mut Tx, job_id: i64, mode: RecallMode) -> Result<(), StoreError> {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "WITH r AS (
-                 SELECT rl.lookup_key,
-                        rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at) AS known
-                 FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin {KEY}
-                 LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key
-                 WHERE ji.job_id = $1 AND ji.status = 'decoded'),
-             per AS (SELECT lookup_key, count(*) AS n FROM recall_lookup_campaigns GROUP BY lookup_key)
-             UPDATE jobs SET
-                 rows_with_recalls = (SELECT count(*) FROM r JOIN per USING (lookup_key) WHERE r.known),
-                 rows_recalls_unknown = (SELECT count(*) FROM r WHERE NOT coalesce(r.known, false)),
-                 campaigns_found = (SELECT count(DISTINCT lc.campaign_number) FROM recall_lookup_campaigns lc
-                                    WHERE lc.lookup_key IN (SELECT lookup_key FROM r WHERE r.known))
-             WHERE job_id = $1"
-        )
-    });
-    sqlx::query(sqlx::AssertSqlSafe(SQL.as_str())).bind(job_id).bind(mode.as_str()).execute(&mut **tx).await?;
-    Ok(())
-}
-
-/// Each carried column's JSON types, and whether its numbers are all integers.
-pub(super) async fn carried_types(pool: &PgPool, job_id: i64) -> Result<Vec<(String, Vec<String>, bool)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT e.key, array_agg(DISTINCT jsonb_typeof(e.value)),
-                bool_and(jsonb_typeof(e.value) <> 'number' OR e.value::text ~ '^-?[0-9]{1,18}$')
-         FROM job_inputs ji, jsonb_each(ji.carried) e
-         WHERE ji.job_id = $1 GROUP BY e.key",
+/// Registers every distinct lookup job `$1` needs (`$2`: the mode) and
+/// creates a recall batch for each one the cache (`$3`: its TTL in hours)
+/// cannot answer, in one statement: (lookups, batches made).
+pub(super) static PLAN_RECALLS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH keys AS (
+             SELECT k.key, min(c.make) AS make, min(c.model) AS model, min(c.model_year) AS year, min(ji.vin) AS vin
+             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin {KEY}
+             WHERE ji.job_id = $1 AND ji.status = 'decoded' AND k.key IS NOT NULL
+             GROUP BY k.key),
+         registered AS (
+             INSERT INTO recall_lookups (lookup_key, make, model, model_year, vin)
+             SELECT key, make, model, year, CASE WHEN $2 = 'vin' THEN vin END FROM keys
+             ON CONFLICT (lookup_key) DO NOTHING),
+         stale AS (
+             SELECT keys.key, keys.vin FROM keys LEFT JOIN recall_lookups l ON l.lookup_key = keys.key
+             WHERE l.looked_up_at IS NULL OR l.looked_up_at <= now() - make_interval(secs => $3 * 3600)
+                OR (l.failed_at IS NOT NULL AND l.failed_at > l.looked_up_at)),
+         base AS (SELECT coalesce(max(batch_no) + 1, 0) AS b FROM batches WHERE job_id = $1),
+         made AS (
+             INSERT INTO batches (job_id, batch_no, kind, vins, lookup_key)
+             SELECT $1, base.b + (row_number() OVER (ORDER BY stale.key))::int - 1, 'recall', ARRAY[stale.vin],
+                    stale.key
+             FROM stale, base
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM keys), (SELECT count(*) FROM made)"
     )
-    .bind(job_id)
-    .fetch_all(pool)
-    .await?)
-}
+});
+
+/// Stores job `$1`'s recall figures (`$2`: the mode): rows with recalls,
+/// rows whose recalls are unknown, distinct campaigns found.
+pub(super) static SUMMARISE_RECALLS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH r AS (
+             SELECT rl.lookup_key,
+                    rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at) AS known
+             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin {KEY}
+             LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key
+             WHERE ji.job_id = $1 AND ji.status = 'decoded'),
+         per AS (SELECT lookup_key, count(*) AS n FROM recall_lookup_campaigns GROUP BY lookup_key)
+         UPDATE jobs SET
+             rows_with_recalls = (SELECT count(*) FROM r JOIN per USING (lookup_key) WHERE r.known),
+             rows_recalls_unknown = (SELECT count(*) FROM r WHERE NOT coalesce(r.known, false)),
+             campaigns_found = (SELECT count(DISTINCT lc.campaign_number) FROM recall_lookup_campaigns lc
+                                WHERE lc.lookup_key IN (SELECT lookup_key FROM r WHERE r.known))
+         WHERE job_id = $1"
+    )
+});
+
+/// Each carried column of job `$1`: its JSON types, and whether its numbers
+/// are all integers (at most 18 digits, to fit a BIGINT).
+pub(super) const CARRIED_TYPES: &str = "SELECT e.key, array_agg(DISTINCT jsonb_typeof(e.value)),
+        bool_and(jsonb_typeof(e.value) <> 'number'
+                 OR (e.value::text ~ '^-?[0-9]+$' AND length(ltrim(e.value::text, '-')) <= 18))
+     FROM job_inputs ji, jsonb_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key";
+
+/// One reservation through `limiter_reserve` (migration 0003), under the
+/// account row's lock and (unless `$4`, Unix seconds, is given) the
+/// database's clock.
+pub(super) const LIMITER_RESERVE: &str =
+    "SELECT granted, wait_secs, reason, extract(epoch FROM at)::float8, coalesce(array_to_json(flights), '[]'::json)
+     FROM limiter_reserve($1, CAST($2 AS INTEGER), $3, to_timestamp($4))";
 
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
-pub(super) static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(super) static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
     // jsonb_to_record reads each cached document once (twenty `->>` would
     // detoast it twenty times).
     let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("v.\"{field}\"")).collect();
@@ -263,26 +251,3 @@ pub(super) static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock:
         record.join(", ")
     )
 });
-
-/// One reservation through `limiter_reserve`, under the account row's lock
-/// and (unless `now` is given) the database's clock.
-pub(super) async fn limiter_reserve(
-    pool: &PgPool,
-    account: &str,
-    k: i64,
-    lease_secs: f64,
-    now: Option<f64>,
-) -> Result<(i64, f64, Option<String>, f64, Vec<i64>), StoreError> {
-    type Reserved = (i32, f64, Option<String>, f64, Option<Vec<i64>>);
-    let (granted, wait, reason, at, flights): Reserved = sqlx::query_as(
-        "SELECT granted, wait_secs, reason, extract(epoch FROM at)::float8, flights
-         FROM limiter_reserve($1, $2, $3, to_timestamp($4))",
-    )
-    .bind(account)
-    .bind(k as i32)
-    .bind(lease_secs)
-    .bind(now)
-    .fetch_one(pool)
-    .await?;
-    Ok((i64::from(granted), wait, reason, at, flights.unwrap_or_default()))
-}

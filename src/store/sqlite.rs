@@ -8,14 +8,15 @@
 //! nothing here calls back.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use serde_json::Value;
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Row as _, Sqlite, TypeInfo, ValueRef};
 
@@ -115,25 +116,14 @@ fn row(r: &SqliteRow) -> Result<Row, StoreError> {
     Ok(Row(vals))
 }
 
-type Tx = sqlx::Transaction<'static, Sqlite>;
-
-/// Cuts the job's pending VINs, distinct and sorted, into batches of
-/// `batch_size`, numbered after any the job already has.
-pub(super) async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64, StoreError> {
-    Ok(sqlx::query(
-        "INSERT INTO batches (job_id, batch_no, vins)
-         SELECT ?1, base + (n - 1) / ?2, json_group_array(vin)
-         FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n,
-                      (SELECT coalesce(max(batch_no) + 1, 0) FROM batches WHERE job_id = ?1) AS base
-               FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = ?1 AND status = 'pending') ORDER BY vin)
-         GROUP BY base + (n - 1) / ?2",
-    )
-    .bind(job_id)
-    .bind(i64::from(batch_size))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected() as i64)
-}
+/// Cuts the job's pending VINs, distinct and sorted, into batches of `$2`,
+/// numbered after any the job already has.
+pub(super) const BATCH_PENDING: &str = "INSERT INTO batches (job_id, batch_no, vins)
+     SELECT $1, base + (n - 1) / $2, json_group_array(vin)
+     FROM (SELECT vin, row_number() OVER (ORDER BY vin) AS n,
+                  (SELECT coalesce(max(batch_no) + 1, 0) FROM batches WHERE job_id = $1) AS base
+           FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'pending') ORDER BY vin)
+     GROUP BY base + (n - 1) / $2";
 
 /// The key a decoded VIN's recalls are looked up under (as in the
 /// Postgres `recall_key` function), for table alias `c` of vin_cache.
@@ -142,121 +132,101 @@ const RECALL_KEY: &str = "CASE WHEN nullif(trim(c.make), '') IS NULL OR nullif(t
                             ELSE 'mmy:' || upper(trim(c.make)) || '|' || upper(trim(c.model)) || '|' || c.model_year END";
 
 /// A job row's recall key (alias `ji` of job_inputs, `c` of vin_cache;
-/// `?2` the recall mode), for decoded rows only.
+/// `$2` the recall mode), for decoded rows only.
 fn key_expr() -> String {
     format!(
-        "CASE WHEN ji.status <> 'decoded' THEN NULL WHEN ?2 = 'vin' THEN 'vin:' || ji.vin WHEN ?2 = 'model' THEN {RECALL_KEY} END"
+        "CASE WHEN ji.status <> 'decoded' THEN NULL WHEN $2 = 'vin' THEN 'vin:' || ji.vin WHEN $2 = 'model' THEN {RECALL_KEY} END"
     )
 }
+
+/// Job `$1`'s distinct recall keys (`$2`: the mode) into `temp.recall_keys`.
+static RECALL_KEYS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO temp.recall_keys
+         SELECT key, min(make), min(model), min(year), min(vin) FROM (
+             SELECT ({key}) AS key, c.make AS make, c.model AS model, c.model_year AS year, ji.vin AS vin
+             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin
+             WHERE ji.job_id = $1 AND ji.status = 'decoded')
+         WHERE key IS NOT NULL GROUP BY key",
+        key = key_expr()
+    )
+});
 
 /// Registers every distinct lookup the job needs and creates a recall
 /// batch for each one the cache cannot answer (through a temporary table:
 /// SQLite has no data-modifying CTEs). Returns (lookups, batches made).
 pub(super) async fn plan_recalls(
-    tx: &mut Tx,
+    tx: &mut SqliteConnection,
     job_id: i64,
     mode: RecallMode,
     ttl_hours: f64,
 ) -> Result<(i64, i64), StoreError> {
-    let keys = format!(
-        "SELECT key, min(make), min(model), min(year), min(vin) FROM (
-             SELECT ({key}) AS key, c.make AS make, c.model AS model, c.model_year AS year, ji.vin AS vin
-             FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin
-             WHERE ji.job_id = ?1 AND ji.status = 'decoded')
-         WHERE key IS NOT NULL GROUP BY key",
-        key = key_expr()
-    );
-    sqlx::query(
+    exec(
+        &mut *tx,
         "CREATE TEMP TABLE IF NOT EXISTS recall_keys (key TEXT PRIMARY KEY, make TEXT, model TEXT, year INTEGER, vin TEXT)",
+        &[],
     )
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("DELETE FROM temp.recall_keys").execute(&mut **tx).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO temp.recall_keys {keys}")))
-        .bind(job_id)
-        .bind(mode.as_str())
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO recall_lookups (lookup_key, make, model, model_year, vin)
-         SELECT key, make, model, year, CASE WHEN ?1 = 'vin' THEN vin END FROM temp.recall_keys WHERE true
-         ON CONFLICT (lookup_key) DO NOTHING",
-    )
-    .bind(mode.as_str())
-    .execute(&mut **tx)
     .await?;
-    let made = sqlx::query(
-        "INSERT INTO batches (job_id, batch_no, kind, vins, lookup_key)
-         SELECT ?1, base + row_number() OVER (ORDER BY k.key) - 1, 'recall', json_array(k.vin), k.key
-         FROM temp.recall_keys k JOIN recall_lookups l ON l.lookup_key = k.key,
-              (SELECT coalesce(max(batch_no) + 1, 0) AS base FROM batches WHERE job_id = ?1)
-         WHERE l.looked_up_at IS NULL OR l.looked_up_at <= unixepoch('subsec') - ?2 * 3600
-            OR (l.failed_at IS NOT NULL AND l.failed_at > l.looked_up_at)",
+    exec(&mut *tx, RECALL_KEYS.as_str(), args![job_id, mode.as_str()]).await?;
+    exec(
+        &mut *tx,
+        "INSERT INTO recall_lookups (lookup_key, make, model, model_year, vin)
+         SELECT key, make, model, year, CASE WHEN $1 = 'vin' THEN vin END FROM temp.recall_keys WHERE true
+         ON CONFLICT (lookup_key) DO NOTHING",
+        args![mode.as_str()],
     )
-    .bind(job_id)
-    .bind(ttl_hours)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected() as i64;
-    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM temp.recall_keys").fetch_one(&mut **tx).await?;
-    sqlx::query("DELETE FROM temp.recall_keys").execute(&mut **tx).await?;
-    Ok((keys, made))
+    .await?;
+    let made = exec(
+        &mut *tx,
+        "INSERT INTO batches (job_id, batch_no, kind, vins, lookup_key)
+         SELECT $1, base + row_number() OVER (ORDER BY k.key) - 1, 'recall', json_array(k.vin), k.key
+         FROM temp.recall_keys k JOIN recall_lookups l ON l.lookup_key = k.key,
+              (SELECT coalesce(max(batch_no) + 1, 0) AS base FROM batches WHERE job_id = $1)
+         WHERE l.looked_up_at IS NULL OR l.looked_up_at <= unixepoch('subsec') - $2 * 3600
+            OR (l.failed_at IS NOT NULL AND l.failed_at > l.looked_up_at)",
+        args![job_id, ttl_hours],
+    )
+    .await?;
+    let keys = rows(&mut *tx, "SELECT count(*) FROM temp.recall_keys", &[]).await?[0].int(0)?;
+    // The table lives as long as the pooled connection: leave it empty.
+    exec(&mut *tx, "DELETE FROM temp.recall_keys", &[]).await?;
+    Ok((keys, made as i64))
 }
 
-/// Stores the job's recall figures: rows with recalls, rows whose recalls
-/// are unknown, distinct campaigns found.
-pub(super) async fn summarise_recalls(tx: &mut Tx, job_id: i64, mode: RecallMode) -> Result<(), StoreError> {
-    let sql = format!(
+/// Stores job `$1`'s recall figures (`$2`: the mode): rows with recalls,
+/// rows whose recalls are unknown, distinct campaigns found.
+pub(super) static SUMMARISE_RECALLS: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH r AS (
              SELECT rl.lookup_key,
                     coalesce(rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at), 0)
                         AS known
              FROM job_inputs ji JOIN vin_cache c ON c.vin = ji.vin
              LEFT JOIN recall_lookups rl ON rl.lookup_key = ({key})
-             WHERE ji.job_id = ?1 AND ji.status = 'decoded'),
+             WHERE ji.job_id = $1 AND ji.status = 'decoded'),
          per AS (SELECT lookup_key, count(*) AS n FROM recall_lookup_campaigns GROUP BY lookup_key)
          UPDATE jobs SET
              rows_with_recalls = (SELECT count(*) FROM r JOIN per USING (lookup_key) WHERE r.known),
              rows_recalls_unknown = (SELECT count(*) FROM r WHERE NOT r.known),
              campaigns_found = (SELECT count(DISTINCT lc.campaign_number) FROM recall_lookup_campaigns lc
                                 WHERE lc.lookup_key IN (SELECT lookup_key FROM r WHERE r.known))
-         WHERE job_id = ?1",
+         WHERE job_id = $1",
         key = key_expr()
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql)).bind(job_id).bind(mode.as_str()).execute(&mut **tx).await?;
-    Ok(())
-}
+    )
+});
 
-/// Each carried column's JSON types, and whether its numbers are all integers.
-pub(super) async fn carried_types(
-    pool: &SqlitePool,
-    job_id: i64,
-) -> Result<Vec<(String, Vec<String>, bool)>, StoreError> {
-    let seen: Vec<(String, String)> =
-        sqlx::query_as("SELECT DISTINCT e.key, e.type FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = ?")
-            .bind(job_id)
-            .fetch_all(pool)
-            .await?;
-    let mut by_key: std::collections::BTreeMap<String, (std::collections::BTreeSet<String>, bool)> = Default::default();
-    for (key, t) in seen {
-        let e = by_key.entry(key).or_insert_with(|| (Default::default(), true));
-        e.1 &= t != "real";
-        e.0.insert(
-            match t.as_str() {
-                "integer" | "real" => "number",
-                "true" | "false" => "boolean",
-                "text" => "string",
-                other => other,
-            }
-            .to_string(),
-        );
-    }
-    Ok(by_key.into_iter().map(|(k, (types, ints))| (k, types.into_iter().collect(), ints)).collect())
-}
+/// Each carried column of job `$1`: its JSON types (in Postgres' names),
+/// and whether its numbers are all integers.
+pub(super) const CARRIED_TYPES: &str = "SELECT e.key,
+        json_group_array(DISTINCT CASE e.type WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number'
+                                   WHEN 'true' THEN 'boolean' WHEN 'false' THEN 'boolean'
+                                   WHEN 'text' THEN 'string' ELSE e.type END),
+        min(e.type <> 'real')
+     FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key";
 
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
-pub(super) static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(super) static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
     let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("ji.raw ->> '$.{field}'")).collect();
     let known = "rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at)";
     format!(
@@ -265,7 +235,7 @@ pub(super) static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock:
                 CASE WHEN {known} THEN coalesce((SELECT json_group_array(campaign_number) FROM
                     (SELECT campaign_number FROM recall_lookup_campaigns WHERE lookup_key = rl.lookup_key
                      ORDER BY campaign_number)), '[]') END AS campaigns,
-                CASE WHEN ?2 = 'off' OR ji.status <> 'decoded' THEN NULL
+                CASE WHEN $2 = 'off' OR ji.status <> 'decoded' THEN NULL
                      WHEN {known} THEN NULL
                      WHEN rl.error_text IS NOT NULL THEN 'recall lookup failed: ' || rl.error_text
                      WHEN ji.key IS NULL THEN 'no make, model and model year to look recalls up by'
@@ -273,7 +243,7 @@ pub(super) static OUTPUT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock:
                 {vehicle}
          FROM (SELECT ji.*, c.raw AS raw, ({key}) AS key
                FROM job_inputs ji LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
-               WHERE ji.job_id = ?1) ji
+               WHERE ji.job_id = $1) ji
          LEFT JOIN recall_lookups rl ON rl.lookup_key = ji.key
          ORDER BY ji.source, ji.row_number",
         vehicle = vehicle.join(", "),
