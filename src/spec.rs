@@ -27,6 +27,26 @@ pub struct JobSpec {
     pub recalls: RecallSpec,
     #[serde(default)]
     pub outputs: Vec<OutputSpec>,
+    /// How long this job's bookkeeping is kept (`[retention]`); none: forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+/// Retention: when a run of this spec is done, earlier ended jobs of the
+/// same name older than `older_than` lose their input rows, batches, errors
+/// and queue tasks (`vinetl prune`, for one name). Their counts stay for
+/// `status`; their outputs are never touched.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSpec {
+    /// A duration such as "30d" or "12h".
+    pub older_than: String,
+}
+
+impl RetentionSpec {
+    pub fn older_than_secs(&self) -> f64 {
+        humantime::parse_duration(&self.older_than).map_or(f64::INFINITY, |d| d.as_secs_f64())
+    }
 }
 
 /// Where the VINs come from.
@@ -372,6 +392,11 @@ impl JobSpec {
             && humantime::parse_duration(d).is_err()
         {
             return invalid("provider.give_up_after", "must be a duration such as \"6h\", \"30m\" or \"90s\"");
+        }
+        if let Some(r) = &self.retention
+            && humantime::parse_duration(&r.older_than).is_err()
+        {
+            return invalid("retention.older_than", "must be a duration such as \"30d\" or \"12h\"");
         }
         if !(self.max_failed_share.is_finite() && (0.0..=1.0).contains(&self.max_failed_share)) {
             return invalid("max_failed_share", "must be a share from 0 to 1, e.g. 0.01 for 1 %");

@@ -101,6 +101,31 @@ impl Env {
         };
     }
 
+    /// Runs `pg` or `lite` (the same statement in each dialect) on the
+    /// state store; rows affected.
+    async fn sql(&self, store: &Store, pg: &str, lite: &str) -> u64 {
+        self.run_sql(store, pg, lite, false).await
+    }
+
+    /// The same on the queue's tables (SQLite keeps them in a file of their own).
+    async fn queue_sql(&self, store: &Store, pg: &str, lite: &str) -> u64 {
+        self.run_sql(store, pg, lite, true).await
+    }
+
+    async fn run_sql(&self, store: &Store, pg: &str, lite: &str, queue: bool) -> u64 {
+        match (store.pg_pool(), store.sqlite_pools()) {
+            (Some(pool), _) => {
+                sqlx::query(sqlx::AssertSqlSafe(pg.to_string())).execute(pool).await.unwrap().rows_affected()
+            }
+            (None, Some((state, q))) => sqlx::query(sqlx::AssertSqlSafe(lite.to_string()))
+                .execute(if queue { q } else { state })
+                .await
+                .unwrap()
+                .rows_affected(),
+            (None, None) => unreachable!(),
+        }
+    }
+
     /// The `vinetl` binary on this backend.
     async fn vinetl(&self, key: &str, args: &[&str]) -> std::process::Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
@@ -606,6 +631,133 @@ async fn both_stores_give_the_same_output_rows_and_counts() {
     server.stop().await.unwrap();
 }
 
+/// Plans are decided as rows are stored, chunk by chunk: a VIN seen in an
+/// earlier chunk (or earlier in the same chunk) is a duplicate, a VIN with a
+/// fresh cache entry takes the cached result at once (a cached error too),
+/// and only the rest are batched.
+async fn plans_are_decided_across_chunks(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(5);
+    let (a, b, c, d, e) = (&vins[0], &vins[1], &vins[2], &vins[3], &vins[4]);
+    for (vin, age_h, code) in [(c, 1, "NULL"), (d, 1, "'VIN_NOT_FOUND'"), (e, 1000, "NULL")] {
+        env.sql(
+            &store,
+            &format!("INSERT INTO vin_cache (vin, decoded_at, error_code, raw) VALUES ('{vin}', now() - make_interval(hours => {age_h}), {code}, '{{}}')"),
+            &format!("INSERT INTO vin_cache (vin, decoded_at, error_code, raw) VALUES ('{vin}', unixepoch('subsec') - {age_h} * 3600, {code}, '{{}}')"),
+        )
+        .await;
+    }
+    let spec = JobSpec::load(&env.spec(&vins, "http://127.0.0.1:9", "")).unwrap();
+    let job = store.create_job("chunks", &serde_json::to_value(&spec).unwrap(), "h").await.unwrap();
+    let row = |n: i64, raw: &str| vinetl::store::PlannedRow {
+        source: "s".into(),
+        row_number: n,
+        raw_vin: raw.to_string(),
+        vin: vinetl::vin::Vin::parse(raw).ok().map(|v| v.to_string()),
+        check_digit_valid: Some(true),
+        error_code: vinetl::vin::Vin::parse(raw).err().map(|e| e.kind()),
+        error_text: vinetl::vin::Vin::parse(raw).err().map(|e| e.to_string()),
+        carried: serde_json::json!({}),
+    };
+    let first = [row(1, a), row(2, b), row(3, a), row(4, c)];
+    let second = [row(5, b), row(6, c), row(7, "NOT-A-VIN"), row(8, d), row(9, e), row(10, e)];
+    store.insert_rows(job, "s", &first, false, 720.0).await.unwrap();
+    store.insert_rows(job, "s", &second, true, 720.0).await.unwrap();
+    // Stored twice (a planner that died after its commit): nothing changes.
+    store.insert_rows(job, "s", &second, true, 720.0).await.unwrap();
+    assert_eq!(store.plan_batches(job, 20).await.unwrap(), 1, "a, b and the stale e in one batch");
+    let n = store.counts(job).await.unwrap().unwrap();
+    assert_eq!((n.rows, n.valid, n.duplicates, n.cache_hits), (10, 9, 4, 2), "{n:?}");
+    assert_eq!((n.decoded, n.failed, n.pending), (2, 1, 6), "c twice, d's cached error, a a b b e e: {n:?}");
+    assert_eq!(n.invalid.values().sum::<i64>(), 1);
+    env.cleanup().await;
+}
+
+/// Retention: `vinetl prune` freezes an old ended job's counts and deletes
+/// its rows, batches and errors, and old finished queue tasks, leaving newer
+/// jobs alone; a dry run deletes nothing; a pruned job cannot be redone; a
+/// spec's `[retention]` prunes its earlier jobs after each run, never the
+/// run itself.
+async fn retention_prunes_old_jobs_only(backend: Backend) {
+    let env = Env::new(backend);
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let spec = env.spec(&pattern_vins(60), &server.url(), "");
+    let spec_path = spec.to_str().unwrap();
+    for _ in 0..2 {
+        let out = env.vinetl("YOUR_API_KEY", &["run", spec_path]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let store = env.store().await;
+    let before = env.status(1).await;
+    assert_eq!((before["rows"].as_i64(), before["calls_made"].as_i64()), (Some(60), Some(3)), "{before}");
+    assert_eq!(env.status(2).await["calls_made"], 0, "the second run is all cache hits");
+    // Job 1 ended 40 days ago, and so did the queue's tasks.
+    env.sql(
+        &store,
+        "UPDATE jobs SET finished_at = finished_at - interval '40 days' WHERE job_id = 1",
+        "UPDATE jobs SET finished_at = finished_at - 40 * 86400 WHERE job_id = 1",
+    )
+    .await;
+    let queue = vinetl::job::queue::queue_name(&env.schema);
+    let tasks = env
+        .queue_sql(
+            &store,
+            &format!(
+                "UPDATE apalis.jobs SET done_at = done_at - interval '40 days' WHERE status = 'Done' AND job_type = '{queue}'"
+            ),
+            "UPDATE Jobs SET done_at = done_at - 40 * 86400 WHERE status = 'Done'",
+        )
+        .await;
+    assert_eq!(tasks, 3, "one finished task per call");
+    let rows_of = |job: i64| {
+        let store = store.clone();
+        async move { store.prunable(0.0, None).await.unwrap().into_iter().find(|j| j.job_id == job).map(|j| j.rows) }
+    };
+
+    let dry = env.vinetl("unused", &["prune", "--older-than", "30d", "--dry-run", "--json"]).await;
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    let dry: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!(dry["jobs"].as_array().map(Vec::len), Some(1), "{dry}");
+    assert_eq!((dry["jobs"][0]["job_id"].as_i64(), dry["jobs"][0]["rows"].as_i64()), (Some(1), Some(60)));
+    assert_eq!(rows_of(1).await, Some(60), "a dry run deletes nothing");
+
+    let out = env.vinetl("unused", &["prune", "--older-than", "30d", "--json"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pruned: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((pruned["jobs"][0]["job_id"].as_i64(), pruned["queue_tasks"].as_u64()), (Some(1), Some(3)), "{pruned}");
+    assert_eq!(rows_of(1).await, None, "job 1 is pruned");
+    assert_eq!(rows_of(2).await, Some(60), "job 2 is too young to prune");
+    let after = env.status(1).await;
+    assert!(after["pruned_at"].is_string(), "{after}");
+    for key in ["state", "rows", "valid", "decoded", "calls_made", "batches", "batches_done"] {
+        assert_eq!(after[key], before[key], "{key}: status shows the counts as they were");
+    }
+    for table in ["job_inputs", "job_sources", "batches"] {
+        let sql = format!("DELETE FROM {table} WHERE job_id = 1");
+        assert_eq!(env.sql(&store, &sql, &sql).await, 0, "job 1's {table} rows are gone");
+    }
+    let sql = "UPDATE job_inputs SET plan = plan WHERE job_id = 2";
+    assert_eq!(env.sql(&store, sql, sql).await, 60, "job 2 keeps its rows");
+    let again = env.vinetl("YOUR_API_KEY", &["reprocess", "1"]).await;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("was pruned"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // A spec's retention (here: anything ended) prunes job 2 when job 3 is done.
+    let text = std::fs::read_to_string(&spec).unwrap() + "[retention]\nolder_than = \"0s\"\n";
+    std::fs::write(&spec, text).unwrap();
+    let out = env.vinetl("YOUR_API_KEY", &["run", spec_path]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(env.status(2).await["pruned_at"].is_string(), "job 2 pruned by job 3's retention");
+    assert!(env.status(3).await.get("pruned_at").is_none(), "never the run itself");
+    server.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -634,4 +786,6 @@ conformance!(
     the_limiter_arithmetic_holds_for_any_interleaving,
     counts_and_reprocess,
     two_worker_processes_share_a_job,
+    plans_are_decided_across_chunks,
+    retention_prunes_old_jobs_only,
 );

@@ -231,6 +231,13 @@ pub fn stderr_is_terminal() -> bool {
 async fn ended_job_spec(store: &Store, job_id: i64, force: bool) -> anyhow::Result<JobSpec> {
     let spec = store.job_spec(job_id).await?.map_err(|e| anyhow::anyhow!(e))?;
     let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
+    if let Some(at) = &counts.pruned_at {
+        return Err(Usage(format!(
+            "job {job_id} was pruned at {at} (retention): its rows are gone, so it can be neither redone nor \
+             written again; submit its spec again for a new job"
+        ))
+        .into());
+    }
     if let Some(reason) = counts.state_reason.as_deref().filter(|r| r.starts_with("planning failed"))
         && counts.state == "failed"
     {
@@ -308,9 +315,22 @@ pub async fn write(state: &State, job_id: i64, force: bool) -> anyhow::Result<En
         ))
         .into());
     }
-    crate::job::advance::write(&store, job_id, &spec, force).await?;
+    crate::job::advance::write(&store, &state.schema, job_id, &spec, force).await?;
     let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
     Ok(Ended { counts, max_failed_share: spec.max_failed_share })
+}
+
+/// `vinetl prune --older-than D`: retention for the whole install (or one
+/// job name).
+pub async fn prune(
+    state: &State,
+    older_than: std::time::Duration,
+    name: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<crate::job::prune::Pruned> {
+    let store = state.open_existing(2).await?;
+    let scope = crate::job::prune::Scope { name, except: None, dry_run };
+    Ok(crate::job::prune::prune(&store, &state.schema, older_than.as_secs_f64(), scope).await?)
 }
 
 /// `vinetl cancel JOB`: the job's state before the cancel.
@@ -427,6 +447,9 @@ pub fn describe(c: &JobCounts) -> String {
     let mut s = format!("job {} ({}): {}", c.job_id, c.name, c.state);
     if let Some(r) = &c.state_reason {
         s.push_str(&format!(": {r}"));
+    }
+    if let Some(at) = &c.pruned_at {
+        s.push_str(&format!(" (pruned at {at}: its rows are gone; the counts are as they were)"));
     }
     s.push('\n');
     let invalid: i64 = c.invalid.values().sum();

@@ -126,6 +126,27 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Delete old bookkeeping: the input rows, batches and errors of jobs
+    /// that ended more than --older-than ago, and finished queue tasks as
+    /// old. Each job keeps its row and the counts `status` showed (marked
+    /// pruned); outputs and the decode and recall caches are never touched.
+    /// A pruned job can no longer be reprocessed or written again.
+    Prune {
+        /// Age of the jobs to prune, since they ended: "30d", "12h", ...
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: std::time::Duration,
+        /// Only jobs of this name (a spec's `name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// List what would be pruned, deleting nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Cancel a job: queued batches are dropped, in-flight calls finish.
     Cancel {
         /// Job id.
@@ -314,6 +335,37 @@ impl Cli {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let ended = jobs::write(&state, job, force).await?;
                 Ok(report(&ended, None))
+            }
+            Command::Prune { older_than, name, dry_run, json, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let pruned = jobs::prune(&state, older_than, name.as_deref(), dry_run).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&pruned)?);
+                } else {
+                    let verb = if dry_run { "would prune" } else { "pruned" };
+                    for j in &pruned.jobs {
+                        outln!(
+                            "{verb} job {} ({}): {} rows, {} batches, {} errors",
+                            j.job_id,
+                            j.name,
+                            j.rows,
+                            j.batches,
+                            j.errors
+                        );
+                    }
+                    outln!(
+                        "{verb} {} job{} ({} rows){}",
+                        pruned.jobs.len(),
+                        if pruned.jobs.len() == 1 { "" } else { "s" },
+                        pruned.rows(),
+                        if dry_run {
+                            String::new()
+                        } else {
+                            format!(" and {} finished queue tasks", pruned.queue_tasks)
+                        }
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
             }
             Command::Cancel { job, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;

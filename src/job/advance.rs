@@ -20,8 +20,9 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
         Next::Enqueue => {
             queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
         }
-        Next::Write => write(store, job_id, spec, false).await?,
-        Next::Done | Next::Nothing => {}
+        Next::Write => write(store, schema, job_id, spec, false).await?,
+        Next::Done => retain(store, schema, job_id, spec).await,
+        Next::Nothing => {}
     }
     Ok(next)
 }
@@ -31,9 +32,19 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
 /// result is kept, so `vinetl reprocess` writes again without calling the API.
 /// A failure of the state store leaves the job in `writing` for another
 /// worker to take over when the lease runs out.
-pub async fn write(store: &Store, job_id: i64, spec: &JobSpec, replace_newer: bool) -> Result<(), StoreError> {
+pub async fn write(
+    store: &Store,
+    schema: &str,
+    job_id: i64,
+    spec: &JobSpec,
+    replace_newer: bool,
+) -> Result<(), StoreError> {
     match output::write_all(store, job_id, spec, replace_newer).await {
-        Ok(written) => store.finish_writing(job_id, &written.outputs).await,
+        Ok(written) => {
+            store.finish_writing(job_id, &written.outputs).await?;
+            retain(store, schema, job_id, spec).await;
+            Ok(())
+        }
         Err(OutputError::Store(e)) => Err(e),
         Err(e) => {
             tracing::error!(job = job_id, error = %e, "writing outputs failed");
@@ -46,13 +57,24 @@ pub async fn write(store: &Store, job_id: i64, spec: &JobSpec, replace_newer: bo
 }
 
 /// Takes over jobs whose writer died, and writes them.
-pub async fn resume_orphaned_writes(store: &Store) -> Result<usize, StoreError> {
+pub async fn resume_orphaned_writes(store: &Store, schema: &str) -> Result<usize, StoreError> {
     let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {
-            Ok(spec) => write(store, job_id, &spec, false).await?,
+            Ok(spec) => write(store, schema, job_id, &spec, false).await?,
             Err(reason) => store.fail_writing(job_id, &reason).await?,
         }
     }
     Ok(jobs.len())
+}
+
+/// Once job `job_id` of `spec` is done: the spec's `[retention]`, for the
+/// other jobs of its name. A failed prune is logged and tried again after
+/// the next run; it never fails the job, whose results are stored.
+async fn retain(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) {
+    let Some(r) = &spec.retention else { return };
+    let scope = super::prune::Scope { name: Some(&spec.name), except: Some(job_id), dry_run: false };
+    if let Err(e) = super::prune::prune(store, schema, r.older_than_secs(), scope).await {
+        tracing::warn!(job = %spec.name, error = %e, "retention: pruning older jobs failed");
+    }
 }

@@ -2,7 +2,8 @@
 //! paid for ([`preflight`]), planning ([`plan`]: read, parse, dedupe, cache,
 //! batch), the queue of batch tasks ([`queue`]), the workers that make the
 //! calls ([`worker`]), and the steps after the last call ([`advance`]:
-//! recall lookups, outputs, done).
+//! recall lookups, outputs, done), and retention once it has ended
+//! ([`prune`]).
 //!
 //! This layer owns the order of things and the job's state machine. It
 //! holds no SQL (that is [`crate::store`]'s), no HTTP (that is
@@ -11,5 +12,6 @@
 pub mod advance;
 pub mod plan;
 pub mod preflight;
+pub mod prune;
 pub mod queue;
 pub mod worker;

@@ -100,7 +100,7 @@ pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submi
                 if rows == 1 { "" } else { "s" }
             )));
         }
-        let batches = store.plan_batches(job_id, spec.provider.batch_size as i32, spec.cache.ttl_hours).await?;
+        let batches = store.plan_batches(job_id, spec.provider.batch_size as i32).await?;
         Ok::<(i64, i64), PlanError>((batches, rows))
     }
     .await;
@@ -224,6 +224,7 @@ enum Read {
 
 async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), PlanError> {
     let carry = spec.carry().to_vec();
+    let ttl = spec.cache.ttl_hours;
     // Two chunks in flight: the reader runs ahead of the inserts by at most that.
     let (tx, mut rx) = mpsc::channel::<Result<Read, PlanError>>(2);
     // Reader and inserter run concurrently in this task (joined, not spawned).
@@ -233,9 +234,9 @@ async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), P
             match msg? {
                 Read::Rows(source, rows) => {
                     let planned: Vec<PlannedRow> = rows.into_iter().map(|r| plan_row(&source, r, &carry)).collect();
-                    store.insert_rows(job_id, &source, &planned, false).await?;
+                    store.insert_rows(job_id, &source, &planned, false, ttl).await?;
                 }
-                Read::Done(source) => store.insert_rows(job_id, &source, &[], true).await?,
+                Read::Done(source) => store.insert_rows(job_id, &source, &[], true, ttl).await?,
             }
         }
         Ok::<(), PlanError>(())

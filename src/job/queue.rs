@@ -189,6 +189,42 @@ pub async fn enqueue(store: &Store, schema: &str, lane: Lane, job_id: i64) -> Re
     Ok(pending.len())
 }
 
+/// Deletes this install's finished queue tasks (done, killed, or failed
+/// for good) that ended more than `older_than_secs` ago; returns how many.
+/// Our own statement, not apalis's `Vacuum`: apalis-postgres 1.0 has none,
+/// and apalis-sqlite's `vacuum_before` compares its integer `run_at` with
+/// datetime text (so every finished task counts as old) and then VACUUMs
+/// the whole file under the workers' feet.
+pub async fn prune(store: &Store, schema: &str, older_than_secs: f64) -> Result<u64, StoreError> {
+    let deleted = match store.sqlite_pools() {
+        Some((_, queue)) => sqlx::query(
+            "DELETE FROM Jobs
+             WHERE (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+               AND coalesce(done_at, run_at) < unixepoch('now') - ?1",
+        )
+        .bind(older_than_secs)
+        .execute(queue)
+        .await?
+        .rows_affected(),
+        None => {
+            let pool = store.pg_pool().expect("a store is Postgres or SQLite");
+            let queues: Vec<String> = [Lane::Shared, Lane::Embedded].iter().map(|l| l.queue(schema)).collect();
+            sqlx::query(
+                "DELETE FROM apalis.jobs
+                 WHERE job_type = ANY($1)
+                   AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))
+                   AND coalesce(done_at, run_at) < now() - make_interval(secs => $2)",
+            )
+            .bind(queues)
+            .bind(older_than_secs)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }
+    };
+    Ok(deleted)
+}
+
 /// Creates the queue's tables beside the store's: apalis-postgres's in the
 /// schema `apalis` (its migrations also install the hstore and pgcrypto
 /// extensions, so they run with the default search path, where every vinetl

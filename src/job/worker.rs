@@ -328,7 +328,7 @@ fn decoded_vin(entry: BatchEntry) -> DecodedVin {
 /// mid-call. Run by every worker now and then; pushing is idempotent.
 pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
     let all = store.lost_tasks().await?;
-    crate::job::advance::resume_orphaned_writes(store).await?;
+    crate::job::advance::resume_orphaned_writes(store, schema).await?;
     let mut lanes = HashMap::new();
     for &(job_id, batch_no, generation) in &all {
         let lane = match lanes.get(&job_id) {

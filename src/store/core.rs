@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, RecallCounts, Reschedule, StoreError,
-    distinct_campaigns,
+    ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, Prunable, RecallCounts, Reschedule,
+    StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -274,14 +274,20 @@ impl Store {
     }
 
     /// Stores a chunk of input rows and the source's progress in one
-    /// transaction, as one statement. Re-inserting rows after a crash is a
-    /// no-op; a SQLite planner's lease is renewed with every chunk.
+    /// transaction, deciding each row's plan as it goes in, set-based, in
+    /// one `INSERT ... SELECT`: invalid, a duplicate (an earlier row of the
+    /// job, or of this chunk, has the VIN), a cache hit (decoded within
+    /// `cache_ttl_hours`: the row takes the cached result at once) or a
+    /// call. A warm job so never rewrites its rows. Re-inserting rows after
+    /// a crash is a no-op; a SQLite planner's lease is renewed with every
+    /// chunk.
     pub async fn insert_rows(
         &self,
         job_id: i64,
         source: &str,
         rows: &[PlannedRow],
         complete: bool,
+        cache_ttl_hours: f64,
     ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         if !rows.is_empty() {
@@ -294,14 +300,27 @@ impl Store {
                 .collect();
             tx.exec(
                 "INSERT INTO job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, error_code,
-                                             error_text, carried, plan, status)
-                     SELECT $1, $2, x.n, x.raw, x.vin, x.cdv, x.code, x.text, x.carried,
-                            CASE WHEN x.vin IS NULL THEN 'invalid' ELSE 'call' END,
-                            CASE WHEN x.vin IS NULL THEN 'invalid' ELSE 'pending' END
-                     FROM {rows $3: n bigint, raw text, vin text, cdv boolean, code text, text text, carried jsonb}
-                     WHERE true
-                     ON CONFLICT (job_id, source, row_number) DO NOTHING",
-                args![job_id, source, Value::Array(json)],
+                                         error_text, carried, plan, status, decoded_at)
+                 SELECT $1, $2, r.n, r.raw, r.vin, r.cdv,
+                        CASE WHEN c.vin IS NULL THEN r.code ELSE c.error_code END,
+                        CASE WHEN c.vin IS NULL THEN r.text ELSE c.error_text END,
+                        r.carried,
+                        CASE WHEN r.vin IS NULL THEN 'invalid'
+                             WHEN r.nth > 1 OR EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = r.vin)
+                                 THEN 'duplicate'
+                             WHEN c.vin IS NOT NULL THEN 'cache_hit'
+                             ELSE 'call' END,
+                        CASE WHEN r.vin IS NULL THEN 'invalid'
+                             WHEN c.vin IS NULL THEN 'pending'
+                             WHEN c.error_code IS NULL THEN 'decoded'
+                             ELSE 'failed' END,
+                        c.decoded_at
+                 FROM (SELECT x.*, row_number() OVER (PARTITION BY x.vin ORDER BY x.n) AS nth
+                       FROM {rows $3: n bigint, raw text, vin text, cdv boolean, code text, text text, carried jsonb}) r
+                 LEFT JOIN vin_cache c ON c.vin = r.vin AND c.decoded_at > now() - {secs $4 * 3600}
+                 WHERE true
+                 ON CONFLICT (job_id, source, row_number) DO NOTHING",
+                args![job_id, source, Value::Array(json), cache_ttl_hours],
             )
             .await?;
         }
@@ -323,37 +342,16 @@ impl Store {
         tx.commit().await
     }
 
-    /// Decides every valid row's plan (first occurrence, duplicate, cache
-    /// hit) and creates the batches, all in one transaction, once per job.
-    /// Batch membership is a pure function of the job's VINs (sorted, then
-    /// cut every `batch_size`), so it never depends on timing.
-    pub async fn plan_batches(&self, job_id: i64, batch_size: i32, cache_ttl_hours: f64) -> Result<i64, StoreError> {
+    /// Creates the job's batches from its pending rows (their plans were
+    /// decided as they were stored), once per job. Batch membership is a
+    /// pure function of the job's VINs (sorted, then cut every
+    /// `batch_size`), so it never depends on timing.
+    pub async fn plan_batches(&self, job_id: i64, batch_size: i32) -> Result<i64, StoreError> {
         let mut tx = self.write().await?;
         let planned = tx.one("SELECT batches_planned FROM jobs WHERE job_id = $1 {for update}", args![job_id]).await?;
         if planned.bool(0)? {
             return Ok(0);
         }
-        // The first row of each VIN (by source, row) is the one that calls;
-        // later rows of the same VIN are duplicates and share its result.
-        tx.exec(
-            "UPDATE job_inputs SET plan = 'duplicate'
-                 WHERE job_id = $1 AND vin IS NOT NULL AND EXISTS (
-                     SELECT 1 FROM job_inputs e WHERE e.job_id = job_inputs.job_id AND e.vin = job_inputs.vin
-                       AND (e.source, e.row_number) < (job_inputs.source, job_inputs.row_number))",
-            args![job_id],
-        )
-        .await?;
-        // Fresh cache entries cost no call: those VINs are decoded already.
-        tx.exec(
-            "UPDATE job_inputs SET
-                     plan = CASE WHEN job_inputs.plan = 'call' THEN 'cache_hit' ELSE job_inputs.plan END,
-                     status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
-                     error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
-                 FROM vin_cache c
-                 WHERE job_inputs.job_id = $1 AND c.vin = job_inputs.vin AND c.decoded_at > now() - {secs $2 * 3600}",
-            args![job_id, cache_ttl_hours],
-        )
-        .await?;
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         tx.exec("UPDATE jobs SET batches_planned = true, updated_at = now() WHERE job_id = $1", args![job_id]).await?;
         tx.commit().await?;
@@ -601,92 +599,71 @@ impl Store {
     /// Every count `status` shows, from one snapshot.
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         let mut tx = self.snapshot().await?;
-        // The job's own row, once: state, call counters, recall figures, times.
-        let Some(job) = tx
-            .row(
-                "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited,
-                        {json spec recalls.enabled}, outputs_written,
-                        recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
-                        campaigns_found,
-                        (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
-                        {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
-                        {epoch finished_at}
-                 FROM jobs WHERE job_id = $1",
-                args![job_id],
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let rows = tx
-            .one(
-                "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
-                        count(*) FILTER (WHERE plan = 'cache_hit'), count(*) FILTER (WHERE status = 'decoded'),
-                        count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'pending')
-                 FROM job_inputs WHERE job_id = $1",
-                args![job_id],
-            )
-            .await?;
-        let invalid = tx
-            .rows(
-                "SELECT error_code, count(*) FROM job_inputs WHERE job_id = $1 AND status = 'invalid'
-                 GROUP BY error_code ORDER BY error_code",
-                args![job_id],
-            )
-            .await?;
-        let batches = tx
-            .one(
-                "SELECT count(*), count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead'),
-                        CAST(coalesce(sum({len vins}) FILTER (WHERE state = 'dead'), 0) AS BIGINT)
-                 FROM batches WHERE job_id = $1 AND kind = 'decode'",
-                args![job_id],
-            )
-            .await?;
+        let counts = job_counts(&mut tx, job_id).await?;
         tx.commit().await?;
-        let decoded = rows.int(4)?;
-        let recall_calls = job.int(10)?;
-        let recalls = job.bool(6)?.then(|| -> Result<RecallCounts, StoreError> {
-            Ok(RecallCounts {
-                lookups: job.int(8)?,
-                cache_hits: job.int(9)?,
-                calls: recall_calls,
-                failed: job.int(14)?,
-                rows_with_recalls: job.opt_int(11)?,
-                rows_unknown: job.opt_int(12)?,
-                campaigns: job.opt_int(13)?,
-                calls_saved: (decoded - recall_calls).max(0),
+        Ok(counts)
+    }
+
+    /// Ended jobs that finished more than `older_than_secs` ago and still
+    /// hold their rows (only those named `name`, if given), oldest first.
+    pub async fn prunable(&self, older_than_secs: f64, name: Option<&str>) -> Result<Vec<Prunable>, StoreError> {
+        let rows = self
+            .rows(
+                "SELECT j.job_id, j.name,
+                        (SELECT count(*) FROM job_inputs WHERE job_id = j.job_id),
+                        (SELECT count(*) FROM batches WHERE job_id = j.job_id),
+                        (SELECT count(*) FROM errors WHERE job_id = j.job_id)
+                 FROM jobs j
+                 WHERE j.pruned_at IS NULL AND j.state IN ('done', 'failed', 'cancelled')
+                   AND coalesce(j.finished_at, j.updated_at) < now() - {secs $1}
+                   AND (j.name = $2 OR CAST($2 AS TEXT) IS NULL)
+                 ORDER BY j.job_id",
+                args![older_than_secs, name],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Prunable {
+                    job_id: r.int(0)?,
+                    name: r.text(1)?,
+                    rows: r.int(2)?,
+                    batches: r.int(3)?,
+                    errors: r.int(4)?,
+                })
             })
-        });
-        Ok(Some(JobCounts {
-            job_id,
-            name: job.text(0)?,
-            state: job.text(1)?,
-            state_reason: job.opt_text(2)?,
-            rows: rows.int(0)?,
-            valid: rows.int(1)?,
-            invalid: invalid.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect::<Result<_, StoreError>>()?,
-            duplicates: rows.int(2)?,
-            cache_hits: rows.int(3)?,
-            decoded,
-            failed: rows.int(5)?,
-            pending: rows.int(6)?,
-            batches: batches.int(0)?,
-            batches_done: batches.int(1)?,
-            dead_lettered_batches: batches.int(2)?,
-            dead_lettered_vins: batches.int(3)?,
-            calls_made: job.int(3)?,
-            calls_retried: job.int(4)?,
-            rate_limited: job.int(5)?,
-            recalls: recalls.transpose()?,
-            outputs: job.texts(7)?,
-            times: JobTimes::from_epochs([
-                job.opt_real(15)?,
-                job.opt_real(16)?,
-                job.opt_real(17)?,
-                job.opt_real(18)?,
-                job.opt_real(19)?,
-            ]),
-        }))
+            .collect()
+    }
+
+    /// Prunes ended job `job_id` in one transaction: its counts are frozen
+    /// into its row, then its input rows, sources, batches and errors are
+    /// deleted. False if it has not ended, or was pruned already.
+    pub async fn prune_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let ended = tx
+            .row(
+                "SELECT 1 FROM jobs WHERE job_id = $1 AND pruned_at IS NULL AND state IN ('done', 'failed', 'cancelled')
+                 {for update}",
+                args![job_id],
+            )
+            .await?;
+        let Some(counts) = (match ended {
+            Some(_) => job_counts(&mut tx, job_id).await?,
+            None => None,
+        }) else {
+            return Ok(false);
+        };
+        let frozen = serde_json::to_value(&counts).map_err(|e| StoreError::Decode(e.to_string()))?;
+        tx.exec("UPDATE jobs SET pruned_at = now(), summary = $2 WHERE job_id = $1", args![job_id, frozen]).await?;
+        for sql in [
+            "DELETE FROM job_inputs WHERE job_id = $1",
+            "DELETE FROM job_sources WHERE job_id = $1",
+            "DELETE FROM batches WHERE job_id = $1",
+            "DELETE FROM errors WHERE job_id = $1",
+        ] {
+            tx.exec(sql, args![job_id]).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Every output row of a job, in source order, streamed.
@@ -819,7 +796,7 @@ impl Store {
             .exec(
                 "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now()
                  WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
-                   AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
+                   AND pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
                 args![job_id],
             )
             .await?;
@@ -962,7 +939,8 @@ impl Store {
         let mut tx = self.write().await?;
         let ended = tx
             .row(
-                "SELECT state IN ('done', 'failed', 'cancelled') FROM jobs WHERE job_id = $1 {for update}",
+                "SELECT state IN ('done', 'failed', 'cancelled') AND pruned_at IS NULL FROM jobs WHERE job_id = $1
+                 {for update}",
                 args![job_id],
             )
             .await?;
@@ -1174,6 +1152,103 @@ impl Store {
             (since, r.opt_real(1).ok().flatten().unwrap_or(since), r.opt_text(2).ok().flatten().unwrap_or_default())
         }))
     }
+}
+
+/// The counts `status` shows, read in `tx`. A pruned job's are the ones
+/// frozen when it was pruned.
+async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
+    // The job's own row, once: state, call counters, recall figures, times.
+    let Some(job) = tx
+        .row(
+            "SELECT name, state, state_reason, calls_made, calls_retried, rate_limited,
+                    {json spec recalls.enabled}, outputs_written,
+                    recall_lookups, recall_cache_hits, recall_calls, rows_with_recalls, rows_recalls_unknown,
+                    campaigns_found,
+                    (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
+                    {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
+                    {epoch finished_at}, {epoch pruned_at}, summary
+             FROM jobs WHERE job_id = $1",
+            args![job_id],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    if !job.is_null(21) {
+        let mut frozen: JobCounts = serde_json::from_value(job.json(21)?)
+            .map_err(|e| StoreError::Decode(format!("job {job_id}'s frozen counts: {e}")))?;
+        frozen.pruned_at = JobTimes::from_epochs([job.opt_real(20)?, None, None, None, None]).created_at;
+        return Ok(Some(frozen));
+    }
+    let rows = tx
+        .one(
+            "SELECT count(*), count(vin), count(*) FILTER (WHERE plan = 'duplicate'),
+                    count(*) FILTER (WHERE plan = 'cache_hit'), count(*) FILTER (WHERE status = 'decoded'),
+                    count(*) FILTER (WHERE status = 'failed'), count(*) FILTER (WHERE status = 'pending')
+             FROM job_inputs WHERE job_id = $1",
+            args![job_id],
+        )
+        .await?;
+    let invalid = tx
+        .rows(
+            "SELECT error_code, count(*) FROM job_inputs WHERE job_id = $1 AND status = 'invalid'
+             GROUP BY error_code ORDER BY error_code",
+            args![job_id],
+        )
+        .await?;
+    let batches = tx
+        .one(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead'),
+                    CAST(coalesce(sum({len vins}) FILTER (WHERE state = 'dead'), 0) AS BIGINT)
+             FROM batches WHERE job_id = $1 AND kind = 'decode'",
+            args![job_id],
+        )
+        .await?;
+    let decoded = rows.int(4)?;
+    let recall_calls = job.int(10)?;
+    let recalls = job.bool(6)?.then(|| -> Result<RecallCounts, StoreError> {
+        Ok(RecallCounts {
+            lookups: job.int(8)?,
+            cache_hits: job.int(9)?,
+            calls: recall_calls,
+            failed: job.int(14)?,
+            rows_with_recalls: job.opt_int(11)?,
+            rows_unknown: job.opt_int(12)?,
+            campaigns: job.opt_int(13)?,
+            calls_saved: (decoded - recall_calls).max(0),
+        })
+    });
+    Ok(Some(JobCounts {
+        job_id,
+        name: job.text(0)?,
+        state: job.text(1)?,
+        state_reason: job.opt_text(2)?,
+        rows: rows.int(0)?,
+        valid: rows.int(1)?,
+        invalid: invalid.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect::<Result<_, StoreError>>()?,
+        duplicates: rows.int(2)?,
+        cache_hits: rows.int(3)?,
+        decoded,
+        failed: rows.int(5)?,
+        pending: rows.int(6)?,
+        batches: batches.int(0)?,
+        batches_done: batches.int(1)?,
+        dead_lettered_batches: batches.int(2)?,
+        dead_lettered_vins: batches.int(3)?,
+        calls_made: job.int(3)?,
+        calls_retried: job.int(4)?,
+        rate_limited: job.int(5)?,
+        recalls: recalls.transpose()?,
+        outputs: job.texts(7)?,
+        pruned_at: None,
+        times: JobTimes::from_epochs([
+            job.opt_real(15)?,
+            job.opt_real(16)?,
+            job.opt_real(17)?,
+            job.opt_real(18)?,
+            job.opt_real(19)?,
+        ]),
+    }))
 }
 
 /// Cuts the job's pending VINs, distinct and sorted, into batches of

@@ -49,8 +49,8 @@ pub struct DecodedVin {
     pub raw: serde_json::Value,
 }
 
-/// The counts `status` shows.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+/// The counts `status` shows (and, frozen as JSON, a pruned job keeps).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct JobCounts {
     pub job_id: i64,
     pub name: String,
@@ -77,6 +77,20 @@ pub struct JobCounts {
     pub outputs: Vec<String>,
     /// When the job started and each phase ended.
     pub times: JobTimes,
+    /// When retention deleted the job's rows (RFC 3339, UTC): these counts
+    /// are the ones it had then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_at: Option<String>,
+}
+
+/// An ended job retention may prune, with what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Prunable {
+    pub job_id: i64,
+    pub name: String,
+    pub rows: i64,
+    pub batches: i64,
+    pub errors: i64,
 }
 
 /// When a job was created, when its current run started (the submission,
@@ -84,7 +98,7 @@ pub struct JobCounts {
 /// long each took in seconds: planning (read, parse, dedupe, batch), calls
 /// (decodes and recall lookups), writing (the outputs). A phase not reached
 /// yet is null; `vinetl write` restarts writing.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct JobTimes {
     pub created_at: Option<String>,
     pub started_at: Option<String>,
@@ -133,7 +147,7 @@ pub(crate) fn distinct_campaigns(recalls: &[Recall]) -> std::collections::BTreeM
 }
 
 /// A job's recall accounting.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct RecallCounts {
     /// Distinct lookups the job needed (make/model/year, or VINs).
     pub lookups: i64,
