@@ -527,6 +527,8 @@ def bench_warm(ctx, serve):
             st = ctx.status(env, job)
             assert st["state"] == "done" and st["calls_made"] == 0, st
             cases[case] = (r, st["times"])
+        if ctx.baseline:
+            warm_against_baseline(ctx, serve, schema, source, n)
         if "s3" in cases:
             r, t = cases["s3"]
             ctx.row("warm", "nightly, 0 calls: plan + Parquet on S3 (s3s-fs)", fmt_n(n),
@@ -569,6 +571,31 @@ def bench_warm(ctx, serve):
                f"the job's own `times.writing_secs`. DuckDB {duckdb.__version__} (Python) reads the same CSV, joins "
                f"the decoded VINs (a Parquet export of the cache, made beforehand) and writes zstd Parquet. At the "
                f"smaller size a fourth job writes its Parquet to S3 (s3s-fs on loopback).")
+
+
+def warm_against_baseline(ctx, serve, cache_schema, source, n):
+    """The warm job with a Postgres output on this build and the baseline's,
+    interleaved (this, baseline, baseline, this), each in a fresh schema
+    holding a copy of the cache; best of two for planning and for writing."""
+    order = [("this", ctx.bin), ("baseline", ctx.baseline), ("baseline", ctx.baseline), ("this", ctx.bin)]
+    best = {}
+    for i, (build, exe) in enumerate(order):
+        sch = ctx.schema(f"warm_{n}_{build}_{i}")
+        env = ctx.env(sch, key="unused")
+        ctx.vinetl(["migrate"], env, bin=exe)
+        ctx.psql(f"INSERT INTO {sch}.vin_cache SELECT * FROM {cache_schema}.vin_cache")
+        s = spec(ctx.work / f"warm-{n}-{build}-{i}.toml", source, serve.url, "requests_per_second = 100",
+                 f'[[outputs]]\nkind = "postgres"\nschema = "{sch}"\nresults_table = "results"')
+        ctx.vinetl(["run", s], env, bin=exe)
+        st = ctx.status(env, 1)
+        assert st["state"] == "done" and st["calls_made"] == 0, st
+        t = st["times"]
+        was = best.get(build, (float("inf"), float("inf")))
+        best[build] = (min(was[0], t["planning_secs"]), min(was[1], t["writing_secs"]))
+    for k, what in ((0, "planning (read, dedupe, cache, batch)"), (1, "Postgres results table write")):
+        this, base = best["this"][k], best["baseline"][k]
+        ctx.row("warm", f"{what}: this build vs baseline (best of 2)", fmt_n(n),
+                f"this {fmt_s(this)} = {fmt_n(n / this)} rows/s", f"baseline {fmt_s(base)}", f"{base / this:.1f}x faster")
 
 
 def bench_stores(ctx, serve):
