@@ -317,3 +317,52 @@ async fn a_large_file_goes_up_in_parts_and_appears_whole() {
     let head = client.head_object().bucket("warehouse").key("ds/part-00000.parquet").send().await.unwrap();
     assert!(head.e_tag().unwrap_or_default().contains("-3"), "uploaded in 3 parts: {:?}", head.e_tag());
 }
+
+/// The outputs read one stream of the job's rows; if it stops short (the
+/// state store went away mid-write), no output commits what it got: the
+/// dataset partition and the results table keep the job's earlier, whole
+/// output.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_that_stop_short_commit_no_output() {
+    use futures_util::StreamExt;
+    use vinetl::io::output::{Rows, dataset, tables};
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("short");
+    let dir = tempfile::tempdir().unwrap();
+    let vins: Vec<&str> = KNOWN.iter().map(|(v, _)| *v).collect();
+    std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    let text = std::fs::read_to_string(&spec).unwrap()
+        + &format!(
+            "[[outputs]]\nkind = \"parquet\"\npath = \"{}/ds\"\npartition = \"none\"\n\n[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n",
+            dir.path().display()
+        );
+    std::fs::write(&spec, text).unwrap();
+    let out = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
+    let store = state.open(4).await.unwrap();
+    let job = vinetl::spec::JobSpec::load(&spec).unwrap();
+    let first: Vec<_> = store.output_rows(1, job.recalls.mode()).take(1).map(Result::unwrap).collect().await;
+    let short = || {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tx.try_send(Rows::Chunk(std::sync::Arc::new(first.clone()))).unwrap();
+        rx // the sender is dropped: no `End`
+    };
+    let e = dataset::write(&store, 1, &job, &job.outputs[0], false, short()).await.expect_err("no commit");
+    assert!(e.to_string().contains("stopped before the end"), "{e}");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("ds/_manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["rows"], 3, "the earlier, whole output stays: {manifest}");
+    assert!(dataset::is_committed(&dir.path().join("ds")));
+
+    let e = tables::write(&store, &job.outputs[1], 1, short()).await.expect_err("no commit");
+    assert!(e.to_string().contains("stopped before the end"), "{e}");
+    let db = pool(&schema).await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE job_id = 1").fetch_one(&db).await.unwrap();
+    assert_eq!(n, 3, "the job's earlier rows stay");
+    drop(db);
+    server.stop().await.unwrap();
+    cleanup(&schema).await;
+}

@@ -19,14 +19,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch, StringBuilder,
     TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use futures_util::StreamExt;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -39,7 +37,6 @@ use crate::spec::{JobSpec, OutputSpec};
 use crate::store::Store;
 
 /// Rows per Arrow batch handed to the Parquet encoder.
-const CHUNK_ROWS: usize = 8192;
 /// Row groups close at this estimated size (or at [`ROW_GROUP_ROWS`]).
 const ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
 const ROW_GROUP_ROWS: usize = 1_000_000;
@@ -397,7 +394,7 @@ fn encode(
     job_id: i64,
     carried: Vec<(String, CarriedType)>,
     rows_per_file: u64,
-    mut chunks: tokio::sync::mpsc::Receiver<Vec<OutputRow>>,
+    mut chunks: tokio::sync::mpsc::Receiver<Arc<Vec<OutputRow>>>,
     finished: tokio::sync::mpsc::UnboundedSender<Finished>,
 ) -> Result<u64, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -476,6 +473,7 @@ pub async fn write(
     spec: &JobSpec,
     output: &OutputSpec,
     replace_newer: bool,
+    mut rows: super::RowsRx,
 ) -> Result<Committed, OutputError> {
     let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file } = output else {
         unreachable!("dataset::write takes parquet outputs")
@@ -521,25 +519,18 @@ pub async fn write(
         Dest::Local(root) => root.join(&staged_dir),
         Dest::S3 { .. } => std::env::temp_dir().join(format!("vinetl-{}", attempt.replace('/', "-"))),
     };
-    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Vec<OutputRow>>(2);
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Arc<Vec<OutputRow>>>(2);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
     let encoder = {
         let (dir, schema, carried) = (local_dir.clone(), Arc::clone(&schema), carried.clone());
         let rows_per_file = rows_per_file.unwrap_or(DEFAULT_ROWS_PER_FILE).max(1);
         tokio::task::spawn_blocking(move || encode(dir, schema, job_id, carried, rows_per_file, chunk_rx, done_tx))
     };
-    let mode = spec.recalls.mode();
+    let shown = &dest;
     let producer = async move {
-        let mut rows = store.output_rows(job_id, mode).chunks(CHUNK_ROWS);
-        let mut beat = Instant::now();
-        while let Some(chunk) = rows.next().await {
-            let chunk = chunk.into_iter().collect::<Result<Vec<_>, _>>()?;
+        while let Some(chunk) = super::next_chunk(&mut rows).await.map_err(|e| shown.err(e))? {
             if chunk_tx.send(chunk).await.is_err() {
                 break; // the encoder failed; its error is reported below
-            }
-            if beat.elapsed() > Duration::from_secs(10) {
-                store.heartbeat(job_id).await?;
-                beat = Instant::now();
             }
         }
         Ok::<(), OutputError>(())

@@ -31,27 +31,93 @@ impl OutputError {
     }
 }
 
-/// Writes every output the spec names, one after the other. Each replaces
-/// this job's earlier output wholesale; a dataset partition another, earlier
-/// job wrote is replaced too, and that job's status says so.
+/// Rows read from the state store per chunk handed to the outputs.
+const CHUNK_ROWS: usize = 8192;
+
+/// A writer's heartbeat while rows stream (a writer silent for
+/// `WRITE_LEASE_SECS` is presumed dead and replaced).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What a writer receives: chunks of the job's rows in source order, then
+/// `End`. A channel that closes without `End` means reading the rows
+/// failed, and the writer must commit nothing.
+pub enum Rows {
+    Chunk(std::sync::Arc<Vec<OutputRow>>),
+    End,
+}
+
+pub type RowsRx = tokio::sync::mpsc::Receiver<Rows>;
+
+/// The next chunk, `None` at the end; an error if the rows stopped short.
+pub async fn next_chunk(rx: &mut RowsRx) -> Result<Option<std::sync::Arc<Vec<OutputRow>>>, String> {
+    match rx.recv().await {
+        Some(Rows::Chunk(c)) => Ok(Some(c)),
+        Some(Rows::End) => Ok(None),
+        None => Err("reading the job's rows stopped before the end".to_string()),
+    }
+}
+
+/// Writes every output the spec names from one pass over the job's rows:
+/// one query streams them, and every output takes each chunk as it comes
+/// (all outputs write at once). Each replaces this job's earlier output
+/// wholesale; a dataset partition another, earlier job wrote is replaced
+/// too, and that job's status says so.
 pub async fn write_all(
     store: &crate::store::Store,
     job_id: i64,
     spec: &JobSpec,
     replace_newer: bool,
 ) -> Result<Written, OutputError> {
-    let mut written = Written::default();
+    use futures_util::StreamExt;
+    let mut senders = Vec::new();
+    let mut writers = Vec::new();
     for output in &spec.outputs {
-        let (rows, place) = match output {
-            OutputSpec::Parquet { .. } => {
-                let done = dataset::write(store, job_id, spec, output, replace_newer).await?;
-                if let Some(earlier) = done.replaced {
-                    mark_superseded(store, earlier, &done.place, job_id).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Rows>(2);
+        senders.push(tx);
+        writers.push(async move {
+            match output {
+                OutputSpec::Parquet { .. } => {
+                    let done = dataset::write(store, job_id, spec, output, replace_newer, rx).await?;
+                    Ok::<_, OutputError>((done.rows, done.place, done.replaced))
                 }
-                (done.rows, done.place)
+                OutputSpec::Postgres { .. } => {
+                    let (rows, place) = tables::write(store, output, job_id, rx).await?;
+                    Ok((rows, place, None))
+                }
             }
-            OutputSpec::Postgres { .. } => tables::write(store, job_id, spec, output).await?,
-        };
+        });
+    }
+    let producer = async move {
+        let mut rows = store.output_rows(job_id, spec.recalls.mode()).chunks(CHUNK_ROWS);
+        let mut beat = std::time::Instant::now();
+        while let Some(chunk) = rows.next().await {
+            let chunk = std::sync::Arc::new(chunk.into_iter().collect::<Result<Vec<_>, _>>()?);
+            for tx in &senders {
+                if tx.send(Rows::Chunk(std::sync::Arc::clone(&chunk))).await.is_err() {
+                    // A writer failed: stop, so no other commits a part.
+                    return Ok(());
+                }
+            }
+            if beat.elapsed() > HEARTBEAT {
+                store.heartbeat(job_id).await?;
+                beat = std::time::Instant::now();
+            }
+        }
+        for tx in &senders {
+            let _ = tx.send(Rows::End).await;
+        }
+        Ok::<(), OutputError>(())
+    };
+    let (produced, results) = tokio::join!(producer, futures_util::future::join_all(writers));
+    // The store's error first: it leaves the job to be written again, where
+    // the writers' own "rows stopped short" would fail it.
+    produced?;
+    let mut written = Written::default();
+    for result in results {
+        let (rows, place, replaced) = result?;
+        if let Some(earlier) = replaced {
+            mark_superseded(store, earlier, &place, job_id).await?;
+        }
         written.rows = rows;
         written.outputs.push(place);
     }

@@ -16,18 +16,13 @@
 
 use std::fmt::Write as _;
 
-use futures_util::StreamExt;
-
 use super::OutputError;
 use crate::columns::{Kind, OutputRow, VEHICLE_COLUMNS};
-use crate::spec::{JobSpec, OutputSpec};
+use crate::spec::OutputSpec;
 use crate::store::Store;
 
 /// Bytes of COPY data per message to the server.
 const COPY_CHUNK: usize = 1 << 20;
-
-/// Rows between heartbeats (the writer's lease on the job).
-const HEARTBEAT_ROWS: u64 = 50_000;
 
 fn sql_type(kind: Kind) -> &'static str {
     match kind {
@@ -179,9 +174,9 @@ fn load_mark(schema: &str, results: &str, job_id: i64) -> String {
 /// Writes the job's rows; returns rows written and where.
 pub async fn write(
     store: &Store,
-    job_id: i64,
-    spec: &JobSpec,
     output: &OutputSpec,
+    job_id: i64,
+    rows: super::RowsRx,
 ) -> Result<(u64, String), OutputError> {
     let OutputSpec::Postgres { url_env, schema, results_table: results, vehicles_table: vehicles } = output else {
         unreachable!("tables::write takes postgres outputs")
@@ -200,11 +195,11 @@ pub async fn write(
     .fetch_one(&mut *conn)
     .await
     .map_err(fail)?;
-    let rows = store.output_rows(job_id, spec.recalls.mode());
+    let target = Target { job_id, schema, results, vehicles };
     let total = if partitioned {
-        write_partition(store, &mut conn, rows, job_id, schema, results, vehicles).await
+        write_partition(&mut conn, rows, &target).await
     } else {
-        write_plain(store, &mut conn, rows, job_id, schema, results, vehicles).await
+        write_plain(&mut conn, rows, &target).await
     }
     .map_err(|e| match e {
         Failed::Sql(e) => fail(e),
@@ -225,7 +220,13 @@ impl From<sqlx::Error> for Failed {
     }
 }
 
-type Rows<'a> = futures_util::stream::BoxStream<'a, Result<OutputRow, crate::store::StoreError>>;
+/// Whose rows go where.
+struct Target<'a> {
+    job_id: i64,
+    schema: &'a str,
+    results: &'a str,
+    vehicles: &'a str,
+}
 
 async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Error> {
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(drop)
@@ -233,15 +234,8 @@ async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Err
 
 /// Loads into a fresh table, indexes it, and swaps it in as the job's
 /// partition.
-async fn write_partition(
-    store: &Store,
-    conn: &mut sqlx::PgConnection,
-    rows: Rows<'_>,
-    job_id: i64,
-    schema: &str,
-    results: &str,
-    vehicles: &str,
-) -> Result<u64, Failed> {
+async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
+    let Target { job_id, schema, results, vehicles } = *t;
     let mark = load_mark(schema, results, job_id);
     // A killed writer's load tables (never attached): dropped first.
     let orphans: Vec<String> = sqlx::query_scalar(
@@ -261,7 +255,7 @@ async fn write_partition(
     let load = format!("{stem}_j{job_id}_{}", chrono_millis());
     run(conn, format!("CREATE TABLE {schema}.{load} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
     run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
-    let total = copy_rows(store, conn, rows, job_id, &format!("{schema}.{load}")).await?;
+    let total = copy_rows(conn, rows, job_id, &format!("{schema}.{load}")).await?;
     // Indexed once loaded (cheaper than index upkeep per row); the CHECK
     // lets ATTACH skip scanning the rows for the partition bound.
     for stmt in [
@@ -300,19 +294,12 @@ async fn write_partition(
 
 /// A results table made before partitioning: the rows are loaded into a
 /// temporary table, then replace the job's old ones in one transaction.
-async fn write_plain(
-    store: &Store,
-    conn: &mut sqlx::PgConnection,
-    rows: Rows<'_>,
-    job_id: i64,
-    schema: &str,
-    results: &str,
-    vehicles: &str,
-) -> Result<u64, Failed> {
+async fn write_plain(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
+    let Target { job_id, schema, results, vehicles } = *t;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     run(&mut tx, format!("CREATE TEMP TABLE vinetl_load (LIKE {schema}.{results} INCLUDING DEFAULTS) ON COMMIT DROP"))
         .await?;
-    let total = copy_rows(store, &mut tx, rows, job_id, "vinetl_load").await?;
+    let total = copy_rows(&mut tx, rows, job_id, "vinetl_load").await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results} WHERE job_id = $1")))
         .bind(job_id)
         .execute(&mut *tx)
@@ -333,31 +320,30 @@ fn chrono_millis() -> u128 {
 
 /// Streams the job's rows into `table` with one COPY; returns the count.
 async fn copy_rows(
-    store: &Store,
     conn: &mut sqlx::PgConnection,
-    mut rows: Rows<'_>,
+    mut rows: super::RowsRx,
     job_id: i64,
     table: &str,
 ) -> Result<u64, Failed> {
     let mut copy = conn.copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", result_columns())).await?;
     let mut buf = String::with_capacity(COPY_CHUNK + 4096);
     let mut total = 0u64;
-    while let Some(row) = rows.next().await {
-        let row = match row {
-            Ok(r) => r,
+    loop {
+        let chunk = match super::next_chunk(&mut rows).await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
             Err(e) => {
-                let _ = copy.abort("reading the job's rows failed").await;
-                return Err(Failed::Rows(e.into()));
+                let _ = copy.abort(&e).await;
+                return Err(Failed::Rows(OutputError::write(table, e)));
             }
         };
-        copy_line(&mut buf, job_id, &row);
-        total += 1;
-        if buf.len() >= COPY_CHUNK {
-            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
-            buf.reserve(COPY_CHUNK + 4096);
-        }
-        if total.is_multiple_of(HEARTBEAT_ROWS) {
-            store.heartbeat(job_id).await.map_err(|e| Failed::Rows(e.into()))?;
+        for row in chunk.iter() {
+            copy_line(&mut buf, job_id, row);
+            total += 1;
+            if buf.len() >= COPY_CHUNK {
+                copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+                buf.reserve(COPY_CHUNK + 4096);
+            }
         }
     }
     if !buf.is_empty() {
