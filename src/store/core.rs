@@ -291,6 +291,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         if !rows.is_empty() {
+            // `OFFSET 0` keeps the earlier-row check a per-row index probe:
+            // without it Postgres may hash the whole job's rows once per
+            // chunk (an EXISTS inside CASE), which made planning quadratic
+            // (46 of 100 ms per 5,000-row chunk at 150,000 rows, EXPLAIN ANALYZE).
             let json: Vec<Value> = rows
                 .iter()
                 .map(|r| {
@@ -306,7 +310,8 @@ impl Store {
                         CASE WHEN c.vin IS NULL THEN r.text ELSE c.error_text END,
                         r.carried,
                         CASE WHEN r.vin IS NULL THEN 'invalid'
-                             WHEN r.nth > 1 OR EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = r.vin)
+                             WHEN r.nth > 1 OR EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = r.vin
+                                                        LIMIT 1 OFFSET 0)
                                  THEN 'duplicate'
                              WHEN c.vin IS NOT NULL THEN 'cache_hit'
                              ELSE 'call' END,
