@@ -651,12 +651,10 @@ impl Store {
                 args![job_id],
             )
             .await?;
-        let Some(counts) = (match ended {
-            Some(_) => job_counts(&mut tx, job_id).await?,
-            None => None,
-        }) else {
+        if ended.is_none() {
             return Ok(false);
-        };
+        }
+        let Some(counts) = job_counts(&mut tx, job_id).await? else { return Ok(false) };
         let frozen = serde_json::to_value(&counts).map_err(|e| StoreError::Decode(e.to_string()))?;
         tx.exec("UPDATE jobs SET pruned_at = now(), summary = $2 WHERE job_id = $1", args![job_id, frozen]).await?;
         for sql in [

@@ -69,6 +69,9 @@ pub async fn write_all(
     replace_newer: bool,
 ) -> Result<Written, OutputError> {
     use futures_util::StreamExt;
+    if spec.outputs.is_empty() {
+        return Ok(Written::default());
+    }
     let mut senders = Vec::new();
     let mut writers = Vec::new();
     for output in &spec.outputs {
