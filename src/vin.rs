@@ -173,6 +173,17 @@ impl Vin {
         let preferred = if self.at(7).is_ascii_alphabetic() { candidates[1] } else { candidates[0] };
         ModelYears { candidates, preferred: Some(preferred) }
     }
+
+    /// The model year by vPIC's rule, `None` where position 10 is not a
+    /// year code. For a light vehicle (car, MPV, light truck: 565.15(c))
+    /// position 7 picks the cycle, a digit 1980-2009 and a letter 2010-2039;
+    /// otherwise the later cycle. Never a year after `latest` (next year):
+    /// such a year is read 30 years earlier.
+    pub fn rule_year(&self, light_vehicle: bool, latest: u16) -> Option<u16> {
+        let base = year_code_offset(self.at(10))?;
+        let (earlier, later) = (1980 + base, 2010 + base);
+        Some(if (light_vehicle && self.at(7).is_ascii_digit()) || later > latest { earlier } else { later })
+    }
 }
 
 /// Model-year reading of position 10.
@@ -346,6 +357,25 @@ mod tests {
     const LEGAL: &str = "[0-9A-HJ-NPR-Z]{17}";
 
     proptest! {
+        #[test]
+        fn the_rule_year_is_never_in_the_future(raw in "[A-HJ-NPR-Z0-9]{17}", light in any::<bool>(), latest in 2020u16..2040) {
+            let vin = Vin::parse(&raw).unwrap();
+            match vin.rule_year(light, latest) {
+                Some(year) => {
+                    prop_assert!((1980..=latest).contains(&year), "{raw}: {year}");
+                    prop_assert!(vin.model_years().candidates.contains(&year));
+                    let p7 = vin.at(7);
+                    if light && p7.is_ascii_digit() {
+                        prop_assert!(year < 2010, "{raw}: a digit in position 7 is 1980-2009, not {year}");
+                    }
+                    if (!light || p7.is_ascii_alphabetic()) && year + 30 <= latest {
+                        prop_assert!(false, "{raw}: {year} when {} is not in the future", year + 30);
+                    }
+                }
+                None => prop_assert!(vin.model_years().candidates.is_empty()),
+            }
+        }
+
         #[test]
         fn every_legal_string_of_length_17_parses(s in LEGAL) {
             prop_assert!(Vin::parse(&s).is_ok());

@@ -7,10 +7,14 @@
 //! time from `$MAPS_DIR`; [`tables_dir`] says where a binary finds them when
 //! `MAPS_DIR` is unset (a packaged binary carries them beside it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
-use corgi_rs::{CorgiError, VehicleInfo, VinDecoder, VinDecoderError};
+use chrono::Datelike;
+use corgi_rs::element::is_car_mpv_lt;
+use corgi_rs::maps::{FstRkyvMap, MapError};
+use corgi_rs::{CorgiError, VehicleInfo, VinDecoder, VinDecoderError, WmiEntry};
 
 use crate::api::{VEHICLE_FIELDS, Vehicle, vpic_error};
 use crate::vin::Vin;
@@ -79,23 +83,49 @@ fn tables_candidates() -> Vec<(PathBuf, &'static str)> {
 /// Decodes VINs from the embedded vPIC data. Cheap to share (`Send + Sync`).
 pub struct Decoder {
     inner: VinDecoder,
+    /// What the WMI alone says (make, manufacturer, country, vehicle type):
+    /// a VIN whose patterns cannot be decoded still gets it, as from vPIC.
+    wmis: FstRkyvMap<WmiEntry>,
+    /// The latest model year a VIN may have: next year.
+    latest_year: u16,
 }
 
 impl Decoder {
     pub fn new() -> Result<Decoder, DecoderUnavailable> {
-        VinDecoder::try_new().map(|inner| Decoder { inner }).map_err(|e| DecoderUnavailable(e.to_string()))
+        let unavailable = |e: MapError| DecoderUnavailable(e.to_string());
+        let inner = VinDecoder::try_new().map_err(unavailable)?;
+        let wmis = FstRkyvMap::open().map_err(unavailable)?;
+        Ok(Decoder { inner, wmis, latest_year: u16::try_from(chrono::Utc::now().year() + 1).unwrap_or(u16::MAX) })
+    }
+
+    /// Pins the latest model year a VIN may have (next year by default): for
+    /// tests, and to reproduce an earlier year's decode.
+    pub fn with_latest_year(mut self, year: u16) -> Decoder {
+        self.latest_year = year;
+        self
     }
 
     /// Decodes one VIN into vPIC-style fields. Never fails for a parsed VIN:
     /// what the data cannot say is reported in `ErrorCode`/`ErrorText`, as
-    /// vPIC does, and fields it does not know stay empty.
+    /// vPIC does, and fields it does not know stay empty. Where the patterns
+    /// cannot be used (no model year, or none that matches), the WMI's own
+    /// fields are still given.
     pub fn decode(&self, vin: &Vin) -> Vehicle {
         // corgi refuses a position 9 that is not a digit or `X`, which most
         // European VINs have. Position 9 plays no part in vPIC's patterns, so
         // decode with the computed check digit and report the mismatch here.
         let mut probe = vin.as_str().to_string();
         probe.replace_range(8..9, &vin.expected_check_digit().to_string());
+        let wmi = self.wmis.get(&probe[..3]).and_then(|entries| entries.into_iter().next());
+        // vPIC's rule for the model year; position 7 counts for light
+        // vehicles (a truck by its decoded GVWR class where it has one).
+        let rule = |gvwr: &str| {
+            let w = wmi.as_ref()?;
+            let light = light_vehicle(w, gvwr);
+            vin.rule_year(light, self.latest_year).map(|y| (i32::from(y), light))
+        };
         let mut codes = Vec::new();
+        let mut notes = Vec::new();
         if !vin.check_digit_valid() {
             codes.push(vpic_error::CHECK_DIGIT);
         }
@@ -104,24 +134,137 @@ impl Decoder {
                 if info.make.is_empty() || info.model.is_none() {
                     codes.push(vpic_error::NO_DETAIL);
                 }
-                from_info(info)
+                let patterns_year = info.year;
+                let conclusive = info.year_conclusive;
+                let mut vehicle = from_info(info);
+                if let Some((year, light)) = rule(&vehicle.gvwr) {
+                    if patterns_year != year {
+                        // corgi settles the 30-year cycle by which one's
+                        // patterns name a model, and may so pick a year in
+                        // the future; vPIC states the rule's year.
+                        let by = if light { " and position 7" } else { "" };
+                        notes.push(format!(
+                            "model year {year} by position 10{by}; the VIN's patterns match model year {patterns_year}"
+                        ));
+                    } else if !conclusive && !light && year >= 2010 {
+                        notes.push(format!(
+                            "model year {year} or {}: position 10 names both and the VIN's patterns fit both",
+                            year - 30
+                        ));
+                    }
+                    vehicle.model_year = year.to_string();
+                }
+                vehicle
             }
+            Err(CorgiError::VinDecoder(_, VinDecoderError::UnreadableWmi { .. })) => match supplement(vin) {
+                Some(known) => {
+                    codes.push(vpic_error::NO_DETAIL);
+                    let shared = if known.make.is_empty() { ", shared by several makes" } else { "" };
+                    notes.push(format!(
+                        "vPIC knows WMI {} ({}{shared}); the embedded tables have no patterns for it",
+                        known.wmi, known.vehicle_type
+                    ));
+                    let light = matches!(known.vehicle_type, "Passenger Car" | "Multipurpose Passenger Vehicle (MPV)");
+                    Vehicle {
+                        make: known.make.to_uppercase(),
+                        manufacturer: known.manufacturer.to_string(),
+                        plant_country: known.country.to_uppercase(),
+                        vehicle_type: known.vehicle_type.to_string(),
+                        model_year: vin.rule_year(light, self.latest_year).map(|y| y.to_string()).unwrap_or_default(),
+                        ..Vehicle::default()
+                    }
+                }
+                None => {
+                    codes.push(vpic_error::NOT_REGISTERED);
+                    Vehicle::default()
+                }
+            },
             Err(CorgiError::VinDecoder(_, e)) => {
                 codes.push(match e {
-                    VinDecoderError::UnreadableWmi { .. } => vpic_error::NOT_REGISTERED,
                     VinDecoderError::UnreadableModelYear { .. } => vpic_error::MODEL_YEAR,
                     _ => vpic_error::NO_DETAIL,
                 });
-                Vehicle::default()
+                wmi.as_ref().map(from_wmi).unwrap_or_default()
             }
         };
+        if let Some(w) = wmi.as_ref().filter(|w| w.make.is_empty() && vehicle.make.is_empty()) {
+            // A WMI several makes share names none; only a model would.
+            notes.push(format!(
+                "WMI {} is shared by several makes of {} and no pattern names this VIN's model",
+                &probe[..3],
+                w.manufacturer
+            ));
+        }
         if codes.is_empty() {
             codes.push(vpic_error::CLEAN);
         }
         vehicle.vin = vin.to_string();
         vehicle.error_code = codes.iter().map(|c| c.0).collect::<Vec<_>>().join(",");
-        vehicle.error_text = codes.iter().map(|c| c.1).collect::<Vec<_>>().join("; ");
+        vehicle.error_text = codes.iter().map(|c| c.1.to_string()).chain(notes).collect::<Vec<_>>().join("; ");
         vehicle
+    }
+}
+
+/// Whether position 7 tells the model year's cycle (49 CFR 565.15(c)):
+/// passenger cars, MPVs, and trucks (or incomplete vehicles) of at most
+/// 10,000 lb GVWR. A truck's class comes from its decoded GVWR (`Class 2E:
+/// ...`; classes 1 and 2 are light); without one, from the WMI's truck type.
+fn light_vehicle(w: &WmiEntry, gvwr: &str) -> bool {
+    const TRUCK: u16 = 3;
+    const INCOMPLETE: u16 = 10;
+    let class = gvwr.strip_prefix("Class ").and_then(|c| c.chars().next()).and_then(|c| c.to_digit(10));
+    match class {
+        Some(class) if matches!(w.vehicle_type_id, TRUCK | INCOMPLETE) => class <= 2,
+        _ => is_car_mpv_lt(w.vehicle_type_id, w.truck_type_id),
+    }
+}
+
+/// A WMI vPIC knows and the embedded tables lack (a motorcycle, bus,
+/// low-speed or off-road maker, or one registered after their export).
+struct KnownWmi {
+    wmi: &'static str,
+    make: &'static str,
+    manufacturer: &'static str,
+    country: &'static str,
+    vehicle_type: &'static str,
+}
+
+/// vPIC's entries for the WMIs corgi-rs lacks, written by
+/// `scripts/wmi-supplement` from NHTSA's data. A table of our own because
+/// corgi-rs can take no extra rows, and these are a few thousand lines.
+static SUPPLEMENT: LazyLock<HashMap<&'static str, KnownWmi>> = LazyLock::new(|| {
+    include_str!("wmi-supplement.tsv")
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split('\t');
+            let wmi = cols.next()?;
+            let known = KnownWmi {
+                wmi,
+                make: cols.next()?,
+                manufacturer: cols.next()?,
+                country: cols.next()?,
+                vehicle_type: cols.next()?,
+            };
+            Some((wmi, known))
+        })
+        .collect()
+});
+
+/// The supplement's entry for the VIN's WMI (six characters first, for
+/// small manufacturers, then three).
+fn supplement(vin: &Vin) -> Option<&'static KnownWmi> {
+    SUPPLEMENT.get(vin.wmi().as_str()).or_else(|| SUPPLEMENT.get(&vin.as_str()[..3]))
+}
+
+/// What the WMI alone says, for a VIN whose patterns cannot be decoded.
+fn from_wmi(w: &WmiEntry) -> Vehicle {
+    Vehicle {
+        make: w.make.to_uppercase(),
+        manufacturer: w.manufacturer.clone(),
+        plant_country: w.country.to_uppercase(),
+        vehicle_type: corgi_rs::element::vehicle_type_name(w.vehicle_type_id).unwrap_or_default().to_string(),
+        ..Vehicle::default()
     }
 }
 
@@ -203,6 +346,50 @@ mod tests {
         let v = decode("WVGZZZ5NZEW069297");
         assert!(v.error_code.starts_with('1'), "{}", v.error_code);
         assert_eq!(v.vin, "WVGZZZ5NZEW069297");
+    }
+
+    #[test]
+    fn an_unreadable_year_still_gives_what_the_wmi_says() {
+        // Position 10 is `0`: no model year, so no pattern applies; vPIC
+        // still names the make, the manufacturer and its country.
+        for (vin, make) in [("WBAJR31050CE20846", "BMW"), ("JTNB23HK203029472", "TOYOTA")] {
+            let v = decode(vin);
+            assert_eq!(v.make, make, "{vin}");
+            assert!(!v.manufacturer.is_empty() && !v.plant_country.is_empty(), "{vin}: {v:?}");
+            assert!(!v.vehicle_type.is_empty(), "{vin}: {v:?}");
+            assert!(v.error_code.split(',').any(|c| c == "11"), "{vin}: {}", v.error_code);
+            assert_eq!(v.model_year, "", "{vin}");
+        }
+    }
+
+    #[test]
+    fn a_wmi_vpic_knows_but_the_tables_lack_still_names_the_make() {
+        // LRW (Tesla Shanghai) was registered after corgi-rs's export.
+        let v = decode("LRWYGDFD3PC939701");
+        assert_eq!((v.make.as_str(), v.plant_country.as_str(), v.model_year.as_str()), ("TESLA", "CHINA", "2023"));
+        assert_eq!(v.error_code, "8");
+        assert!(v.error_text.contains("vPIC knows WMI LRW"), "{}", v.error_text);
+    }
+
+    #[test]
+    fn no_model_year_is_in_the_future() {
+        // Position 10 `1` is 2001 or 2031; position 7 is a digit, so 2001,
+        // though the 2031 block's patterns name a model.
+        let v = decode("WDD2040081A167295");
+        assert_eq!(v.model_year, "2001");
+        assert!(v.error_text.contains("model year 2001 by position 10 and position 7"), "{}", v.error_text);
+        // A heavy truck (no position-7 rule): `W` is 1998 or 2028; 2028 is after next year.
+        let in_2026 = Decoder::new().unwrap().with_latest_year(2027);
+        assert_eq!(in_2026.decode(&Vin::parse("1XKPM78LXW5057123").unwrap()).model_year, "1998");
+    }
+
+    #[test]
+    fn the_rule_year_is_kept_where_corgi_picks_the_other_cycle() {
+        // A Peugeot 508: position 7 is a letter, so 2012, though vPIC's
+        // Peugeot patterns are from the 1980s.
+        let v = decode("VF38DRHC8CL054898");
+        assert_eq!(v.model_year, "2012");
+        assert!(v.error_text.contains("patterns match model year 1982"), "{}", v.error_text);
     }
 
     #[test]
