@@ -181,3 +181,40 @@ fn decode_file_reads_stdin_and_writes_csv_with_the_output_columns() {
     assert_eq!(&records[1][col("error_code")], "wrong_length");
     assert_eq!(&records[2][col("model")], "Model S");
 }
+
+#[test]
+fn decode_file_writes_parquet_with_typed_columns_in_input_order() {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Int32Type, Int64Type};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("out.parquet");
+    let input = "1HGCM82633A004352\nnot a vin\nWBAJR31050CE20846\n".repeat(1_500);
+    let mut child = vinetl()
+        .args(["decode", "--file", "-", "--format", "parquet", "--threads", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&path).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = std::fs::File::open(&path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    let batch = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+    assert_eq!(batch.num_rows(), 4_500, "one row per input row, across chunks");
+    let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(&names[..4], ["row", "raw_vin", "vin", "status"]);
+    let col = |name: &str| batch.column(names.iter().position(|n| n == name).unwrap()).clone();
+    let rows = col("row");
+    let rows = rows.as_primitive::<Int64Type>();
+    assert!((0..4_500).all(|i| rows.value(i) == i as i64 + 1), "input order");
+    let (status, make, year) = (col("status"), col("make"), col("model_year"));
+    let (status, make, year) = (status.as_string::<i32>(), make.as_string::<i32>(), year.as_primitive::<Int32Type>());
+    assert_eq!((status.value(0), make.value(0), year.value(0)), ("decoded", "HONDA", 2003));
+    assert_eq!(status.value(1), "invalid");
+    assert!(make.is_null(1) && year.is_null(1));
+    // A partial decode: the make from the WMI, no year.
+    assert_eq!((make.value(2), year.is_null(2)), ("BMW", true));
+}

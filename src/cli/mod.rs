@@ -182,8 +182,8 @@ pub enum Command {
     /// (printed as batch-decode's JSON), or a whole file on every core.
     ///
     /// With VINs, exits 1 if any is malformed. With --file, writes one line
-    /// per input row in input order (JSON lines or CSV) to stdout, and a
-    /// summary to stderr.
+    /// per input row in input order (JSON lines, CSV or one Parquet file) to
+    /// stdout, and a summary to stderr.
     Decode {
         /// VINs to decode.
         #[arg(required_unless_present = "file", conflicts_with = "file")]
@@ -379,6 +379,11 @@ impl Cli {
             }
             Command::Decode { file: Some(file), column, format, threads, encoding, .. } => {
                 let encoding = text_encoding(encoding.as_deref())?;
+                if format == crate::local::decode_file::OutputFormat::Parquet
+                    && std::io::IsTerminal::is_terminal(&std::io::stdout())
+                {
+                    anyhow::bail!("--format parquet writes a binary file: redirect stdout to one (> vins.parquet)");
+                }
                 let threads = threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
                 let input = FileFormat::infer(&file, column.as_deref());

@@ -14,10 +14,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
 use serde::Serialize;
 
 use crate::api::{ApiError, Vehicle, code};
-use crate::io::output::VEHICLE_COLUMNS;
+use crate::io::output::{OutputRow, VEHICLE_COLUMNS, dataset};
 use crate::io::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
 use crate::local::decoder::Decoder;
 use crate::vin::Vin;
@@ -33,6 +38,22 @@ pub enum OutputFormat {
     Jsonl,
     /// A header, then one record per row: the Parquet outputs' column names.
     Csv,
+    /// One Parquet file (zstd): the CSV's columns, vehicle fields typed as
+    /// in the job outputs.
+    Parquet,
+}
+
+/// Where the writer puts encoded chunks.
+enum Sink<W: Write + Send> {
+    Bytes(W),
+    Parquet(Box<ArrowWriter<W>>),
+}
+
+/// A decoded chunk, encoded by the decoder thread: bytes to write as they
+/// are (JSON lines, CSV), or an Arrow batch for the Parquet writer.
+enum Encoded {
+    Bytes(Vec<u8>),
+    Batch(RecordBatch),
 }
 
 /// What a run read and decoded.
@@ -53,6 +74,18 @@ pub enum DecodeFileError {
     Decoder(#[from] crate::local::decoder::DecoderUnavailable),
     #[error("writing the output failed: {0}")]
     Write(std::io::Error),
+}
+
+impl From<parquet::errors::ParquetError> for DecodeFileError {
+    fn from(e: parquet::errors::ParquetError) -> Self {
+        match e {
+            parquet::errors::ParquetError::External(e) => match e.downcast::<std::io::Error>() {
+                Ok(io) => DecodeFileError::Write(*io),
+                Err(e) => DecodeFileError::Write(std::io::Error::other(e)),
+            },
+            e => DecodeFileError::Write(std::io::Error::other(e)),
+        }
+    }
 }
 
 /// A JSON line: the row, what it held, and the batch-decode entry.
@@ -82,8 +115,86 @@ fn csv_header() -> Vec<&'static str> {
     h
 }
 
+/// The job outputs' columns a decode has, for Parquet (`source_row` as `row`).
+fn parquet_columns() -> (SchemaRef, Vec<usize>) {
+    let job = dataset::schema(&[]);
+    let mut fields = Vec::new();
+    let mut indices = Vec::new();
+    for name in csv_header() {
+        let from = if name == "row" { "source_row" } else { name };
+        let (i, field) = job.column_with_name(from).expect("the decode's columns are job output columns");
+        fields.push(field.clone().with_name(name));
+        indices.push(i);
+    }
+    (Arc::new(Schema::new(fields)), indices)
+}
+
+/// One chunk's rows as an Arrow batch of [`parquet_columns`].
+fn parquet_batch(rows: &[InputRow], decoded: &[Result<(Vin, Vehicle), String>]) -> RecordBatch {
+    let out: Vec<OutputRow> = rows
+        .iter()
+        .zip(decoded)
+        .map(|(row, d)| {
+            let (vin, status, code, text, cdv, vehicle) = match d {
+                Ok((vin, v)) => (
+                    Some(vin.to_string()),
+                    "decoded",
+                    None,
+                    None,
+                    Some(vin.check_digit_valid()),
+                    VEHICLE_COLUMNS.iter().map(|(_, f, _)| Some(v.field(f).to_string())).collect(),
+                ),
+                Err(e) => {
+                    let kind = Vin::parse(&row.vin).err().map(|e| e.kind().to_string());
+                    (None, "invalid", kind, Some(e.clone()), None, vec![None; VEHICLE_COLUMNS.len()])
+                }
+            };
+            OutputRow {
+                source: String::new(),
+                source_row: row.row as i64,
+                raw_vin: row.vin.clone(),
+                vin,
+                status: status.to_string(),
+                error_code: code,
+                error_text: text,
+                decoded_at: None,
+                check_digit_valid: cdv,
+                vehicle,
+                recall_campaigns: None,
+                recall_error: None,
+                carried: Default::default(),
+            }
+        })
+        .collect();
+    let (schema, indices) = parquet_columns();
+    let job = dataset::record_batch(&dataset::schema(&[]), 0, &out, &[]).expect("decode rows fit the job schema");
+    RecordBatch::try_new(schema, indices.iter().map(|i| Arc::clone(job.column(*i))).collect())
+        .expect("projected columns fit their schema")
+}
+
 /// Decodes one chunk into its encoded output and its counts.
-fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) -> (Vec<u8>, Summary) {
+fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) -> (Encoded, Summary) {
+    if format == OutputFormat::Parquet {
+        let mut counts = Summary { rows: rows.len() as u64, ..Summary::default() };
+        let decoded: Vec<Result<(Vin, Vehicle), String>> = rows
+            .iter()
+            .map(|row| {
+                let vin = Vin::parse(&row.vin).map_err(|e| e.to_string())?;
+                let v = decoder.decode(&vin);
+                Ok((vin, v))
+            })
+            .collect();
+        for d in &decoded {
+            match d {
+                Ok((_, v)) => {
+                    counts.decoded += 1;
+                    counts.no_make += u64::from(v.make.is_empty());
+                }
+                Err(_) => counts.invalid += 1,
+            }
+        }
+        return (Encoded::Batch(parquet_batch(&rows, &decoded)), counts);
+    }
     let mut out = Vec::with_capacity(rows.len() * 600);
     let mut counts = Summary::default();
     let mut csv =
@@ -141,7 +252,7 @@ fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) ->
     if let Some(w) = csv {
         out = w.into_inner().expect("an in-memory CSV writer flushes");
     }
-    (out, counts)
+    (Encoded::Bytes(out), counts)
 }
 
 /// Decodes every row of `path` (`-`: standard input) with `threads`
@@ -162,7 +273,7 @@ pub fn decode_file(
     let threads = threads.max(1);
     let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<InputRow>)>(threads * 2);
     let work_rx = Arc::new(Mutex::new(work_rx));
-    let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Vec<u8>, Summary)>(threads * 2);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Encoded, Summary)>(threads * 2);
     std::thread::scope(|scope| {
         for _ in 0..threads {
             let (rx, tx, decoder) = (Arc::clone(&work_rx), done_tx.clone(), &decoder);
@@ -178,20 +289,35 @@ pub fn decode_file(
             });
         }
         drop(done_tx);
-        let writer = scope.spawn(move || -> Result<Summary, std::io::Error> {
+        let writer = scope.spawn(move || -> Result<Summary, DecodeFileError> {
             let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
             if output == OutputFormat::Csv {
                 let mut w = csv::Writer::from_writer(Vec::new());
                 w.write_record(csv_header()).expect("writing CSV to memory cannot fail");
-                out.write_all(&w.into_inner().expect("an in-memory CSV writer flushes"))?;
+                out.write_all(&w.into_inner().expect("an in-memory CSV writer flushes"))
+                    .map_err(DecodeFileError::Write)?;
             }
+            let mut sink = match output {
+                OutputFormat::Parquet => {
+                    let props =
+                        WriterProperties::builder().set_compression(Compression::ZSTD(Default::default())).build();
+                    Sink::Parquet(Box::new(ArrowWriter::try_new(out, parquet_columns().0, Some(props))?))
+                }
+                _ => Sink::Bytes(out),
+            };
             let mut total = Summary::default();
             let mut pending = BTreeMap::new();
             let mut next = 0;
-            for (i, bytes, counts) in done_rx {
-                pending.insert(i, (bytes, counts));
-                while let Some((bytes, counts)) = pending.remove(&next) {
-                    out.write_all(&bytes)?;
+            for (i, encoded, counts) in done_rx {
+                pending.insert(i, (encoded, counts));
+                while let Some((encoded, counts)) = pending.remove(&next) {
+                    match (encoded, &mut sink) {
+                        (Encoded::Batch(batch), Sink::Parquet(w)) => w.write(&batch)?,
+                        (Encoded::Bytes(bytes), Sink::Bytes(w)) => {
+                            w.write_all(&bytes).map_err(DecodeFileError::Write)?
+                        }
+                        _ => unreachable!("chunks are encoded for the output's format"),
+                    }
                     total.rows += counts.rows;
                     total.decoded += counts.decoded;
                     total.invalid += counts.invalid;
@@ -199,7 +325,11 @@ pub fn decode_file(
                     next += 1;
                 }
             }
-            out.flush()?;
+            let mut out = match sink {
+                Sink::Parquet(w) => w.into_inner()?,
+                Sink::Bytes(w) => w,
+            };
+            out.flush().map_err(DecodeFileError::Write)?;
             Ok(total)
         });
         let mut read_error = None;
@@ -224,7 +354,7 @@ pub fn decode_file(
             let _ = work_tx.send((index, chunk));
         }
         drop(work_tx);
-        let written = writer.join().expect("the writer does not panic").map_err(DecodeFileError::Write)?;
+        let written = writer.join().expect("the writer does not panic")?;
         // Rows before a read error are written; the error names the file and row.
         match read_error {
             Some(e) => Err(e.into()),
