@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vins as gen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["decoder", "check", "server", "limiter", "calls", "cold", "warm", "stores", "choice"]
+BENCHES = ["decoder", "peer", "check", "server", "limiter", "calls", "cold", "warm", "stores", "choice"]
 GUIDE_HOST = "https://www.carvinapi.com"
 
 
@@ -44,11 +44,11 @@ class Run:
         self.wall, self.rss_mb, self.cpu, self.out, self.err, self.rc = wall, rss_mb, cpu, out, err, rc
 
 
-def timed(cmd, env=None, cwd=None, stdout=None, check=True):
+def timed(cmd, env=None, cwd=None, stdout=None, check=True, stdin=None):
     """Runs `cmd`, measuring its own wall time, peak RSS and CPU (wait4)."""
     t0 = time.monotonic()
     out_f = open(stdout, "wb") if stdout else subprocess.PIPE
-    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out_f, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin, stdout=out_f, stderr=subprocess.PIPE)
     bufs = {"out": b"", "err": b""}
 
     def drain(name, pipe):
@@ -275,6 +275,37 @@ def bench_decoder(ctx):
     ctx.detail("Embedded decoder (`vinetl decode --file F --threads N --format jsonl > /dev/null`)",
                ["threads", "VINs", "wall", "VINs/s", "peak RSS"], rows,
                f"{fmt_n(n)} distinct pattern-conforming VINs; output JSON lines to /dev/null.")
+
+
+def bench_peer(ctx):
+    """Decode fidelity: make, model and year of the 1,000 pattern VINs against
+    the peer decoder Corgi JS, every disagreement listed with vinetl's reason."""
+    peer_dir = Path(os.environ["CORGI_JS_DIR"])
+    vins = ROOT / "tests/fixtures/pattern-vins.txt"
+    shutil.copy(ROOT / "benches/corgi_js.mjs", peer_dir / "corgi_js.mjs")
+    with open(vins) as stdin:
+        peer_run = timed(["node", "corgi_js.mjs"], cwd=peer_dir, env={**os.environ, "HOME": str(ctx.work)},
+                         stdin=stdin)
+    peer = {d["vin"]: d for d in map(json.loads, peer_run.out.splitlines())}
+    ours_run = ctx.vinetl(["decode", "--file", vins, "--format", "jsonl"], os.environ)
+    ours = {d["input"]: d for d in map(json.loads, ours_run.out.splitlines())}
+    norm = lambda v: str(v or "").strip().lower()
+    fields = [("make", "Make", 99.5), ("model", "Model", 99.0), ("year", "ModelYear", 98.0)]
+    rows = []
+    for field, theirs_as, target in fields:
+        differ = [(vin, p[field], ours[vin].get(theirs_as, ""), ours[vin].get("ErrorText", ""))
+                  for vin, p in peer.items() if norm(p[field]) != norm(ours[vin].get(theirs_as))]
+        share = 100 * (len(peer) - len(differ)) / len(peer)
+        ctx.row("peer", f"agreement with Corgi JS {os.environ.get('CORGI_JS_VERSION', '')}: {field}",
+                fmt_n(len(peer)), f"{share:.1f} %", "", "", goal(share >= target, f">= {target} %"))
+        rows += [(field, vin, theirs or "(none)", mine or "(none)", why.replace("|", "/")) for vin, theirs, mine, why
+                 in differ]
+    ctx.detail("Decode fidelity: every disagreement with Corgi JS on tests/fixtures/pattern-vins.txt",
+               ["field", "VIN", "Corgi JS", "vinetl", "vinetl's ErrorText"], rows,
+               f"`vinetl decode --file tests/fixtures/pattern-vins.txt` against `node benches/corgi_js.mjs` "
+               f"(Corgi JS {os.environ.get('CORGI_JS_VERSION', '')} on its bundled vPIC database), compared "
+               f"case-insensitively. Corgi JS took {fmt_s(peer_run.wall)}, vinetl {fmt_s(ours_run.wall)}. "
+               "Why they differ is in the section Decode fidelity.")
 
 
 def bench_check(ctx):
