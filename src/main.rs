@@ -1,7 +1,9 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use vinetl::cli::LogFormat;
 
 fn main() -> ExitCode {
     // corgi-rs reads its tables from MAPS_DIR or $HOME/.corgi-rs-cache only;
@@ -15,13 +17,19 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VINETL_LOG").unwrap_or_else(|_| EnvFilter::new("warn,sqlx::query=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match vinetl::cli::Cli::parse().run().await {
+    let cli = vinetl::cli::Cli::parse();
+    let filter =
+        EnvFilter::try_from_env("VINETL_LOG").unwrap_or_else(|_| EnvFilter::new("warn,vinetl=info,sqlx::query=error"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => {
+            // https://no-color.org: set and not empty means no colour.
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color).init();
+        }
+    }
+    match cli.run().await {
         Ok(code) => code,
         Err(e) => vinetl::exit::fail(&e),
     }

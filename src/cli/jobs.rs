@@ -97,6 +97,7 @@ fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
 /// database error (a failover, a statement timeout); this restarts it, under
 /// a fresh name, with backoff, for as long as the process is wanted.
 pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
+    startup("worker", state, concurrency);
     let store = state.open(concurrency as u32 + 4).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -131,7 +132,16 @@ pub struct Ended {
 }
 
 /// `vinetl run SPEC`: check, submit, work the job to the end here.
+/// The line a long-running command logs first: what runs, against which
+/// state (password masked), how wide.
+fn startup(command: &str, state: &State, concurrency: usize) {
+    let schema = matches!(state.url, DatabaseUrl::Postgres(_)).then_some(state.schema.as_str());
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), state = %state.url.shown(), schema, concurrency,
+                   "vinetl {command} starting");
+}
+
 pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<Ended> {
+    startup("run", state, concurrency);
     let mut spec = load_spec(spec_path)?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.

@@ -33,6 +33,17 @@ use crate::local::check::check_file;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines on stderr: text (no colour unless stderr is a terminal and
+    /// NO_COLOR is unset) or one JSON object per line. VINETL_LOG sets the
+    /// level (default: vinetl's info, everything else's warnings).
+    #[arg(long, global = true, env = "VINETL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Where the runner keeps its state.

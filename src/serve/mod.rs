@@ -315,7 +315,7 @@ impl Server {
     fn admit(&self, caller: Caller) -> Result<Quota, ApiFailure> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
         self.accounts.admit(caller, now).map_err(|limited| {
-            tracing::info!(caller = %self.accounts.name(caller), per_second = limited.per_second, "429");
+            tracing::debug!(caller = %self.accounts.name(caller), per_second = limited.per_second, "429");
             ApiFailure::rate_limited(limited)
         })
     }

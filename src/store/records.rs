@@ -252,6 +252,13 @@ impl DatabaseUrl {
             Err(StoreError::UnknownScheme(redact(url)))
         }
     }
+
+    /// The URL for logs: a Postgres password masked.
+    pub fn shown(&self) -> String {
+        match self {
+            DatabaseUrl::Postgres(url) | DatabaseUrl::Sqlite(url) => redact(url),
+        }
+    }
 }
 
 /// A schema name is spliced into DDL (identifiers cannot be bound), so it is
