@@ -220,22 +220,27 @@ fn decode_file_writes_parquet_with_typed_columns_in_input_order() {
 }
 
 #[test]
-fn long_running_commands_log_a_startup_line_as_json_with_the_password_masked() {
+fn a_worker_logs_a_startup_line_as_json_with_the_password_masked() {
     let out = vinetl()
-        .args(["--log-format", "json", "run", "/nonexistent/spec.toml"])
-        .env("DATABASE_URL", "postgres://vinetl:hunter2@127.0.0.1:5432/test")
+        .args(["--log-format", "json", "worker"])
+        .env("DATABASE_URL", "postgres://vinetl:hunter2@127.0.0.1:1/test")
         .env_remove("VINETL_LOG")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a missing spec fails: {stderr}");
+    assert!(!out.status.success(), "nothing listens on port 1: {stderr}");
     let line: Value = serde_json::from_str(stderr.lines().next().unwrap()).unwrap_or_else(|e| panic!("{e}: {stderr}"));
-    assert_eq!(line["fields"]["message"], "vinetl run starting", "{line}");
+    assert_eq!(line["fields"]["message"], "vinetl worker starting", "{line}");
     assert_eq!(line["fields"]["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(line["fields"]["state"], "postgres://vinetl:***@127.0.0.1:5432/test");
+    assert_eq!(line["fields"]["state"], "postgres://vinetl:***@127.0.0.1:1/test");
     assert!(!stderr.contains("hunter2"), "{stderr}");
     // Text logs into a pipe carry no colour codes.
-    let text = vinetl().args(["run", "/nonexistent/spec.toml"]).env_remove("VINETL_LOG").output().unwrap();
+    let text = vinetl()
+        .arg("worker")
+        .env("DATABASE_URL", "postgres://vinetl@127.0.0.1:1/test")
+        .env_remove("VINETL_LOG")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&text.stderr);
-    assert!(text.contains("vinetl run starting") && !text.contains('\u{1b}'), "{text}");
+    assert!(text.contains("vinetl worker starting") && !text.contains('\u{1b}'), "{text}");
 }

@@ -40,7 +40,12 @@ fn the_demo_runs_end_to_end_with_no_services() {
         .output()
         .unwrap();
     let summary = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{summary}{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{summary}{stderr}");
+    // No terminal: progress is logged every few seconds, and once more at the end.
+    let progress: Vec<&str> = stderr.lines().filter(|l| l.contains("progress job=1")).collect();
+    assert!(progress.len() >= 2, "{stderr}");
+    assert!(progress.last().unwrap().contains("state=done") && progress[0].contains("calls="), "{stderr}");
 
     // The summary: rows, decoded, invalid, calls made and saved, recalls found, where the output is.
     assert!(summary.contains("job 1 (demo): done"), "{summary}");

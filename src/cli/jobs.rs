@@ -141,12 +141,13 @@ fn startup(command: &str, state: &State, concurrency: usize) {
 }
 
 pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<Ended> {
-    startup("run", state, concurrency);
     let mut spec = load_spec(spec_path)?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
     crate::job::preflight::run(&spec, store.pg_pool(), Checks { key: true, api: true }).await?;
+    // After the checks: a configuration error stays the first line on stderr.
+    startup("run", state, concurrency);
     let submitted = plan::submit(&store, &state.schema, &spec).await?;
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
     let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url).await;
@@ -196,24 +197,46 @@ async fn work_until_done(
     Ok(counts)
 }
 
-/// Polls the job's counts until it ends, drawing a progress bar if asked.
+/// How often the job's progress is logged when there is no terminal.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Polls the job's counts until it ends: a progress bar over its calls on
+/// a terminal, otherwise a log line every few seconds (and when it ends).
 async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
     let bar = progress.then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} job {msg} [{bar:30}] {pos}/{len} rows ({per_sec})")
-                .expect("a valid template"),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} job {msg} [{bar:30}] {pos}/{len} batches ({per_sec}, eta {eta})",
+            )
+            .expect("a valid template"),
         );
         bar
     });
+    let started = std::time::Instant::now();
+    let mut logged: Option<std::time::Instant> = None;
     let counts = loop {
         let counts = store.counts(job_id).await?.context("the job vanished")?;
+        let ended = matches!(counts.state.as_str(), "done" | "failed" | "cancelled");
+        let settled = counts.batches_done + counts.dead_lettered_batches;
         if let Some(bar) = &bar {
-            bar.set_length(counts.rows as u64);
-            bar.set_position((counts.rows - counts.pending) as u64);
-            bar.set_message(format!("{job_id} {}", counts.state));
+            bar.set_length(counts.batches as u64);
+            bar.set_position(settled as u64);
+            bar.set_message(format!(
+                "{job_id} {}: {} rows, {} to decode, {} calls",
+                counts.state, counts.rows, counts.pending, counts.calls_made
+            ));
+        } else if ended || logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let rate = counts.calls_made as f64 / secs;
+            let left = (counts.batches - settled).max(0);
+            let eta = (rate > 0.0 && !ended).then(|| format!("{:.0}s", left as f64 / rate));
+            tracing::info!(job = job_id, state = %counts.state, rows = counts.rows, pending = counts.pending,
+                           calls = counts.calls_made, batches = counts.batches, batches_done = settled,
+                           calls_per_sec = format!("{rate:.1}"), eta, "progress");
+            logged = Some(std::time::Instant::now());
         }
-        if matches!(counts.state.as_str(), "done" | "failed" | "cancelled") {
+        if ended {
             break counts;
         }
         tokio::select! {
