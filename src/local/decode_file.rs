@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, mpsc};
 use std::time::Instant;
 
 use arrow::array::RecordBatch;
@@ -25,7 +25,7 @@ use crate::api::{ApiError, Vehicle, code};
 use crate::io::output::{OutputRow, VEHICLE_COLUMNS, dataset};
 use crate::io::source::{FileFormat, FileSource, InputRow, SourceError, TextEncoding};
 use crate::local::decoder::Decoder;
-use crate::vin::Vin;
+use crate::vin::{Vin, VinError};
 
 /// Rows per unit of work: large enough that channel hops cost nothing per
 /// row, small enough that a few chunks in flight per thread stay small.
@@ -115,8 +115,12 @@ fn csv_header() -> Vec<&'static str> {
     h
 }
 
-/// The job outputs' columns a decode has, for Parquet (`source_row` as `row`).
-fn parquet_columns() -> (SchemaRef, Vec<usize>) {
+/// A row's VIN and its decode, or why it is not a VIN.
+type Decoded = Result<(Vin, Vehicle), VinError>;
+
+/// The job outputs' columns a decode has, for Parquet (`source_row` as
+/// `row`): the schema, and each column's index in the job outputs' batch.
+static PARQUET_COLUMNS: LazyLock<(SchemaRef, SchemaRef, Vec<usize>)> = LazyLock::new(|| {
     let job = dataset::schema(&[]);
     let mut fields = Vec::new();
     let mut indices = Vec::new();
@@ -126,11 +130,12 @@ fn parquet_columns() -> (SchemaRef, Vec<usize>) {
         fields.push(field.clone().with_name(name));
         indices.push(i);
     }
-    (Arc::new(Schema::new(fields)), indices)
-}
+    (Arc::new(Schema::new(fields)), job, indices)
+});
 
-/// One chunk's rows as an Arrow batch of [`parquet_columns`].
-fn parquet_batch(rows: &[InputRow], decoded: &[Result<(Vin, Vehicle), String>]) -> RecordBatch {
+/// One chunk's rows as an Arrow batch of [`PARQUET_COLUMNS`], built as job
+/// output rows so the columns are typed as the job outputs type them.
+fn parquet_batch(rows: &[InputRow], decoded: &[Decoded]) -> RecordBatch {
     let out: Vec<OutputRow> = rows
         .iter()
         .zip(decoded)
@@ -144,10 +149,14 @@ fn parquet_batch(rows: &[InputRow], decoded: &[Result<(Vin, Vehicle), String>]) 
                     Some(vin.check_digit_valid()),
                     VEHICLE_COLUMNS.iter().map(|(_, f, _)| Some(v.field(f).to_string())).collect(),
                 ),
-                Err(e) => {
-                    let kind = Vin::parse(&row.vin).err().map(|e| e.kind().to_string());
-                    (None, "invalid", kind, Some(e.clone()), None, vec![None; VEHICLE_COLUMNS.len()])
-                }
+                Err(e) => (
+                    None,
+                    "invalid",
+                    Some(e.kind().to_string()),
+                    Some(e.to_string()),
+                    None,
+                    vec![None; VEHICLE_COLUMNS.len()],
+                ),
             };
             OutputRow {
                 source: String::new(),
@@ -166,93 +175,83 @@ fn parquet_batch(rows: &[InputRow], decoded: &[Result<(Vin, Vehicle), String>]) 
             }
         })
         .collect();
-    let (schema, indices) = parquet_columns();
-    let job = dataset::record_batch(&dataset::schema(&[]), 0, &out, &[]).expect("decode rows fit the job schema");
-    RecordBatch::try_new(schema, indices.iter().map(|i| Arc::clone(job.column(*i))).collect())
+    let (schema, job_schema, indices) = &*PARQUET_COLUMNS;
+    let job = dataset::record_batch(job_schema, 0, &out, &[]).expect("decode rows fit the job schema");
+    RecordBatch::try_new(Arc::clone(schema), indices.iter().map(|i| Arc::clone(job.column(*i))).collect())
         .expect("projected columns fit their schema")
 }
 
-/// Decodes one chunk into its encoded output and its counts.
-fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) -> (Encoded, Summary) {
-    if format == OutputFormat::Parquet {
-        let mut counts = Summary { rows: rows.len() as u64, ..Summary::default() };
-        let decoded: Vec<Result<(Vin, Vehicle), String>> = rows
-            .iter()
-            .map(|row| {
-                let vin = Vin::parse(&row.vin).map_err(|e| e.to_string())?;
-                let v = decoder.decode(&vin);
-                Ok((vin, v))
-            })
-            .collect();
-        for d in &decoded {
-            match d {
-                Ok((_, v)) => {
-                    counts.decoded += 1;
-                    counts.no_make += u64::from(v.make.is_empty());
-                }
-                Err(_) => counts.invalid += 1,
-            }
-        }
-        return (Encoded::Batch(parquet_batch(&rows, &decoded)), counts);
-    }
+/// One JSON line per row: `row`, `input`, then the batch-decode entry.
+fn json_lines(rows: &[InputRow], decoded: &[Decoded]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rows.len() * 600);
-    let mut counts = Summary::default();
-    let mut csv =
-        (format == OutputFormat::Csv).then(|| csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new()));
-    for row in rows {
-        counts.rows += 1;
-        let parsed = Vin::parse(&row.vin);
-        let vehicle = parsed.as_ref().ok().map(|vin| decoder.decode(vin));
-        match &vehicle {
-            Some(v) if v.make.is_empty() => counts.no_make += 1,
-            Some(_) => {}
-            None => counts.invalid += 1,
-        }
-        if vehicle.is_some() {
-            counts.decoded += 1;
-        }
-        match &mut csv {
-            None => {
-                let entry = match (&vehicle, &parsed) {
-                    (Some(v), _) => Entry::Decoded(v),
-                    (None, Err(e)) => Entry::Failed {
-                        vin: &row.vin,
-                        error: ApiError { code: code::INVALID_VIN.into(), message: format!("row {}: {e}", row.row) },
-                    },
-                    (None, Ok(_)) => unreachable!("a parsed VIN is decoded"),
-                };
-                serde_json::to_writer(&mut out, &JsonLine { row: row.row, input: &row.vin, entry })
-                    .expect("writing JSON to memory cannot fail");
-                out.push(b'\n');
+    for (row, d) in rows.iter().zip(decoded) {
+        let entry = match d {
+            Ok((_, v)) => Entry::Decoded(v),
+            Err(e) => Entry::Failed {
+                vin: &row.vin,
+                error: ApiError { code: code::INVALID_VIN.into(), message: format!("row {}: {e}", row.row) },
+            },
+        };
+        serde_json::to_writer(&mut out, &JsonLine { row: row.row, input: &row.vin, entry })
+            .expect("writing JSON to memory cannot fail");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// One CSV record per row, in [`csv_header`]'s columns (no header).
+fn csv_records(rows: &[InputRow], decoded: &[Decoded]) -> Vec<u8> {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::with_capacity(rows.len() * 300));
+    for (row, d) in rows.iter().zip(decoded) {
+        let mut record: Vec<String> = vec![row.row.to_string(), row.vin.clone()];
+        match d {
+            Ok((vin, v)) => {
+                record.extend([
+                    vin.to_string(),
+                    "decoded".into(),
+                    String::new(),
+                    String::new(),
+                    vin.check_digit_valid().to_string(),
+                ]);
+                record.extend(VEHICLE_COLUMNS.iter().map(|(_, field, _)| v.field(field).to_string()));
             }
-            Some(w) => {
-                let row_no = row.row.to_string();
-                let mut record: Vec<String> = vec![row_no, row.vin.clone()];
-                match (&vehicle, &parsed) {
-                    (Some(v), Ok(vin)) => {
-                        record.extend([
-                            vin.to_string(),
-                            "decoded".into(),
-                            String::new(),
-                            String::new(),
-                            vin.check_digit_valid().to_string(),
-                        ]);
-                        record.extend(VEHICLE_COLUMNS.iter().map(|(_, field, _)| v.field(field).to_string()));
-                    }
-                    (_, Err(e)) => {
-                        record.extend([String::new(), "invalid".into(), e.kind().into(), e.to_string(), String::new()]);
-                        record.extend(VEHICLE_COLUMNS.iter().map(|_| String::new()));
-                    }
-                    (None, Ok(_)) => unreachable!("a parsed VIN is decoded"),
-                }
-                w.write_record(&record).expect("writing CSV to memory cannot fail");
+            Err(e) => {
+                record.extend([String::new(), "invalid".into(), e.kind().into(), e.to_string(), String::new()]);
+                record.extend(VEHICLE_COLUMNS.iter().map(|_| String::new()));
             }
         }
+        w.write_record(&record).expect("writing CSV to memory cannot fail");
     }
-    if let Some(w) = csv {
-        out = w.into_inner().expect("an in-memory CSV writer flushes");
+    w.into_inner().expect("an in-memory CSV writer flushes")
+}
+
+/// Decodes one chunk, then encodes it for the output's format.
+fn decode_chunk(decoder: &Decoder, rows: Vec<InputRow>, format: OutputFormat) -> (Encoded, Summary) {
+    let decoded: Vec<Decoded> = rows
+        .iter()
+        .map(|row| {
+            Vin::parse(&row.vin).map(|vin| {
+                let vehicle = decoder.decode(&vin);
+                (vin, vehicle)
+            })
+        })
+        .collect();
+    let mut counts = Summary { rows: rows.len() as u64, ..Summary::default() };
+    for d in &decoded {
+        match d {
+            Ok((_, v)) => {
+                counts.decoded += 1;
+                counts.no_make += u64::from(v.make.is_empty());
+            }
+            Err(_) => counts.invalid += 1,
+        }
     }
-    (Encoded::Bytes(out), counts)
+    let encoded = match format {
+        OutputFormat::Jsonl => Encoded::Bytes(json_lines(&rows, &decoded)),
+        OutputFormat::Csv => Encoded::Bytes(csv_records(&rows, &decoded)),
+        OutputFormat::Parquet => Encoded::Batch(parquet_batch(&rows, &decoded)),
+    };
+    (encoded, counts)
 }
 
 /// Decodes every row of `path` (`-`: standard input) with `threads`
@@ -301,7 +300,7 @@ pub fn decode_file(
                 OutputFormat::Parquet => {
                     let props =
                         WriterProperties::builder().set_compression(Compression::ZSTD(Default::default())).build();
-                    Sink::Parquet(Box::new(ArrowWriter::try_new(out, parquet_columns().0, Some(props))?))
+                    Sink::Parquet(Box::new(ArrowWriter::try_new(out, Arc::clone(&PARQUET_COLUMNS.0), Some(props))?))
                 }
                 _ => Sink::Bytes(out),
             };

@@ -166,12 +166,8 @@ impl Decoder {
                     ));
                     let light = matches!(known.vehicle_type, "Passenger Car" | "Multipurpose Passenger Vehicle (MPV)");
                     Vehicle {
-                        make: known.make.to_uppercase(),
-                        manufacturer: known.manufacturer.to_string(),
-                        plant_country: known.country.to_uppercase(),
-                        vehicle_type: known.vehicle_type.to_string(),
                         model_year: vin.rule_year(light, self.latest_year).map(|y| y.to_string()).unwrap_or_default(),
-                        ..Vehicle::default()
+                        ..wmi_only(known.make, known.manufacturer, known.country, known.vehicle_type)
                     }
                 }
                 None => {
@@ -257,13 +253,20 @@ fn supplement(vin: &Vin) -> Option<&'static KnownWmi> {
     SUPPLEMENT.get(vin.wmi().as_str()).or_else(|| SUPPLEMENT.get(&vin.as_str()[..3]))
 }
 
-/// What the WMI alone says, for a VIN whose patterns cannot be decoded.
+/// What corgi-rs's WMI entry alone says, for a VIN whose patterns cannot
+/// be decoded.
 fn from_wmi(w: &WmiEntry) -> Vehicle {
+    let vehicle_type = corgi_rs::element::vehicle_type_name(w.vehicle_type_id).unwrap_or_default();
+    wmi_only(&w.make, &w.manufacturer, &w.country, vehicle_type)
+}
+
+/// A decode of the WMI alone, vPIC-style: make and country upper case.
+fn wmi_only(make: &str, manufacturer: &str, country: &str, vehicle_type: &str) -> Vehicle {
     Vehicle {
-        make: w.make.to_uppercase(),
-        manufacturer: w.manufacturer.clone(),
-        plant_country: w.country.to_uppercase(),
-        vehicle_type: corgi_rs::element::vehicle_type_name(w.vehicle_type_id).unwrap_or_default().to_string(),
+        make: make.to_uppercase(),
+        manufacturer: manufacturer.to_string(),
+        plant_country: country.to_uppercase(),
+        vehicle_type: vehicle_type.to_string(),
         ..Vehicle::default()
     }
 }
