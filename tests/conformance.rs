@@ -195,7 +195,8 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     assert_eq!(claimed.vins.len(), 20);
     assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "no second call while the lease runs");
     // Rescheduled: the old generation's task is stale.
-    let generation = store.reschedule(job, 0, 0.0, Reschedule::Failed, "503").await.unwrap();
+    let generation =
+        store.reschedule(job, 0, 0.0, Reschedule::Failed(vinetl::store::CallEnd::ServerError), "503").await.unwrap();
     assert_eq!(generation, 1);
     assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "a stale generation never claims");
     let retry = store.claim(job, 0, 1, 60.0).await.unwrap().expect("the current generation claims");
@@ -551,6 +552,73 @@ async fn two_worker_processes_share_a_job(backend: Backend) {
     env.cleanup().await;
 }
 
+/// `pause` stops a job's calls while the workers stay up and another job
+/// goes on; `resume` picks it up where it stopped. The server counts
+/// exactly one call per batch across the pause.
+async fn pause_then_resume_calls_each_batch_once(backend: Backend) {
+    let env = Env::new(backend);
+    let faults = Faults { fault_latency_ms: Some((50, 100)), ..Default::default() };
+    let (server, _keys) = common::serve(faults).await;
+    let spec = env.spec(&pattern_vins(400), &server.url(), "");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 10");
+    std::fs::write(&spec, text).unwrap();
+    let out = env.vinetl("pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["worker", "--concurrency", "2"])
+        .env("DATABASE_URL", &env.url)
+        .env("VINETL_SCHEMA", &env.schema)
+        .env("CARVIN_API_KEY", "pro-counted-key")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let until = async |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        for _ in 0..600 {
+            let s = env.status(1).await;
+            if ok(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job 1 never {what}: {}", env.status(1).await);
+    };
+    until("made 3 calls", &|s| s["calls_made"].as_i64() >= Some(3)).await;
+    let out = env.vinetl("unused", &["pause", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paused = until("landed its calls in flight", &|s| s["calls"]["in_flight"] == 0).await;
+    assert_eq!(paused["state"], "paused", "{paused}");
+    assert!(paused["batches_done"].as_i64() < Some(20), "paused mid-job: {paused}");
+    // Paused: a second job runs on the same worker meanwhile; the first makes no call.
+    let other = env.dir.path().join("other.toml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace("vins.txt", "other.txt");
+    std::fs::write(&other, text.replace("name = \"conformance\"", "name = \"other\"")).unwrap();
+    std::fs::write(env.dir.path().join("other.txt"), pattern_vins(440)[400..].join("\n")).unwrap();
+    let out = env.vinetl("pro-counted-key", &["submit", other.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..600 {
+        if env.status(2).await["state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.status(2).await["state"], "done", "the other job went on");
+    let still = env.status(1).await;
+    assert_eq!((still["state"].as_str(), &still["calls_made"]), (Some("paused"), &paused["calls_made"]), "{still}");
+    let out = env.vinetl("unused", &["pause", "2"]).await;
+    assert_eq!(out.status.code(), Some(2), "a done job does not pause");
+    let out = env.vinetl("unused", &["resume", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = until("finished", &|s| s["state"] == "done").await;
+    assert_eq!((s["decoded"].as_i64(), s["calls_made"].as_i64()), (Some(400), Some(20)), "{s}");
+    assert_eq!(
+        common::requests_seen(&server.url(), "pro-counted-key", 100_000).await,
+        20 + 2,
+        "one call per batch of each job, across the pause"
+    );
+    server.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// SQLite has no session locks: a planner's lease must not outlive it for
 /// long, or submitting the spec again could not resume its job.
 #[tokio::test(flavor = "multi_thread")]
@@ -786,6 +854,7 @@ conformance!(
     the_limiter_arithmetic_holds_for_any_interleaving,
     counts_and_reprocess,
     two_worker_processes_share_a_job,
+    pause_then_resume_calls_each_batch_once,
     plans_are_decided_across_chunks,
     retention_prunes_old_jobs_only,
 );

@@ -101,6 +101,14 @@ async fn an_api_down_past_give_up_after_fails_the_job_with_exit_3() {
     let out = vinetl_async(&schema, "YOUR_API_KEY", &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", text(&out).1);
     server.stop();
+    // Its freed port may be bound at once by another test's server, which
+    // would answer: point the stored job at the discard port (never bound
+    // here), so "gone" stays gone.
+    let db = common::pool(&schema).await;
+    sqlx::query("UPDATE jobs SET spec = jsonb_set(spec, '{provider,base_url}', '\"http://127.0.0.1:9\"')")
+        .execute(&db)
+        .await
+        .unwrap();
     let out = vinetl_async(&schema, "YOUR_API_KEY", &["reprocess", "1"]).await;
     // The job has not ended: reprocess refuses (exit 2) and names what to do.
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
@@ -486,4 +494,53 @@ fn an_interrupted_embedded_run_resumes_and_no_worker_calls_its_dead_port() {
     let list = vinetl().args(["status", "--json"]).current_dir(dir.path()).output().unwrap();
     let jobs: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+}
+
+/// A call whose answer never came back still used quota. Workers are
+/// killed mid-call (SIGKILL, while the server holds answers it has already
+/// counted) four times; each time the dead worker's lease is run out, so
+/// another takes its batches over. At the end `calls_made` equals the
+/// server's own count, the lost answers are counted apart, and every row
+/// is decoded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_made_equals_the_servers_count_after_workers_are_killed_mid_call() {
+    let server = ServeProcess::start(&["--fault-answer-delay-ms", "300-600"]);
+    let schema = unique_schema("lostcalls");
+    let dir = tempfile::tempdir().unwrap();
+    vins_file(dir.path(), 400);
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url, "");
+    let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out).1);
+    let db = common::pool(&schema).await;
+    let mut kills = 0;
+    while kills < 4 {
+        let mut worker = common::spawn_worker(&schema, "pro-counted-key");
+        let s = wait_for(&schema, 1, "had a call in flight", |s| {
+            s["calls"]["in_flight"].as_i64() >= Some(1) || s["state"] == "done"
+        })
+        .await;
+        if s["state"] == "done" {
+            break;
+        }
+        worker.kill().await.unwrap();
+        kills += 1;
+        // The dead worker's lease (2 × timeout + 30 s) runs out now.
+        sqlx::query("UPDATE batches SET updated_at = now() - interval '1 hour' WHERE state = 'running'")
+            .execute(&db)
+            .await
+            .unwrap();
+    }
+    assert_eq!(kills, 4, "the job outran the kills");
+    let _worker = common::spawn_worker(&schema, "pro-counted-key");
+    let s = wait_for(&schema, 1, "finished", |s| s["state"] == "done").await;
+    let seen = common::requests_seen(&server.url, "pro-counted-key", 100_000).await;
+    assert_eq!(s["calls_made"].as_u64(), Some(seen), "calls made against the server's count: {s}");
+    let lost = s["calls"]["answer_lost"].as_i64().unwrap();
+    // A kill lands a status poll after a call was seen in flight: by then
+    // that answer may have been stored, so a kill loses 0 to 2 answers.
+    assert!((1..=8).contains(&lost), "the kills lost answers, and they are counted: {s}");
+    assert_eq!(s["calls"]["answered"].as_i64(), Some(20), "one stored answer per batch: {s}");
+    assert_eq!(s["calls"]["in_flight"], 0, "{s}");
+    assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64()), (Some(400), Some(0)), "{s}");
+    cleanup(&schema).await;
 }

@@ -27,9 +27,12 @@ pub enum Outcome<T> {
     /// failure): the account's circuit opens; no attempt is used and the
     /// call does not count against the quota.
     Unreachable(String),
-    /// A 5xx, a 408 or a timeout: retried with backoff, counting an
-    /// attempt; a run of them across the account opens the circuit.
+    /// A 5xx or a 408: retried with backoff, counting an attempt; a run of
+    /// them across the account opens the circuit.
     ServerError(String),
+    /// Sent, and no answer within the timeout: handled as a 5xx, counted
+    /// apart (the request may well have used quota).
+    TimedOut(String),
     /// Malformed or incomplete JSON, a body cut short: retry with
     /// exponential backoff, counting an attempt.
     Retry(String),
@@ -107,7 +110,10 @@ impl ApiClient {
             Err(e) => return transport_outcome(&e),
         };
         let (status, headers) = (resp.status(), resp.headers().clone());
-        let body = resp.bytes().await.map_err(|e| describe_transport(&e));
+        let body = match resp.bytes().await {
+            Err(e) if e.is_timeout() => return Outcome::TimedOut(describe_transport(&e)),
+            body => body.map_err(|e| describe_transport(&e)),
+        };
         classify(status, &headers, body)
     }
 }
@@ -118,7 +124,7 @@ fn transport_outcome<T>(e: &reqwest::Error) -> Outcome<T> {
     if e.is_connect() {
         Outcome::Unreachable(text)
     } else if e.is_timeout() {
-        Outcome::ServerError(text)
+        Outcome::TimedOut(text)
     } else {
         Outcome::Retry(text)
     }
@@ -132,6 +138,7 @@ impl<T> Outcome<T> {
             Outcome::RateLimited { retry_after } => Outcome::RateLimited { retry_after },
             Outcome::Unreachable(m) => Outcome::Unreachable(m),
             Outcome::ServerError(m) => Outcome::ServerError(m),
+            Outcome::TimedOut(m) => Outcome::TimedOut(m),
             Outcome::Retry(m) => Outcome::Retry(m),
             Outcome::GiveUp(m) => Outcome::GiveUp(m),
         }
@@ -242,6 +249,7 @@ mod tests {
             Outcome::RateLimited { .. } => "429",
             Outcome::Unreachable(_) => "unreachable",
             Outcome::ServerError(_) => "5xx",
+            Outcome::TimedOut(_) => "timed out",
             Outcome::Retry(_) => "retry",
             Outcome::GiveUp(_) => "give up",
         }

@@ -378,6 +378,38 @@ pub async fn cancel(state: &State, job: i64) -> anyhow::Result<()> {
     }
 }
 
+/// `vinetl pause JOB`.
+pub async fn pause(state: &State, job: i64) -> anyhow::Result<()> {
+    let store = state.open_existing(2).await?;
+    if store.pause_job(job).await? {
+        return Ok(());
+    }
+    match store.counts(job).await? {
+        None => Err(StoreError::NoJob(job).into()),
+        Some(c) => {
+            Err(Usage(format!("job {job} is {}: only a planning, running or waiting job pauses", c.state)).into())
+        }
+    }
+}
+
+/// `vinetl resume JOB`: the job runs again; its queued batches are pushed
+/// again under a new generation, and a job whose last calls landed while it
+/// was paused moves on (recalls, outputs). Returns the batches queued.
+pub async fn resume(state: &State, job: i64) -> anyhow::Result<usize> {
+    let store = state.open_existing(2).await?;
+    if !store.resume_job(job).await? {
+        return match store.counts(job).await? {
+            None => Err(StoreError::NoJob(job).into()),
+            Some(c) => Err(Usage(format!("job {job} is {}, not paused: there is nothing to resume", c.state)).into()),
+        };
+    }
+    let spec = store.job_spec(job).await?.map_err(anyhow::Error::msg)?;
+    let queued =
+        crate::job::queue::enqueue(&store, &state.schema, crate::job::queue::Lane::of(&spec.provider), job).await?;
+    crate::job::advance::advance(&store, &state.schema, job, &spec).await?;
+    Ok(queued)
+}
+
 /// `vinetl status [JOB]`.
 pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCounts>> {
     let store = state.open_existing(2).await?;
@@ -475,6 +507,21 @@ pub fn summary(e: &Ended) -> (u8, String) {
     (code, format!("{line}\n{rest}"))
 }
 
+/// The decode calls the job did not make, against a client that sends one
+/// single-VIN call per input row, and why each was avoided.
+fn avoided(c: &JobCounts, invalid: i64) -> String {
+    // Distinct valid VINs the cache did not answer: they were batched, so
+    // each batch stands for up to 20 such rows.
+    let sent = (c.valid - c.duplicates - c.cache_hits).max(0);
+    let batching = (sent - c.batches).max(0);
+    let total = invalid + c.duplicates + c.cache_hits + batching;
+    format!(
+        "  calls avoided    {total:>10} of {} (one per row): {invalid} invalid rows never sent, {} duplicates, \
+         {} cache hits, {batching} by batching {sent} VINs into {} calls of up to 20\n",
+        c.rows, c.duplicates, c.cache_hits, c.batches
+    )
+}
+
 /// The text `status` and `run` print.
 pub fn describe(c: &JobCounts) -> String {
     let mut s = format!("job {} ({}): {}", c.job_id, c.name, c.state);
@@ -498,21 +545,29 @@ pub fn describe(c: &JobCounts) -> String {
         "\n  duplicates       {:>10}\n  cache hits       {:>10}\n  decoded          {:>10}\n  failed           {:>10}\n  pending          {:>10}\n",
         c.duplicates, c.cache_hits, c.decoded, c.failed, c.pending
     ));
+    let k = &c.calls;
     s.push_str(&format!(
-        "  calls made       {:>10}\n  calls retried    {:>10}\n  429s             {:>10}\n  dead-lettered    {:>10} VINs in {} batches\n",
-        c.calls_made, c.calls_retried, c.rate_limited, c.dead_lettered_vins, c.dead_lettered_batches
+        "  calls made       {:>10} ({} answered, {} 429s, {} 5xx, {} timed out, {} other errors, {} answers lost, {} in flight)\n",
+        c.calls_made, k.answered, k.rate_limited, k.server_error, k.timed_out, k.other_error, k.answer_lost, k.in_flight
     ));
-    // One call per 20 rows and no deduplication or cache: what a naive
-    // client would have paid for the decodes.
-    let naive = (c.rows - invalid + 19) / 20;
-    let decode_calls = c.calls_made - c.recalls.as_ref().map_or(0, |r| r.calls);
     s.push_str(&format!(
-        "  calls saved      {:>10} (against one call per 20 valid rows)\n",
-        (naive - decode_calls).max(0)
+        "  calls retried    {:>10}\n  dead-lettered    {:>10} VINs in {} batches\n",
+        c.calls_retried, c.dead_lettered_vins, c.dead_lettered_batches
     ));
+    if let Some(q) = &c.quota {
+        let of = q.daily_quota.map_or_else(|| "no daily quota".to_string(), |n| format!("of {n}"));
+        let resets = q.resets_at.as_deref().filter(|_| q.daily_quota.is_some());
+        s.push_str(&format!(
+            "  quota today      {:>10} {of}, account {}{}\n",
+            q.used_today,
+            q.account,
+            resets.map_or(String::new(), |r| format!(", resets {r}"))
+        ));
+    }
+    s.push_str(&avoided(c, invalid));
     if let Some(r) = &c.recalls {
         s.push_str(&format!(
-            "  recall lookups   {:>10} ({} cached, {} failed for good)\n  recall calls     {:>10} ({} saved against one per decoded row)\n",
+            "  recall lookups   {:>10} ({} cached, {} failed for good)\n  recall calls     {:>10} ({} avoided against one per decoded row: lookups shared by make, model and year)\n",
             r.lookups, r.cache_hits, r.failed, r.calls, r.calls_saved
         ));
         if let (Some(with), Some(unknown), Some(campaigns)) = (r.rows_with_recalls, r.rows_unknown, r.campaigns) {

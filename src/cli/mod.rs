@@ -158,6 +158,21 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Pause a job: it takes no new call (calls in flight land and are
+    /// stored); workers stay up and other jobs go on.
+    Pause {
+        /// Job id.
+        job: i64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Resume a paused job where it stopped: no batch is called twice.
+    Resume {
+        /// Job id.
+        job: i64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Cancel a job: queued batches are dropped, in-flight calls finish.
     Cancel {
         /// Job id.
@@ -376,6 +391,20 @@ impl Cli {
                         }
                     );
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Pause { job, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                jobs::pause(&state, job).await?;
+                outln!(
+                    "job {job} paused: it takes no new call; calls already in flight land and are stored; `vinetl resume {job}` goes on"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Resume { job, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let queued = jobs::resume(&state, job).await?;
+                outln!("job {job} resumed: {queued} batches queued");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Cancel { job, state } => {

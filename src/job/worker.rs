@@ -15,7 +15,7 @@ use crate::call::limiter::{Denied, SharedLimiter};
 use crate::job::queue::{self, BatchTask, Lane};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::{DecodedVin, Reschedule, Store};
+use crate::store::{CallEnd, DecodedVin, Reschedule, Store};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -149,11 +149,24 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             return Ok(());
         }
     };
+    let (job, batch_no) = (task.job_id, task.batch_no);
     let outcome = match &batch.lookup_key {
-        None => rt.client.batch_decode(&vins).await.map_done(Answer::Decoded),
+        None => {
+            store.begin_call(job, batch_no).await?;
+            rt.client.batch_decode(&vins).await.map_done(Answer::Decoded)
+        }
         Some(key) => match store.lookup(key).await? {
-            Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls)),
-            None => Outcome::GiveUp(format!("recall lookup {key} is not registered")),
+            Some(lookup) => {
+                store.begin_call(job, batch_no).await?;
+                rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls))
+            }
+            None => {
+                limiter.release(slot).await?;
+                let reason = format!("recall lookup {key} is not registered");
+                store.dead_letter(job, batch_no, &reason, None).await?;
+                crate::job::advance::advance(store, &state.schema, job, &rt.spec).await?;
+                return Ok(());
+            }
         },
     };
     limiter.release(slot).await?;
@@ -170,6 +183,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         }
         Outcome::StopJob(reason) => {
             limiter.answered(false).await?;
+            store.call_ended(job, batch_no, CallEnd::OtherError).await?;
             tracing::error!(job = task.job_id, %reason, "API refused the key; stopping the job");
             store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await?;
         }
@@ -188,19 +202,21 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             let wait = limiter.circuit().await?.map_or(Duration::from_secs(1), |c| secs_until(c.probe_at));
             wait_for_the_api(state, &rt, &limiter, task, wait).await?;
         }
-        Outcome::ServerError(reason) => {
+        Outcome::ServerError(ref reason) | Outcome::TimedOut(ref reason) => {
+            let end = if matches!(outcome, Outcome::TimedOut(_)) { CallEnd::TimedOut } else { CallEnd::ServerError };
+            let reason = reason.clone();
             if limiter.server_error(&reason).await? {
                 tracing::warn!(job = task.job_id, %reason, "server errors in a row: the API is treated as down");
             }
-            retry_or_dead_letter(state, &rt, task, batch.attempts, reason).await?;
+            retry_or_dead_letter(state, &rt, task, batch.attempts, end, reason).await?;
         }
         Outcome::Retry(reason) => {
             limiter.answered(false).await?;
-            retry_or_dead_letter(state, &rt, task, batch.attempts, reason).await?;
+            retry_or_dead_letter(state, &rt, task, batch.attempts, CallEnd::OtherError, reason).await?;
         }
         Outcome::GiveUp(reason) => {
             limiter.answered(false).await?;
-            store.dead_letter(task.job_id, task.batch_no, &reason, true).await?;
+            store.dead_letter(task.job_id, task.batch_no, &reason, Some(CallEnd::OtherError)).await?;
         }
     }
     crate::job::advance::advance(store, &state.schema, task.job_id, &rt.spec).await?;
@@ -214,14 +230,15 @@ async fn retry_or_dead_letter(
     rt: &JobRuntime,
     task: BatchTask,
     attempts: i32,
+    end: CallEnd,
     reason: String,
 ) -> Result<(), StoreError> {
     let attempt = attempts as u32 + 1;
     if attempt >= rt.spec.provider.max_attempts {
         let why = format!("gave up after {attempt} attempts: {reason}");
-        state.store.dead_letter(task.job_id, task.batch_no, &why, true).await
+        state.store.dead_letter(task.job_id, task.batch_no, &why, Some(end)).await
     } else {
-        reschedule(state, rt, task, backoff(attempt), Reschedule::Failed, &reason).await
+        reschedule(state, rt, task, backoff(attempt), Reschedule::Failed(end), &reason).await
     }
 }
 

@@ -35,6 +35,11 @@ pub struct Faults {
     /// Added latency per request, in milliseconds: `50`, or a range `20-200`.
     #[arg(long, value_parser = latency)]
     pub fault_latency_ms: Option<(u64, u64)>,
+    /// Delay after a request was handled (and its quota counted), before
+    /// its answer leaves, in milliseconds: `300` or `200-400`. A client that
+    /// dies or gives up meanwhile has still used quota.
+    #[arg(long, value_parser = latency)]
+    pub fault_answer_delay_ms: Option<(u64, u64)>,
     /// Only requests whose path starts with this get faults (e.g.
     /// `/api/v1/recalls`); all requests without it.
     #[arg(long)]
@@ -48,6 +53,7 @@ impl Faults {
             || self.fault_drop > 0.0
             || self.fault_malformed > 0.0
             || self.fault_latency_ms.is_some()
+            || self.fault_answer_delay_ms.is_some()
     }
 }
 
@@ -95,6 +101,9 @@ pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, 
         return resp;
     }
     let resp = next.run(req).await;
+    if let Some((lo, hi)) = faults.fault_answer_delay_ms {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
+    }
     if fastrand::f64() < faults.fault_drop {
         return truncate(resp).await;
     }

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, Prunable, RecallCounts, Reschedule,
-    StoreError, distinct_campaigns,
+    CallCounts, CallEnd, ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday,
+    RecallCounts, Reschedule, StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -404,13 +404,44 @@ impl Store {
                  WHERE job_id = $1 AND batch_no = $2 AND generation = $3
                    AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
                    AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
-                                 AND j.state IN ('planning', 'running', 'waiting'))
+                                 AND j.state IN ('planning', 'running', 'waiting') AND j.paused_at IS NULL)
                  RETURNING vins, attempts, lookup_key",
                 args![job_id, batch_no, generation, lease_secs],
             )
             .await?;
         row.map(|r| Ok(ClaimedBatch { vins: r.texts(0)?, attempts: r.int32(1)?, lookup_key: r.opt_text(2)? }))
             .transpose()
+    }
+
+    /// A claimed batch's request is about to go out. Set before the request
+    /// and cleared by the statement that stores its outcome, the mark is
+    /// how a call whose answer never came back is still counted: a batch
+    /// still marked when its next call begins lost that answer.
+    pub async fn begin_call(&self, job_id: i64, batch_no: i32) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
+                 updated_at = now()
+             WHERE job_id = $1 AND batch_no = $2",
+            args![job_id, batch_no],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Counts a call whose outcome no other statement stores (a refused
+    /// key, which then fails the job).
+    pub async fn call_ended(&self, job_id: i64, batch_no: i32, end: CallEnd) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        let recall = tx
+            .one(
+                "UPDATE batches SET in_call = false, updated_at = now() WHERE job_id = $1 AND batch_no = $2
+                 RETURNING kind = 'recall'",
+                args![job_id, batch_no],
+            )
+            .await?
+            .bool(0)?;
+        count_call(&mut tx, job_id, recall, end, false).await?;
+        tx.commit().await
     }
 
     /// Stores a batch-decode answer: the cache (latest decode per VIN),
@@ -473,24 +504,23 @@ impl Store {
         kind: Reschedule,
         error: &str,
     ) -> Result<i32, StoreError> {
-        let attempt = i64::from(kind == Reschedule::Failed);
+        let attempt = matches!(kind, Reschedule::Failed(_));
         let mut tx = self.write().await?;
         let row = tx
             .one(
-                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1,
+                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, in_call = false,
                      attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5, updated_at = now()
                  WHERE job_id = $1 AND batch_no = $2 RETURNING generation, kind = 'recall'",
-                args![job_id, batch_no, attempt, delay_secs, error],
+                args![job_id, batch_no, i64::from(attempt), delay_secs, error],
             )
             .await?;
-        if kind != Reschedule::NotCalled {
-            tx.exec(
-                "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2,
-                         calls_retried = calls_retried + $3, rate_limited = rate_limited + 1 - $3, updated_at = now()
-                     WHERE job_id = $1",
-                args![job_id, i64::from(row.bool(1)?), attempt],
-            )
-            .await?;
+        let end = match kind {
+            Reschedule::Failed(end) => Some(end),
+            Reschedule::RateLimited => Some(CallEnd::RateLimited),
+            Reschedule::NotCalled => None,
+        };
+        if let Some(end) = end {
+            count_call(&mut tx, job_id, row.bool(1)?, end, attempt).await?;
         }
         tx.commit().await?;
         row.int32(0)
@@ -499,11 +529,18 @@ impl Store {
     /// Gives up on a batch: a decode's rows end `failed` with the last
     /// error; a recall lookup is marked failed, so its rows show recalls as
     /// unknown. The error is kept in `errors`.
-    pub async fn dead_letter(&self, job_id: i64, batch_no: i32, error: &str, called: bool) -> Result<(), StoreError> {
+    /// `called`: how the last call ended (`None`: no call was made).
+    pub async fn dead_letter(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        error: &str,
+        called: Option<CallEnd>,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         let row = tx
             .one(
-                "UPDATE batches SET state = 'dead', last_error = $3, updated_at = now()
+                "UPDATE batches SET state = 'dead', in_call = false, last_error = $3, updated_at = now()
                  WHERE job_id = $1 AND batch_no = $2 RETURNING vins, lookup_key",
                 args![job_id, batch_no, error],
             )
@@ -531,12 +568,8 @@ impl Store {
             args![job_id, batch_no, error],
         )
         .await?;
-        if called {
-            tx.exec(
-                "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2 WHERE job_id = $1",
-                args![job_id, i64::from(lookup_key.is_some())],
-            )
-            .await?;
+        if let Some(end) = called {
+            count_call(&mut tx, job_id, lookup_key.is_some(), end, false).await?;
         }
         tx.commit().await
     }
@@ -592,6 +625,49 @@ impl Store {
         ] {
             tx.exec(sql, args![job_id]).await?;
         }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Pauses a job: no batch of it is claimed from now on (its tasks are
+    /// dropped when delivered), calls in flight land and are stored, and
+    /// other jobs go on. Its state (planning, running, waiting) is kept
+    /// under the pause, which `status` shows as `paused`. False if the job
+    /// is not in one of those states, or already paused.
+    pub async fn pause_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let changed = self
+            .exec(
+                "UPDATE jobs SET paused_at = now(), updated_at = now()
+                 WHERE job_id = $1 AND state IN ('planning', 'running', 'waiting') AND paused_at IS NULL",
+                args![job_id],
+            )
+            .await?;
+        Ok(changed > 0)
+    }
+
+    /// Resumes a paused job. Its queued batches get a new generation, so
+    /// the tasks dropped while it was paused are pushed again (by the
+    /// caller, with `crate::job::queue::enqueue`) and any still on the
+    /// queue are stale. Nothing is called twice: a batch done stays done.
+    /// False if the job is not paused.
+    pub async fn resume_job(&self, job_id: i64) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let changed = tx
+            .exec(
+                "UPDATE jobs SET paused_at = NULL, updated_at = now()
+                 WHERE job_id = $1 AND paused_at IS NOT NULL AND state IN ('planning', 'running', 'waiting')",
+                args![job_id],
+            )
+            .await?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        tx.exec(
+            "UPDATE batches SET enqueued = false, generation = generation + 1, updated_at = now()
+             WHERE job_id = $1 AND state = 'queued'",
+            args![job_id],
+        )
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -726,14 +802,16 @@ impl Store {
         let mut tx = self.write().await?;
         let Some(job) = tx
             .row(
-                "SELECT state, batches_planned, recalls_planned FROM jobs WHERE job_id = $1 {for update}",
+                "SELECT state, batches_planned, recalls_planned, paused_at IS NOT NULL FROM jobs WHERE job_id = $1
+                 {for update}",
                 args![job_id],
             )
             .await?
         else {
             return Ok(Next::Nothing);
         };
-        if !matches!(job.text(0)?.as_str(), "running" | "waiting") || !job.bool(1)? {
+        // A paused job moves on when it is resumed (`vinetl resume` advances it).
+        if !matches!(job.text(0)?.as_str(), "running" | "waiting") || !job.bool(1)? || job.bool(3)? {
             return Ok(Next::Nothing);
         }
         // Again under the lock: another process may have ended the last batch meanwhile.
@@ -1169,7 +1247,8 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
                     campaigns_found,
                     (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
                     {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
-                    {epoch finished_at}, {epoch pruned_at}, summary
+                    {epoch finished_at}, {epoch pruned_at}, summary,
+                    calls_answered, calls_server_error, calls_timed_out, spec, {epoch paused_at}
              FROM jobs WHERE job_id = $1",
             args![job_id],
         )
@@ -1207,6 +1286,34 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
             args![job_id],
         )
         .await?;
+    // Calls sent whose outcome no statement stored: lost (the batch moved
+    // on without it, or its next call began), or still in flight.
+    let unstored = tx
+        .one(
+            "SELECT CAST(coalesce(sum(calls_lost), 0) AS BIGINT)
+                        + count(*) FILTER (WHERE in_call AND state <> 'running'),
+                    count(*) FILTER (WHERE in_call AND state = 'running')
+             FROM batches WHERE job_id = $1",
+            args![job_id],
+        )
+        .await?;
+    let (answer_lost, in_flight) = (unstored.int(0)?, unstored.int(1)?);
+    let stored = job.int(3)?;
+    let rate_limited = job.int(5)?;
+    let calls = CallCounts {
+        answered: job.int(22)?,
+        rate_limited,
+        server_error: job.int(23)?,
+        timed_out: job.int(24)?,
+        other_error: (stored - job.int(22)? - rate_limited - job.int(23)? - job.int(24)?).max(0),
+        answer_lost,
+        in_flight,
+    };
+    let account = serde_json::from_value::<ProviderSpec>(job.json(25)?["provider"].clone()).ok().map(|p| p.account());
+    let quota = match account {
+        Some(account) => quota_today(tx, &account).await?,
+        None => None,
+    };
     let decoded = rows.int(4)?;
     let recall_calls = job.int(10)?;
     let recalls = job.bool(6)?.then(|| -> Result<RecallCounts, StoreError> {
@@ -1221,11 +1328,19 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
             calls_saved: (decoded - recall_calls).max(0),
         })
     });
+    let (mut state, mut state_reason) = (job.text(1)?, job.opt_text(2)?);
+    let paused_at = JobTimes::from_epochs([job.opt_real(26)?, None, None, None, None]).created_at;
+    if let Some(at) = paused_at.filter(|_| matches!(state.as_str(), "planning" | "running" | "waiting")) {
+        state_reason = Some(format!(
+            "paused by an operator at {at} (was {state}); `vinetl resume {job_id}` goes on where it stopped"
+        ));
+        state = "paused".to_string();
+    }
     Ok(Some(JobCounts {
         job_id,
         name: job.text(0)?,
-        state: job.text(1)?,
-        state_reason: job.opt_text(2)?,
+        state,
+        state_reason,
         rows: rows.int(0)?,
         valid: rows.int(1)?,
         invalid: invalid.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect::<Result<_, StoreError>>()?,
@@ -1238,9 +1353,11 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
         batches_done: batches.int(1)?,
         dead_lettered_batches: batches.int(2)?,
         dead_lettered_vins: batches.int(3)?,
-        calls_made: job.int(3)?,
+        calls_made: stored + answer_lost + in_flight,
         calls_retried: job.int(4)?,
-        rate_limited: job.int(5)?,
+        rate_limited,
+        calls,
+        quota,
         recalls: recalls.transpose()?,
         outputs: job.texts(7)?,
         pruned_at: None,
@@ -1251,6 +1368,26 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
             job.opt_real(18)?,
             job.opt_real(19)?,
         ]),
+    }))
+}
+
+/// The quota units `account` used today, and when its quota day ends.
+async fn quota_today(tx: &mut Tx, account: &str) -> Result<Option<QuotaToday>, StoreError> {
+    let sql = tx.pick(
+        "SELECT day_used, daily_quota, {epoch quota_day_start}, {epoch quota_reset}, {epoch now()}
+         FROM limiter WHERE account = $1",
+        "SELECT day_used, daily_quota, quota_day_start, quota_reset, unixepoch('subsec') FROM limiter WHERE account = $1",
+    );
+    let Some(r) = tx.row(sql, args![account]).await? else { return Ok(None) };
+    let (reset, t) = (r.opt_real(3)?.unwrap_or(0.0), r.opt_real(4)?.unwrap_or(0.0));
+    // The same quota day as the limiter's (store/bucket.rs).
+    let day_start = ((t - reset) / 86_400.0).floor() * 86_400.0 + reset;
+    let used = if r.opt_real(2)?.unwrap_or(f64::NEG_INFINITY) < day_start { 0 } else { r.int(0)? };
+    Ok(Some(QuotaToday {
+        account: account.to_string(),
+        used_today: used,
+        daily_quota: r.opt_int(1)?,
+        resets_at: JobTimes::from_epochs([Some(day_start + 86_400.0), None, None, None, None]).created_at,
     }))
 }
 
@@ -1265,17 +1402,36 @@ async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64,
 /// wait (quota, outage).
 async fn batch_done(tx: &mut Tx, job_id: i64, batch_no: i32, recall: bool) -> Result<(), StoreError> {
     tx.exec(
-        "UPDATE batches SET state = 'done', updated_at = now() WHERE job_id = $1 AND batch_no = $2",
+        "UPDATE batches SET state = 'done', in_call = false, updated_at = now() WHERE job_id = $1 AND batch_no = $2",
         args![job_id, batch_no],
     )
     .await?;
+    count_call(tx, job_id, recall, CallEnd::Answered, false).await
+}
+
+/// Counts one call that reached the API, by how it ended (`attempt`: it
+/// used one of the batch's attempts). An answered call also ends a wait
+/// (quota, outage): the job runs again.
+async fn count_call(tx: &mut Tx, job_id: i64, recall: bool, end: CallEnd, attempt: bool) -> Result<(), StoreError> {
+    let is = |e: CallEnd| i64::from(end == e);
     tx.exec(
-        "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2, updated_at = now(),
-                 state_reason = CASE WHEN state = 'waiting' THEN NULL ELSE state_reason END,
-                 resume_at = CASE WHEN state = 'waiting' THEN NULL ELSE resume_at END,
-                 state = CASE WHEN state = 'waiting' THEN 'running' ELSE state END
+        "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2, calls_retried = calls_retried + $3,
+                 calls_answered = calls_answered + $4, rate_limited = rate_limited + $5,
+                 calls_server_error = calls_server_error + $6, calls_timed_out = calls_timed_out + $7,
+                 state_reason = CASE WHEN $4 = 1 AND state = 'waiting' THEN NULL ELSE state_reason END,
+                 resume_at = CASE WHEN $4 = 1 AND state = 'waiting' THEN NULL ELSE resume_at END,
+                 state = CASE WHEN $4 = 1 AND state = 'waiting' THEN 'running' ELSE state END,
+                 updated_at = now()
              WHERE job_id = $1",
-        args![job_id, i64::from(recall)],
+        args![
+            job_id,
+            i64::from(recall),
+            i64::from(attempt),
+            is(CallEnd::Answered),
+            is(CallEnd::RateLimited),
+            is(CallEnd::ServerError),
+            is(CallEnd::TimedOut)
+        ],
     )
     .await?;
     Ok(())

@@ -26,11 +26,27 @@ pub struct ClaimedBatch {
     pub lookup_key: Option<String>,
 }
 
+/// How a call that reached the API ended, as each job counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallEnd {
+    /// A 200 with a complete answer.
+    Answered,
+    /// A 429.
+    RateLimited,
+    /// A 5xx or a 408.
+    ServerError,
+    /// Sent, but no answer within the timeout.
+    TimedOut,
+    /// Anything else: a refused key, another 4xx, a malformed or cut-short
+    /// answer.
+    OtherError,
+}
+
 /// Why a batch goes back on the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reschedule {
-    /// The call failed in a retryable way: one attempt used.
-    Failed,
+    /// The call failed in a retryable way (how, counted): one attempt used.
+    Failed(CallEnd),
     /// The call got a 429: no attempt used.
     RateLimited,
     /// No call was made (the limiter said wait).
@@ -68,9 +84,17 @@ pub struct JobCounts {
     pub batches_done: i64,
     pub dead_lettered_batches: i64,
     pub dead_lettered_vins: i64,
+    /// Every request that reached the API: those whose outcome was stored,
+    /// those whose answer was lost, and those in flight (`calls` has each).
     pub calls_made: i64,
     pub calls_retried: i64,
     pub rate_limited: i64,
+    /// Calls by outcome (absent from counts frozen before it existed).
+    #[serde(default)]
+    pub calls: CallCounts,
+    /// The quota units the job's account used today, across every job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaToday>,
     /// Recall lookups on (`None`) or off.
     pub recalls: Option<RecallCounts>,
     /// Where the outputs went, once written.
@@ -81,6 +105,38 @@ pub struct JobCounts {
     /// are the ones it had then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pruned_at: Option<String>,
+}
+
+/// A job's calls by outcome; they add up to `calls_made`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CallCounts {
+    /// 200s with a complete answer.
+    pub answered: i64,
+    pub rate_limited: i64,
+    /// 5xx and 408 answers.
+    pub server_error: i64,
+    /// Sent, and no answer within the timeout.
+    pub timed_out: i64,
+    /// A refused key, another 4xx, a malformed or cut-short answer.
+    pub other_error: i64,
+    /// Sent by a worker that died (or lost its connection to the store)
+    /// before storing the answer: it used quota all the same.
+    pub answer_lost: i64,
+    /// Sent, and not answered yet. A dead worker's call stays here until
+    /// its lease runs out and another worker takes the batch over.
+    pub in_flight: i64,
+}
+
+/// An account's daily quota, as the shared limiter has used it today.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct QuotaToday {
+    pub account: String,
+    /// Calls granted today (the quota day starts at `quota_reset`).
+    pub used_today: i64,
+    /// `None`: no daily quota is configured.
+    pub daily_quota: Option<i64>,
+    /// When the quota day ends (RFC 3339, UTC).
+    pub resets_at: Option<String>,
 }
 
 /// An ended job retention may prune, with what it holds.
