@@ -207,7 +207,18 @@ impl SharedLimiter {
         let local = &self.shared;
         local.waiting.fetch_add(1, Ordering::SeqCst);
         let outcome = self.reserve_one().await;
-        local.waiting.fetch_sub(1, Ordering::SeqCst);
+        if local.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Nobody else waits here. A reservation may have counted a
+            // caller that a banked slot served meanwhile: slots left over
+            // go back to the quota now, not at some later call (at the end
+            // of a run there is none, and the quota would lose them).
+            let left = std::mem::take(&mut *local.bank.lock().expect("bank lock"));
+            if left.slots > 0
+                && let Err(e) = self.refund(left.slots, left.granted_at).await
+            {
+                tracing::warn!(error = %e, slots = left.slots, "could not give unused slots back to the quota");
+            }
+        }
         Ok(outcome?.map(|flight| Slot { _permit: permit, flight }))
     }
 
