@@ -510,6 +510,50 @@ async fn counts_and_reprocess(backend: Backend) {
     assert_eq!(again["calls_made"], s["calls_made"], "no call: {again}");
     assert_eq!(again["decoded"], 281);
     assert_eq!(again["recalls"]["cache_hits"], lookups);
+
+    // Three VINs (one in lower case) again, bypassing the cache: their
+    // rows only, in one call; the other rows keep their decode.
+    let fleet = std::fs::read_to_string("jobs/sample-fleet.csv").unwrap();
+    let mut three: Vec<String> = fleet
+        .lines()
+        .skip(1)
+        .filter_map(|l| vinetl::vin::Vin::parse(l.split(',').next()?).ok())
+        .map(|v| v.as_str().to_string())
+        .collect();
+    three.dedup();
+    three.truncate(3);
+    let list = env.dir.path().join("redo.txt");
+    std::fs::write(&list, format!("vin\n{}\n{}\n\n{}\n", three[0].to_lowercase(), three[1], three[2])).unwrap();
+    let out = env.vinetl("YOUR_API_KEY", &["reprocess", "1", "--vins", list.to_str().unwrap(), "--refresh"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refreshed = env.status(1).await;
+    assert_eq!(
+        refreshed["calls_made"].as_i64(),
+        Some(again["calls_made"].as_i64().unwrap() + 1),
+        "one call for the three VINs, the cache bypassed: {refreshed}"
+    );
+    assert_eq!((refreshed["decoded"].as_i64(), refreshed["failed"].as_i64()), (Some(281), Some(0)));
+    // Each run is kept: the submission and three reprocesses.
+    assert_eq!(
+        (refreshed["run_no"].as_i64(), refreshed["run_how"].as_str()),
+        (Some(4), Some("reprocess --vins (3 VINs) --refresh"))
+    );
+    let hows: Vec<&str> =
+        refreshed["earlier_runs"].as_array().unwrap().iter().map(|r| r["how"].as_str().unwrap()).collect();
+    assert_eq!(hows, ["submit", "reprocess --failed-only", "reprocess"], "{refreshed}");
+    let first = &refreshed["earlier_runs"][0];
+    assert_eq!(
+        (first["state"].as_str(), first["failed"].as_i64(), first["calls_made"].as_i64()),
+        (Some("done"), Some(281), Some(14))
+    );
+    // A line that is not a VIN names the file and line, and changes nothing.
+    std::fs::write(&list, format!("{}\nnot-a-vin\n", three[0])).unwrap();
+    let out = env.vinetl("YOUR_API_KEY", &["reprocess", "1", "--vins", list.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("redo.txt line 2") && err.contains("not-a-vin"), "{err}");
+    assert_eq!(env.status(1).await["run_no"], 4, "nothing was started");
+    common::assert_status_schema(&[s, again, refreshed]);
     healthy.stop().await.unwrap();
     env.cleanup().await;
 }
@@ -582,11 +626,15 @@ async fn pause_then_resume_calls_each_batch_once(backend: Backend) {
         }
         panic!("job 1 never {what}: {}", env.status(1).await);
     };
-    until("made 3 calls", &|s| s["calls_made"].as_i64() >= Some(3)).await;
+    let running = until("made 3 calls", &|s| s["calls_made"].as_i64() >= Some(3)).await;
+    // 20 batches at 10 calls/s granted: the ETA is the calls left at that rate.
+    let (left, eta) = (running["calls_left"].as_f64().unwrap(), running["eta_secs"].as_f64());
+    assert!(left > 0.0 && eta == Some((left / 10.0).round()), "{running}");
     let out = env.vinetl("unused", &["pause", "1"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let paused = until("landed its calls in flight", &|s| s["calls"]["in_flight"] == 0).await;
     assert_eq!(paused["state"], "paused", "{paused}");
+    assert_eq!(paused["eta_secs"], serde_json::Value::Null, "no ETA while paused: {paused}");
     assert!(paused["batches_done"].as_i64() < Some(20), "paused mid-job: {paused}");
     // Paused: a second job runs on the same worker meanwhile; the first makes no call.
     let other = env.dir.path().join("other.toml");
@@ -610,6 +658,7 @@ async fn pause_then_resume_calls_each_batch_once(backend: Backend) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s = until("finished", &|s| s["state"] == "done").await;
     assert_eq!((s["decoded"].as_i64(), s["calls_made"].as_i64()), (Some(400), Some(20)), "{s}");
+    common::assert_status_schema(&[running.clone(), paused.clone(), still.clone(), s.clone()]);
     assert_eq!(
         common::requests_seen(&server.url(), "pro-counted-key", 100_000).await,
         20 + 2,

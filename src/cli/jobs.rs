@@ -11,7 +11,7 @@ use crate::exit::Usage;
 use crate::job::plan::{self, Submitted};
 use crate::job::preflight::Checks;
 use crate::spec::JobSpec;
-use crate::store::{DatabaseUrl, JobCounts, Store, StoreError, sqlite};
+use crate::store::{DatabaseUrl, JobCounts, Redo, Store, StoreError, sqlite};
 
 /// The state file when `DATABASE_URL` is unset: SQLite, in the working
 /// directory (the queue goes beside it, in `vinetl-queue.db`).
@@ -200,40 +200,27 @@ async fn work_until_done(
 /// How often the job's progress is logged when there is no terminal.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-/// Polls the job's counts until it ends: a progress bar over its calls on
-/// a terminal, otherwise a log line every few seconds (and when it ends).
+/// Polls the job's counts until it ends: on a terminal a bar for each
+/// phase as it comes (planning, decode calls, recall calls, the output
+/// write), each with its rate and ETA; otherwise a log line every few
+/// seconds (and when it ends).
 async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
-    let bar = progress.then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} job {msg} [{bar:30}] {pos}/{len} batches ({per_sec}, eta {eta})",
-            )
-            .expect("a valid template"),
-        );
-        bar
-    });
+    let mut bars = progress.then(PhaseBars::default);
     let started = std::time::Instant::now();
     let mut logged: Option<std::time::Instant> = None;
     let counts = loop {
         let counts = store.counts(job_id).await?.context("the job vanished")?;
         let ended = matches!(counts.state.as_str(), "done" | "failed" | "cancelled");
         let settled = counts.batches_done + counts.dead_lettered_batches;
-        if let Some(bar) = &bar {
-            bar.set_length(counts.batches as u64);
-            bar.set_position(settled as u64);
-            bar.set_message(format!(
-                "{job_id} {}: {} rows, {} to decode, {} calls",
-                counts.state, counts.rows, counts.pending, counts.calls_made
-            ));
+        if let Some(bars) = &mut bars {
+            bars.show(&counts);
         } else if ended || logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = counts.calls_made as f64 / secs;
-            let left = (counts.batches - settled).max(0);
-            let eta = (rate > 0.0 && !ended).then(|| format!("{:.0}s", left as f64 / rate));
+            let eta = counts.eta_secs.filter(|_| !ended).map(span);
             tracing::info!(job = job_id, state = %counts.state, rows = counts.rows, pending = counts.pending,
-                           calls = counts.calls_made, batches = counts.batches, batches_done = settled,
-                           calls_per_sec = format!("{rate:.1}"), eta, "progress");
+                           calls = counts.calls_made, calls_left = counts.calls_left, batches = counts.batches,
+                           batches_done = settled, calls_per_sec = format!("{rate:.1}"), eta, "progress");
             logged = Some(std::time::Instant::now());
         }
         if ended {
@@ -247,10 +234,85 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
             }
         }
     };
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+    if let Some(bars) = bars {
+        bars.finish(&counts);
     }
     Ok(counts)
+}
+
+/// The bars `run` and `reprocess` draw on a terminal, one per phase, each
+/// added when its phase begins and finished when it ends.
+#[derive(Default)]
+struct PhaseBars {
+    multi: indicatif::MultiProgress,
+    planning: Option<indicatif::ProgressBar>,
+    decodes: Option<indicatif::ProgressBar>,
+    recalls: Option<indicatif::ProgressBar>,
+    writing: Option<indicatif::ProgressBar>,
+}
+
+/// A bar (or, without a length, a spinner) added below the others.
+fn add_bar(multi: &indicatif::MultiProgress, template: &str, len: Option<u64>) -> indicatif::ProgressBar {
+    let bar = multi.add(len.map_or_else(indicatif::ProgressBar::new_spinner, indicatif::ProgressBar::new));
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("a valid template"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+impl PhaseBars {
+    fn show(&mut self, c: &JobCounts) {
+        let planning = c.state == "planning";
+        let bar = self
+            .planning
+            .get_or_insert_with(|| add_bar(&self.multi, "{spinner} planning  {pos} rows read ({per_sec}) {msg}", None));
+        bar.set_position(c.rows as u64);
+        if !planning && !bar.is_finished() {
+            bar.finish_with_message(format!(
+                "{} to call, {} duplicates, {} cache hits",
+                c.pending, c.duplicates, c.cache_hits
+            ));
+        }
+        if planning {
+            return;
+        }
+        let settled = (c.batches_done + c.dead_lettered_batches) as u64;
+        let decodes = self.decodes.get_or_insert_with(|| {
+            add_bar(&self.multi, "  decodes   [{bar:30}] {pos}/{len} calls ({per_sec}, eta {eta}) {msg}", Some(0))
+        });
+        decodes.set_length(c.batches as u64);
+        decodes.set_position(settled);
+        decodes.set_message(c.state_reason.clone().unwrap_or_default());
+        let decodes_done = settled >= c.batches as u64;
+        if decodes_done && !decodes.is_finished() {
+            decodes.finish_with_message(format!("{} decoded, {} failed", c.decoded, c.failed));
+        }
+        if let Some(r) = c.recalls.as_ref().filter(|r| decodes_done && r.lookups > 0) {
+            let to_call = (r.lookups - r.cache_hits).max(0) as u64;
+            let recalls = self.recalls.get_or_insert_with(|| {
+                add_bar(&self.multi, "  recalls   [{bar:30}] {pos}/{len} lookups ({per_sec}, eta {eta}) {msg}", Some(0))
+            });
+            recalls.set_length(to_call);
+            recalls.set_position(to_call.saturating_sub(c.calls_left as u64));
+            if c.calls_left == 0 && !recalls.is_finished() {
+                recalls.finish_with_message(format!("{} cached", r.cache_hits));
+            }
+        }
+        if c.state == "writing" && self.writing.is_none() {
+            self.writing = Some(add_bar(&self.multi, "{spinner} writing   {elapsed} {msg}", None));
+        }
+    }
+
+    fn finish(self, c: &JobCounts) {
+        if let Some(w) = &self.writing {
+            w.finish_with_message(format!("{} outputs", c.outputs.len()));
+        }
+        for bar in [&self.planning, &self.decodes, &self.recalls].into_iter().flatten() {
+            if !bar.is_finished() {
+                bar.abandon();
+            }
+        }
+        let _ = self.multi.clear();
+    }
 }
 
 /// Whether to draw a progress bar: only on a terminal.
@@ -295,7 +357,7 @@ async fn ended_job_spec(store: &Store, job_id: i64, force: bool) -> anyhow::Resu
 pub async fn reprocess(
     state: &State,
     job_id: i64,
-    failed_only: bool,
+    redo: &Redo,
     detach: bool,
     concurrency: usize,
     progress: bool,
@@ -314,11 +376,11 @@ pub async fn reprocess(
         store.update_spec(job_id, &serde_json::to_value(&spec)?).await?;
     }
     let batches = store
-        .reprocess(job_id, failed_only, spec.provider.batch_size as i32, spec.cache.ttl_hours)
+        .reprocess(job_id, redo, spec.provider.batch_size as i32, spec.cache.ttl_hours)
         .await?
         .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))
         .map_err(|e| Usage(e.to_string()))?;
-    tracing::info!(job = job_id, batches, "reprocessing");
+    tracing::info!(job = job_id, batches, how = %redo.describe(), "reprocessing");
     crate::job::queue::enqueue(&store, &state.schema, crate::job::queue::Lane::of(&spec.provider), job_id).await?;
     crate::job::advance::advance(&store, &state.schema, job_id, &spec).await?;
     let max_failed_share = spec.max_failed_share;
@@ -332,6 +394,40 @@ pub async fn reprocess(
         let _ = server.stop().await;
     }
     Ok(Ended { counts: counts?, max_failed_share })
+}
+
+/// `reprocess --vins FILE`: the VINs listed, one per line (blank lines and
+/// a `vin` header skipped), normalised as the planner does. A line that is
+/// not a VIN is an error naming the file and line: a typo there would
+/// otherwise silently select nothing.
+pub fn read_vin_list(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read --vins {}", path.display()))?;
+    let mut vins = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || (i == 0 && line.eq_ignore_ascii_case("vin")) {
+            continue;
+        }
+        match crate::vin::Vin::parse(line) {
+            Ok(v) => vins.push(v.as_str().to_string()),
+            Err(e) => {
+                return Err(Usage(format!(
+                    "--vins {} line {}: {:?} is not a VIN ({e})",
+                    path.display(),
+                    i + 1,
+                    // Quoted with control characters escaped, and cut: never replayed raw.
+                    line.chars().take(40).collect::<String>()
+                ))
+                .into());
+            }
+        }
+    }
+    if vins.is_empty() {
+        return Err(Usage(format!("--vins {}: the file lists no VINs", path.display())).into());
+    }
+    vins.sort();
+    vins.dedup();
+    Ok(vins)
 }
 
 /// `vinetl write JOB`: writes an ended job's outputs again from its stored
@@ -410,18 +506,77 @@ pub async fn resume(state: &State, job: i64) -> anyhow::Result<usize> {
     Ok(queued)
 }
 
-/// `vinetl status [JOB]`.
-pub async fn status(state: &State, job: Option<i64>) -> anyhow::Result<Vec<JobCounts>> {
+/// The JSON Schema of one job in `status --json` (the list is an array of
+/// them). Kept by hand as the documented contract: `tests/cli.rs` checks
+/// real output against it, and it refuses fields it does not list.
+pub const STATUS_SCHEMA: &str = include_str!("status.schema.json");
+
+/// `vinetl status [JOB]`: the job, or the `limit` most recent.
+pub async fn status(state: &State, job: Option<i64>, limit: i64) -> anyhow::Result<Vec<JobCounts>> {
     let store = state.open_existing(2).await?;
+    counts_of(&store, job, limit).await
+}
+
+async fn counts_of(store: &Store, job: Option<i64>, limit: i64) -> anyhow::Result<Vec<JobCounts>> {
     let ids = match job {
         Some(id) => vec![id],
-        None => store.recent_jobs(20).await?,
+        None => store.recent_jobs(limit).await?,
     };
     let mut out = Vec::new();
     for id in ids {
         out.push(store.counts(id).await?.ok_or(StoreError::NoJob(id))?);
     }
     Ok(out)
+}
+
+/// `vinetl status --watch`: a bar per job over its calls, redrawn every
+/// second, until every job shown has ended (or Ctrl-C). Without a terminal,
+/// the list is printed again every 5 s instead.
+pub async fn watch_status(state: &State, job: Option<i64>, limit: i64) -> anyhow::Result<()> {
+    let store = state.open_existing(2).await?;
+    let terminal = stderr_is_terminal();
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:>5} [{bar:30}] {pos}/{len} calls  {msg}")
+        .expect("a valid template");
+    let mut bars: std::collections::BTreeMap<i64, indicatif::ProgressBar> = Default::default();
+    loop {
+        let jobs = counts_of(&store, job, limit).await?;
+        let ended = |c: &JobCounts| matches!(c.state.as_str(), "done" | "failed" | "cancelled");
+        if terminal {
+            for c in &jobs {
+                let bar = bars.entry(c.job_id).or_insert_with(|| {
+                    let bar = multi.add(indicatif::ProgressBar::new(0));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(c.job_id.to_string());
+                    bar
+                });
+                bar.set_length((c.batches_done + c.dead_lettered_batches + c.calls_left).max(c.batches) as u64);
+                bar.set_position((c.batches_done + c.dead_lettered_batches) as u64);
+                let eta = c.eta_secs.map_or(String::new(), |e| format!(", eta {}", span(e)));
+                let why = c.state_reason.as_deref().map_or(String::new(), |r| format!(": {r}"));
+                bar.set_message(format!(
+                    "{} {}{why} ({} rows, {} calls, {} failed{eta})",
+                    c.name, c.state, c.rows, c.calls_made, c.failed
+                ));
+            }
+        } else {
+            println!("{LIST_HEADER}");
+            for c in &jobs {
+                println!("{}", list_line(c));
+            }
+        }
+        if jobs.iter().all(ended) {
+            for bar in bars.values() {
+                bar.finish();
+            }
+            return Ok(());
+        }
+        let every = if terminal { Duration::from_secs(1) } else { PROGRESS_EVERY };
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = crate::shutdown_signal() => return Ok(()),
+        }
+    }
 }
 
 /// What `vinetl check SPEC` found: the checks that passed, and with
@@ -522,11 +677,67 @@ fn avoided(c: &JobCounts, invalid: i64) -> String {
     )
 }
 
-/// The text `status` and `run` print.
+/// The header of `status`'s job list.
+pub const LIST_HEADER: &str = "  JOB  NAME                  STATE      PROGRESS              ROWS     CALLS   FAILED  STARTED              DURATION  ETA";
+
+/// One job as a line of `status`'s list: state, progress over its calls,
+/// rows, calls, failed rows, when its run started, how long it has taken
+/// and how long it still needs.
+pub fn list_line(c: &JobCounts) -> String {
+    let settled = c.batches_done + c.dead_lettered_batches;
+    let progress = if c.state == "planning" {
+        "planning".to_string()
+    } else if c.batches == 0 {
+        "-".to_string()
+    } else {
+        let share = settled as f64 / c.batches as f64;
+        let filled = (share * 10.0).floor() as usize;
+        format!("[{}{}] {:>3.0}%", "#".repeat(filled), "-".repeat(10 - filled), share * 100.0)
+    };
+    let started = c.times.started_at.as_deref().map_or("-".to_string(), short_time);
+    let duration = c.times.total_secs.or_else(|| since(c.times.started_at.as_deref())).map_or("-".to_string(), span);
+    let eta = c.eta_secs.map_or("-".to_string(), span);
+    let mut name = c.name.chars().take(20).collect::<String>();
+    if name.len() < c.name.len() {
+        name.pop();
+        name.push('~');
+    }
+    format!(
+        "{:>5}  {name:<20}  {:<9}  {progress:<17}  {:>8}  {:>8}  {:>7}  {started:<19}  {duration:>8}  {eta}",
+        c.job_id, c.state, c.rows, c.calls_made, c.failed
+    )
+}
+
+/// `2026-12-04T02:00:01.5+00:00` as `2026-12-04 02:00:01`.
+fn short_time(rfc3339: &str) -> String {
+    rfc3339.get(..19).map_or(rfc3339.to_string(), |t| t.replacen('T', " ", 1))
+}
+
+/// Seconds since an RFC 3339 time, by this machine's clock.
+fn since(rfc3339: Option<&str>) -> Option<f64> {
+    let at = chrono::DateTime::parse_from_rfc3339(rfc3339?).ok()?;
+    Some((chrono::Utc::now().timestamp_millis() - at.timestamp_millis()).max(0) as f64 / 1000.0)
+}
+
+/// A span of seconds as `1h 2m`, `3m 4s` or `5s`.
+fn span(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// The text `status JOB` and `run` print.
 pub fn describe(c: &JobCounts) -> String {
     let mut s = format!("job {} ({}): {}", c.job_id, c.name, c.state);
     if let Some(r) = &c.state_reason {
         s.push_str(&format!(": {r}"));
+    }
+    if let Some(at) = &c.resume_at {
+        s.push_str(&format!(" (next try {})", short_time(at)));
     }
     if let Some(at) = &c.pruned_at {
         s.push_str(&format!(" (pruned at {at}: its rows are gone; the counts are as they were)"));
@@ -561,7 +772,19 @@ pub fn describe(c: &JobCounts) -> String {
             "  quota today      {:>10} {of}, account {}{}\n",
             q.used_today,
             q.account,
-            resets.map_or(String::new(), |r| format!(", resets {r}"))
+            resets.map_or(String::new(), |r| format!(", resets {}", short_time(r)))
+        ));
+        if let Some(until) = &q.blocked_until {
+            s.push_str(&format!("  429 back-off     the API asked for no call before {}\n", short_time(until)));
+        }
+    }
+    if c.calls_left > 0 || c.eta_secs.is_some() {
+        let rate = c.quota.as_ref().and_then(|q| q.requests_per_second);
+        s.push_str(&format!(
+            "  calls left       {:>10}{}{}\n",
+            c.calls_left,
+            rate.map_or(String::new(), |r| format!(" at {r:.1}/s granted")),
+            c.eta_secs.map_or(String::new(), |e| format!(", eta {}", span(e)))
         ));
     }
     s.push_str(&avoided(c, invalid));
@@ -591,6 +814,16 @@ pub fn describe(c: &JobCounts) -> String {
     if let Some(started) = &t.started_at {
         let total = t.total_secs.map_or(String::new(), |d| format!(", total {d:.1} s"));
         s.push_str(&format!("  started          {started} ({}{total})\n", phases.join(", ")));
+    }
+    if !c.earlier_runs.is_empty() {
+        s.push_str(&format!("  run              {:>10} ({})\n", c.run_no, c.run_how));
+        for r in &c.earlier_runs {
+            let when = r.started_at.as_deref().map_or(String::new(), |t| format!(" started {}", short_time(t)));
+            s.push_str(&format!(
+                "  earlier run {:>4} {}: {}{when}; {} rows, {} decoded, {} failed, {} calls made by then\n",
+                r.run_no, r.how, r.state, r.rows, r.decoded, r.failed, r.calls_made
+            ));
+        }
     }
     s
 }

@@ -92,13 +92,28 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Show a job's state and counts (all recent jobs without JOB).
+    /// Show a job in detail, or the recent jobs one line each.
+    ///
+    /// The list has each job's state, progress over its calls, rows, calls,
+    /// failed rows, start, duration and ETA (from the account's granted rate
+    /// and quota). `status JOB` adds why it waits and until when, calls by
+    /// outcome, quota used today and its earlier runs.
     Status {
         /// Job id.
         job: Option<i64>,
-        /// Print JSON instead of text.
-        #[arg(long)]
+        /// Print JSON (the schema: `vinetl status --json-schema`).
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Print the JSON Schema of `status --json` (one job; the list is an array of them).
+        #[arg(long, conflicts_with_all = ["json", "watch", "job"])]
+        json_schema: bool,
+        /// Redraw every second with progress bars until the jobs shown
+        /// have ended (Ctrl-C stops watching; the jobs go on).
+        #[arg(long)]
+        watch: bool,
+        /// How many recent jobs the list shows.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -114,6 +129,14 @@ pub enum Command {
         /// Only rows that did not decode (dead-lettered or errored).
         #[arg(long)]
         failed_only: bool,
+        /// Only rows with the VINs listed in FILE (one per line; a `vin`
+        /// header line is skipped). Combines with --failed-only.
+        #[arg(long, value_name = "FILE")]
+        vins: Option<PathBuf>,
+        /// Call for the selected rows even where the cache holds a fresh
+        /// decode (recall lookups still follow their TTL).
+        #[arg(long)]
+        refresh: bool,
         /// Queue the work for running workers and return at once.
         #[arg(long)]
         detach: bool,
@@ -328,9 +351,18 @@ impl Cli {
                 jobs::worker(&state, concurrency).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Status { job, json, state } => {
+            Command::Status { json_schema: true, .. } => {
+                out!("{}", jobs::STATUS_SCHEMA);
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { job, watch: true, limit, state, .. } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                let jobs = jobs::status(&state, job).await?;
+                jobs::watch_status(&state, job, limit).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Status { job, json, limit, state, .. } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let jobs = jobs::status(&state, job, limit).await?;
                 if json {
                     let out = if job.is_some() {
                         serde_json::to_string_pretty(&jobs[0])?
@@ -340,17 +372,22 @@ impl Cli {
                     outln!("{out}");
                 } else if jobs.is_empty() {
                     outln!("no jobs yet");
+                } else if job.is_some() {
+                    out!("{}", jobs::describe(&jobs[0]));
                 } else {
+                    outln!("{}", jobs::LIST_HEADER);
                     for j in &jobs {
-                        outln!("{}", jobs::describe(j));
+                        outln!("{}", jobs::list_line(j));
                     }
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Reprocess { job, failed_only, detach, concurrency, force, state } => {
+            Command::Reprocess { job, failed_only, vins, refresh, detach, concurrency, force, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let progress = !detach && jobs::stderr_is_terminal();
-                let ended = jobs::reprocess(&state, job, failed_only, detach, concurrency, progress, force).await?;
+                let vins = vins.as_deref().map(jobs::read_vin_list).transpose()?;
+                let redo = crate::store::Redo { failed_only, vins, refresh };
+                let ended = jobs::reprocess(&state, job, &redo, detach, concurrency, progress, force).await?;
                 if detach {
                     outln!("job {job} queued again; running workers take it ({} rows pending)", ended.counts.pending);
                     return Ok(ExitCode::SUCCESS);

@@ -96,8 +96,11 @@ fn lease_secs(spec: &JobSpec) -> f64 {
 /// stuck in `Running`.
 pub async fn handle(task: BatchTask, state: Data<Arc<WorkerState>>) -> Result<(), BoxDynError> {
     use futures_util::FutureExt;
+    use tracing::Instrument;
     let state: Arc<WorkerState> = Arc::clone(&state);
-    match std::panic::AssertUnwindSafe(call_batch(task, &state)).catch_unwind().await {
+    // Every line logged while the batch is worked carries its job and batch.
+    let span = tracing::info_span!("batch", job = task.job_id, batch = task.batch_no);
+    match std::panic::AssertUnwindSafe(call_batch(task, &state).instrument(span)).catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {
             let msg =
@@ -119,7 +122,9 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     let rt = match state.runtime(task.job_id).await? {
         Ok(rt) => rt,
         Err(reason) => {
-            state.store.fail_job(task.job_id, &reason).await?;
+            if state.store.fail_job(task.job_id, &reason).await? {
+                tracing::error!(%reason, "the job cannot run; failed");
+            }
             return Ok(());
         }
     };
@@ -184,8 +189,13 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Outcome::StopJob(reason) => {
             limiter.answered(false).await?;
             store.call_ended(job, batch_no, CallEnd::OtherError).await?;
-            tracing::error!(job = task.job_id, %reason, "API refused the key; stopping the job");
-            store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await?;
+            // Every call in flight gets the same answer: the one that
+            // fails the job says so; the others only add to the count.
+            if store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await? {
+                tracing::error!(%reason, "the API refused the key; the job failed");
+            } else {
+                tracing::debug!(%reason, "the API refused the key; the job had failed already");
+            }
         }
         Outcome::RateLimited { retry_after } => {
             // Every worker of the account waits; the batch does not lose an attempt.
@@ -197,7 +207,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Outcome::Unreachable(reason) => {
             // One event for the account, not a failure of this batch: the
             // circuit opens, the call is not counted, and the batch waits.
-            tracing::warn!(job = task.job_id, batch = task.batch_no, %reason, "the API is unreachable");
+            tracing::warn!(%reason, "the API is unreachable");
             limiter.unreachable(&reason).await?;
             let wait = limiter.circuit().await?.map_or(Duration::from_secs(1), |c| secs_until(c.probe_at));
             wait_for_the_api(state, &rt, &limiter, task, wait).await?;
@@ -206,7 +216,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             let end = if matches!(outcome, Outcome::TimedOut(_)) { CallEnd::TimedOut } else { CallEnd::ServerError };
             let reason = reason.clone();
             if limiter.server_error(&reason).await? {
-                tracing::warn!(job = task.job_id, %reason, "server errors in a row: the API is treated as down");
+                tracing::warn!(%reason, "server errors in a row: the API is treated as down");
             }
             retry_or_dead_letter(state, &rt, task, batch.attempts, end, reason).await?;
         }
@@ -261,7 +271,10 @@ async fn wait_for_the_api(
             timestamp(since),
             humantime::format_duration(Duration::from_secs(give_up as u64))
         );
-        return state.store.fail_job(task.job_id, &why).await;
+        if state.store.fail_job(task.job_id, &why).await? {
+            tracing::error!(reason = %why, "the job failed");
+        }
+        return Ok(());
     }
     let text = format!(
         "API unreachable since {} ({reason}); next probe at {}",

@@ -14,7 +14,7 @@ use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
     CallCounts, CallEnd, ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday,
-    RecallCounts, Reschedule, StoreError, distinct_campaigns,
+    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -575,12 +575,22 @@ impl Store {
     }
 
     /// Stops a job for good (a rejected key, a failed plan): no batch of it
-    /// runs again, and its pending rows end `failed` with the reason.
-    pub async fn fail_job(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
+    /// runs again, and its pending rows end `failed` with the reason. True
+    /// if this call failed it; false if it had ended already (another
+    /// worker's call got the same answer): nothing is recorded twice.
+    pub async fn fail_job(&self, job_id: i64, reason: &str) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
+        let failed = tx
+            .exec(
+                "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
+                 WHERE job_id = $1 AND state NOT IN ('done', 'failed', 'cancelled')",
+                args![job_id, reason],
+            )
+            .await?;
+        if failed == 0 {
+            return Ok(false);
+        }
         for sql in [
-            "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
-             WHERE job_id = $1 AND state NOT IN ('done', 'failed', 'cancelled')",
             "UPDATE batches SET state = 'dead', last_error = $2 WHERE job_id = $1 AND state IN ('queued', 'running')",
             "UPDATE job_inputs SET status = 'failed', error_code = 'job_failed', error_text = $2
              WHERE job_id = $1 AND status = 'pending'",
@@ -588,7 +598,8 @@ impl Store {
         ] {
             tx.exec(sql, args![job_id, reason]).await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Planning is over: the job runs.
@@ -1004,16 +1015,17 @@ impl Store {
         tx.commit().await
     }
 
-    /// Puts an ended job back to work: its failed rows (`failed_only`) or
-    /// every valid row go back to pending; rows whose VIN has a fresh,
-    /// successful decode in the cache take it at no cost; the rest get new
-    /// batches. Recall lookups are planned again (the cache answers fresh
+    /// Puts an ended job back to work as its next run (the run that ended
+    /// is kept in `job_runs`): the rows `redo` selects (every valid row, its
+    /// failed rows, those of some VINs) go back to pending; rows whose VIN
+    /// has a fresh, successful decode in the cache take it at no cost
+    /// (unless `redo.refresh`); the rest get new batches. Recall lookups are planned again (the cache answers fresh
     /// ones) and the outputs are rewritten. Returns the new batch count, or
     /// `None` if the job is still running (or does not exist).
     pub async fn reprocess(
         &self,
         job_id: i64,
-        failed_only: bool,
+        redo: &Redo,
         batch_size: i32,
         cache_ttl_hours: f64,
     ) -> Result<Option<i64>, StoreError> {
@@ -1028,28 +1040,44 @@ impl Store {
         if !ended.map(|r| r.bool(0)).transpose()?.unwrap_or(false) {
             return Ok(None);
         }
+        // The run that ended joins the job's history before this one begins.
+        let Some(prev) = job_counts(&mut tx, job_id).await? else { return Ok(None) };
+        let outcome = json!({
+            "state_reason": prev.state_reason, "rows": prev.rows, "decoded": prev.decoded,
+            "failed": prev.failed, "calls_made": prev.calls_made,
+        });
+        tx.exec(
+            "INSERT INTO job_runs (job_id, run_no, how, state, started_at, finished_at, summary)
+             SELECT job_id, run_no, run_how, state, started_at, finished_at, $2 FROM jobs WHERE job_id = $1",
+            args![job_id, outcome],
+        )
+        .await?;
+        let vins = redo.vins.clone().unwrap_or_default();
         tx.exec(
             "UPDATE job_inputs SET status = 'pending', error_code = NULL, error_text = NULL, decoded_at = NULL
-                 WHERE job_id = $1 AND status <> 'invalid' AND (NOT $2 OR status = 'failed')",
-            args![job_id, failed_only],
+                 WHERE job_id = $1 AND status <> 'invalid' AND (NOT $2 OR status = 'failed')
+                   AND (NOT $3 OR vin {in $4})",
+            args![job_id, redo.failed_only, redo.vins.is_some(), vins],
         )
         .await?;
-        tx.exec(
-            "UPDATE job_inputs SET status = 'decoded', decoded_at = c.decoded_at
-                 FROM vin_cache c
-                 WHERE job_inputs.job_id = $1 AND job_inputs.status = 'pending' AND c.vin = job_inputs.vin
-                   AND c.error_code IS NULL AND c.decoded_at > now() - {secs $2 * 3600}",
-            args![job_id, cache_ttl_hours],
-        )
-        .await?;
+        if !redo.refresh {
+            tx.exec(
+                "UPDATE job_inputs SET status = 'decoded', decoded_at = c.decoded_at
+                     FROM vin_cache c
+                     WHERE job_inputs.job_id = $1 AND job_inputs.status = 'pending' AND c.vin = job_inputs.vin
+                       AND c.error_code IS NULL AND c.decoded_at > now() - {secs $2 * 3600}",
+                args![job_id, cache_ttl_hours],
+            )
+            .await?;
+        }
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         tx.exec(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
                      started_at = now(), planned_at = now(), write_started_at = NULL, recalls_planned = false,
                      outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
-                     campaigns_found = NULL, updated_at = now()
+                     campaigns_found = NULL, run_no = run_no + 1, run_how = $2, updated_at = now()
                  WHERE job_id = $1",
-            args![job_id],
+            args![job_id, redo.describe()],
         )
         .await?;
         tx.commit().await?;
@@ -1248,7 +1276,8 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
                     (SELECT count(*) FROM batches WHERE job_id = $1 AND kind = 'recall' AND state = 'dead'),
                     {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
                     {epoch finished_at}, {epoch pruned_at}, summary,
-                    calls_answered, calls_server_error, calls_timed_out, spec, {epoch paused_at}
+                    calls_answered, calls_server_error, calls_timed_out, spec, {epoch paused_at}, run_no, run_how,
+                    {epoch resume_at}
              FROM jobs WHERE job_id = $1",
             args![job_id],
         )
@@ -1292,12 +1321,13 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
         .one(
             "SELECT CAST(coalesce(sum(calls_lost), 0) AS BIGINT)
                         + count(*) FILTER (WHERE in_call AND state <> 'running'),
-                    count(*) FILTER (WHERE in_call AND state = 'running')
+                    count(*) FILTER (WHERE in_call AND state = 'running'),
+                    count(*) FILTER (WHERE state IN ('queued', 'running'))
              FROM batches WHERE job_id = $1",
             args![job_id],
         )
         .await?;
-    let (answer_lost, in_flight) = (unstored.int(0)?, unstored.int(1)?);
+    let (answer_lost, in_flight, calls_left) = (unstored.int(0)?, unstored.int(1)?, unstored.int(2)?);
     let stored = job.int(3)?;
     let rate_limited = job.int(5)?;
     let calls = CallCounts {
@@ -1328,7 +1358,12 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
             calls_saved: (decoded - recall_calls).max(0),
         })
     });
+    let earlier_runs = earlier_runs(tx, job_id).await?;
     let (mut state, mut state_reason) = (job.text(1)?, job.opt_text(2)?);
+    let resume_at =
+        JobTimes::from_epochs([job.opt_real(29)?, None, None, None, None]).created_at.filter(|_| state == "waiting");
+    let active = matches!(state.as_str(), "running" | "waiting") && job.is_null(26);
+    let eta_secs = eta_secs(calls_left, quota.as_ref()).filter(|_| active).map(|s| s.round());
     let paused_at = JobTimes::from_epochs([job.opt_real(26)?, None, None, None, None]).created_at;
     if let Some(at) = paused_at.filter(|_| matches!(state.as_str(), "planning" | "running" | "waiting")) {
         state_reason = Some(format!(
@@ -1341,6 +1376,12 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
         name: job.text(0)?,
         state,
         state_reason,
+        run_no: job.int(27)?,
+        run_how: job.text(28)?,
+        earlier_runs,
+        resume_at,
+        calls_left,
+        eta_secs,
         rows: rows.int(0)?,
         valid: rows.int(1)?,
         invalid: invalid.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect::<Result<_, StoreError>>()?,
@@ -1371,24 +1412,87 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
     }))
 }
 
-/// The quota units `account` used today, and when its quota day ends.
+/// A job's ended runs before the current one, oldest first.
+async fn earlier_runs(tx: &mut Tx, job_id: i64) -> Result<Vec<RunSummary>, StoreError> {
+    let runs = tx
+        .rows(
+            "SELECT run_no, how, state, {epoch started_at}, {epoch finished_at}, summary
+             FROM job_runs WHERE job_id = $1 ORDER BY run_no",
+            args![job_id],
+        )
+        .await?;
+    runs.iter()
+        .map(|r| {
+            let times = JobTimes::from_epochs([r.opt_real(3)?, None, None, None, r.opt_real(4)?]);
+            let outcome = r.json(5)?;
+            let n = |k: &str| outcome[k].as_i64().unwrap_or(0);
+            Ok(RunSummary {
+                run_no: r.int(0)?,
+                how: r.text(1)?,
+                state: r.text(2)?,
+                state_reason: outcome["state_reason"].as_str().map(str::to_string),
+                started_at: times.created_at,
+                finished_at: times.finished_at,
+                rows: n("rows"),
+                decoded: n("decoded"),
+                failed: n("failed"),
+                calls_made: n("calls_made"),
+            })
+        })
+        .collect()
+}
+
+/// The quota units `account` used today, when its quota day ends, the rate
+/// the shared limiter grants it now, and any 429 push-back in force.
 async fn quota_today(tx: &mut Tx, account: &str) -> Result<Option<QuotaToday>, StoreError> {
     let sql = tx.pick(
-        "SELECT day_used, daily_quota, {epoch quota_day_start}, {epoch quota_reset}, {epoch now()}
+        "SELECT day_used, daily_quota, {epoch quota_day_start}, {epoch quota_reset}, {epoch now()}, rate * scale,
+                {epoch blocked_until}
          FROM limiter WHERE account = $1",
-        "SELECT day_used, daily_quota, quota_day_start, quota_reset, unixepoch('subsec') FROM limiter WHERE account = $1",
+        "SELECT day_used, daily_quota, quota_day_start, quota_reset, unixepoch('subsec'), rate * scale, blocked_until
+         FROM limiter WHERE account = $1",
     );
     let Some(r) = tx.row(sql, args![account]).await? else { return Ok(None) };
     let (reset, t) = (r.opt_real(3)?.unwrap_or(0.0), r.opt_real(4)?.unwrap_or(0.0));
     // The same quota day as the limiter's (store/bucket.rs).
     let day_start = ((t - reset) / 86_400.0).floor() * 86_400.0 + reset;
     let used = if r.opt_real(2)?.unwrap_or(f64::NEG_INFINITY) < day_start { 0 } else { r.int(0)? };
+    let at = |secs: f64| JobTimes::from_epochs([Some(secs), None, None, None, None]).created_at;
     Ok(Some(QuotaToday {
         account: account.to_string(),
         used_today: used,
         daily_quota: r.opt_int(1)?,
-        resets_at: JobTimes::from_epochs([Some(day_start + 86_400.0), None, None, None, None]).created_at,
+        resets_at: at(day_start + 86_400.0),
+        requests_per_second: r.opt_real(5)?,
+        blocked_until: r.opt_real(6)?.filter(|&b| b > t).and_then(at),
+        now: t,
     }))
+}
+
+/// Seconds until a job's `left` calls are made at the account's granted
+/// rate, waiting for the quota to reset as often as it must (other jobs of
+/// the account are not counted). `None` without a rate to go by.
+fn eta_secs(left: i64, quota: Option<&QuotaToday>) -> Option<f64> {
+    if left == 0 {
+        return Some(0.0);
+    }
+    let q = quota?;
+    let rate = q.requests_per_second.filter(|r| *r > 0.0)?;
+    let left = left as f64;
+    let Some(daily) = q.daily_quota.filter(|d| *d > 0).map(|d| d as f64) else { return Some(left / rate) };
+    let room = (daily - q.used_today as f64).max(0.0);
+    if left <= room {
+        return Some(left / rate);
+    }
+    // Past today's room: whole quota days, then the rest at the rate.
+    let reset_in = q
+        .resets_at
+        .as_deref()
+        .and_then(|r| DateTime::parse_from_rfc3339(r).ok())
+        .map_or(0.0, |r| (r.timestamp_micros() as f64 / 1e6 - q.now).max(0.0));
+    let over = left - room;
+    let full_days = ((over / daily).ceil() - 1.0).max(0.0);
+    Some(reset_in + full_days * 86_400.0 + (over - full_days * daily) / rate)
 }
 
 /// Cuts the job's pending VINs, distinct and sorted, into batches of

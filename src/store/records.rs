@@ -53,6 +53,51 @@ pub enum Reschedule {
     NotCalled,
 }
 
+/// Which rows of an ended job `vinetl reprocess` runs again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redo {
+    /// Only rows that did not decode.
+    pub failed_only: bool,
+    /// Only rows with these VINs (normalised: upper case, checked).
+    pub vins: Option<Vec<String>>,
+    /// Call for them even where the cache holds a fresh decode.
+    pub refresh: bool,
+}
+
+impl Redo {
+    /// How this run was started, as `status` shows it.
+    pub fn describe(&self) -> String {
+        let mut how = "reprocess".to_string();
+        if self.failed_only {
+            how.push_str(" --failed-only");
+        }
+        if let Some(v) = &self.vins {
+            how.push_str(&format!(" --vins ({} VINs)", v.len()));
+        }
+        if self.refresh {
+            how.push_str(" --refresh");
+        }
+        how
+    }
+}
+
+/// An earlier run of a job: how it was started and how it ended.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RunSummary {
+    pub run_no: i64,
+    /// `submit`, or `reprocess` with its options.
+    pub how: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub rows: i64,
+    pub decoded: i64,
+    pub failed: i64,
+    /// The job's calls up to the end of this run (every run's together).
+    pub calls_made: i64,
+}
+
 /// One decoded VIN to store.
 #[derive(Debug, Clone)]
 pub struct DecodedVin {
@@ -72,6 +117,27 @@ pub struct JobCounts {
     pub name: String,
     pub state: String,
     pub state_reason: Option<String>,
+    /// The current run: 1 for the submission, one more per `reprocess`.
+    #[serde(default = "first_run")]
+    pub run_no: i64,
+    /// How the current run was started (`submit`, or `reprocess` and its options).
+    #[serde(default)]
+    pub run_how: String,
+    /// The job's earlier runs, oldest first.
+    #[serde(default)]
+    pub earlier_runs: Vec<RunSummary>,
+    /// A waiting job's next try (RFC 3339, UTC); `state_reason` says why.
+    #[serde(default)]
+    pub resume_at: Option<String>,
+    /// Calls still to make: decode batches and recall lookups queued or
+    /// in flight (recall lookups are planned once the decodes are done).
+    #[serde(default)]
+    pub calls_left: i64,
+    /// Seconds until those calls are made at the account's granted rate
+    /// and quota; `None` once the job has ended, while it is paused or
+    /// planning, or before its account has a limiter row.
+    #[serde(default)]
+    pub eta_secs: Option<f64>,
     pub rows: i64,
     pub valid: i64,
     pub invalid: std::collections::BTreeMap<String, i64>,
@@ -107,6 +173,10 @@ pub struct JobCounts {
     pub pruned_at: Option<String>,
 }
 
+fn first_run() -> i64 {
+    1
+}
+
 /// A job's calls by outcome; they add up to `calls_made`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct CallCounts {
@@ -137,6 +207,16 @@ pub struct QuotaToday {
     pub daily_quota: Option<i64>,
     /// When the quota day ends (RFC 3339, UTC).
     pub resets_at: Option<String>,
+    /// Calls per second the shared limiter grants the account now (its
+    /// configured rate, lowered while 429s push back).
+    #[serde(default)]
+    pub requests_per_second: Option<f64>,
+    /// A 429's Retry-After in force: no call before then (RFC 3339, UTC).
+    #[serde(default)]
+    pub blocked_until: Option<String>,
+    /// The database's clock when read (Unix seconds), for the ETA.
+    #[serde(skip)]
+    pub now: f64,
 }
 
 /// An ended job retention may prune, with what it holds.

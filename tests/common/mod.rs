@@ -264,3 +264,32 @@ pub async fn requests_seen(base: &str, key: &str, per_day: u64) -> u64 {
     let remaining: u64 = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
     per_day - remaining - 1
 }
+
+/// Checks `status --json` objects against the documented schema
+/// (`src/cli/status.schema.json`, which refuses fields it does not list),
+/// formats included, with the venv's `jsonschema_rs` (scripts/test puts the
+/// venv first on PATH).
+pub fn assert_status_schema(jobs: &[serde_json::Value]) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("jobs.json");
+    std::fs::write(&data, serde_json::to_vec(jobs).unwrap()).unwrap();
+    let check = r#"
+import json, sys, jsonschema_rs
+schema = json.load(open(sys.argv[1]))
+v = jsonschema_rs.Draft202012Validator(schema, validate_formats=True)
+bad = [f"job {i}: {e.instance_path}: {e.message}" for i, j in enumerate(json.load(open(sys.argv[2]))) for e in v.iter_errors(j)]
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", check, concat!(env!("CARGO_MANIFEST_DIR"), "/src/cli/status.schema.json")])
+        .arg(&data)
+        .output()
+        .expect("python3 runs (scripts/test installs jsonschema_rs)");
+    assert!(
+        out.status.success(),
+        "status --json does not match its schema:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
