@@ -517,7 +517,7 @@ async fn counts_and_reprocess(backend: Backend) {
     let mut three: Vec<String> = fleet
         .lines()
         .skip(1)
-        .filter_map(|l| vinetl::vin::Vin::parse(l.split(',').next()?).ok())
+        .filter_map(|l| vinetl::vin::Vin::parse(l.split(',').nth(2)?).ok())
         .map(|v| v.as_str().to_string())
         .collect();
     three.dedup();

@@ -110,12 +110,40 @@ impl ApiClient {
             Err(e) => return transport_outcome(&e),
         };
         let (status, headers) = (resp.status(), resp.headers().clone());
-        let body = match resp.bytes().await {
-            Err(e) if e.is_timeout() => return Outcome::TimedOut(describe_transport(&e)),
-            body => body.map_err(|e| describe_transport(&e)),
+        let body = match read_capped(resp, MAX_ANSWER_BYTES).await {
+            Err(Read::Transport(e)) if e.is_timeout() => return Outcome::TimedOut(describe_transport(&e)),
+            Err(Read::Transport(e)) => Err(describe_transport(&e)),
+            Err(Read::TooLarge) => Err(format!("malformed answer: larger than {} KiB", MAX_ANSWER_BYTES / 1024)),
+            Ok(body) => Ok(body),
         };
         classify(status, &headers, body)
     }
+}
+
+/// The largest answer read. A 20-VIN batch decode is about 60 KiB and a
+/// recall list a few KiB; anything near this is broken or hostile, and is
+/// not held in memory whole.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+enum Read {
+    Transport(reqwest::Error),
+    TooLarge,
+}
+
+/// The body, read chunk by chunk and refused as soon as it passes `cap`
+/// (a declared Content-Length over it is refused before reading).
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<bytes::Bytes, Read> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(Read::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Read::Transport)? {
+        if body.len() + chunk.len() > cap {
+            return Err(Read::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// A request that got no HTTP answer: unreachable, or a timeout.
@@ -292,6 +320,70 @@ mod tests {
         let vin = Vin::parse("1HGCM82633A004352").unwrap();
         let got = client.batch_decode(&[vin]).await;
         assert_eq!(kind(&got), "unreachable", "{got:?}");
+    }
+
+    /// A server on a loopback port that answers every connection with a
+    /// 200 of `size` bytes of JSON-ish filler, announced (`Content-Length`)
+    /// or streamed (chunked, no length).
+    async fn huge_answer(size: usize, announced: bool) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let head = if announced {
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {size}\r\n\r\n")
+                    } else {
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".into()
+                    };
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    let chunk = vec![b' '; 64 * 1024];
+                    let mut sent = 0;
+                    while sent < size {
+                        let n = chunk.len().min(size - sent);
+                        let ok = if announced {
+                            sock.write_all(&chunk[..n]).await
+                        } else {
+                            sock.write_all(format!("{n:x}\r\n").as_bytes())
+                                .await
+                                .and(sock.write_all(&chunk[..n]).await)
+                                .and(sock.write_all(b"\r\n").await)
+                        };
+                        if ok.is_err() {
+                            return;
+                        }
+                        sent += n;
+                    }
+                    if !announced {
+                        let _ = sock.write_all(b"0\r\n\r\n").await;
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_the_cap_is_malformed_and_never_read_whole() {
+        let vin = Vin::parse("1HGCM82633A004352").unwrap();
+        for announced in [true, false] {
+            let base = huge_answer(8 * MAX_ANSWER_BYTES, announced).await;
+            let client = ApiClient::new(&base, "k", Duration::from_secs(10)).unwrap();
+            match client.batch_decode(std::slice::from_ref(&vin)).await {
+                Outcome::Retry(why) => assert!(why.contains("larger than 1024 KiB"), "{why}"),
+                other => panic!("announced {announced}: {other:?}"),
+            }
+        }
+        // Under the cap, the same filler is read and found malformed JSON.
+        let base = huge_answer(MAX_ANSWER_BYTES / 2, false).await;
+        let client = ApiClient::new(&base, "k", Duration::from_secs(10)).unwrap();
+        match client.batch_decode(&[vin]).await {
+            Outcome::Retry(why) => assert!(why.contains("malformed JSON"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -208,6 +208,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             // One event for the account, not a failure of this batch: the
             // circuit opens, the call is not counted, and the batch waits.
             tracing::warn!(%reason, "the API is unreachable");
+            store.call_not_sent(job, batch_no).await?;
             limiter.unreachable(&reason).await?;
             let wait = limiter.circuit().await?.map_or(Duration::from_secs(1), |c| secs_until(c.probe_at));
             wait_for_the_api(state, &rt, &limiter, task, wait).await?;

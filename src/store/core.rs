@@ -428,6 +428,14 @@ impl Store {
         Ok(())
     }
 
+    /// The request never reached the API (refused connection, DNS, TLS):
+    /// its mark is cleared and nothing is counted.
+    pub async fn call_not_sent(&self, job_id: i64, batch_no: i32) -> Result<(), StoreError> {
+        self.exec("UPDATE batches SET in_call = false WHERE job_id = $1 AND batch_no = $2", args![job_id, batch_no])
+            .await?;
+        Ok(())
+    }
+
     /// Counts a call whose outcome no other statement stores (a refused
     /// key, which then fails the job).
     pub async fn call_ended(&self, job_id: i64, batch_no: i32, end: CallEnd) -> Result<(), StoreError> {
