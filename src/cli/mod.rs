@@ -102,6 +102,22 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// List what failed in a job: its dead-lettered batches and failed rows,
+    /// each with its last error, attempts and times, and the next step
+    /// (`vinetl reprocess JOB --failed-only`).
+    Failures {
+        /// Job id.
+        job: i64,
+        /// At most this many batches and this many rows (the totals are
+        /// always shown).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Run an ended job again, all of it or only its failed rows, and rewrite
     /// its outputs (replacing the earlier ones).
     ///
@@ -344,6 +360,16 @@ impl Cli {
                     for j in &jobs {
                         outln!("{}", jobs::describe(j));
                     }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Failures { job, limit, json, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let failures = jobs::failures(&state, job, limit).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&jobs::FailuresOut::from(failures))?);
+                } else {
+                    out!("{}", jobs::describe_failures(&failures));
                 }
                 Ok(ExitCode::SUCCESS)
             }
