@@ -735,11 +735,14 @@ impl Store {
                 args![job_id, limit],
             )
             .await?;
-        // The job's own errors (no batch, no VIN): a refused key, a failed write.
+        // The job's own errors (no batch, no VIN): a refused key, a failed
+        // write. Workers that hit the same refusal at once each record it:
+        // one line per distinct error, at its latest.
         let errors = tx
             .rows(
-                "SELECT error_code, error_text, {epoch at} FROM errors
-                 WHERE job_id = $1 AND batch_no IS NULL AND vin IS NULL ORDER BY error_id DESC LIMIT 10",
+                "SELECT error_code, error_text, {epoch max(at)} FROM errors
+                 WHERE job_id = $1 AND batch_no IS NULL AND vin IS NULL
+                 GROUP BY error_code, error_text ORDER BY max(at) DESC LIMIT 10",
                 args![job_id],
             )
             .await?;
