@@ -196,6 +196,19 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Serve a read-only jobs page over the state store: every recent job
+    /// with its state, progress and ETA; one job's counts, calls by outcome,
+    /// quota used today, failures and outputs. The pages refresh themselves.
+    ///
+    /// Routes: / and /jobs/ID (HTML), /api/jobs and /api/jobs/ID (JSON). It
+    /// never writes to the store.
+    Ui {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        bind: String,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Run a Car Vin API-compatible server backed by embedded NHTSA vPIC data.
     ///
     /// Endpoints: POST /api/v1/decode, /api/v1/batch-decode, /api/v1/recalls;
@@ -437,6 +450,12 @@ impl Cli {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 jobs::cancel(&state, job).await?;
                 outln!("job {job} cancelled; calls already in flight finish and are stored");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ui { bind, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let store = state.open_existing(4).await?;
+                crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Serve { bind, keys, recalls, audit_log, faults } => {
