@@ -11,7 +11,8 @@
 //! - [`io::output`]: where results go (Parquet, Postgres tables);
 //! - [`cli`]: the commands that drive all of it; [`exit`] what they return.
 //!
-//! Beside it: [`serve`] (a Car Vin API-compatible server), [`local`] (what
+//! Beside it: [`serve`] (a Car Vin API-compatible server), [`ui`] (the
+//! read-only jobs page over the state store), [`local`] (what
 //! runs here without the API: the embedded vPIC decoder, `decode --file`,
 //! `check`), and the vocabulary every part shares: [`vin`] (the one way a
 //! string becomes a VIN), [`api`] (the wire format of client and server) and
@@ -28,6 +29,7 @@ pub mod local;
 pub mod serve;
 pub mod spec;
 pub mod store;
+pub mod ui;
 pub mod vin;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM, whichever comes first.

@@ -139,6 +139,14 @@ impl Env {
             .unwrap()
     }
 
+    /// `vinetl failures JOB --json ARGS`.
+    async fn failures(&self, job: i64, args: &[&str]) -> serde_json::Value {
+        let job = job.to_string();
+        let out = self.vinetl("unused", &[&["failures", job.as_str()], args].concat()).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     async fn status(&self, job: i64) -> serde_json::Value {
         let out = self.vinetl("unused", &["status", &job.to_string(), "--json"]).await;
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -150,6 +158,34 @@ impl Env {
             common::cleanup(&self.schema).await;
         }
     }
+}
+
+/// The `(source, source_row)` of every row in the Parquet files under `dir`.
+fn parquet_rows(dir: &std::path::Path) -> Vec<(String, i64)> {
+    use arrow::array::{Array, Int64Array, StringArray};
+    let mut rows = Vec::new();
+    let mut files = vec![dir.to_path_buf()];
+    while let Some(p) = files.pop() {
+        if p.is_dir() {
+            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        if p.extension().is_none_or(|e| e != "parquet") {
+            continue;
+        }
+        let file = std::fs::File::open(&p).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let source =
+                batch.column_by_name("source").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let row =
+                batch.column_by_name("source_row").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+            rows.extend((0..batch.num_rows()).map(|i| (source.value(i).to_string(), row.value(i))));
+        }
+    }
+    rows
 }
 
 fn pattern_vins(n: usize) -> Vec<String> {
@@ -459,9 +495,11 @@ async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
 }
 
 /// A whole job through the binary: every row accounted for, the same
-/// counts on either store; then a reprocess of its failed rows, and of all
-/// of it (cached: no call).
-async fn counts_and_reprocess(backend: Backend) {
+/// counts on either store; `failures` lists every dead-lettered batch and
+/// failed row (bounded) and says what to do next; then a reprocess of its
+/// failed rows leaves no failure and one output row per input row, and a
+/// reprocess of all of it (cached) makes no call.
+async fn counts_failures_and_reprocess(backend: Backend) {
     let env = Env::new(backend);
     // A server whose batch decodes all come back broken (a 200 with
     // truncated JSON): every batch is dead-lettered. (All 500s would open the
@@ -470,7 +508,15 @@ async fn counts_and_reprocess(backend: Backend) {
     let (server, _keys) = common::serve(failing).await;
     let port = server.addr.port();
     std::fs::copy("jobs/sample-fleet.csv", env.dir.path().join("fleet.csv")).unwrap();
-    let spec = env.spec(&[], &server.url(), "max_attempts = 1\n[recalls]\nenabled = true");
+    let out_dir = env.dir.path().join("out");
+    let spec = env.spec(
+        &[],
+        &server.url(),
+        &format!(
+            "max_attempts = 1\n[recalls]\nenabled = true\n[[outputs]]\nkind = \"parquet\"\npath = \"{}\"\npartition = \"none\"",
+            out_dir.display()
+        ),
+    );
     let text = std::fs::read_to_string(&spec)
         .unwrap()
         .replace("path = \"vins.txt\"", "path = \"fleet.csv\"\ncarry = [\"unit_id\"]");
@@ -484,6 +530,31 @@ async fn counts_and_reprocess(backend: Backend) {
     assert_eq!((s["dead_lettered_batches"].as_i64(), s["dead_lettered_vins"].as_i64()), (Some(14), Some(263)));
     assert_eq!(s["calls_made"], 14);
     assert_eq!(s["recalls"]["lookups"], 0, "nothing decoded, nothing to look up");
+    let f = env.failures(1, &["--json"]).await;
+    assert_eq!((f["dead_batches_total"].as_i64(), f["failed_rows_total"].as_i64()), (Some(14), Some(281)), "{f}");
+    assert_eq!(f["dead_batches"].as_array().unwrap().len(), 14);
+    let batch = &f["dead_batches"][0];
+    assert_eq!(
+        (batch["batch_no"].as_i64(), batch["kind"].as_str(), batch["attempts"].as_i64()),
+        (Some(0), Some("decode"), Some(1))
+    );
+    assert_eq!(batch["vins"], 20, "{batch}");
+    assert!(batch["last_error"].as_str().is_some_and(|e| !e.is_empty()) && batch["updated_at"].is_string(), "{batch}");
+    assert_eq!(f["failed_rows"].as_array().unwrap().len(), 100, "bounded by the default --limit");
+    let row = &f["failed_rows"][0];
+    assert_eq!((row["error_code"].as_str(), row["row"].as_i64()), (Some("dead_letter"), Some(1)), "{row}");
+    assert!(
+        row["batch_no"].is_i64() && row["raw_vin"].is_string() && row["error_text"] == batch["last_error"],
+        "{row}"
+    );
+    assert_eq!(f["next"], "vinetl reprocess 1 --failed-only");
+    let out = env.vinetl("unused", &["failures", "1", "--limit", "3"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("14 dead-lettered batches, 281 failed rows"), "{text}");
+    assert!(text.contains("the first 3 of 281"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("dead_letter")).count(), 3, "{text}");
+    assert!(text.trim_end().lines().last().unwrap().starts_with("next: vinetl reprocess 1 --failed-only"), "{text}");
 
     // The same address now answers: reprocess the failed rows.
     server.stop().await.unwrap();
@@ -502,6 +573,13 @@ async fn counts_and_reprocess(backend: Backend) {
     assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64(), s["pending"].as_i64()), (Some(281), Some(0), Some(0)));
     let lookups = s["recalls"]["lookups"].as_i64().unwrap();
     assert!(lookups > 0, "{s}");
+    let f = env.failures(1, &["--json"]).await;
+    assert_eq!((f["dead_batches_total"].as_i64(), f["failed_rows_total"].as_i64()), (Some(0), Some(0)), "{f}");
+    assert!(f["failed_rows"].as_array().unwrap().is_empty() && f["next"].is_null(), "{f}");
+    // The reprocess replaced the first run's output: one row per input row.
+    let written = parquet_rows(&out_dir);
+    let distinct: std::collections::BTreeSet<_> = written.iter().collect();
+    assert_eq!((written.len(), distinct.len()), (291, 291), "no input row missing or written twice");
     assert_eq!(s["calls_made"].as_i64().unwrap(), 14 + 14 + lookups, "14 failed calls, 14 decodes, the lookups: {s}");
     // All of it again: every decode and lookup is fresh in the cache.
     let out = env.vinetl("YOUR_API_KEY", &["reprocess", "1"]).await;
@@ -533,6 +611,7 @@ async fn counts_and_reprocess(backend: Backend) {
         "one call for the three VINs, the cache bypassed: {refreshed}"
     );
     assert_eq!((refreshed["decoded"].as_i64(), refreshed["failed"].as_i64()), (Some(281), Some(0)));
+    assert_eq!(parquet_rows(&out_dir).len(), 291, "the rewritten output still has every row once");
     // Each run is kept: the submission and three reprocesses.
     assert_eq!(
         (refreshed["run_no"].as_i64(), refreshed["run_how"].as_str()),
@@ -901,7 +980,7 @@ conformance!(
     a_dead_workers_batch_is_taken_over_once,
     the_limiter_holds_rate_burst_quota_and_in_flight,
     the_limiter_arithmetic_holds_for_any_interleaving,
-    counts_and_reprocess,
+    counts_failures_and_reprocess,
     two_worker_processes_share_a_job,
     pause_then_resume_calls_each_batch_once,
     plans_are_decided_across_chunks,

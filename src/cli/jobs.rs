@@ -11,7 +11,7 @@ use crate::exit::Usage;
 use crate::job::plan::{self, Submitted};
 use crate::job::preflight::Checks;
 use crate::spec::JobSpec;
-use crate::store::{DatabaseUrl, JobCounts, Redo, Store, StoreError, sqlite};
+use crate::store::{DatabaseUrl, Failures, JobCounts, Redo, Store, StoreError, sqlite};
 
 /// The state file when `DATABASE_URL` is unset: SQLite, in the working
 /// directory (the queue goes beside it, in `vinetl-queue.db`).
@@ -579,6 +579,94 @@ pub async fn watch_status(state: &State, job: Option<i64>, limit: i64) -> anyhow
     }
 }
 
+/// `vinetl failures JOB`: at most `limit` dead-lettered batches and
+/// failed rows, with their totals.
+pub async fn failures(state: &State, job: i64, limit: i64) -> anyhow::Result<Failures> {
+    let store = state.open_existing(2).await?;
+    Ok(store.failures(job, limit).await?.ok_or(StoreError::NoJob(job))?)
+}
+
+/// The step that retries a job's failures, once there are any: only an
+/// ended job can be reprocessed.
+pub fn next_step(f: &Failures) -> Option<String> {
+    if f.failed_rows_total == 0 && f.dead_batches_total == 0 {
+        return None;
+    }
+    let cmd = format!("vinetl reprocess {} --failed-only", f.job_id);
+    Some(match f.state.as_str() {
+        "done" | "failed" | "cancelled" => cmd,
+        _ => format!("{cmd} (once the job has ended: it is {})", f.state),
+    })
+}
+
+/// `vinetl failures --json`: the store's [`Failures`] and the next step
+/// (null when nothing failed).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailuresOut {
+    #[serde(flatten)]
+    pub failures: Failures,
+    pub next: Option<String>,
+}
+
+impl From<Failures> for FailuresOut {
+    fn from(failures: Failures) -> FailuresOut {
+        FailuresOut { next: next_step(&failures), failures }
+    }
+}
+
+/// The text `vinetl failures` prints. Input and error texts are quoted
+/// with Rust's escapes (as `check` quotes samples), so a control character
+/// in a file never reaches the terminal raw.
+pub fn describe_failures(f: &Failures) -> String {
+    let mut s = format!("job {} ({}): {}", f.job_id, f.name, f.state);
+    if let Some(r) = &f.state_reason {
+        s.push_str(&format!(": {r}"));
+    }
+    s.push_str(&format!("\n  {} dead-lettered batches, {} failed rows\n", f.dead_batches_total, f.failed_rows_total));
+    for e in &f.job_errors {
+        s.push_str(&format!("  job error  {} {}: {:?}\n", e.at.as_deref().unwrap_or("-"), e.code, e.text));
+    }
+    let shown = |n: usize, total: i64| {
+        if (n as i64) < total { format!(" (the first {n} of {total}; --limit N shows more)") } else { String::new() }
+    };
+    if !f.dead_batches.is_empty() {
+        s.push_str(&format!("\ndead-lettered batches{}:\n", shown(f.dead_batches.len(), f.dead_batches_total)));
+        s.push_str("  batch  kind    VINs  attempts  given up at                        last error\n");
+        for b in &f.dead_batches {
+            s.push_str(&format!(
+                "  {:>5}  {:<6} {:>5}  {:>8}  {:<33}  {}\n",
+                b.batch_no,
+                b.kind,
+                b.vins,
+                b.attempts,
+                b.updated_at.as_deref().unwrap_or("-"),
+                b.last_error.as_ref().map_or("-".to_string(), |e| format!("{e:?}"))
+            ));
+        }
+    }
+    if !f.failed_rows.is_empty() {
+        s.push_str(&format!("\nfailed rows{}:\n", shown(f.failed_rows.len(), f.failed_rows_total)));
+        for r in &f.failed_rows {
+            let batch = r.batch_no.map_or(String::new(), |b| format!(" (batch {b})"));
+            s.push_str(&format!(
+                "  {}:{}  {:?}  {}{batch}: {}\n",
+                r.source,
+                r.row,
+                r.raw_vin,
+                r.error_code.as_deref().unwrap_or("-"),
+                r.error_text.as_ref().map_or("-".to_string(), |e| format!("{e:?}"))
+            ));
+        }
+    }
+    match next_step(f) {
+        Some(step) => {
+            s.push_str(&format!("\nnext: {step} retries only these rows (a fresh cached decode costs no call)\n"))
+        }
+        None => s.push_str("nothing failed: there is nothing to reprocess\n"),
+    }
+    s
+}
+
 /// What `vinetl check SPEC` found: the checks that passed, and with
 /// `--dry-run` what planning would do.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -826,4 +914,55 @@ pub fn describe(c: &JobCounts) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DeadBatch, FailedRow};
+
+    #[test]
+    fn failures_text_escapes_input_and_ends_with_the_next_step() {
+        let f = Failures {
+            job_id: 7,
+            name: "fleet".into(),
+            state: "done".into(),
+            limit: 1,
+            dead_batches_total: 1,
+            dead_batches: vec![DeadBatch {
+                batch_no: 0,
+                kind: "decode".into(),
+                vins: 1,
+                attempts: 5,
+                last_error: Some("HTTP 500\n\u{1b}[2J".into()),
+                updated_at: None,
+            }],
+            failed_rows_total: 2,
+            failed_rows: vec![FailedRow {
+                source: "a.csv".into(),
+                row: 3,
+                raw_vin: "1hgcm82633a004352\u{1b}[31m".into(),
+                error_code: Some("dead_letter".into()),
+                error_text: Some("HTTP 500".into()),
+                batch_no: Some(0),
+            }],
+            ..Failures::default()
+        };
+        let text = describe_failures(&f);
+        assert!(!text.contains('\u{1b}'), "no raw control character: {text:?}");
+        assert!(text.contains(r#""1hgcm82633a004352\u{1b}[31m""#), "{text}");
+        assert!(text.contains(r#""HTTP 500\n\u{1b}[2J""#), "{text}");
+        assert!(text.contains("the first 1 of 2"), "{text}");
+        assert!(
+            text.ends_with(
+                "next: vinetl reprocess 7 --failed-only retries only these rows (a fresh cached decode costs no call)\n"
+            ),
+            "{text}"
+        );
+        let running = Failures { state: "running".into(), ..f.clone() };
+        assert!(next_step(&running).unwrap().contains("once the job has ended"));
+        let none =
+            Failures { dead_batches_total: 0, failed_rows_total: 0, dead_batches: vec![], failed_rows: vec![], ..f };
+        assert_eq!(next_step(&none), None);
+    }
 }

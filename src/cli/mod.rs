@@ -117,6 +117,22 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// List what failed in a job: its dead-lettered batches and failed rows,
+    /// each with its last error, attempts and times, and the next step
+    /// (`vinetl reprocess JOB --failed-only`).
+    Failures {
+        /// Job id.
+        job: i64,
+        /// At most this many batches and this many rows (the totals are
+        /// always shown).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Run an ended job again, all of it or only its failed rows, and rewrite
     /// its outputs (replacing the earlier ones).
     ///
@@ -200,6 +216,19 @@ pub enum Command {
     Cancel {
         /// Job id.
         job: i64,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Serve a read-only jobs page over the state store: every recent job
+    /// with its state, progress and ETA; one job's counts, calls by outcome,
+    /// quota used today, failures and outputs. The pages refresh themselves.
+    ///
+    /// Routes: / and /jobs/ID (HTML), /api/jobs and /api/jobs/ID (JSON). It
+    /// never writes to the store.
+    Ui {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        bind: String,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -382,6 +411,16 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Failures { job, limit, json, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let failures = jobs::failures(&state, job, limit).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&jobs::FailuresOut::from(failures))?);
+                } else {
+                    out!("{}", jobs::describe_failures(&failures));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Reprocess { job, failed_only, vins, refresh, detach, concurrency, force, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let progress = !detach && jobs::stderr_is_terminal();
@@ -448,6 +487,12 @@ impl Cli {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 jobs::cancel(&state, job).await?;
                 outln!("job {job} cancelled; calls already in flight finish and are stored");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Ui { bind, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let store = state.open_existing(4).await?;
+                crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Serve { bind, keys, recalls, audit_log, faults } => {

@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    CallCounts, CallEnd, ClaimedBatch, DecodedVin, JobCounts, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday,
-    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns,
+    CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts, JobError, JobTimes,
+    Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary, StoreError,
+    distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -537,7 +538,8 @@ impl Store {
     /// Gives up on a batch: a decode's rows end `failed` with the last
     /// error; a recall lookup is marked failed, so its rows show recalls as
     /// unknown. The error is kept in `errors`.
-    /// `called`: how the last call ended (`None`: no call was made).
+    /// `called`: how the last call ended (`None`: no call was made); a
+    /// failed last call counts as one of the batch's attempts.
     pub async fn dead_letter(
         &self,
         job_id: i64,
@@ -548,9 +550,10 @@ impl Store {
         let mut tx = self.write().await?;
         let row = tx
             .one(
-                "UPDATE batches SET state = 'dead', in_call = false, last_error = $3, updated_at = now()
+                "UPDATE batches SET state = 'dead', in_call = false, last_error = $3, attempts = attempts + $4,
+                     updated_at = now()
                  WHERE job_id = $1 AND batch_no = $2 RETURNING vins, lookup_key",
-                args![job_id, batch_no, error],
+                args![job_id, batch_no, error, i64::from(called.is_some_and(|e| e != CallEnd::RateLimited))],
             )
             .await?;
         let lookup_key = row.opt_text(1)?;
@@ -599,7 +602,8 @@ impl Store {
             return Ok(false);
         }
         for sql in [
-            "UPDATE batches SET state = 'dead', last_error = $2 WHERE job_id = $1 AND state IN ('queued', 'running')",
+            "UPDATE batches SET state = 'dead', last_error = $2, updated_at = now()
+             WHERE job_id = $1 AND state IN ('queued', 'running')",
             "UPDATE job_inputs SET status = 'failed', error_code = 'job_failed', error_text = $2
              WHERE job_id = $1 AND status = 'pending'",
             "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'job_failed', $2)",
@@ -702,6 +706,107 @@ impl Store {
         let counts = job_counts(&mut tx, job_id).await?;
         tx.commit().await?;
         Ok(counts)
+    }
+
+    /// What failed in a job: its dead-lettered batches and failed rows, at
+    /// most `limit` of each (with their totals, so a million failed rows
+    /// never flood a terminal or a page), and the errors that stopped the
+    /// job itself; `None` if there is no such job. One snapshot.
+    ///
+    /// Only the current run's batches count (those given up on since the
+    /// job's latest start): a reprocess leaves the batches it replaced dead,
+    /// as history, but their rows are retried.
+    pub async fn failures(&self, job_id: i64, limit: i64) -> Result<Option<Failures>, StoreError> {
+        let limit = limit.max(0);
+        let mut tx = self.snapshot().await?;
+        let Some(job) = tx
+            .row(
+                "SELECT name, CASE WHEN paused_at IS NOT NULL AND state IN ('planning', 'running', 'waiting')
+                                   THEN 'paused' ELSE state END, state_reason,
+                        (SELECT count(*) FROM batches b WHERE b.job_id = $1 AND b.state = 'dead'
+                           AND b.updated_at >= jobs.started_at),
+                        (SELECT count(*) FROM job_inputs WHERE job_id = $1 AND status = 'failed')
+                 FROM jobs WHERE job_id = $1",
+                args![job_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let batches = tx
+            .rows(
+                "SELECT batch_no, kind, {len vins}, attempts, last_error, {epoch updated_at}
+                 FROM batches WHERE job_id = $1 AND state = 'dead'
+                   AND updated_at >= (SELECT started_at FROM jobs WHERE job_id = $1)
+                 ORDER BY batch_no LIMIT $2",
+                args![job_id, limit],
+            )
+            .await?;
+        // A dead-lettered row's batch is found by its VIN among the job's
+        // dead batches: one probe per row shown, never a join of every row.
+        let rows = tx
+            .rows(
+                "SELECT i.source, i.row_number, i.raw_vin, i.error_code, i.error_text,
+                        (SELECT b.batch_no FROM batches b
+                         WHERE b.job_id = $1 AND b.state = 'dead' AND b.kind = 'decode' AND i.vin {in b.vins}
+                         ORDER BY b.batch_no DESC LIMIT 1)
+                 FROM job_inputs i WHERE i.job_id = $1 AND i.status = 'failed'
+                 ORDER BY i.source, i.row_number LIMIT $2",
+                args![job_id, limit],
+            )
+            .await?;
+        // The job's own errors (no batch, no VIN): a refused key, a failed
+        // write. Workers that hit the same refusal at once each record it:
+        // one line per distinct error, at its latest.
+        let errors = tx
+            .rows(
+                "SELECT error_code, error_text, {epoch max(at)} FROM errors
+                 WHERE job_id = $1 AND batch_no IS NULL AND vin IS NULL
+                 GROUP BY error_code, error_text ORDER BY max(at) DESC LIMIT 10",
+                args![job_id],
+            )
+            .await?;
+        tx.commit().await?;
+        let at = |s: Option<f64>| JobTimes::from_epochs([s, None, None, None, None]).created_at;
+        Ok(Some(Failures {
+            job_id,
+            name: job.text(0)?,
+            state: job.text(1)?,
+            state_reason: job.opt_text(2)?,
+            limit,
+            dead_batches_total: job.int(3)?,
+            dead_batches: batches
+                .iter()
+                .map(|r| {
+                    Ok(DeadBatch {
+                        batch_no: r.int32(0)?,
+                        kind: r.text(1)?,
+                        vins: r.int(2)?,
+                        attempts: r.int(3)?,
+                        last_error: r.opt_text(4)?,
+                        updated_at: at(r.opt_real(5)?),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            failed_rows_total: job.int(4)?,
+            failed_rows: rows
+                .iter()
+                .map(|r| {
+                    Ok(FailedRow {
+                        source: r.text(0)?,
+                        row: r.int(1)?,
+                        raw_vin: r.text(2)?,
+                        error_code: r.opt_text(3)?,
+                        error_text: r.opt_text(4)?,
+                        batch_no: r.opt_int(5)?.map(|b| b as i32),
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?,
+            job_errors: errors
+                .iter()
+                .map(|r| Ok(JobError { code: r.text(0)?, text: r.text(1)?, at: at(r.opt_real(2)?) }))
+                .collect::<Result<_, StoreError>>()?,
+        }))
     }
 
     /// Ended jobs that finished more than `older_than_secs` ago and still
@@ -1078,7 +1183,9 @@ impl Store {
             )
             .await?;
         }
-        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
+        // The new run starts before its batches are cut, so every batch of
+        // it is stamped at or after `started_at` (SQLite's clock moves
+        // within a transaction), which is how `failures` tells them apart.
         tx.exec(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
                      started_at = now(), planned_at = now(), write_started_at = NULL, recalls_planned = false,
@@ -1088,6 +1195,7 @@ impl Store {
             args![job_id, redo.describe()],
         )
         .await?;
+        let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         tx.commit().await?;
         Ok(Some(batches))
     }

@@ -219,6 +219,66 @@ pub struct QuotaToday {
     pub now: f64,
 }
 
+/// What failed in a job, for `vinetl failures` and the jobs page: its
+/// dead-lettered batches and its failed rows (each list at most `limit`
+/// long, beside its total), and the errors that stopped the job itself.
+/// Serialised as-is by `vinetl failures --json` (README.md documents it).
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct Failures {
+    pub job_id: i64,
+    pub name: String,
+    /// As `status` shows it (`paused` included).
+    pub state: String,
+    pub state_reason: Option<String>,
+    /// The most either list holds.
+    pub limit: i64,
+    pub dead_batches_total: i64,
+    /// In batch order.
+    pub dead_batches: Vec<DeadBatch>,
+    pub failed_rows_total: i64,
+    /// In source and row order.
+    pub failed_rows: Vec<FailedRow>,
+    /// Errors of the job as a whole (a refused key, a failed write), newest first.
+    pub job_errors: Vec<JobError>,
+}
+
+/// A batch given up on: a batch decode (`kind` `decode`: its rows ended
+/// `failed`) or a recall lookup (`recall`: its rows' recalls are unknown).
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct DeadBatch {
+    pub batch_no: i32,
+    pub kind: String,
+    pub vins: i64,
+    /// Failed attempts (429s do not count).
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    /// When it was given up on (RFC 3339, UTC).
+    pub updated_at: Option<String>,
+}
+
+/// An input row that ended `failed`.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct FailedRow {
+    pub source: String,
+    pub row: i64,
+    /// The VIN as the input held it.
+    pub raw_vin: String,
+    /// `dead_letter` (its batch was given up on), `job_failed`, `cancelled`,
+    /// or the API's per-VIN code.
+    pub error_code: Option<String>,
+    pub error_text: Option<String>,
+    /// The dead-lettered batch that held its VIN, if any.
+    pub batch_no: Option<i32>,
+}
+
+/// An error that stopped a job, from the `errors` table.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct JobError {
+    pub code: String,
+    pub text: String,
+    pub at: Option<String>,
+}
+
 /// An ended job retention may prune, with what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Prunable {
