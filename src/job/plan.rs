@@ -158,12 +158,12 @@ pub async fn estimate(store: Option<&Store>, spec: &JobSpec) -> Result<Estimate,
             let Read::Rows(_, rows) = msg? else { continue };
             for row in rows {
                 est.rows += 1;
-                match Vin::parse(&row.vin) {
-                    Ok(vin) => {
+                match Vin::parse(&row.vin).ok().filter(|_| row.problem.is_none()) {
+                    Some(vin) => {
                         est.valid += 1;
                         distinct.insert(&vin).map_err(|e| PlanError::Config(format!("temporary storage: {e}")))?;
                     }
-                    Err(_) => est.invalid += 1,
+                    None => est.invalid += 1,
                 }
             }
         }
@@ -248,18 +248,26 @@ async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), P
 
 fn plan_row(source: &str, row: InputRow, carry: &[String]) -> PlannedRow {
     let carried: Map<String, Value> = carry.iter().cloned().zip(row.carried).collect();
-    let parsed = Vin::parse(&row.vin);
+    let (error_code, error_text, vin) = match (&row.problem, Vin::parse(&row.vin)) {
+        (Some(problem), _) => (Some(MALFORMED_ROW), Some(format!("{source} row {}: {problem}", row.row)), None),
+        (None, Err(e)) => (Some(e.kind()), Some(format!("{source} row {}: {e}", row.row)), None),
+        (None, Ok(vin)) => (None, None, Some(vin)),
+    };
     PlannedRow {
         source: source.to_string(),
         row_number: row.row as i64,
-        vin: parsed.as_ref().ok().map(Vin::to_string),
-        check_digit_valid: parsed.as_ref().ok().map(Vin::check_digit_valid),
-        error_code: parsed.as_ref().err().map(|e| e.kind()),
-        error_text: parsed.as_ref().err().map(|e| format!("{source} row {}: {e}", row.row)),
+        vin: vin.as_ref().map(Vin::to_string),
+        check_digit_valid: vin.as_ref().map(Vin::check_digit_valid),
+        error_code,
+        error_text,
         raw_vin: row.vin,
         carried: Value::Object(carried),
     }
 }
+
+/// The error code of a row that is broken whatever its VIN (see
+/// [`InputRow::problem`]).
+pub const MALFORMED_ROW: &str = "malformed_row";
 
 type Sender = mpsc::Sender<Result<Read, PlanError>>;
 

@@ -158,6 +158,7 @@ impl Iterator for LineRows {
                     row: self.row,
                     vin,
                     carried: Vec::new(),
+                    problem: None,
                 }))
             }
             Err(source) => Some(Err(SourceError::Read { path: self.path.clone(), row: self.row, source })),
@@ -205,7 +206,21 @@ fn csv_rows(
                     .iter()
                     .map(|&i| Ok(cell(i)?.map(serde_json::Value::String).unwrap_or_default()))
                     .collect::<Result<_, SourceError>>()?;
-                Ok(InputRow { row, vin, carried })
+                // A record whose fields do not line up with the header (a
+                // stray delimiter, a lost quote) may hold any cell under the
+                // VIN's name: it becomes an error row, not a guess.
+                let problem = (record.len() != header.len()).then(|| {
+                    let n = record.len();
+                    let mut p =
+                        format!("{n} field{} where the header has {}", if n == 1 { "" } else { "s" }, header.len());
+                    // A quote that never closes swallows the lines after it.
+                    let lines = record.iter().map(|f| f.iter().filter(|&&b| b == b'\n').count()).sum::<usize>();
+                    if lines > 0 {
+                        p.push_str(&format!(" (a quoted field runs over {} lines: is a quote left open?)", lines + 1));
+                    }
+                    p
+                });
+                Ok(InputRow { row, vin, carried, problem })
             };
             Some(read())
         }
@@ -279,7 +294,11 @@ mod tests {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();
             let got = rows(&p, FileFormat::Csv { column: "vin".into(), carry: vec![] });
-            assert_eq!(got, [InputRow { row: 1, vin: "1HGCM82633A004352".into(), carried: vec![] }], "{name}");
+            assert_eq!(
+                got,
+                [InputRow { row: 1, vin: "1HGCM82633A004352".into(), carried: vec![], problem: None }],
+                "{name}"
+            );
         }
     }
 

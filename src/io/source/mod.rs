@@ -60,6 +60,9 @@ pub struct InputRow {
     /// Values of the carried columns, in the order the spec names them
     /// (strings from CSV; typed JSON values from Parquet and Postgres).
     pub carried: Vec<serde_json::Value>,
+    /// What is wrong with the row itself, whatever its VIN (a CSV record
+    /// with more or fewer fields than its header): it becomes an error row.
+    pub problem: Option<String>,
 }
 
 /// A source could not be read. Always names the file and, where one is

@@ -68,7 +68,7 @@ impl Iterator for ParquetRows {
                 self.row += 1;
                 let vin = text(batch.column(self.vin_index), i).unwrap_or_default();
                 let carried = self.carried.iter().map(|&c| json_value(batch.column(c), i)).collect();
-                return Some(Ok(InputRow { row: self.row, vin, carried }));
+                return Some(Ok(InputRow { row: self.row, vin, carried, problem: None }));
             }
             match self.reader.next()? {
                 Ok(b) => {
@@ -160,8 +160,11 @@ mod tests {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        assert_eq!(got[0], InputRow { row: 1, vin: "1HGCM82633A004352".into(), carried: vec![Value::from(7)] });
-        assert_eq!(got[1], InputRow { row: 2, vin: String::new(), carried: vec![Value::from(8)] });
+        assert_eq!(
+            got[0],
+            InputRow { row: 1, vin: "1HGCM82633A004352".into(), carried: vec![Value::from(7)], problem: None }
+        );
+        assert_eq!(got[1], InputRow { row: 2, vin: String::new(), carried: vec![Value::from(8)], problem: None });
         let err = rows("fleet.parquet".into(), File::open(&p).unwrap(), "unit", &[]).err().unwrap().to_string();
         assert!(err.contains("must hold text"), "{err}");
     }

@@ -87,7 +87,7 @@ pub async fn read(
             Some(other) => other.to_string(),
         };
         let carried = carry.iter().map(|c| get(c).unwrap_or(Value::Null)).collect();
-        chunk.push(InputRow { row, vin, carried });
+        chunk.push(InputRow { row, vin, carried, problem: None });
         if chunk.len() >= chunk_rows && !emit(std::mem::take(&mut chunk)).await {
             return Ok(row);
         }
