@@ -66,7 +66,26 @@ impl S3 {
     /// `endpoint` (or `AWS_ENDPOINT_URL`) selects an S3-compatible store;
     /// `region` falls back to the AWS chain, then `us-east-1`.
     pub async fn connect(endpoint: Option<&str>, region: Option<&str>) -> S3 {
-        let mut loader = aws_config::from_env();
+        S3::connect_with(endpoint, region, aws_config::retry::RetryConfig::standard()).await
+    }
+
+    /// For writing a job's output, whose calls are already paid for: a
+    /// store that goes away is waited for, retrying each request for about
+    /// two minutes (10 attempts, exponential backoff with jitter up to 30 s)
+    /// before the write fails. Requests are idempotent (PUT, COPY, DELETE of
+    /// the commit's own keys), so a retry never doubles anything. Checks and
+    /// sources keep the SDK's default three attempts, so a wrong endpoint
+    /// fails fast.
+    pub async fn connect_patient(endpoint: Option<&str>, region: Option<&str>) -> S3 {
+        let retry = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(10)
+            .with_initial_backoff(std::time::Duration::from_secs(2))
+            .with_max_backoff(std::time::Duration::from_secs(30));
+        S3::connect_with(endpoint, region, retry).await
+    }
+
+    async fn connect_with(endpoint: Option<&str>, region: Option<&str>, retry: aws_config::retry::RetryConfig) -> S3 {
+        let mut loader = aws_config::from_env().retry_config(retry);
         if let Some(r) = region {
             loader = loader.region(Region::new(r.to_string()));
         }

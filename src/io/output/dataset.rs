@@ -81,13 +81,22 @@ enum Dest {
 }
 
 impl Dest {
-    async fn open(path: &str, endpoint: Option<&str>, region: Option<&str>) -> Result<Dest, OutputError> {
+    /// `patient`: S3 requests ride out an outage of a minute or two (the
+    /// commit of a paid-for output); otherwise they fail fast (a check).
+    async fn open(
+        path: &str,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+        patient: bool,
+    ) -> Result<Dest, OutputError> {
         if path.starts_with("s3://") {
             let mut root = S3Url::parse(path).map_err(|e| OutputError::write(path, e))?;
             if !root.key.is_empty() && !root.key.ends_with('/') {
                 root.key.push('/');
             }
-            Ok(Dest::S3 { s3: S3::connect(endpoint, region).await, root })
+            let s3 =
+                if patient { S3::connect_patient(endpoint, region).await } else { S3::connect(endpoint, region).await };
+            Ok(Dest::S3 { s3, root })
         } else {
             let root = PathBuf::from(path);
             std::fs::create_dir_all(&root).map_err(|e| OutputError::write(path, format!("cannot create: {e}")))?;
@@ -447,7 +456,7 @@ pub async fn probe(output: &OutputSpec) -> Result<(), OutputError> {
     let OutputSpec::Parquet { path, endpoint, region, .. } = output else {
         unreachable!("dataset::probe takes parquet outputs")
     };
-    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref()).await?;
+    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref(), false).await?;
     let probe = format!("_vinetl_probe_{:016x}", fastrand::u64(..));
     dest.put(&probe, b"vinetl preflight".to_vec()).await?;
     dest.delete(&probe).await
@@ -478,7 +487,7 @@ pub async fn write(
     let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file } = output else {
         unreachable!("dataset::write takes parquet outputs")
     };
-    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref()).await?;
+    let dest = Dest::open(path, endpoint.as_deref(), region.as_deref(), true).await?;
     let partition_dir = match partition.as_deref().unwrap_or("dt") {
         "none" => String::new(),
         key => format!("{key}={}/", store.job_date(job_id).await?.format("%Y-%m-%d")),
