@@ -58,6 +58,16 @@ pub struct StateArgs {
     pub schema: String,
 }
 
+/// Serves Prometheus metrics (`GET /metrics`) on ADDR while the command
+/// runs, e.g. 127.0.0.1:9464 (the README lists every metric). A taken or
+/// invalid address fails the command at once.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job spec, work it to completion in this process, and print a summary.
@@ -70,6 +80,8 @@ pub enum Command {
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -89,6 +101,8 @@ pub enum Command {
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -300,9 +314,10 @@ impl Cli {
                 outln!("{} is up to date", state.describe());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run { spec, concurrency, state } => {
+            Command::Run { spec, concurrency, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal()).await?;
+                let metrics = metrics.metrics_addr.as_deref();
+                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal(), metrics).await?;
                 Ok(report(&ended, Some(&state)))
             }
             Command::Submit { spec, state } => {
@@ -323,9 +338,9 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker { concurrency, state } => {
+            Command::Worker { concurrency, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                jobs::worker(&state, concurrency).await?;
+                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { job, json, state } => {
