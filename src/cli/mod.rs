@@ -216,6 +216,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
         #[command(flatten)]
+        metrics: MetricsArgs,
+        #[command(flatten)]
         faults: crate::serve::faults::Faults,
     },
     /// Decode VINs with the embedded vPIC data, offline: VINs given here
@@ -428,8 +430,9 @@ impl Cli {
                 outln!("job {job} cancelled; calls already in flight finish and are stored");
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve { bind, keys, recalls, audit_log, faults } => {
-                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log }).await?;
+            Command::Serve { bind, keys, recalls, audit_log, metrics, faults } => {
+                let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log };
+                crate::serve::run(opts, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Decode { file: Some(file), column, format, threads, encoding, .. } => {
