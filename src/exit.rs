@@ -37,6 +37,7 @@ pub fn code_for(e: &anyhow::Error) -> u8 {
         c.is::<Usage>()
             || c.is::<crate::spec::SpecError>()
             || c.is::<crate::job::preflight::PreflightError>()
+            || c.is::<crate::prometheus::MetricsError>()
             || matches!(
                 c.downcast_ref::<StoreError>(),
                 Some(

@@ -16,7 +16,8 @@
 //! runs here without the API: the embedded vPIC decoder, `decode --file`,
 //! `check`), and the vocabulary every part shares: [`vin`] (the one way a
 //! string becomes a VIN), [`api`] (the wire format of client and server) and
-//! [`columns`] (the output's columns and rows).
+//! [`columns`] (the output's columns and rows). [`prometheus`] names every
+//! metric and serves them (`--metrics-addr`).
 
 pub mod api;
 pub mod call;
@@ -26,6 +27,7 @@ pub mod exit;
 pub mod io;
 pub mod job;
 pub mod local;
+pub mod prometheus;
 pub mod serve;
 pub mod spec;
 pub mod store;

@@ -95,10 +95,13 @@ fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
 
 /// `vinetl worker`: until SIGTERM/SIGINT. apalis ends a worker on any
 /// database error (a failover, a statement timeout); this restarts it, under
-/// a fresh name, with backoff, for as long as the process is wanted.
-pub async fn worker(state: &State, concurrency: usize) -> anyhow::Result<()> {
+/// a fresh name, with backoff, for as long as the process is wanted. With
+/// `metrics_addr`, serves Prometheus metrics there.
+pub async fn worker(state: &State, concurrency: usize, metrics_addr: Option<&str>) -> anyhow::Result<()> {
+    let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     startup("worker", state, concurrency);
     let store = state.open(concurrency as u32 + 4).await?;
+    serve_metrics(metrics, &store);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         crate::shutdown_signal().await;
@@ -140,14 +143,22 @@ fn startup(command: &str, state: &State, concurrency: usize) {
                    "vinetl {command} starting");
 }
 
-pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: bool) -> anyhow::Result<Ended> {
+pub async fn run(
+    state: &State,
+    spec_path: &Path,
+    concurrency: usize,
+    progress: bool,
+    metrics_addr: Option<&str>,
+) -> anyhow::Result<Ended> {
     let mut spec = load_spec(spec_path)?;
+    let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
     let store = state.open(concurrency as u32 + 4).await?;
     crate::job::preflight::run(&spec, store.pg_pool(), Checks { key: true, api: true }).await?;
     // After the checks: a configuration error stays the first line on stderr.
     startup("run", state, concurrency);
+    serve_metrics(metrics, &store);
     let submitted = plan::submit(&store, &state.schema, &spec).await?;
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
     let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url).await;
@@ -155,6 +166,15 @@ pub async fn run(state: &State, spec_path: &Path, concurrency: usize, progress: 
         let _ = server.stop().await;
     }
     Ok(Ended { counts: counts?, max_failed_share: spec.max_failed_share })
+}
+
+/// Serves the metrics endpoint of a runner process, if one was bound: the
+/// counters this process records, and the job gauges read from `store`.
+fn serve_metrics(metrics: Option<crate::prometheus::Listener>, store: &Store) {
+    if let Some(metrics) = metrics {
+        tracing::info!(url = %metrics.url(), "serving metrics");
+        metrics.serve(Some(crate::prometheus::job_refresh(store.clone())));
+    }
 }
 
 /// For `provider.embedded`: starts the Car Vin API in this process, limited

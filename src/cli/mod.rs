@@ -58,6 +58,16 @@ pub struct StateArgs {
     pub schema: String,
 }
 
+/// Serves Prometheus metrics (`GET /metrics`) on ADDR while the command
+/// runs, e.g. 127.0.0.1:9464 (the README lists every metric). A taken or
+/// invalid address fails the command at once.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job spec, work it to completion in this process, and print a summary.
@@ -70,6 +80,8 @@ pub enum Command {
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -89,6 +101,8 @@ pub enum Command {
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -254,6 +268,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
         #[command(flatten)]
+        metrics: MetricsArgs,
+        #[command(flatten)]
         faults: crate::serve::faults::Faults,
     },
     /// Decode VINs with the embedded vPIC data, offline: VINs given here
@@ -352,9 +368,10 @@ impl Cli {
                 outln!("{} is up to date", state.describe());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run { spec, concurrency, state } => {
+            Command::Run { spec, concurrency, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal()).await?;
+                let metrics = metrics.metrics_addr.as_deref();
+                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal(), metrics).await?;
                 Ok(report(&ended, Some(&state)))
             }
             Command::Submit { spec, state } => {
@@ -375,9 +392,9 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker { concurrency, state } => {
+            Command::Worker { concurrency, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                jobs::worker(&state, concurrency).await?;
+                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json_schema: true, .. } => {
@@ -495,8 +512,9 @@ impl Cli {
                 crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve { bind, keys, recalls, audit_log, faults } => {
-                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log }).await?;
+            Command::Serve { bind, keys, recalls, audit_log, metrics, faults } => {
+                let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log };
+                crate::serve::run(opts, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Decode { file: Some(file), column, format, threads, encoding, .. } => {

@@ -39,7 +39,10 @@ pub async fn write(
     spec: &JobSpec,
     replace_newer: bool,
 ) -> Result<(), StoreError> {
-    match output::write_all(store, job_id, spec, replace_newer).await {
+    let started = std::time::Instant::now();
+    let written = output::write_all(store, job_id, spec, replace_newer).await;
+    crate::prometheus::output_written(written.is_ok(), started.elapsed());
+    match written {
         Ok(written) => {
             store.finish_writing(job_id, &written.outputs).await?;
             retain(store, schema, job_id, spec).await;

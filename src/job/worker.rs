@@ -13,6 +13,7 @@ use crate::api::BatchEntry;
 use crate::call::client::{ApiClient, Outcome, backoff};
 use crate::call::limiter::{Denied, SharedLimiter};
 use crate::job::queue::{self, BatchTask, Lane};
+use crate::prometheus::{self, CallKind};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
 use crate::store::{CallEnd, DecodedVin, Reschedule, Store};
@@ -134,9 +135,13 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         return Ok(());
     };
     let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
+    let kind = if batch.lookup_key.is_some() { CallKind::Recall } else { CallKind::Decode };
     let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
-    let slot = match limiter.acquire().await? {
+    let waiting = std::time::Instant::now();
+    let granted = limiter.acquire().await?;
+    prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
+    let slot = match granted {
         Ok(slot) => slot,
         Err(Denied::Quota { wait }) => {
             // Not a failure: the job waits for the quota to reset, then goes on.
@@ -175,8 +180,13 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         },
     };
     limiter.release(slot).await?;
+    match call_end(&outcome) {
+        Some(end) => prometheus::call(kind, end),
+        None => prometheus::unreachable(kind),
+    }
     match outcome {
         Outcome::Done(Answer::Decoded(entries)) => {
+            prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
             store.complete(task.job_id, task.batch_no, &decoded).await?;
             limiter.answered(true).await?;
@@ -219,11 +229,11 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             if limiter.server_error(&reason).await? {
                 tracing::warn!(%reason, "server errors in a row: the API is treated as down");
             }
-            retry_or_dead_letter(state, &rt, task, batch.attempts, end, reason).await?;
+            retry_or_dead_letter(state, &rt, task, kind, batch.attempts, end, reason).await?;
         }
         Outcome::Retry(reason) => {
             limiter.answered(false).await?;
-            retry_or_dead_letter(state, &rt, task, batch.attempts, CallEnd::OtherError, reason).await?;
+            retry_or_dead_letter(state, &rt, task, kind, batch.attempts, CallEnd::OtherError, reason).await?;
         }
         Outcome::GiveUp(reason) => {
             limiter.answered(false).await?;
@@ -234,12 +244,26 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     Ok(())
 }
 
+/// How a call ended, as the job counts it (the same mapping the arms above
+/// store); `None` for a call that never reached the API.
+fn call_end<T>(outcome: &Outcome<T>) -> Option<CallEnd> {
+    match outcome {
+        Outcome::Done(_) => Some(CallEnd::Answered),
+        Outcome::RateLimited { .. } => Some(CallEnd::RateLimited),
+        Outcome::ServerError(_) => Some(CallEnd::ServerError),
+        Outcome::TimedOut(_) => Some(CallEnd::TimedOut),
+        Outcome::StopJob(_) | Outcome::Retry(_) | Outcome::GiveUp(_) => Some(CallEnd::OtherError),
+        Outcome::Unreachable(_) => None,
+    }
+}
+
 /// A failed attempt: retried with backoff, or dead-lettered once the
 /// batch has used its attempts.
 async fn retry_or_dead_letter(
     state: &WorkerState,
     rt: &JobRuntime,
     task: BatchTask,
+    kind: CallKind,
     attempts: i32,
     end: CallEnd,
     reason: String,
@@ -249,6 +273,7 @@ async fn retry_or_dead_letter(
         let why = format!("gave up after {attempt} attempts: {reason}");
         state.store.dead_letter(task.job_id, task.batch_no, &why, Some(end)).await
     } else {
+        prometheus::retry(kind);
         reschedule(state, rt, task, backoff(attempt), Reschedule::Failed(end), &reason).await
     }
 }

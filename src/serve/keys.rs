@@ -165,6 +165,23 @@ impl Accounts {
         }
     }
 
+    /// Requests counted against each quota today (the UTC day of `now`), by
+    /// key label: every key, named ones summed by name, and every anonymous
+    /// caller summed as `(anonymous)`. Labels only; never a key.
+    pub fn used_today(&self, now: f64) -> std::collections::BTreeMap<String, u64> {
+        let day = (now / DAY_SECS).floor() as i64;
+        let mut used: std::collections::BTreeMap<String, u64> =
+            self.keys.iter().map(|(_, _, name)| (name.clone(), 0)).collect();
+        for (caller, u) in self.usage.lock().expect("usage lock").iter().filter(|(_, u)| u.day == day) {
+            let label = match caller {
+                Caller::Anonymous(_) => "(anonymous)".to_string(),
+                Caller::Key(i) => self.keys[*i].2.clone(),
+            };
+            *used.entry(label).or_default() += u.used;
+        }
+        used
+    }
+
     /// Resolves the `Authorization` header. No header is an anonymous
     /// caller; a header that is present must hold a known `Bearer` key.
     pub fn authenticate(&self, header: Option<&[u8]>, peer: IpAddr) -> Result<Caller, BadKey> {
@@ -281,6 +298,23 @@ mod tests {
         assert_eq!(refused.quota.reset, (NOON + 12.0 * 3600.0) as u64);
         // The next UTC day starts afresh.
         assert_eq!(a.admit(me, NOON + 12.0 * 3600.0).unwrap().remaining, 9);
+    }
+
+    #[test]
+    fn quota_used_today_is_reported_by_label_and_yesterday_counts_nothing() {
+        let a = accounts();
+        for _ in 0..3 {
+            a.admit(Caller::Key(0), NOON).unwrap();
+        }
+        a.admit(Caller::Anonymous(IP), NOON).unwrap();
+        a.admit(Caller::Anonymous(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2))), NOON).unwrap();
+        let used = a.used_today(NOON);
+        assert_eq!(used["key #1"], 3);
+        assert_eq!(used["key #2"], 0, "a key that made no request is reported too");
+        assert_eq!(used["(anonymous)"], 2, "anonymous callers are summed, never labelled by address");
+        assert!(used.keys().all(|label| !label.contains("key-")), "labels, never keys: {used:?}");
+        let tomorrow = a.used_today(NOON + 12.0 * 3600.0);
+        assert_eq!((tomorrow["key #1"], tomorrow.get("(anonymous)")), (0, None));
     }
 
     #[test]

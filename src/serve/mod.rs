@@ -88,8 +88,8 @@ impl Server {
         Ok(Server { decoder: Decoder::new()?, accounts, recalls })
     }
 
-    pub fn router(self, faults: Faults, audit: Option<audit::AuditLog>) -> Router {
-        let state = Arc::new(self);
+    pub fn router(self: Arc<Self>, faults: Faults, audit: Option<audit::AuditLog>) -> Router {
+        let state = self;
         let mut api = Router::new()
             .route(api::DECODE_PATH, post(decode))
             .route(api::BATCH_DECODE_PATH, post(batch_decode))
@@ -109,8 +109,36 @@ impl Server {
                 ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "internal server error")
                     .into_response()
             }))
+            // Outermost: every answer is counted as the caller got it.
+            .layer(axum::middleware::from_fn(count_request))
             .with_state(state)
     }
+
+    /// Sets the quota gauges from live usage, by key label.
+    fn report_quotas(&self) {
+        for (label, used) in self.accounts.used_today(unix_now()) {
+            crate::prometheus::quota_used(&label, used);
+        }
+    }
+}
+
+/// Middleware: counts the request by endpoint and status. Paths that name
+/// no endpoint count as `other`, so a scanner cannot grow the label set.
+async fn count_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let endpoint = match req.uri().path() {
+        api::DECODE_PATH => api::DECODE_PATH,
+        api::BATCH_DECODE_PATH => api::BATCH_DECODE_PATH,
+        api::RECALLS_PATH => api::RECALLS_PATH,
+        api::OPENAPI_PATH => api::OPENAPI_PATH,
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    crate::prometheus::serve_request(endpoint, resp.status().as_u16());
+    resp
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
 }
 
 /// A running server: its address, and a handle that stops it.
@@ -124,6 +152,7 @@ pub struct RunningServer {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The audit log's writer, which flushes once the server has stopped.
     audit: Option<tokio::task::JoinHandle<()>>,
+    state: Arc<Server>,
 }
 
 impl RunningServer {
@@ -142,6 +171,15 @@ impl RunningServer {
             let _ = audit.await;
         }
         served
+    }
+
+    /// The quota gauges' refresh, for the metrics endpoint.
+    fn quota_refresh(&self) -> crate::prometheus::Refresh {
+        let state = Arc::clone(&self.state);
+        Arc::new(move || {
+            state.report_quotas();
+            Box::pin(std::future::ready(()))
+        })
     }
 }
 
@@ -190,7 +228,8 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
         None => (None, None),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = server.router(opts.faults.clone(), audit).into_make_service_with_connect_info::<SocketAddr>();
+    let state = Arc::new(server);
+    let app = Arc::clone(&state).router(opts.faults.clone(), audit).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -198,11 +237,14 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
             })
             .await
     });
-    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task, audit: audit_task })
+    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task, audit: audit_task, state })
 }
 
-/// `vinetl serve`: runs until SIGINT or SIGTERM.
-pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+/// `vinetl serve`: runs until SIGINT or SIGTERM; with `metrics_addr`, also
+/// serves Prometheus metrics there.
+pub async fn run(opts: ServeOptions, metrics_addr: Option<&str>) -> anyhow::Result<()> {
+    // Bound first: a taken address fails before the server loads anything.
+    let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     let server = spawn(opts).await?;
     eprintln!(
         "vinetl serve: listening on {} (API keys: {}{}; recall records: {})",
@@ -211,6 +253,10 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         if server.keys == 0 { ", so anonymous single decodes only" } else { "" },
         server.recalls
     );
+    if let Some(metrics) = metrics {
+        eprintln!("vinetl serve: metrics on {}", metrics.url());
+        metrics.serve(Some(server.quota_refresh()));
+    }
     crate::shutdown_signal().await;
     eprintln!("vinetl serve: shutting down");
     server.stop().await?;
@@ -313,8 +359,7 @@ impl Server {
     }
 
     fn admit(&self, caller: Caller) -> Result<Quota, ApiFailure> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default();
-        self.accounts.admit(caller, now).map_err(|limited| {
+        self.accounts.admit(caller, unix_now()).map_err(|limited| {
             tracing::debug!(caller = %self.accounts.name(caller), per_second = limited.per_second, "429");
             ApiFailure::rate_limited(limited)
         })

@@ -700,6 +700,15 @@ impl Store {
         rows.iter().map(|r| r.int(0)).collect()
     }
 
+    /// Jobs that have not ended (planning, running, waiting, writing; a
+    /// paused one too), oldest first.
+    pub async fn unended_jobs(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = self
+            .rows("SELECT job_id FROM jobs WHERE state NOT IN ('done', 'failed', 'cancelled') ORDER BY job_id", args![])
+            .await?;
+        rows.iter().map(|r| r.int(0)).collect()
+    }
+
     /// Every count `status` shows, from one snapshot.
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         let mut tx = self.snapshot().await?;
