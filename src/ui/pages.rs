@@ -1,5 +1,6 @@
 //! The pages' HTML (maud escapes every value it is given) and the one
-//! figure they compute: a job's progress and ETA.
+//! figure they compute: a job's progress (its ETA is the store's, as
+//! `status` shows it).
 
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
@@ -17,8 +18,8 @@ pub struct Progress {
     pub percent: f64,
     /// Since the run started: until it ended, or until now.
     pub duration_secs: Option<f64>,
-    /// A running job's batches left at this run's pace so far (batches
-    /// settled since planning ended); `None` before the first batch settles.
+    /// The job's ETA, as `status` gives it: its calls left at the rate the
+    /// shared limiter grants its account, and its quota.
     pub eta_secs: Option<f64>,
 }
 
@@ -39,15 +40,7 @@ pub fn progress(c: &JobCounts, now: DateTime<Utc>) -> Progress {
     let started = parse(c.times.started_at.as_deref());
     let end = parse(c.times.finished_at.as_deref()).unwrap_or(now);
     let duration_secs = started.map(|s| secs(s, end).max(0.0));
-    let settled = c.batches_done + c.dead_lettered_batches;
-    let left = (c.batches - settled).max(0);
-    let eta_secs = match parse(c.times.planned_at.as_deref()) {
-        Some(planned) if c.state == "running" && settled > 0 && left > 0 => {
-            let elapsed = secs(planned, now).max(0.001);
-            Some(left as f64 * elapsed / settled as f64)
-        }
-        _ => None,
-    };
+    let eta_secs = c.eta_secs.filter(|&s| s > 0.0);
     Progress { rows_done, rows: c.rows, percent, duration_secs, eta_secs }
 }
 
@@ -401,7 +394,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_text_is_escaped_and_eta_follows_the_runs_pace() {
+    fn store_text_is_escaped_and_the_eta_is_the_stores() {
         let now = DateTime::parse_from_rfc3339("2026-01-01T00:01:40Z").unwrap().with_timezone(&Utc);
         let mut c = JobCounts {
             job_id: 3,
@@ -415,15 +408,16 @@ mod tests {
         };
         c.times.started_at = Some("2026-01-01T00:00:00Z".into());
         c.times.planned_at = Some("2026-01-01T00:00:20Z".into());
+        c.eta_secs = Some(120.0);
         let p = progress(&c, now);
         assert_eq!((p.rows_done, p.percent, p.duration_secs), (400, 40.0, Some(100.0)));
-        // 20 batches in 80 s: 30 left take 120 s.
         assert_eq!(p.eta_secs, Some(120.0));
         let page = list(std::slice::from_ref(&c), now).into_string();
         assert!(!page.contains("<script>alert"), "escaped: {page}");
         assert!(page.contains("&lt;script&gt;"));
         assert!(page.contains("~2 min 00 s"), "{page}");
         c.state = "paused".into();
+        c.eta_secs = None;
         assert_eq!(progress(&c, now).eta_secs, None);
         assert_eq!(n(1234567), "1,234,567");
         assert_eq!(span(8000.0), "2 h 13 min");
