@@ -575,6 +575,12 @@ async fn counts_failures_and_reprocess(backend: Backend) {
     assert!(lookups > 0, "{s}");
     let f = env.failures(1, &["--json"]).await;
     assert_eq!((f["dead_batches_total"].as_i64(), f["failed_rows_total"].as_i64()), (Some(0), Some(0)), "{f}");
+    // status counts this run's batches too: 14 new ones, all done.
+    assert_eq!(
+        (s["batches"].as_i64(), s["batches_done"].as_i64(), s["dead_lettered_batches"].as_i64()),
+        (Some(14), Some(14), Some(0)),
+        "{s}"
+    );
     assert!(f["failed_rows"].as_array().unwrap().is_empty() && f["next"].is_null(), "{f}");
     // The reprocess replaced the first run's output: one row per input row.
     let written = parquet_rows(&out_dir);

@@ -29,7 +29,7 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
 
 /// Writes the outputs of a job held in `writing`. A failure of an output
 /// (a full disk, a refused bucket) fails the job with the reason; every
-/// result is kept, so `vinetl reprocess` writes again without calling the API.
+/// result is kept, so `vinetl write` writes again without calling the API.
 /// A failure of the state store leaves the job in `writing` for another
 /// worker to take over when the lease runs out.
 pub async fn write(
@@ -52,7 +52,8 @@ pub async fn write(
         Err(e) => {
             tracing::error!(job = job_id, error = %e, "writing outputs failed");
             let reason = format!(
-                "writing outputs failed: {e}; fix the cause and run `vinetl reprocess {job_id}` (no API call is repeated)"
+                "writing outputs failed: {e}; fix the cause and run `vinetl write {job_id}`, which makes no API call \
+                 (`vinetl reprocess {job_id}` works too)"
             );
             store.fail_writing(job_id, &reason).await
         }

@@ -1436,7 +1436,9 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
         .one(
             "SELECT count(*), count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'dead'),
                     CAST(coalesce(sum({len vins}) FILTER (WHERE state = 'dead'), 0) AS BIGINT)
-             FROM batches WHERE job_id = $1 AND kind = 'decode'",
+             FROM batches WHERE job_id = $1 AND kind = 'decode'
+               -- The current run's: an earlier run's batches were last touched before it started.
+               AND updated_at >= (SELECT started_at FROM jobs WHERE job_id = $1)",
             args![job_id],
         )
         .await?;
@@ -1489,8 +1491,9 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
         JobTimes::from_epochs([job.opt_real(29)?, None, None, None, None]).created_at.filter(|_| state == "waiting");
     let active = matches!(state.as_str(), "running" | "waiting") && job.is_null(26);
     let eta_secs = eta_secs(calls_left, quota.as_ref()).filter(|_| active).map(|s| s.round());
-    let paused_at = JobTimes::from_epochs([job.opt_real(26)?, None, None, None, None]).created_at;
+    let paused_at = job.opt_real(26)?.and_then(|s| DateTime::from_timestamp(s as i64, 0));
     if let Some(at) = paused_at.filter(|_| matches!(state.as_str(), "planning" | "running" | "waiting")) {
+        let at = at.format("%Y-%m-%d %H:%M:%S UTC");
         state_reason = Some(format!(
             "paused by an operator at {at} (was {state}); `vinetl resume {job_id}` goes on where it stopped"
         ));
