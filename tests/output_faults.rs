@@ -168,7 +168,7 @@ async fn s3_stopped_between_the_data_files_and_success_then_restored() {
     std::fs::write(
         &spec,
         format!(
-            "{text}[[outputs]]\nkind = \"parquet\"\npath = \"s3://lake/fleet/\"\npartition = \"none\"\nendpoint = \"http://127.0.0.1:{proxy_port}\"\nrows_per_file = 1000\n"
+            "{text}[[outputs]]\nkind = \"parquet\"\npath = \"s3://lake/fleet/\"\npartition = \"none\"\nendpoint = \"http://127.0.0.1:{proxy_port}\"\n"
         ),
     )
     .unwrap();
