@@ -69,7 +69,9 @@ async fn a_minute_long_outage_makes_the_job_wait_then_complete_with_one_call_per
     assert_eq!(during["dead_lettered_batches"], 0);
 
     let back = ServeProcess::start_on(&format!("127.0.0.1:{port}"), &["--audit-log", &log_arg]);
+    let up = std::time::Instant::now();
     let s = wait_for(&schema, 1, "finished", |s| s["state"] == "done").await;
+    let finished_after = up.elapsed().as_secs_f64();
     drop(worker);
     assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64()), (Some(1000), Some(0)), "{s}");
     assert_eq!(s["calls_made"], 50, "refused connections are not calls: {s}");
@@ -83,6 +85,10 @@ async fn a_minute_long_outage_makes_the_job_wait_then_complete_with_one_call_per
     let attempts: i32 =
         sqlx::query_scalar("SELECT coalesce(max(attempts), 0) FROM batches").fetch_one(&db).await.unwrap();
     assert!(attempts <= 1, "no batch spent its attempts on the outage: {attempts}");
+    println!(
+        "RELIABILITY api-outage: the API down 60 s mid-job (1,000 VINs, 5 calls/s); rows lost 0, duplicated 0; \
+         calls 50 for 50 batches (wasted 0); attempts used by the outage 0; done {finished_after:.1} s after it came back"
+    );
     drop(back);
     cleanup(&schema).await;
 }
@@ -542,5 +548,9 @@ async fn calls_made_equals_the_servers_count_after_workers_are_killed_mid_call()
     assert_eq!(s["calls"]["answered"].as_i64(), Some(20), "one stored answer per batch: {s}");
     assert_eq!(s["calls"]["in_flight"], 0, "{s}");
     assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64()), (Some(400), Some(0)), "{s}");
+    println!(
+        "RELIABILITY worker-kill: {kills} SIGKILLs of a worker mid-call (400 VINs); rows lost 0, duplicated 0; \
+         calls {seen} for 20 batches, {lost} answers lost (wasted) and counted in calls made"
+    );
     cleanup(&schema).await;
 }
