@@ -254,6 +254,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
         #[command(flatten)]
+        limits: crate::serve::ConnLimits,
+        #[command(flatten)]
         faults: crate::serve::faults::Faults,
     },
     /// Decode VINs with the embedded vPIC data, offline: VINs given here
@@ -495,8 +497,9 @@ impl Cli {
                 crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve { bind, keys, recalls, audit_log, faults } => {
-                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log }).await?;
+            Command::Serve { bind, keys, recalls, audit_log, limits, faults } => {
+                crate::serve::run(crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log, limits })
+                    .await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Decode { file: Some(file), column, format, threads, encoding, .. } => {
