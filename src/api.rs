@@ -57,6 +57,9 @@ pub struct RecallsRequest {
 pub enum YearValue {
     Number(i64),
     Text(String),
+    /// Anything else (a float, a number past i64, an object): no year, which
+    /// the server answers in its own words rather than serde's.
+    Other(serde_json::Value),
 }
 
 impl YearValue {
@@ -65,7 +68,7 @@ impl YearValue {
         let n = match self {
             YearValue::Number(n) => *n,
             YearValue::Text(s) if s.len() == 4 && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok()?,
-            YearValue::Text(_) => return None,
+            YearValue::Text(_) | YearValue::Other(_) => return None,
         };
         (1000..=9999).contains(&n).then_some(n as u16)
     }
@@ -110,6 +113,10 @@ pub mod code {
     pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
     pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    /// 408: the request body did not arrive within the server's deadline.
+    pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
+    /// 503: the server is at its connection cap.
+    pub const OVERLOADED: &str = "OVERLOADED";
 }
 
 /// The vPIC variables [`Vehicle`] names itself, in the guide's order (the

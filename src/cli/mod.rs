@@ -270,6 +270,8 @@ pub enum Command {
         #[command(flatten)]
         metrics: MetricsArgs,
         #[command(flatten)]
+        limits: crate::serve::ConnLimits,
+        #[command(flatten)]
         faults: crate::serve::faults::Faults,
     },
     /// Decode VINs with the embedded vPIC data, offline: VINs given here
@@ -512,8 +514,8 @@ impl Cli {
                 crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve { bind, keys, recalls, audit_log, metrics, faults } => {
-                let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log };
+            Command::Serve { bind, keys, recalls, audit_log, metrics, limits, faults } => {
+                let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log, limits };
                 crate::serve::run(opts, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }

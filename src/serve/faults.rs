@@ -2,6 +2,7 @@
 //! reliability tests turn these on to prove retries, backoff and the shared
 //! limiter work against real HTTP.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -35,6 +36,23 @@ pub struct Faults {
     /// Added latency per request, in milliseconds: `50`, or a range `20-200`.
     #[arg(long, value_parser = latency)]
     pub fault_latency_ms: Option<(u64, u64)>,
+    /// Share of requests that get `--fault-latency-ms` (default: all).
+    #[arg(long, value_parser = share)]
+    pub fault_latency_share: Option<f64>,
+    /// Share of requests answered 200 with an HTML page (a proxy's or a
+    /// captive portal's) instead of JSON.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_html: f64,
+    /// Share of batch-decode answers missing their last VIN.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_missing: f64,
+    /// Share of batch-decode answers with their VINs in reverse order.
+    #[arg(long, default_value_t = 0.0, value_parser = share)]
+    pub fault_reorder: f64,
+    /// After this many requests carrying a key, every key is refused (401,
+    /// "revoked"), as when an account is closed mid-job.
+    #[arg(long)]
+    pub fault_revoke_after: Option<u64>,
     /// Delay after a request was handled (and its quota counted), before
     /// its answer leaves, in milliseconds: `300` or `200-400`. A client that
     /// dies or gives up meanwhile has still used quota.
@@ -54,6 +72,24 @@ impl Faults {
             || self.fault_malformed > 0.0
             || self.fault_latency_ms.is_some()
             || self.fault_answer_delay_ms.is_some()
+            || self.fault_html > 0.0
+            || self.fault_missing > 0.0
+            || self.fault_reorder > 0.0
+            || self.fault_revoke_after.is_some()
+    }
+}
+
+/// The faults and what they count as requests go by.
+#[derive(Debug)]
+pub struct Injector {
+    faults: Faults,
+    /// Requests with a key seen so far, for `--fault-revoke-after`.
+    keyed: AtomicU64,
+}
+
+impl Injector {
+    pub fn new(faults: Faults) -> Injector {
+        Injector { faults, keyed: AtomicU64::new(0) }
     }
 }
 
@@ -76,11 +112,21 @@ fn latency(s: &str) -> Result<(u64, u64), String> {
 
 /// Middleware: applies the configured faults before (and around) the handler.
 /// Injected failures happen before quota accounting, so they cost no quota.
-pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, next: Next) -> Response {
+pub async fn inject(State(injector): State<std::sync::Arc<Injector>>, req: Request, next: Next) -> Response {
+    let faults = &injector.faults;
     if faults.fault_path.as_deref().is_some_and(|p| !req.uri().path().starts_with(p)) {
         return next.run(req).await;
     }
-    if let Some((lo, hi)) = faults.fault_latency_ms {
+    if let Some(after) = faults.fault_revoke_after
+        && req.headers().contains_key(header::AUTHORIZATION)
+        && injector.keyed.fetch_add(1, Ordering::Relaxed) >= after
+    {
+        return ApiFailure::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, "this API key has been revoked")
+            .into_response();
+    }
+    if let Some((lo, hi)) = faults.fault_latency_ms
+        && fastrand::f64() < faults.fault_latency_share.unwrap_or(1.0)
+    {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
     }
     if fastrand::f64() < faults.fault_500 {
@@ -100,7 +146,25 @@ pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, 
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return resp;
     }
-    let resp = next.run(req).await;
+    if fastrand::f64() < faults.fault_html {
+        let page = "<!DOCTYPE html><html><head><title>Gateway</title></head><body><h1>Please wait</h1></body></html>";
+        let mut resp = (StatusCode::OK, page).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+        return resp;
+    }
+    let batch = req.uri().path() == crate::api::BATCH_DECODE_PATH;
+    let mut resp = next.run(req).await;
+    if batch && resp.status() == StatusCode::OK {
+        if fastrand::f64() < faults.fault_missing {
+            resp = rewrite_entries(resp, |entries| {
+                entries.pop();
+            })
+            .await;
+        }
+        if fastrand::f64() < faults.fault_reorder {
+            resp = rewrite_entries(resp, |entries| entries.reverse()).await;
+        }
+    }
     if let Some((lo, hi)) = faults.fault_answer_delay_ms {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
     }
@@ -108,6 +172,18 @@ pub async fn inject(State(faults): State<std::sync::Arc<Faults>>, req: Request, 
         return truncate(resp).await;
     }
     resp
+}
+
+/// A batch answer with its `data` entries changed by `change`.
+async fn rewrite_entries(resp: Response, change: impl FnOnce(&mut Vec<serde_json::Value>)) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let mut json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if let Some(entries) = json.get_mut("data").and_then(serde_json::Value::as_array_mut) {
+        change(entries);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(serde_json::to_vec(&json).unwrap_or_default()))
 }
 
 /// Sends the headers and half the body, then fails the stream so the

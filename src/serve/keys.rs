@@ -105,6 +105,8 @@ struct Usage {
 pub struct Accounts {
     keys: Vec<(Vec<u8>, Limits, String)>,
     usage: Mutex<HashMap<Caller, Usage>>,
+    /// Wrong keys per client address.
+    pub guesses: Guesses,
 }
 
 impl Accounts {
@@ -122,7 +124,7 @@ impl Accounts {
                 (s.key.into_bytes(), Limits { per_day, per_second: s.per_second }, name)
             })
             .collect();
-        Accounts { keys, usage: Mutex::new(HashMap::new()) }
+        Accounts { keys, usage: Mutex::new(HashMap::new()), guesses: Guesses::default() }
     }
 
     /// Reads a keys file:
@@ -148,6 +150,10 @@ impl Accounts {
             }
             if k.per_second.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
                 return Err(invalid("per_second must be a positive number"));
+            }
+            // One key for two accounts would bill and limit only the first.
+            if let Some(j) = file.keys[..i].iter().position(|earlier| earlier.key.trim() == k.key.trim()) {
+                return Err(invalid(&format!("its key is the same as key #{}'s; every key must be unique", j + 1)));
             }
         }
         Ok(Accounts::new(file.keys))
@@ -252,6 +258,48 @@ impl Accounts {
     }
 }
 
+/// Wrong keys from one address: a token bucket per address. The first
+/// [`GUESS_BURST`] wrong keys cost nothing; then one more is allowed every
+/// [`GUESS_EVERY_SECS`], and any key from that address is refused with a 429
+/// until then. A client with a typo notices after its first 401; a guesser
+/// gets about one try in that time rather than thousands a second.
+#[derive(Debug, Default)]
+pub struct Guesses {
+    by_ip: Mutex<HashMap<IpAddr, (f64, f64)>>,
+}
+
+/// Room for a few honest mistakes (a rotated key, a typo, a test of each).
+pub const GUESS_BURST: f64 = 10.0;
+/// One guess every 2 s: 200 guesses take over six minutes instead of 0.03 s.
+pub const GUESS_EVERY_SECS: f64 = 2.0;
+/// Addresses remembered at most; the fully refilled ones go first.
+const GUESS_ADDRESSES: usize = 100_000;
+
+impl Guesses {
+    /// Whether `ip` may present a key at `now`, or how many seconds to wait.
+    pub fn check(&self, ip: IpAddr, now: f64) -> Result<(), u64> {
+        let by_ip = self.by_ip.lock().expect("guesses lock");
+        match by_ip.get(&ip) {
+            Some(&(tokens, at)) => {
+                let tokens = (tokens + (now - at).max(0.0) / GUESS_EVERY_SECS).min(GUESS_BURST);
+                if tokens >= 1.0 { Ok(()) } else { Err(((1.0 - tokens) * GUESS_EVERY_SECS).ceil().max(1.0) as u64) }
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a wrong key from `ip` at `now`.
+    pub fn wrong(&self, ip: IpAddr, now: f64) {
+        let mut by_ip = self.by_ip.lock().expect("guesses lock");
+        if by_ip.len() >= GUESS_ADDRESSES {
+            by_ip.retain(|_, &mut (tokens, at)| tokens + (now - at) / GUESS_EVERY_SECS < GUESS_BURST);
+        }
+        let (tokens, at) = by_ip.entry(ip).or_insert((GUESS_BURST, now));
+        *tokens = (*tokens + (now - *at).max(0.0) / GUESS_EVERY_SECS).min(GUESS_BURST) - 1.0;
+        *at = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +385,29 @@ mod tests {
         assert_eq!(refused.retry_after_secs, 1);
         // 0.2 s later one token is back; the refused call cost no quota.
         assert_eq!(a.admit(Caller::Key(1), NOON + 0.2).unwrap().remaining, 1000 - 6);
+    }
+
+    #[test]
+    fn wrong_keys_from_one_address_are_throttled_after_a_few() {
+        let g = Guesses::default();
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        for _ in 0..GUESS_BURST as usize {
+            assert_eq!(g.check(IP, NOON), Ok(()));
+            g.wrong(IP, NOON);
+        }
+        assert_eq!(g.check(IP, NOON), Err(GUESS_EVERY_SECS as u64));
+        assert_eq!(g.check(other, NOON), Ok(()), "another address is not held back");
+        assert_eq!(g.check(IP, NOON + GUESS_EVERY_SECS), Ok(()), "one more guess after the wait");
+    }
+
+    #[test]
+    fn a_keys_file_with_a_key_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let entry = |name: &str| format!("[[keys]]\nkey = \"same-key-123\"\ntier = \"pro\"\nname = \"{name}\"\n");
+        std::fs::write(&path, format!("{}{}", entry("a"), entry("b"))).unwrap();
+        let err = Accounts::load(&path).err().expect("refused").to_string();
+        assert!(err.contains("key #2") && err.contains("key #1") && err.contains("unique"), "{err}");
     }
 
     proptest! {

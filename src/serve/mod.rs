@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod faults;
 pub mod keys;
+mod listen;
 mod openapi;
 pub mod recalls;
 
@@ -26,6 +27,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use crate::api::{
     self, ApiError, BatchDecodeRequest, BatchEntry, DataResponse, DecodeRequest, EMBEDDED_KEY, ErrorResponse,
@@ -36,6 +38,8 @@ use crate::vin::Vin;
 use faults::Faults;
 use keys::{Accounts, Caller, Limited, Quota};
 use recalls::RecallIndex;
+
+pub use listen::ConnLimits;
 
 /// Request bodies are tiny (20 VINs are under 500 bytes); 64 KiB leaves room
 /// for whitespace and still refuses abuse early.
@@ -50,6 +54,8 @@ pub struct ServeOptions {
     pub faults: Faults,
     /// Append a JSON line per API request here.
     pub audit_log: Option<PathBuf>,
+    /// Connection cap and read deadlines.
+    pub limits: ConnLimits,
 }
 
 /// A configuration problem found before the server starts.
@@ -88,14 +94,15 @@ impl Server {
         Ok(Server { decoder: Decoder::new()?, accounts, recalls })
     }
 
-    pub fn router(self: Arc<Self>, faults: Faults, audit: Option<audit::AuditLog>) -> Router {
+    pub fn router(self: Arc<Self>, faults: Faults, audit: Option<audit::AuditLog>, limits: ConnLimits) -> Router {
         let state = self;
         let mut api = Router::new()
             .route(api::DECODE_PATH, post(decode))
             .route(api::BATCH_DECODE_PATH, post(batch_decode))
             .route(api::RECALLS_PATH, post(recalls));
         if faults.any() {
-            api = api.layer(axum::middleware::from_fn_with_state(Arc::new(faults), faults::inject));
+            api = api
+                .layer(axum::middleware::from_fn_with_state(Arc::new(faults::Injector::new(faults)), faults::inject));
         }
         // Outside the faults: an injected failure is what the caller got, so it is logged.
         if let Some(log) = audit {
@@ -105,6 +112,10 @@ impl Server {
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .layer(axum::middleware::from_fn(refuse_declared_oversize))
+            // A total deadline, not an idle one: a body trickling in a byte a
+            // second never idles, yet must not hold the connection.
+            .layer(RequestBodyDeadlineLayer::new(limits.body_timeout()))
             .layer(CatchPanicLayer::custom(|_| {
                 ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "internal server error")
                     .into_response()
@@ -148,6 +159,7 @@ pub struct RunningServer {
     pub keys: usize,
     /// Recall records loaded.
     pub recalls: usize,
+    pub max_connections: usize,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     /// The audit log's writer, which flushes once the server has stopped.
@@ -229,15 +241,12 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let state = Arc::new(server);
-    let app = Arc::clone(&state).router(opts.faults.clone(), audit).into_make_service_with_connect_info::<SocketAddr>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await
-    });
-    Ok(RunningServer { addr, keys, recalls, shutdown: Some(tx), task, audit: audit_task, state })
+    let app = Arc::clone(&state).router(opts.faults.clone(), audit, opts.limits);
+    let task = tokio::spawn(listen::serve(listener, app, opts.limits, async move {
+        let _ = rx.await;
+    }));
+    let max_connections = opts.limits.max_connections;
+    Ok(RunningServer { addr, keys, recalls, max_connections, shutdown: Some(tx), task, audit: audit_task, state })
 }
 
 /// `vinetl serve`: runs until SIGINT or SIGTERM; with `metrics_addr`, also
@@ -247,11 +256,12 @@ pub async fn run(opts: ServeOptions, metrics_addr: Option<&str>) -> anyhow::Resu
     let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     let server = spawn(opts).await?;
     eprintln!(
-        "vinetl serve: listening on {} (API keys: {}{}; recall records: {})",
+        "vinetl serve: listening on {} (API keys: {}{}; recall records: {}; at most {} connections)",
         server.url(),
         server.keys,
         if server.keys == 0 { ", so anonymous single decodes only" } else { "" },
-        server.recalls
+        server.recalls,
+        server.max_connections,
     );
     if let Some(metrics) = metrics {
         eprintln!("vinetl serve: metrics on {}", metrics.url());
@@ -338,12 +348,32 @@ type Peer = ConnectInfo<SocketAddr>;
 impl Server {
     fn caller(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiFailure> {
         let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        self.accounts.authenticate(auth, peer.ip()).map_err(|bad| ApiFailure::unauthorized(bad.0))
+        if auth.is_none() {
+            return Ok(Caller::Anonymous(peer.ip()));
+        }
+        // An address that has sent too many wrong keys has every key refused
+        // for a while, right ones included: otherwise a guess that lands
+        // would still tell itself apart.
+        if let Err(wait) = self.accounts.guesses.check(peer.ip(), unix_now()) {
+            let mut f = ApiFailure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code::RATE_LIMITED,
+                format!("too many invalid API keys from this address; retry after {wait} s"),
+            );
+            f.headers.push((header::RETRY_AFTER, HeaderValue::from(wait)));
+            return Err(f);
+        }
+        self.accounts.authenticate(auth, peer.ip()).map_err(|bad| {
+            self.accounts.guesses.wrong(peer.ip(), unix_now());
+            ApiFailure::unauthorized(bad.0)
+        })
     }
 
     /// Who is calling, for the audit log: an account's label, never its key.
     fn account_label(&self, headers: &HeaderMap, peer: SocketAddr) -> String {
-        match self.caller(headers, peer) {
+        // Not `caller`: the log must not count a wrong key a second time.
+        let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        match self.accounts.authenticate(auth, peer.ip()) {
             Ok(caller) => self.accounts.name(caller),
             Err(_) => "(invalid key)".to_string(),
         }
@@ -366,23 +396,71 @@ impl Server {
     }
 }
 
-/// Reads a JSON body: 413 when too large, 400 with the reason otherwise.
+fn too_large() -> ApiFailure {
+    ApiFailure::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        code::PAYLOAD_TOO_LARGE,
+        format!("request body is over {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+/// Middleware: a body announced over the limit is refused at once, before
+/// anyone waits for it to arrive.
+async fn refuse_declared_oversize(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large().into_response();
+    }
+    next.run(req).await
+}
+
+/// Reads a JSON body: 413 when too large, 408 when it does not arrive in
+/// time, 400 with the reason otherwise.
 fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiFailure> {
     let bytes = body.map_err(|rejection| {
+        let timed_out = std::iter::successors(Some(&rejection as &dyn std::error::Error), |e| e.source())
+            .any(|e| e.is::<tower_http::timeout::TimeoutError>());
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large()
+        } else if timed_out {
             ApiFailure::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                code::PAYLOAD_TOO_LARGE,
-                format!("request body is over {MAX_BODY_BYTES} bytes"),
+                StatusCode::REQUEST_TIMEOUT,
+                code::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
             )
         } else {
-            ApiFailure::bad_request(code::INVALID_REQUEST, rejection.body_text())
+            ApiFailure::bad_request(code::INVALID_REQUEST, "the request body could not be read")
         }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiFailure::bad_request(code::INVALID_REQUEST, e.to_string()),
+        serde_json::error::Category::Data => ApiFailure::bad_request(code::INVALID_REQUEST, public_message(&e)),
         _ => ApiFailure::bad_request(code::INVALID_JSON, format!("body is not valid JSON: {e}")),
     })
+}
+
+/// serde's text for a body of the wrong shape, without the Rust type names
+/// it mentions (`expected struct DecodeRequest`, `untagged enum YearValue`).
+fn public_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut words = text.split(' ').peekable();
+    while let Some(w) = words.next() {
+        match w {
+            "struct" | "enum" => {
+                // The type's name follows; serde's wording stays readable.
+                words.next();
+                out.push_str(if w == "struct" { "a JSON object" } else { "one of the accepted forms" });
+            }
+            "untagged" if words.peek() == Some(&"enum") => {
+                words.next();
+                words.next();
+                out.push_str("any accepted form");
+            }
+            _ => out.push_str(w),
+        }
+        out.push(' ');
+    }
+    out.trim_end().to_string()
 }
 
 fn invalid_vin(raw: &str, e: crate::vin::VinError) -> ApiError {

@@ -108,6 +108,11 @@ impl ServeProcess {
     pub fn port(&self) -> u16 {
         self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
+
+    /// The server's process id (for /proc/PID/status).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// Lines of a server's audit log (`--audit-log`).
