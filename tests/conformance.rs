@@ -219,6 +219,37 @@ async fn enqueue_is_idempotent(backend: Backend) {
     env.cleanup().await;
 }
 
+/// An answer stored without some of its batch's VINs (the client refuses
+/// such answers; the store does not rely on it): the missing VINs' rows
+/// fail, saying so, and no row is left pending with its batch done.
+async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = JobSpec::load(&env.spec(&pattern_vins(20), "http://127.0.0.1:9", "")).unwrap();
+    let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("the batch is claimed");
+    let answered: Vec<vinetl::store::DecodedVin> = claimed.vins[1..]
+        .iter()
+        .map(|v| vinetl::store::DecodedVin {
+            vin: v.clone(),
+            make: Some("MAKE".into()),
+            model: None,
+            model_year: None,
+            error: None,
+            raw: serde_json::json!({}),
+        })
+        .collect();
+    store.complete(job, 0, &answered).await.unwrap();
+    let c = store.counts(job).await.unwrap().unwrap();
+    assert_eq!((c.decoded, c.failed, c.pending), (19, 1, 0), "{c:?}");
+    let f = store.failures(job, 10).await.unwrap().unwrap();
+    let row = &f.failed_rows[0];
+    assert_eq!(row.raw_vin, claimed.vins[0]);
+    assert_eq!(row.error_code.as_deref(), Some("no_answer"));
+    assert!(row.error_text.as_deref().unwrap_or_default().contains("without this VIN"), "{row:?}");
+    env.cleanup().await;
+}
+
 /// A batch is called by one worker at a time: a second claim is refused
 /// while the first worker's lease runs, a stale generation never claims,
 /// and a dead worker's batch is taken over (once) after the lease.
@@ -989,6 +1020,7 @@ conformance!(
     counts_failures_and_reprocess,
     two_worker_processes_share_a_job,
     pause_then_resume_calls_each_batch_once,
+    a_stored_answer_missing_a_vin_fails_that_row,
     plans_are_decided_across_chunks,
     retention_prunes_old_jobs_only,
 );

@@ -486,6 +486,17 @@ impl Store {
             args![job_id, vins],
         )
         .await?;
+        // The client refuses an answer that leaves a VIN out, but the store
+        // does not rely on it: a row of this batch still pending would
+        // never be settled (its batch is done), so it fails, saying why.
+        tx.exec(
+            "UPDATE job_inputs SET status = 'failed', error_code = 'no_answer',
+                     error_text = 'the API answered batch ' || CAST($2 AS TEXT) || ' without this VIN'
+                 WHERE job_id = $1 AND status = 'pending'
+                   AND vin IN (SELECT e.value FROM batches b, {each b.vins} WHERE b.job_id = $1 AND b.batch_no = $2)",
+            args![job_id, batch_no],
+        )
+        .await?;
         batch_done(&mut tx, job_id, batch_no, false).await?;
         tx.commit().await
     }
