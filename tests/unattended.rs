@@ -505,11 +505,17 @@ fn an_interrupted_embedded_run_resumes_and_no_worker_calls_its_dead_port() {
 /// A call whose answer never came back still used quota. Workers are
 /// killed mid-call (SIGKILL, while the server holds answers it has already
 /// counted) four times; each time the dead worker's lease is run out, so
-/// another takes its batches over. At the end `calls_made` equals the
-/// server's own count, the lost answers are counted apart, and every row
-/// is decoded once.
+/// another takes its batches over. At the end `calls_made` holds every call
+/// the server counted, the lost answers are counted apart, and every row is
+/// decoded once.
+///
+/// A call is marked just before its request leaves; a worker killed in the
+/// instant between the mark and the server reading the request leaves a
+/// mark the server never counted. So `calls_made` may exceed the server's
+/// count, by at most the lost answers, and never falls short of it (which
+/// is what an account pays for). Usually the two are equal.
 #[tokio::test(flavor = "multi_thread")]
-async fn calls_made_equals_the_servers_count_after_workers_are_killed_mid_call() {
+async fn calls_made_covers_the_servers_count_after_workers_are_killed_mid_call() {
     let server = ServeProcess::start(&["--fault-answer-delay-ms", "300-600"]);
     let schema = unique_schema("lostcalls");
     let dir = tempfile::tempdir().unwrap();
@@ -540,8 +546,12 @@ async fn calls_made_equals_the_servers_count_after_workers_are_killed_mid_call()
     let _worker = common::spawn_worker(&schema, "pro-counted-key");
     let s = wait_for(&schema, 1, "finished", |s| s["state"] == "done").await;
     let seen = common::requests_seen(&server.url, "pro-counted-key", 100_000).await;
-    assert_eq!(s["calls_made"].as_u64(), Some(seen), "calls made against the server's count: {s}");
+    let made = s["calls_made"].as_u64().unwrap();
     let lost = s["calls"]["answer_lost"].as_i64().unwrap();
+    assert!(
+        made >= seen && made - seen <= lost as u64,
+        "calls made {made} against the server's {seen}: never fewer, more by at most the {lost} lost: {s}"
+    );
     // A kill lands a status poll after a call was seen in flight: by then
     // that answer may have been stored, so a kill loses 0 to 2 answers.
     assert!((1..=8).contains(&lost), "the kills lost answers, and they are counted: {s}");
@@ -550,7 +560,7 @@ async fn calls_made_equals_the_servers_count_after_workers_are_killed_mid_call()
     assert_eq!((s["decoded"].as_i64(), s["failed"].as_i64()), (Some(400), Some(0)), "{s}");
     println!(
         "RELIABILITY worker-kill: {kills} SIGKILLs of a worker mid-call (400 VINs); rows lost 0, duplicated 0; \
-         calls {seen} for 20 batches, {lost} answers lost (wasted) and counted in calls made"
+         the server counted {seen} calls for 20 batches, calls made {made}; {lost} answers lost (wasted), counted"
     );
     cleanup(&schema).await;
 }
