@@ -50,38 +50,17 @@ fn output_rows(dir: &Path) -> Vec<(i64, String, Option<String>)> {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
     let mut out = Vec::new();
-    for entry in walk(dir) {
-        if entry.extension().is_none_or(|e| e != "parquet") {
-            continue;
-        }
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(&entry).unwrap(),
-        )
-        .unwrap()
-        .build()
-        .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let col = |n: &str| batch.column(batch.schema().index_of(n).unwrap()).clone();
-            let (row, status, error) = (col("source_row"), col("status"), col("error_text"));
-            let (row, status, error) =
-                (row.as_primitive::<Int64Type>(), status.as_string::<i32>(), error.as_string::<i32>());
-            for i in 0..batch.num_rows() {
-                let e = (!error.is_null(i)).then(|| error.value(i).to_string());
-                out.push((row.value(i), status.value(i).to_string(), e));
-            }
+    for batch in common::parquet_batches(dir) {
+        let col = |n: &str| batch.column(batch.schema().index_of(n).unwrap()).clone();
+        let (row, status, error) = (col("source_row"), col("status"), col("error_text"));
+        let (row, status, error) =
+            (row.as_primitive::<Int64Type>(), status.as_string::<i32>(), error.as_string::<i32>());
+        for i in 0..batch.num_rows() {
+            let e = (!error.is_null(i)).then(|| error.value(i).to_string());
+            out.push((row.value(i), status.value(i).to_string(), e));
         }
     }
     out.sort();
-    out
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
-    }
     out
 }
 

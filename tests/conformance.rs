@@ -164,26 +164,10 @@ impl Env {
 fn parquet_rows(dir: &std::path::Path) -> Vec<(String, i64)> {
     use arrow::array::{Array, Int64Array, StringArray};
     let mut rows = Vec::new();
-    let mut files = vec![dir.to_path_buf()];
-    while let Some(p) = files.pop() {
-        if p.is_dir() {
-            files.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
-            continue;
-        }
-        if p.extension().is_none_or(|e| e != "parquet") {
-            continue;
-        }
-        let file = std::fs::File::open(&p).unwrap();
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let source =
-                batch.column_by_name("source").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
-            let row =
-                batch.column_by_name("source_row").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
-            rows.extend((0..batch.num_rows()).map(|i| (source.value(i).to_string(), row.value(i))));
-        }
+    for batch in common::parquet_batches(dir) {
+        let source = batch.column_by_name("source").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let row = batch.column_by_name("source_row").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        rows.extend((0..batch.num_rows()).map(|i| (source.value(i).to_string(), row.value(i))));
     }
     rows
 }

@@ -137,32 +137,8 @@ fn worker(db: &Cluster, log: &Path) -> tokio::process::Child {
 
 /// Rows in a local Parquet dataset, and whether `_SUCCESS` is there.
 fn dataset_rows(dir: &Path) -> (usize, bool) {
-    let mut rows = 0;
-    let mut success = false;
-    for entry in walk(dir) {
-        if entry.file_name().is_some_and(|n| n == "_SUCCESS") {
-            success = true;
-        }
-        if entry.extension().is_some_and(|e| e == "parquet") && !entry.to_string_lossy().contains("_temporary") {
-            let file = std::fs::File::open(&entry).unwrap();
-            let reader = parquet::file::reader::SerializedFileReader::new(file).unwrap();
-            rows += parquet::file::reader::FileReader::metadata(&reader).file_metadata().num_rows() as usize;
-        }
-    }
-    (rows, success)
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+    let rows = common::parquet_batches(dir).iter().map(|b| b.num_rows()).sum();
+    (rows, common::files_under(dir).iter().any(|f| f.file_name().is_some_and(|n| n == "_SUCCESS")))
 }
 
 /// A job over `vins` at `rate` calls/s, with a Parquet output.

@@ -68,31 +68,15 @@ fn output_rows(dir: &Path) -> Vec<(i64, String, String, String)> {
     use arrow::array::{Array, Int64Array, StringArray};
     use arrow::datatypes::DataType;
     let mut rows = Vec::new();
-    let mut paths = vec![dir.to_path_buf()];
-    while let Some(p) = paths.pop() {
-        if p.is_dir() {
-            paths.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
-            continue;
-        }
-        if p.extension().is_none_or(|e| e != "parquet") {
-            continue;
-        }
-        let file = std::fs::File::open(&p).unwrap();
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let col =
-                |name: &str, to: &DataType| arrow::compute::cast(batch.column_by_name(name).unwrap(), to).unwrap();
-            let row = col("source_row", &DataType::Int64);
-            let row = row.as_any().downcast_ref::<Int64Array>().unwrap();
-            let text: Vec<_> = ["vin", "make", "model_year"].iter().map(|n| col(n, &DataType::Utf8)).collect();
-            let text: Vec<&StringArray> =
-                text.iter().map(|a| a.as_any().downcast_ref::<StringArray>().unwrap()).collect();
-            let value = |a: &StringArray, i: usize| if a.is_null(i) { String::new() } else { a.value(i).to_string() };
-            for i in 0..batch.num_rows() {
-                rows.push((row.value(i), value(text[0], i), value(text[1], i), value(text[2], i)));
-            }
+    for batch in common::parquet_batches(dir) {
+        let col = |name: &str, to: &DataType| arrow::compute::cast(batch.column_by_name(name).unwrap(), to).unwrap();
+        let row = col("source_row", &DataType::Int64);
+        let row = row.as_any().downcast_ref::<Int64Array>().unwrap();
+        let text: Vec<_> = ["vin", "make", "model_year"].iter().map(|n| col(n, &DataType::Utf8)).collect();
+        let text: Vec<&StringArray> = text.iter().map(|a| a.as_any().downcast_ref::<StringArray>().unwrap()).collect();
+        let value = |a: &StringArray, i: usize| if a.is_null(i) { String::new() } else { a.value(i).to_string() };
+        for i in 0..batch.num_rows() {
+            rows.push((row.value(i), value(text[0], i), value(text[1], i), value(text[2], i)));
         }
     }
     rows

@@ -160,16 +160,9 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         }
     };
     let (job, batch_no) = (task.job_id, task.batch_no);
-    let outcome = match &batch.lookup_key {
-        None => {
-            store.begin_call(job, batch_no).await?;
-            rt.client.batch_decode(&vins).await.map_done(Answer::Decoded)
-        }
+    let lookup = match &batch.lookup_key {
         Some(key) => match store.lookup(key).await? {
-            Some(lookup) => {
-                store.begin_call(job, batch_no).await?;
-                rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls))
-            }
+            Some(lookup) => Some(lookup),
             None => {
                 limiter.release(slot).await?;
                 let reason = format!("recall lookup {key} is not registered");
@@ -178,6 +171,20 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
                 return Ok(());
             }
         },
+        None => None,
+    };
+    // The last word before the request leaves: the batch is still ours. A
+    // job failed or cancelled while this worker waited for the limiter
+    // (another worker's call met a revoked key) takes no call, and the
+    // quota unit goes back.
+    if !store.begin_call(job, batch_no).await? {
+        limiter.release(slot).await?;
+        limiter.refund(1, now_secs()).await?;
+        return Ok(());
+    }
+    let outcome = match lookup {
+        None => rt.client.batch_decode(&vins).await.map_done(Answer::Decoded),
+        Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls)),
     };
     limiter.release(slot).await?;
     match call_end(&outcome) {

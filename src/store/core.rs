@@ -418,15 +418,18 @@ impl Store {
     /// and cleared by the statement that stores its outcome, the mark is
     /// how a call whose answer never came back is still counted: a batch
     /// still marked when its next call begins lost that answer.
-    pub async fn begin_call(&self, job_id: i64, batch_no: i32) -> Result<(), StoreError> {
-        self.exec(
-            "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
-                 updated_at = now()
-             WHERE job_id = $1 AND batch_no = $2",
-            args![job_id, batch_no],
-        )
-        .await?;
-        Ok(())
+    /// False if the batch is no longer running (its job failed or was
+    /// cancelled meanwhile): then no call may be made.
+    pub async fn begin_call(&self, job_id: i64, batch_no: i32) -> Result<bool, StoreError> {
+        let marked = self
+            .exec(
+                "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
+                     updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 AND state = 'running'",
+                args![job_id, batch_no],
+            )
+            .await?;
+        Ok(marked > 0)
     }
 
     /// The request never reached the API (refused connection, DNS, TLS):

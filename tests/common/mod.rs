@@ -298,3 +298,33 @@ sys.exit(1 if bad else 0)
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every file under `dir`, recursively, in path order.
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { dirs.push(p) } else { out.push(p) }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The record batches of every Parquet file of a dataset under `dir`,
+/// staging (`_temporary/`) left out, as a reader would read it.
+pub fn parquet_batches(dir: &std::path::Path) -> Vec<arrow::array::RecordBatch> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet") && !p.to_string_lossy().contains("/_temporary/"))
+        .flat_map(|p| {
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&p).unwrap())
+                .unwrap()
+                .build()
+                .unwrap()
+                .map(Result::unwrap)
+        })
+        .collect()
+}
