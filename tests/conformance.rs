@@ -223,7 +223,7 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
             raw: serde_json::json!({}),
         })
         .collect();
-    store.complete(job, 0, &answered).await.unwrap();
+    store.complete(job, 0, &claimed.vins, &answered).await.unwrap();
     let c = store.counts(job).await.unwrap().unwrap();
     assert_eq!((c.decoded, c.failed, c.pending), (19, 1, 0), "{c:?}");
     let f = store.failures(job, 10).await.unwrap().unwrap();
@@ -231,6 +231,58 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
     assert_eq!(row.raw_vin, claimed.vins[0]);
     assert_eq!(row.error_code.as_deref(), Some("no_answer"));
     assert!(row.error_text.as_deref().unwrap_or_default().contains("without this VIN"), "{row:?}");
+    env.cleanup().await;
+}
+
+/// Answers of two jobs stored in one group (one process's result writer):
+/// each job gets its own rows and call counts, a VIN both jobs asked for is
+/// cached once with the later answer, and a VIN one answer left out fails
+/// that row only.
+async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend) {
+    use vinetl::store::{Answered, DecodedVin};
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(60);
+    let a = JobSpec::load(&env.spec(&vins[..40], "http://127.0.0.1:9", "")).unwrap();
+    let a = vinetl::job::plan::submit(&store, &env.schema, &a).await.unwrap().job_id;
+    let b = JobSpec::load(&env.spec(&vins[20..], "http://127.0.0.1:9", "timeout_secs = 20")).unwrap();
+    let b = vinetl::job::plan::submit(&store, &env.schema, &b).await.unwrap().job_id;
+    assert_ne!(a, b);
+    let decoded = |v: &String, make: &str| DecodedVin {
+        vin: v.clone(),
+        make: Some(make.into()),
+        model: None,
+        model_year: None,
+        error: None,
+        raw: serde_json::json!({}),
+    };
+    let mut answers = Vec::new();
+    for (job, make) in [(a, "FIRST"), (b, "SECOND")] {
+        for batch_no in 0..2 {
+            let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
+            // Job a's second batch answers all but its first VIN.
+            let skip = usize::from(job == a && batch_no == 1);
+            let decoded = claimed.vins[skip..].iter().map(|v| decoded(v, make)).collect();
+            answers.push(Answered { job_id: job, batch_no, asked: claimed.vins, decoded });
+        }
+    }
+    store.complete_all(&answers).await.unwrap();
+    let ca = store.counts(a).await.unwrap().unwrap();
+    assert_eq!((ca.decoded, ca.failed, ca.pending, ca.batches_done, ca.calls_made), (39, 1, 0, 2, 2), "{ca:?}");
+    assert_eq!(ca.calls.answered, 2);
+    let cb = store.counts(b).await.unwrap().unwrap();
+    assert_eq!((cb.decoded, cb.failed, cb.pending, cb.batches_done, cb.calls_made), (40, 0, 0, 2, 2), "{cb:?}");
+    let failed = store.failures(a, 10).await.unwrap().unwrap().failed_rows;
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].error_code.as_deref(), Some("no_answer"));
+    // Both jobs asked for vins[20..40]: the cache holds the later answer.
+    let sql = "SELECT make FROM vin_cache WHERE vin = $1";
+    let make: Option<String> = match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => sqlx::query_scalar(sql).bind(&vins[25]).fetch_one(pool).await.unwrap(),
+        (None, Some((pool, _))) => sqlx::query_scalar(sql).bind(&vins[25]).fetch_one(pool).await.unwrap(),
+        (None, None) => unreachable!(),
+    };
+    assert_eq!(make.as_deref(), Some("SECOND"));
     env.cleanup().await;
 }
 
@@ -1005,6 +1057,7 @@ conformance!(
     two_worker_processes_share_a_job,
     pause_then_resume_calls_each_batch_once,
     a_stored_answer_missing_a_vin_fails_that_row,
+    a_group_of_answers_of_two_jobs_is_stored_as_each_alone,
     plans_are_decided_across_chunks,
     retention_prunes_old_jobs_only,
 );

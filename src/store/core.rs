@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts, JobError, JobTimes,
-    Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary, StoreError,
+    Answered, CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts, JobError,
+    JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary, StoreError,
     distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
@@ -452,22 +452,45 @@ impl Store {
             )
             .await?
             .bool(0)?;
-        count_call(&mut tx, job_id, recall, end, false).await?;
+        count_calls(&mut tx, job_id, 1, recall, end, false).await?;
         tx.commit().await
     }
 
     /// Stores a batch-decode answer: the cache (latest decode per VIN),
     /// every input row of those VINs in this job (duplicates included), the
-    /// batch and the call count, in one transaction.
-    pub async fn complete(&self, job_id: i64, batch_no: i32, decoded: &[DecodedVin]) -> Result<(), StoreError> {
-        let json: Vec<Value> = decoded
-            .iter()
+    /// batch and the call count, in one transaction. `asked` is the batch's
+    /// VINs as claimed.
+    pub async fn complete(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        asked: &[String],
+        decoded: &[DecodedVin],
+    ) -> Result<(), StoreError> {
+        self.complete_all(&[Answered { job_id, batch_no, asked: asked.to_vec(), decoded: decoded.to_vec() }]).await
+    }
+
+    /// Stores many batch-decode answers (of one job or several) in one
+    /// transaction, as [`Store::complete`] stores one: a process's calls
+    /// share one commit and one update of each job's counters. Locks are
+    /// taken in one order (cache rows by VIN, then jobs by id), so two
+    /// processes' groups cannot deadlock.
+    pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
+        // The latest answer per VIN, sorted: Postgres refuses to upsert one
+        // row twice in a statement.
+        let latest: std::collections::BTreeMap<&str, &DecodedVin> =
+            answers.iter().flat_map(|a| &a.decoded).map(|d| (d.vin.as_str(), d)).collect();
+        let json: Vec<Value> = latest
+            .values()
             .map(|d| {
                 json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
                        "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
             })
             .collect();
-        let vins: Vec<String> = decoded.iter().map(|d| d.vin.clone()).collect();
+        let mut jobs: std::collections::BTreeMap<i64, Vec<&Answered>> = Default::default();
+        for a in answers {
+            jobs.entry(a.job_id).or_default().push(a);
+        }
         let mut tx = self.write().await?;
         tx.exec(
             "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
@@ -480,27 +503,45 @@ impl Store {
             args![Value::Array(json)],
         )
         .await?;
-        tx.exec(
-            "UPDATE job_inputs SET status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
-                     error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
-                 FROM vin_cache c
-                 WHERE job_inputs.job_id = $1 AND job_inputs.vin {in $2} AND c.vin = job_inputs.vin
-                   AND job_inputs.status = 'pending'",
-            args![job_id, vins],
-        )
-        .await?;
-        // The client refuses an answer that leaves a VIN out, but the store
-        // does not rely on it: a row of this batch still pending would
-        // never be settled (its batch is done), so it fails, saying why.
-        tx.exec(
-            "UPDATE job_inputs SET status = 'failed', error_code = 'no_answer',
-                     error_text = 'the API answered batch ' || CAST($2 AS TEXT) || ' without this VIN'
-                 WHERE job_id = $1 AND status = 'pending'
-                   AND vin IN (SELECT e.value FROM batches b, {each b.vins} WHERE b.job_id = $1 AND b.batch_no = $2)",
-            args![job_id, batch_no],
-        )
-        .await?;
-        batch_done(&mut tx, job_id, batch_no, false).await?;
+        for (&job_id, answers) in &jobs {
+            let vins: Vec<String> = answers.iter().flat_map(|a| &a.decoded).map(|d| d.vin.clone()).collect();
+            tx.exec(
+                "UPDATE job_inputs SET status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
+                         error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
+                     FROM vin_cache c
+                     WHERE job_inputs.job_id = $1 AND job_inputs.vin {in $2} AND c.vin = job_inputs.vin
+                       AND job_inputs.status = 'pending'",
+                args![job_id, vins],
+            )
+            .await?;
+            for a in answers {
+                // The client refuses an answer that leaves a VIN out, but the
+                // store does not rely on it: a row of this batch still pending
+                // would never be settled (its batch is done), so it fails,
+                // saying why. The difference is taken here, not in SQL: nearly
+                // always empty, it then costs no statement, and never a scan
+                // of the job's pending rows.
+                let answered: std::collections::HashSet<&str> = a.decoded.iter().map(|d| d.vin.as_str()).collect();
+                let missing: Vec<String> = a.asked.iter().filter(|v| !answered.contains(v.as_str())).cloned().collect();
+                if !missing.is_empty() {
+                    tx.exec(
+                        "UPDATE job_inputs SET status = 'failed', error_code = 'no_answer',
+                                 error_text = 'the API answered batch ' || CAST($2 AS TEXT) || ' without this VIN'
+                             WHERE job_id = $1 AND vin {in $3} AND status = 'pending'",
+                        args![job_id, a.batch_no, missing],
+                    )
+                    .await?;
+                }
+            }
+            let batch_nos: Vec<Value> = answers.iter().map(|a| json!({"b": a.batch_no})).collect();
+            tx.exec(
+                "UPDATE batches SET state = 'done', in_call = false, updated_at = now()
+                     WHERE job_id = $1 AND batch_no IN (SELECT x.b FROM {rows $2: b integer})",
+                args![job_id, Value::Array(batch_nos)],
+            )
+            .await?;
+            count_calls(&mut tx, job_id, answers.len() as i64, false, CallEnd::Answered, false).await?;
+        }
         tx.commit().await
     }
 
@@ -543,7 +584,7 @@ impl Store {
             Reschedule::NotCalled => None,
         };
         if let Some(end) = end {
-            count_call(&mut tx, job_id, row.bool(1)?, end, attempt).await?;
+            count_calls(&mut tx, job_id, 1, row.bool(1)?, end, attempt).await?;
         }
         tx.commit().await?;
         row.int32(0)
@@ -594,7 +635,7 @@ impl Store {
         )
         .await?;
         if let Some(end) = called {
-            count_call(&mut tx, job_id, lookup_key.is_some(), end, false).await?;
+            count_calls(&mut tx, job_id, 1, lookup_key.is_some(), end, false).await?;
         }
         tx.commit().await
     }
@@ -1652,31 +1693,39 @@ async fn batch_done(tx: &mut Tx, job_id: i64, batch_no: i32, recall: bool) -> Re
         args![job_id, batch_no],
     )
     .await?;
-    count_call(tx, job_id, recall, CallEnd::Answered, false).await
+    count_calls(tx, job_id, 1, recall, CallEnd::Answered, false).await
 }
 
-/// Counts one call that reached the API, by how it ended (`attempt`: it
-/// used one of the batch's attempts). An answered call also ends a wait
+/// Counts `n` calls that reached the API and ended alike (`attempt`: each
+/// used one of its batch's attempts). An answered call also ends a wait
 /// (quota, outage): the job runs again.
-async fn count_call(tx: &mut Tx, job_id: i64, recall: bool, end: CallEnd, attempt: bool) -> Result<(), StoreError> {
-    let is = |e: CallEnd| i64::from(end == e);
+async fn count_calls(
+    tx: &mut Tx,
+    job_id: i64,
+    n: i64,
+    recall: bool,
+    end: CallEnd,
+    attempt: bool,
+) -> Result<(), StoreError> {
+    let is = |e: CallEnd| n * i64::from(end == e);
     tx.exec(
-        "UPDATE jobs SET calls_made = calls_made + 1, recall_calls = recall_calls + $2, calls_retried = calls_retried + $3,
+        "UPDATE jobs SET calls_made = calls_made + $8, recall_calls = recall_calls + $2, calls_retried = calls_retried + $3,
                  calls_answered = calls_answered + $4, rate_limited = rate_limited + $5,
                  calls_server_error = calls_server_error + $6, calls_timed_out = calls_timed_out + $7,
-                 state_reason = CASE WHEN $4 = 1 AND state = 'waiting' THEN NULL ELSE state_reason END,
-                 resume_at = CASE WHEN $4 = 1 AND state = 'waiting' THEN NULL ELSE resume_at END,
-                 state = CASE WHEN $4 = 1 AND state = 'waiting' THEN 'running' ELSE state END,
+                 state_reason = CASE WHEN $4 > 0 AND state = 'waiting' THEN NULL ELSE state_reason END,
+                 resume_at = CASE WHEN $4 > 0 AND state = 'waiting' THEN NULL ELSE resume_at END,
+                 state = CASE WHEN $4 > 0 AND state = 'waiting' THEN 'running' ELSE state END,
                  updated_at = now()
              WHERE job_id = $1",
         args![
             job_id,
-            i64::from(recall),
-            i64::from(attempt),
+            n * i64::from(recall),
+            n * i64::from(attempt),
             is(CallEnd::Answered),
             is(CallEnd::RateLimited),
             is(CallEnd::ServerError),
-            is(CallEnd::TimedOut)
+            is(CallEnd::TimedOut),
+            n
         ],
     )
     .await?;

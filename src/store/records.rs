@@ -98,6 +98,16 @@ pub struct RunSummary {
     pub calls_made: i64,
 }
 
+/// One batch-decode call's answer, to store: the batch's VINs as claimed
+/// and what the API said of each.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub job_id: i64,
+    pub batch_no: i32,
+    pub asked: Vec<String>,
+    pub decoded: Vec<DecodedVin>,
+}
+
 /// One decoded VIN to store.
 #[derive(Debug, Clone)]
 pub struct DecodedVin {
@@ -416,6 +426,9 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("queue: {0}")]
     Queue(String),
+    /// The process's result writer is gone (it only stops with the process).
+    #[error("the result writer stopped before storing this answer")]
+    WriterGone,
     /// A value that is not what the statement promised (a bug, or a
     /// schema changed under a running process).
     #[error("unexpected value from the database: {0}")]
