@@ -239,7 +239,7 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
 /// cached once with the later answer, and a VIN one answer left out fails
 /// that row only.
 async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend) {
-    use vinetl::store::{Answered, DecodedVin};
+    use vinetl::store::{Answer, Answered, DecodedVin};
     let env = Env::new(backend);
     let store = env.store().await;
     let vins = pattern_vins(60);
@@ -263,7 +263,8 @@ async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend
             // Job a's second batch answers all but its first VIN.
             let skip = usize::from(job == a && batch_no == 1);
             let decoded = claimed.vins[skip..].iter().map(|v| decoded(v, make)).collect();
-            answers.push(Answered { job_id: job, batch_no, asked: claimed.vins, decoded });
+            let answer = Answer::Decoded { asked: claimed.vins, decoded };
+            answers.push(Answered { job_id: job, batch_no, answer });
         }
     }
     store.complete_all(&answers).await.unwrap();

@@ -16,7 +16,7 @@ use crate::job::queue::{self, BatchTask, Lane};
 use crate::prometheus::{self, CallKind};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::{Answered, CallEnd, DecodedVin, Reschedule, Store};
+use crate::store::{Answer, Answered, CallEnd, DecodedVin, Reschedule, Store};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -41,7 +41,7 @@ pub struct WorkerState {
 /// An answer waiting to be stored, and where to say how that went.
 type PendingAnswer = (Answered, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
 
-/// Stores this process's batch-decode answers in groups: whatever answers
+/// Stores this process's answers (batch decodes and recall lookups) in groups: whatever answers
 /// arrive while one group commits go together in the next, in one
 /// transaction ([`Store::complete_all`]). An idle process commits each
 /// answer at once, so grouping adds no wait; a busy one pays one commit and
@@ -54,7 +54,7 @@ struct ResultWriter {
 }
 
 impl ResultWriter {
-    /// The most answers one transaction stores (400 with 20-VIN batches).
+    /// The most answers one transaction stores (8,000 VINs of batch decodes).
     const GROUP_MAX: usize = 400;
 
     fn start(store: Store) -> ResultWriter {
@@ -174,7 +174,7 @@ pub async fn handle(task: BatchTask, state: Data<Arc<WorkerState>>) -> Result<()
 }
 
 /// A 200 answer of either kind of call.
-enum Answer {
+enum Reply {
     Decoded(Vec<BatchEntry>),
     Recalls(Vec<crate::api::Recall>),
 }
@@ -244,8 +244,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         return Ok(());
     }
     let outcome = match lookup {
-        None => rt.client.batch_decode(&vins).await.map_done(Answer::Decoded),
-        Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Answer::Recalls(r.recalls)),
+        None => rt.client.batch_decode(&vins).await.map_done(Reply::Decoded),
+        Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
     };
     limiter.release(slot).await?;
     match call_end(&outcome) {
@@ -253,16 +253,16 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         None => prometheus::unreachable(kind),
     }
     match outcome {
-        Outcome::Done(Answer::Decoded(entries)) => {
+        Outcome::Done(Reply::Decoded(entries)) => {
             prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
-            let answer = Answered { job_id: job, batch_no, asked: batch.vins.clone(), decoded };
-            state.results.store(answer).await?;
+            let answer = Answer::Decoded { asked: batch.vins.clone(), decoded };
+            state.results.store(Answered { job_id: job, batch_no, answer }).await?;
             limiter.answered(true).await?;
         }
-        Outcome::Done(Answer::Recalls(recalls)) => {
-            let key = batch.lookup_key.as_deref().unwrap_or_default();
-            store.complete_recall(task.job_id, task.batch_no, key, &recalls).await?;
+        Outcome::Done(Reply::Recalls(recalls)) => {
+            let answer = Answer::Recalls { key: batch.lookup_key.clone().unwrap_or_default(), recalls };
+            state.results.store(Answered { job_id: job, batch_no, answer }).await?;
             limiter.answered(true).await?;
         }
         Outcome::StopJob(reason) => {

@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    Answered, CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts, JobError,
-    JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary, StoreError,
-    distinct_campaigns,
+    Answer, Answered, CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts,
+    JobError, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary,
+    StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -467,80 +467,53 @@ impl Store {
         asked: &[String],
         decoded: &[DecodedVin],
     ) -> Result<(), StoreError> {
-        self.complete_all(&[Answered { job_id, batch_no, asked: asked.to_vec(), decoded: decoded.to_vec() }]).await
+        let answer = Answer::Decoded { asked: asked.to_vec(), decoded: decoded.to_vec() };
+        self.complete_all(&[Answered { job_id, batch_no, answer }]).await
     }
 
-    /// Stores many batch-decode answers (of one job or several) in one
-    /// transaction, as [`Store::complete`] stores one: a process's calls
-    /// share one commit and one update of each job's counters. Locks are
-    /// taken in one order (cache rows by VIN, then jobs by id), so two
-    /// processes' groups cannot deadlock.
+    /// Stores a recall lookup's answer: the campaigns, the lookup's list of
+    /// them, the batch and the call count, in one transaction.
+    pub async fn complete_recall(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        key: &str,
+        recalls: &[crate::api::Recall],
+    ) -> Result<(), StoreError> {
+        let answer = Answer::Recalls { key: key.to_string(), recalls: recalls.to_vec() };
+        self.complete_all(&[Answered { job_id, batch_no, answer }]).await
+    }
+
+    /// Stores many answers (of either kind, of one job or several) in one
+    /// transaction, each as if stored alone: a process's calls share one
+    /// commit and one update of each job's counters. Locks are taken in one
+    /// order (cache rows by VIN, campaigns by number, lookups by key, then
+    /// jobs by id), so two processes' groups cannot deadlock.
     pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
-        // The latest answer per VIN, sorted: Postgres refuses to upsert one
-        // row twice in a statement.
-        let latest: std::collections::BTreeMap<&str, &DecodedVin> =
-            answers.iter().flat_map(|a| &a.decoded).map(|d| (d.vin.as_str(), d)).collect();
-        let json: Vec<Value> = latest
-            .values()
-            .map(|d| {
-                json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
-                       "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
-            })
-            .collect();
-        let mut jobs: std::collections::BTreeMap<i64, Vec<&Answered>> = Default::default();
-        for a in answers {
-            jobs.entry(a.job_id).or_default().push(a);
-        }
         let mut tx = self.write().await?;
-        tx.exec(
-            "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
-                 SELECT x.vin, now(), x.make, x.model, x.year, x.code, x.text, x.raw
-                 FROM {rows $1: vin text, make text, model text, year integer, code text, text text, raw jsonb}
-                 WHERE true
-                 ON CONFLICT (vin) DO UPDATE SET decoded_at = excluded.decoded_at, make = excluded.make,
-                     model = excluded.model, model_year = excluded.model_year, error_code = excluded.error_code,
-                     error_text = excluded.error_text, raw = excluded.raw",
-            args![Value::Array(json)],
-        )
-        .await?;
-        for (&job_id, answers) in &jobs {
-            let vins: Vec<String> = answers.iter().flat_map(|a| &a.decoded).map(|d| d.vin.clone()).collect();
-            tx.exec(
-                "UPDATE job_inputs SET status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
-                         error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
-                     FROM vin_cache c
-                     WHERE job_inputs.job_id = $1 AND job_inputs.vin {in $2} AND c.vin = job_inputs.vin
-                       AND job_inputs.status = 'pending'",
-                args![job_id, vins],
-            )
-            .await?;
-            for a in answers {
-                // The client refuses an answer that leaves a VIN out, but the
-                // store does not rely on it: a row of this batch still pending
-                // would never be settled (its batch is done), so it fails,
-                // saying why. The difference is taken here, not in SQL: nearly
-                // always empty, it then costs no statement, and never a scan
-                // of the job's pending rows.
-                let answered: std::collections::HashSet<&str> = a.decoded.iter().map(|d| d.vin.as_str()).collect();
-                let missing: Vec<String> = a.asked.iter().filter(|v| !answered.contains(v.as_str())).cloned().collect();
-                if !missing.is_empty() {
-                    tx.exec(
-                        "UPDATE job_inputs SET status = 'failed', error_code = 'no_answer',
-                                 error_text = 'the API answered batch ' || CAST($2 AS TEXT) || ' without this VIN'
-                             WHERE job_id = $1 AND vin {in $3} AND status = 'pending'",
-                        args![job_id, a.batch_no, missing],
-                    )
-                    .await?;
-                }
+        store_decodes(&mut tx, answers).await?;
+        store_recalls(&mut tx, answers).await?;
+        let mut jobs: std::collections::BTreeMap<i64, (Vec<Value>, i64, i64)> = Default::default();
+        for a in answers {
+            let (batches, decodes, recalls) = jobs.entry(a.job_id).or_default();
+            batches.push(json!({"b": a.batch_no}));
+            match a.answer {
+                Answer::Decoded { .. } => *decodes += 1,
+                Answer::Recalls { .. } => *recalls += 1,
             }
-            let batch_nos: Vec<Value> = answers.iter().map(|a| json!({"b": a.batch_no})).collect();
+        }
+        for (job_id, (batches, decodes, recalls)) in jobs {
             tx.exec(
                 "UPDATE batches SET state = 'done', in_call = false, updated_at = now()
                      WHERE job_id = $1 AND batch_no IN (SELECT x.b FROM {rows $2: b integer})",
-                args![job_id, Value::Array(batch_nos)],
+                args![job_id, Value::Array(batches)],
             )
             .await?;
-            count_calls(&mut tx, job_id, answers.len() as i64, false, CallEnd::Answered, false).await?;
+            for (n, recall) in [(decodes, false), (recalls, true)] {
+                if n > 0 {
+                    count_calls(&mut tx, job_id, n, recall, CallEnd::Answered, false).await?;
+                }
+            }
         }
         tx.commit().await
     }
@@ -1139,59 +1112,6 @@ impl Store {
         .transpose()
     }
 
-    /// Stores a recall answer: the campaigns (upserted), the lookup's links
-    /// (replaced), the lookup, the batch and the call counts, in one transaction.
-    pub async fn complete_recall(
-        &self,
-        job_id: i64,
-        batch_no: i32,
-        key: &str,
-        recalls: &[crate::api::Recall],
-    ) -> Result<(), StoreError> {
-        let seen = distinct_campaigns(recalls);
-        let json: Vec<Value> = seen
-            .iter()
-            .map(|(n, r)| {
-                json!({"n": n, "m": r.manufacturer, "c": r.component, "s": r.summary, "q": r.consequence,
-                       "r": r.remedy, "o": r.notes.clone().filter(|o| !o.is_empty()),
-                       "d": iso_date(&r.report_received_date), "p": r.park_it, "po": r.park_outside,
-                       "ota": r.over_the_air_update})
-            })
-            .collect();
-        let numbers: Vec<String> = seen.keys().cloned().collect();
-        let mut tx = self.write().await?;
-        tx.exec(
-            "INSERT INTO recalls (campaign_number, manufacturer, component, summary, consequence, remedy, notes,
-                                      report_received_date, park_it, park_outside, over_the_air_update, updated_at)
-                 SELECT x.n, x.m, x.c, x.s, x.q, x.r, x.o, {date x.d}, x.p, x.po, x.ota, now()
-                 FROM {rows $1: n text, m text, c text, s text, q text, r text, o text, d text, p boolean,
-                                po boolean, ota boolean}
-                 WHERE true
-                 ON CONFLICT (campaign_number) DO UPDATE SET manufacturer = excluded.manufacturer,
-                     component = excluded.component, summary = excluded.summary, consequence = excluded.consequence,
-                     remedy = excluded.remedy, notes = excluded.notes,
-                     report_received_date = excluded.report_received_date, park_it = excluded.park_it,
-                     park_outside = excluded.park_outside, over_the_air_update = excluded.over_the_air_update,
-                     updated_at = excluded.updated_at",
-            args![Value::Array(json)],
-        )
-        .await?;
-        tx.exec("DELETE FROM recall_lookup_campaigns WHERE lookup_key = $1", args![key]).await?;
-        tx.exec(
-            "INSERT INTO recall_lookup_campaigns (lookup_key, campaign_number) SELECT $1, e.value FROM {each $2}",
-            args![key, numbers],
-        )
-        .await?;
-        tx.exec(
-            "UPDATE recall_lookups SET looked_up_at = now(), campaigns = $2, error_text = NULL, failed_at = NULL
-                 WHERE lookup_key = $1",
-            args![key, seen.len() as i64],
-        )
-        .await?;
-        batch_done(&mut tx, job_id, batch_no, true).await?;
-        tx.commit().await
-    }
-
     /// Puts an ended job back to work as its next run (the run that ended
     /// is kept in `job_runs`): the rows `redo` selects (every valid row, its
     /// failed rows, those of some VINs) go back to pending; rows whose VIN
@@ -1685,15 +1605,135 @@ async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64,
     Ok(tx.exec(sql, args![job_id, batch_size]).await? as i64)
 }
 
-/// The batch is done and its call counted; a completed call also ends a
-/// wait (quota, outage).
-async fn batch_done(tx: &mut Tx, job_id: i64, batch_no: i32, recall: bool) -> Result<(), StoreError> {
+/// The decode answers of a group: the cache (the latest answer per VIN),
+/// then each job's input rows of those VINs.
+async fn store_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
+    let decodes: Vec<(i64, i32, &[String], &[DecodedVin])> = answers
+        .iter()
+        .filter_map(|a| match &a.answer {
+            Answer::Decoded { asked, decoded } => Some((a.job_id, a.batch_no, &asked[..], &decoded[..])),
+            Answer::Recalls { .. } => None,
+        })
+        .collect();
+    if decodes.is_empty() {
+        return Ok(());
+    }
+    // Sorted, and one row per VIN: Postgres refuses to upsert a row twice
+    // in one statement.
+    let latest: std::collections::BTreeMap<&str, &DecodedVin> =
+        decodes.iter().flat_map(|d| d.3).map(|d| (d.vin.as_str(), d)).collect();
+    let json: Vec<Value> = latest
+        .values()
+        .map(|d| {
+            json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
+                   "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
+        })
+        .collect();
     tx.exec(
-        "UPDATE batches SET state = 'done', in_call = false, updated_at = now() WHERE job_id = $1 AND batch_no = $2",
-        args![job_id, batch_no],
+        "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
+             SELECT x.vin, now(), x.make, x.model, x.year, x.code, x.text, x.raw
+             FROM {rows $1: vin text, make text, model text, year integer, code text, text text, raw jsonb}
+             WHERE true
+             ON CONFLICT (vin) DO UPDATE SET decoded_at = excluded.decoded_at, make = excluded.make,
+                 model = excluded.model, model_year = excluded.model_year, error_code = excluded.error_code,
+                 error_text = excluded.error_text, raw = excluded.raw",
+        args![Value::Array(json)],
     )
     .await?;
-    count_calls(tx, job_id, 1, recall, CallEnd::Answered, false).await
+    let mut jobs: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    for (job_id, _, _, decoded) in &decodes {
+        jobs.entry(*job_id).or_default().extend(decoded.iter().map(|d| d.vin.clone()));
+    }
+    for (job_id, vins) in jobs {
+        tx.exec(
+            "UPDATE job_inputs SET status = CASE WHEN c.error_code IS NULL THEN 'decoded' ELSE 'failed' END,
+                     error_code = c.error_code, error_text = c.error_text, decoded_at = c.decoded_at
+                 FROM vin_cache c
+                 WHERE job_inputs.job_id = $1 AND job_inputs.vin {in $2} AND c.vin = job_inputs.vin
+                   AND job_inputs.status = 'pending'",
+            args![job_id, vins],
+        )
+        .await?;
+    }
+    for (job_id, batch_no, asked, decoded) in decodes {
+        // The client refuses an answer that leaves a VIN out, but the store
+        // does not rely on it: a row of this batch still pending would never
+        // be settled (its batch is done), so it fails, saying why. The
+        // difference is taken here, not in SQL: nearly always empty, it then
+        // costs no statement, and never a scan of the job's pending rows.
+        let answered: std::collections::HashSet<&str> = decoded.iter().map(|d| d.vin.as_str()).collect();
+        let missing: Vec<String> = asked.iter().filter(|v| !answered.contains(v.as_str())).cloned().collect();
+        if !missing.is_empty() {
+            tx.exec(
+                "UPDATE job_inputs SET status = 'failed', error_code = 'no_answer',
+                         error_text = 'the API answered batch ' || CAST($2 AS TEXT) || ' without this VIN'
+                     WHERE job_id = $1 AND vin {in $3} AND status = 'pending'",
+                args![job_id, batch_no, missing],
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The recall answers of a group: the campaigns (the latest text of
+/// each), each lookup's list of them (the latest answer per key) and its
+/// time and count.
+async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
+    let lookups: std::collections::BTreeMap<&str, std::collections::BTreeMap<String, &crate::api::Recall>> = answers
+        .iter()
+        .filter_map(|a| match &a.answer {
+            Answer::Recalls { key, recalls } => Some((key.as_str(), distinct_campaigns(recalls))),
+            Answer::Decoded { .. } => None,
+        })
+        .collect();
+    if lookups.is_empty() {
+        return Ok(());
+    }
+    let campaigns: std::collections::BTreeMap<&str, &crate::api::Recall> =
+        lookups.values().flat_map(|seen| seen.iter().map(|(n, r)| (n.as_str(), *r))).collect();
+    let json: Vec<Value> = campaigns
+        .iter()
+        .map(|(n, r)| {
+            json!({"n": n, "m": r.manufacturer, "c": r.component, "s": r.summary, "q": r.consequence,
+                   "r": r.remedy, "o": r.notes.clone().filter(|o| !o.is_empty()),
+                   "d": iso_date(&r.report_received_date), "p": r.park_it, "po": r.park_outside,
+                   "ota": r.over_the_air_update})
+        })
+        .collect();
+    tx.exec(
+        "INSERT INTO recalls (campaign_number, manufacturer, component, summary, consequence, remedy, notes,
+                                  report_received_date, park_it, park_outside, over_the_air_update, updated_at)
+             SELECT x.n, x.m, x.c, x.s, x.q, x.r, x.o, {date x.d}, x.p, x.po, x.ota, now()
+             FROM {rows $1: n text, m text, c text, s text, q text, r text, o text, d text, p boolean,
+                            po boolean, ota boolean}
+             WHERE true
+             ON CONFLICT (campaign_number) DO UPDATE SET manufacturer = excluded.manufacturer,
+                 component = excluded.component, summary = excluded.summary, consequence = excluded.consequence,
+                 remedy = excluded.remedy, notes = excluded.notes,
+                 report_received_date = excluded.report_received_date, park_it = excluded.park_it,
+                 park_outside = excluded.park_outside, over_the_air_update = excluded.over_the_air_update,
+                 updated_at = excluded.updated_at",
+        args![Value::Array(json)],
+    )
+    .await?;
+    let keys: Vec<String> = lookups.keys().map(|k| k.to_string()).collect();
+    tx.exec("DELETE FROM recall_lookup_campaigns WHERE lookup_key {in $1}", args![keys]).await?;
+    let pairs: Vec<Value> =
+        lookups.iter().flat_map(|(k, seen)| seen.keys().map(move |n| json!({"k": k, "n": n}))).collect();
+    tx.exec(
+        "INSERT INTO recall_lookup_campaigns (lookup_key, campaign_number) SELECT x.k, x.n FROM {rows $1: k text, n text}",
+        args![Value::Array(pairs)],
+    )
+    .await?;
+    let counts: Vec<Value> = lookups.iter().map(|(k, seen)| json!({"k": k, "n": seen.len()})).collect();
+    tx.exec(
+        "UPDATE recall_lookups SET looked_up_at = now(), campaigns = x.n, error_text = NULL, failed_at = NULL
+             FROM {rows $1: k text, n integer} WHERE recall_lookups.lookup_key = x.k",
+        args![Value::Array(counts)],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Counts `n` calls that reached the API and ended alike (`attempt`: each

@@ -98,14 +98,21 @@ pub struct RunSummary {
     pub calls_made: i64,
 }
 
-/// One batch-decode call's answer, to store: the batch's VINs as claimed
-/// and what the API said of each.
+/// One call's 200 answer, to store, with its job and batch.
 #[derive(Debug, Clone)]
 pub struct Answered {
     pub job_id: i64,
     pub batch_no: i32,
-    pub asked: Vec<String>,
-    pub decoded: Vec<DecodedVin>,
+    pub answer: Answer,
+}
+
+/// What a call answered.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// A batch decode: the batch's VINs as claimed, and what the API said of each.
+    Decoded { asked: Vec<String>, decoded: Vec<DecodedVin> },
+    /// A recall lookup: its key, and the campaigns the API listed.
+    Recalls { key: String, recalls: Vec<Recall> },
 }
 
 /// One decoded VIN to store.
