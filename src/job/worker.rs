@@ -110,7 +110,11 @@ impl WorkerState {
     }
 
     async fn runtime(&self, job_id: i64) -> Result<Result<Arc<JobRuntime>, String>, StoreError> {
-        if let Some(rt) = self.jobs.lock().await.get(&job_id) {
+        // Held while a runtime is built: the first tasks of a job arrive
+        // together, and each would otherwise read the spec and build a
+        // client (loading the system's root certificates) of its own.
+        let mut jobs = self.jobs.lock().await;
+        if let Some(rt) = jobs.get(&job_id) {
             return Ok(Ok(Arc::clone(rt)));
         }
         let spec = match self.store.job_spec(job_id).await? {
@@ -132,7 +136,7 @@ impl WorkerState {
             Err(e) => return Ok(Err(format!("worker {}: {e}", queue::worker_name()))),
         };
         let rt = Arc::new(JobRuntime { spec, client });
-        self.jobs.lock().await.insert(job_id, Arc::clone(&rt));
+        jobs.insert(job_id, Arc::clone(&rt));
         Ok(Ok(rt))
     }
 
