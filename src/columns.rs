@@ -153,6 +153,16 @@ pub fn is_identifier(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// Input quoted for a message: cut to 80 characters and escaped as a Rust
+/// string literal (`"…"`, control characters as `\u{1b}`), so a header,
+/// a cell or an API's error text can neither run on for pages nor drive the
+/// terminal it is printed on.
+pub fn quoted(s: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let cut: String = s.chars().take(MAX_CHARS).collect();
+    if cut.len() < s.len() { format!("{cut:?}…") } else { format!("{cut:?}") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +216,15 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+    }
+
+    #[test]
+    fn quoted_input_cannot_drive_a_terminal_or_run_on() {
+        assert_eq!(quoted("vin"), "\"vin\"");
+        let q = quoted("\u{1b}]0;owned\u{7}\u{1b}[31mred");
+        assert!(!q.chars().any(|c| c.is_control()), "{q}");
+        assert!(q.contains("\\u{1b}"), "{q}");
+        let long = "x".repeat(500);
+        assert!(quoted(&long).chars().count() < 90);
     }
 }

@@ -167,6 +167,12 @@ async fn every_bad_input_is_refused_failed_or_an_error_row_and_costs_no_call() {
             expect: Expect::Refused(&["source", "no column \"vin\""]),
         },
         Case {
+            name: "a CSV header holding terminal escape sequences, quoted and never replayed",
+            source: file("escape-header.csv", ""),
+            extra: "",
+            expect: Expect::Refused(&["source", "no column \"vin\"", "\"unit\"", "\\u{1b}]0;pwned\\u{7}"]),
+        },
+        Case {
             name: "a CSV separated by semicolons (the delimiter is sniffed)",
             source: file("semicolons.csv", ""),
             extra: "",
@@ -275,6 +281,9 @@ async fn every_bad_input_is_refused_failed_or_an_error_row_and_costs_no_call() {
                 let error = &stderr[stderr.find("vinetl: error:").unwrap_or(0)..];
                 assert!(names.iter().all(|n| error.contains(n)), "{what}");
                 assert_eq!((calls, written.len()), (0, 0), "no call, no output: {what}");
+                // Input is quoted, never replayed to the terminal.
+                let raw = stderr.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t'));
+                assert_eq!(raw, None, "a raw control character on stderr: {what:?}");
             }
             Expect::FailedPlan(names) => {
                 assert_eq!(out.status.code(), Some(3), "{what}");

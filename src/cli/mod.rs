@@ -47,7 +47,7 @@ pub enum LogFormat {
 }
 
 /// Where the runner keeps its state.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct StateArgs {
     /// State store and queue: postgres://USER@HOST:PORT/DB (many machines) or
     /// sqlite://FILE (one machine).
@@ -56,6 +56,17 @@ pub struct StateArgs {
     /// Postgres schema holding vinetl's tables (created if missing).
     #[arg(long, env = "VINETL_SCHEMA", default_value = "vinetl")]
     pub schema: String,
+}
+
+/// Shown with the URL's password masked (`{:?}` of the parsed command line
+/// must not print it).
+impl std::fmt::Debug for StateArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateArgs")
+            .field("database_url", &self.database_url.as_deref().map(crate::store::redact))
+            .field("schema", &self.schema)
+            .finish()
+    }
 }
 
 /// Serves Prometheus metrics (`GET /metrics`) on ADDR while the command

@@ -404,7 +404,7 @@ pub struct Lookup {
 }
 
 /// Where the state lives, from `DATABASE_URL`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     Postgres(String),
     Sqlite(String),
@@ -483,13 +483,46 @@ pub fn check_schema(schema: &str) -> Result<&str, StoreError> {
     if crate::columns::is_identifier(schema) { Ok(schema) } else { Err(StoreError::BadSchema(schema.to_string())) }
 }
 
-/// The URL with any password replaced, fit for messages and logs.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let Some((auth, host)) = rest.split_once('@') else { return url.to_string() };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
+/// The URL with any password replaced, fit for messages and logs: the
+/// password of its user-info, and every query parameter that can carry a
+/// secret (`password`, `sslpassword`, anything naming a secret, token or
+/// key). Parsed with the `url` crate, as sqlx parses it, so a password
+/// holding `@` or `:` is masked whole. A URL that does not parse is not
+/// shown at all: no guess at where its secret ends is safe.
+pub fn redact(raw: &str) -> String {
+    const MASK: &str = "***";
+    let secret_param = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        ["password", "secret", "token", "key"].iter().any(|w| name.contains(w))
+    };
+    let Ok(mut url) = url::Url::parse(raw.trim()) else {
+        return match raw.split_once("://") {
+            Some((scheme, _)) if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                format!("{scheme}://(a URL that does not parse; not shown)")
+            }
+            _ => "(a URL that does not parse; not shown)".to_string(),
+        };
+    };
+    if url.password().is_some() {
+        // Cannot fail: the URL has a password, so it has a host.
+        let _ = url.set_password(Some(MASK));
+    }
+    let pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    if pairs.iter().any(|(k, _)| secret_param(k)) {
+        let masked = pairs.into_iter().map(|(k, v)| if secret_param(&k) { (k, MASK.to_string()) } else { (k, v) });
+        url.query_pairs_mut().clear().extend_pairs(masked);
+    }
+    url.to_string()
+}
+
+/// Shown with its password masked: `{:?}` of a state, an error or the CLI's
+/// arguments never prints it.
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseUrl::Postgres(_) => f.debug_tuple("Postgres").field(&self.shown()).finish(),
+            DatabaseUrl::Sqlite(_) => f.debug_tuple("Sqlite").field(&self.shown()).finish(),
+        }
     }
 }
 
@@ -501,6 +534,21 @@ mod tests {
     fn passwords_never_reach_messages() {
         assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        // A password holding `@` and `:` is masked whole, as sqlx reads it.
+        let shown = redact("postgres://u:se@cr:et@h:5432/db");
+        assert_eq!(shown, "postgres://u:***@h:5432/db");
+        // Secrets in query parameters, which sqlx accepts too; others stay.
+        let shown = redact("postgres://u@h/db?password=secret&sslmode=require&sslpassword=secret2&api_token=t0k");
+        assert!(!shown.contains("secret") && !shown.contains("t0k"), "{shown}");
+        assert!(shown.contains("sslmode=require") && shown.contains("password=***"), "{shown}");
+        // Percent-encoded passwords are masked, not decoded into view.
+        assert_eq!(redact("postgres://u:s%40cret@h/db"), "postgres://u:***@h/db");
+        // What does not parse is not shown.
+        let shown = redact("postgres://u:secret@[bad/db");
+        assert!(!shown.contains("secret"), "{shown}");
+        // Debug of a state URL masks too.
+        let debug = format!("{:?}", DatabaseUrl::parse("postgres://u:secret@h/db?password=secret").unwrap());
+        assert!(!debug.contains("secret"), "{debug}");
         let err = DatabaseUrl::parse("mysql://u:secret@h/db").unwrap_err().to_string();
         assert!(!err.contains("secret"), "{err}");
     }

@@ -185,9 +185,10 @@ fn csv_rows(
         .collect::<Result<_, _>>()?;
     let find = |name: &str| {
         let wanted = name.trim().to_lowercase();
-        header.iter().position(|h| h.trim().trim_start_matches('\u{feff}').to_lowercase() == wanted).ok_or_else(|| {
-            SourceError::MissingColumn { path: path.clone(), column: name.to_string(), header: header.join(", ") }
-        })
+        header
+            .iter()
+            .position(|h| h.trim().trim_start_matches('\u{feff}').to_lowercase() == wanted)
+            .ok_or_else(|| SourceError::missing_column(&path, name, header.iter().map(String::as_str)))
     };
     let index = find(column)?;
     let carried: Vec<usize> = carry.iter().map(|c| find(c)).collect::<Result<_, _>>()?;

@@ -92,3 +92,16 @@ pub enum SourceError {
     )]
     NotUtf8 { path: String, row: u64, byte: u8, at: usize },
 }
+impl SourceError {
+    /// A missing column, with the names the input has, each quoted (a
+    /// header is input, and may hold anything) and at most 40 of them.
+    pub fn missing_column<'a>(path: &str, column: &str, names: impl ExactSizeIterator<Item = &'a str>) -> SourceError {
+        const SHOWN: usize = 40;
+        let more = names.len().saturating_sub(SHOWN);
+        let mut header: Vec<String> = names.take(SHOWN).map(crate::columns::quoted).collect();
+        if more > 0 {
+            header.push(format!("and {more} more"));
+        }
+        SourceError::MissingColumn { path: path.to_string(), column: column.to_string(), header: header.join(", ") }
+    }
+}

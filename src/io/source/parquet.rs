@@ -26,15 +26,12 @@ pub fn rows(
     let err = |e: parquet::errors::ParquetError| SourceError::Parquet { path: path.clone(), message: e.to_string() };
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(err)?;
     let schema = Arc::clone(builder.schema());
-    let find = |name: &str| {
-        schema.fields().iter().position(|f| f.name().eq_ignore_ascii_case(name)).ok_or_else(|| {
-            SourceError::MissingColumn {
-                path: path.clone(),
-                column: name.to_string(),
-                header: schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "),
-            }
-        })
-    };
+    let find =
+        |name: &str| {
+            schema.fields().iter().position(|f| f.name().eq_ignore_ascii_case(name)).ok_or_else(|| {
+                SourceError::missing_column(&path, name, schema.fields().iter().map(|f| f.name().as_str()))
+            })
+        };
     let vin_index = find(column)?;
     let vin_type = schema.field(vin_index).data_type();
     if !matches!(vin_type, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {

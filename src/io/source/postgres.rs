@@ -123,11 +123,7 @@ fn has_columns(
 ) -> Result<(), SourceError> {
     for name in std::iter::once(vin_column).chain(carry.iter().map(String::as_str)) {
         if !map.keys().any(|k| k.eq_ignore_ascii_case(name)) {
-            return Err(SourceError::MissingColumn {
-                path: label.to_string(),
-                column: name.to_string(),
-                header: map.keys().cloned().collect::<Vec<_>>().join(", "),
-            });
+            return Err(SourceError::missing_column(label, name, map.keys().map(String::as_str)));
         }
     }
     Ok(())
