@@ -153,6 +153,21 @@ pub fn is_identifier(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// Text from outside (an API's error message) fit for a message or a log
+/// line: control characters escaped (`\u{1b}`), cut after `max_chars`.
+/// Unlike [`quoted`], plain text stays as it is, without quotes.
+pub fn escaped(s: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_chars + 8));
+    for (i, c) in s.chars().enumerate() {
+        if i == max_chars {
+            out.push('…');
+            break;
+        }
+        if c.is_control() { out.extend(c.escape_debug()) } else { out.push(c) }
+    }
+    out
+}
+
 /// Input quoted for a message: cut to 80 characters and escaped as a Rust
 /// string literal (`"…"`, control characters as `\u{1b}`), so a header,
 /// a cell or an API's error text can neither run on for pages nor drive the
@@ -226,5 +241,8 @@ mod tests {
         assert!(q.contains("\\u{1b}"), "{q}");
         let long = "x".repeat(500);
         assert!(quoted(&long).chars().count() < 90);
+        assert_eq!(escaped("invalid API key", 200), "invalid API key");
+        assert_eq!(escaped("a\u{1b}[2Jb\n", 200), "a\\u{1b}[2Jb\\n");
+        assert_eq!(escaped(&long, 10), format!("{}…", "x".repeat(10)));
     }
 }

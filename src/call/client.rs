@@ -9,6 +9,7 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::de::DeserializeOwned;
 
 use crate::api::{self, BatchDecodeRequest, BatchEntry, DataResponse, ErrorResponse, RecallsRequest, RecallsResponse};
+use crate::columns::escaped;
 use crate::spec::ProviderSpec;
 use crate::vin::Vin;
 
@@ -187,7 +188,8 @@ fn describe_transport(e: &reqwest::Error) -> String {
     format!("{kind}: {e}")
 }
 
-/// The classification table. Pure, so it is tested as a table.
+/// The classification table. Pure, so it is tested as a table. The API's
+/// own words reach messages and logs escaped ([`escaped`]): they are input.
 pub fn classify<T: DeserializeOwned>(
     status: StatusCode,
     headers: &HeaderMap,
@@ -199,8 +201,10 @@ pub fn classify<T: DeserializeOwned>(
     };
     let message = || {
         serde_json::from_slice::<ErrorResponse>(&body)
-            .map(|e| format!("{} {}: {}", status.as_u16(), e.error.code, e.error.message))
-            .unwrap_or_else(|_| format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))
+            .map(|e| format!("{} {}: {}", status.as_u16(), escaped(&e.error.code, 40), escaped(&e.error.message, 200)))
+            .unwrap_or_else(|_| {
+                format!("{status}: {}", escaped(&String::from_utf8_lossy(&body[..body.len().min(200)]), 200))
+            })
     };
     match status {
         StatusCode::OK => match serde_json::from_slice::<T>(&body) {
@@ -391,6 +395,16 @@ mod tests {
         let got =
             run(401, &[], Ok(r#"{"success": false, "error": {"code": "UNAUTHORIZED", "message": "invalid API key"}}"#));
         assert_eq!(got, Outcome::StopJob("401 UNAUTHORIZED: invalid API key".into()));
+        // The API's words are input: escaped, never replayed to a terminal or a log.
+        let got = run(
+            403,
+            &[],
+            Ok(r#"{"success": false, "error": {"code": "X\u001b[2J", "message": "no\u001b]0;t\u0007"}}"#),
+        );
+        assert_eq!(got, Outcome::StopJob(r"403 X\u{1b}[2J: no\u{1b}]0;t\u{7}".into()));
+        let got: Outcome<serde_json::Value> =
+            classify(StatusCode::BAD_GATEWAY, &HeaderMap::new(), Ok("\u{1b}[31m".into()));
+        assert!(matches!(&got, Outcome::ServerError(m) if m.ends_with(r"\u{1b}[31m")), "{got:?}");
     }
 
     #[test]
