@@ -357,7 +357,9 @@ impl JobSpec {
         Ok(spec)
     }
 
-    fn validate(&self, path: &str) -> Result<(), SpecError> {
+    /// Checks a spec's values; `path` names it in errors. Run on every spec
+    /// read back from the database too: what is stored is input.
+    pub fn validate(&self, path: &str) -> Result<(), SpecError> {
         let invalid =
             |field, message: &str| Err(SpecError::Invalid { path: path.to_string(), field, message: message.into() });
         let p = &self.provider;

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ServeProcess, cleanup, status, unique_schema, vinetl_async, write_spec};
+use common::{ServeProcess, cleanup, unique_schema, vinetl_async, write_spec};
 use prometheus_parse::{Scrape, Value};
 
 /// Pro, 100,000 requests a day, labelled `counted` in the keys file.
@@ -55,17 +55,6 @@ fn int(v: &serde_json::Value) -> f64 {
     v.as_i64().unwrap_or_else(|| panic!("not an integer: {v}")) as f64
 }
 
-async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value {
-    for _ in 0..1200 {
-        let s = status(schema, job).await;
-        if s["state"] == want {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {job} never reached {want}: {}", status(schema, job).await);
-}
-
 /// The sample fleet (291 rows: 10 invalid, 18 duplicates) through a server
 /// that answers some calls with 500s and 429s: every outcome the worker
 /// counts is the one the job stored and the server answered.
@@ -103,12 +92,12 @@ async fn worker_and_server_metrics_agree_with_the_job_and_the_server() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let job1 = wait_for_state(&schema, 1, "done").await;
+    let job1 = common::wait_for_state(&schema, 1, "done").await;
     // The same rows again: every VIN is a cache hit, so the job ends at
     // planning, with no call.
     let out = vinetl_async(&schema, KEY, &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let job2 = wait_for_state(&schema, 2, "done").await;
+    let job2 = common::wait_for_state(&schema, 2, "done").await;
 
     let (w, _) = scrape(&worker_metrics).await;
     drop(worker);

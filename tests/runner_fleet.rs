@@ -9,17 +9,6 @@ use common::{cleanup, pg_url, pool, requests_seen, status, unique_schema, vinetl
 use vinetl::serve::faults::Faults;
 use vinetl::vin::Vin;
 
-async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value {
-    for _ in 0..600 {
-        let s = status(schema, job).await;
-        if s["state"] == want {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {job} never reached {want}: {}", status(schema, job).await);
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
     let (server, _keys) = common::serve(Faults::default()).await;
@@ -36,7 +25,7 @@ async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
 
     let mut a = common::spawn_worker(&schema, "pro-counted-key");
     let mut b = common::spawn_worker(&schema, "pro-counted-key");
-    let s = wait_for_state(&schema, 1, "done").await;
+    let s = common::wait_for_state(&schema, 1, "done").await;
     // SIGTERM drains and exits cleanly.
     for w in [&mut a, &mut b] {
         let pid = w.id().unwrap().to_string();

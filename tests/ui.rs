@@ -132,6 +132,7 @@ async fn the_jobs_page_shows_progress_moving_a_failure_and_a_pause() {
         .env("VINETL_SCHEMA", &schema)
         .env("CARVIN_API_KEY", "pro-counted-key")
         .env("UI_REVOKED_KEY", REVOKED_KEY)
+        .env("VINETL_API_KEY_ENVS", "CARVIN_API_KEY,UI_REVOKED_KEY")
         .kill_on_drop(true)
         .spawn()
         .unwrap();

@@ -8,5 +8,6 @@
 //! its shared state lives in [`crate::store`], whose dialects supply the
 //! arithmetic.
 
+pub mod allow;
 pub mod client;
 pub mod limiter;

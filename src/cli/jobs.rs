@@ -113,7 +113,8 @@ pub async fn worker(state: &State, concurrency: usize, metrics_addr: Option<&str
         let stop = async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
         };
-        match crate::job::worker::run(store.clone(), &state.schema, concurrency, None, stop).await {
+        let allow = crate::call::allow::ApiAllow::from_env();
+        match crate::job::worker::run(store.clone(), &state.schema, concurrency, None, allow, stop).await {
             Ok(()) => return Ok(()),
             Err(e) if *stop_rx.borrow() => return Err(e),
             Err(e) => {
@@ -161,7 +162,9 @@ pub async fn run(
     serve_metrics(metrics, &store);
     let submitted = plan::submit(&store, &state.schema, &spec).await?;
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
-    let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url).await;
+    // The spec this process was handed is the user's own choice of API.
+    let allow = crate::call::allow::ApiAllow::from_env().with(&spec.provider);
+    let counts = work_until_done(&store, &state.schema, submitted.job_id, concurrency, progress, url, allow).await;
     if let Some(server) = embedded {
         let _ = server.stop().await;
     }
@@ -199,11 +202,12 @@ async fn work_until_done(
     concurrency: usize,
     progress: bool,
     embedded: Option<String>,
+    allow: crate::call::allow::ApiAllow,
 ) -> anyhow::Result<JobCounts> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // The worker and the watcher run side by side in this task; the watcher
     // stops the worker once the job has ended.
-    let worker = crate::job::worker::run(store.clone(), schema, concurrency, embedded, async move {
+    let worker = crate::job::worker::run(store.clone(), schema, concurrency, embedded, allow, async move {
         let _ = stop_rx.await;
     });
     let watcher = async {
@@ -409,7 +413,8 @@ pub async fn reprocess(
         return Ok(Ended { counts, max_failed_share });
     }
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
-    let counts = work_until_done(&store, &state.schema, job_id, concurrency, progress, url).await;
+    let allow = crate::call::allow::ApiAllow::from_env();
+    let counts = work_until_done(&store, &state.schema, job_id, concurrency, progress, url, allow).await;
     if let Some(server) = embedded {
         let _ = server.stop().await;
     }

@@ -10,6 +10,7 @@ use apalis::prelude::*;
 use tokio::sync::Mutex;
 
 use crate::api::BatchEntry;
+use crate::call::allow::ApiAllow;
 use crate::call::client::{ApiClient, Outcome, backoff};
 use crate::call::limiter::{Denied, SharedLimiter};
 use crate::job::queue::{self, BatchTask, Lane};
@@ -33,6 +34,9 @@ pub struct WorkerState {
     /// embedded spec): embedded jobs are called there, whatever their stored
     /// spec says. `None` in `vinetl worker`, which never sees embedded jobs.
     embedded: Option<String>,
+    /// The API hosts and key variables this process may use, whatever a
+    /// stored spec says.
+    allow: ApiAllow,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
     limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
@@ -98,10 +102,11 @@ impl ResultWriter {
 }
 
 impl WorkerState {
-    pub fn new(store: Store, schema: &str, embedded: Option<String>) -> Arc<WorkerState> {
+    pub fn new(store: Store, schema: &str, embedded: Option<String>, allow: ApiAllow) -> Arc<WorkerState> {
         Arc::new(WorkerState {
             schema: schema.to_string(),
             embedded,
+            allow,
             jobs: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
             results: ResultWriter::start(store.clone()),
@@ -129,7 +134,12 @@ impl WorkerState {
                     "job {job_id} calls an embedded API, which only `vinetl run` of its spec hosts; run that"
                 )));
             }
-            (_, false) => ApiClient::from_spec(&spec.provider),
+            (_, false) => {
+                if let Err(e) = self.allow.check(&spec.provider) {
+                    return Ok(Err(format!("job {job_id}: {e}")));
+                }
+                ApiClient::from_spec(&spec.provider)
+            }
         };
         let client = match client {
             Ok(c) => c,
@@ -481,11 +491,12 @@ pub async fn run(
     schema: &str,
     concurrency: usize,
     embedded: Option<String>,
+    allow: ApiAllow,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let name = queue::worker_name();
     let lane = if embedded.is_some() { Lane::Embedded } else { Lane::Shared };
-    let state = WorkerState::new(store.clone(), schema, embedded);
+    let state = WorkerState::new(store.clone(), schema, embedded, allow);
     let ctx = WorkerContext::new(&name);
     // One builder for either backend (their types differ, the wiring does not).
     macro_rules! build {

@@ -1022,7 +1022,13 @@ impl Store {
             .row("SELECT spec FROM jobs WHERE job_id = $1", args![job_id])
             .await?
             .ok_or(StoreError::NoJob(job_id))?;
-        Ok(serde_json::from_value(row.json(0)?).map_err(|e| format!("stored spec of job {job_id} is unreadable: {e}")))
+        // What is stored is input: checked again as a spec file is (names
+        // that reach DDL, URLs, key variables), whoever wrote the row.
+        let spec: crate::spec::JobSpec = match serde_json::from_value(row.json(0)?) {
+            Ok(spec) => spec,
+            Err(e) => return Ok(Err(format!("stored spec of job {job_id} is unreadable: {e}"))),
+        };
+        Ok(spec.validate(&format!("stored spec of job {job_id}")).map(|()| spec).map_err(|e| e.to_string()))
     }
 
     /// Replaces a job's stored spec (an embedded server's new address).

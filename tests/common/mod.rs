@@ -164,6 +164,19 @@ pub async fn status(schema: &str, job: i64) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Polls `status JOB --json` until the job's state is `want` (two minutes
+/// at most), and returns that status.
+pub async fn wait_for_state(schema: &str, job: i64, want: &str) -> serde_json::Value {
+    for _ in 0..1200 {
+        let s = status(schema, job).await;
+        if s["state"] == want {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {job} never reached {want}: {}", status(schema, job).await);
+}
+
 /// A pool on the test database with `schema` first on the search path.
 pub async fn pool(schema: &str) -> sqlx::PgPool {
     use std::str::FromStr;
