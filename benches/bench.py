@@ -482,19 +482,26 @@ def bench_cold(ctx, serve):
     """N distinct uncached VINs, file to Parquet, against an unlimited server."""
     sizes = ctx.size([5_000, 20_000], [10_000, 50_000])
     rows = []
-    for n in sizes:
-        schema = ctx.schema(f"cold_{n}")
+
+    def cold_job(n, f, tag, concurrency):
+        """One cold job of the N VINs in F with CONCURRENCY calls in flight; its rate and share."""
+        schema = ctx.schema(f"cold_{n}{tag}")
         env = ctx.env(schema)
-        f = ctx.work / f"cold-{n}.txt"
-        gen.write_lines(f, gen.distinct(n, offset=100_000))
-        out = ctx.work / f"cold-{n}-out"
-        s = spec(ctx.work / f"cold-{n}.toml", f'kind = "file"\npath = "{f}"', serve.url,
+        out = ctx.work / f"cold-{n}{tag}-out"
+        s = spec(ctx.work / f"cold-{n}{tag}.toml", f'kind = "file"\npath = "{f}"', serve.url,
                  "requests_per_second = 100000", f'[[outputs]]\nkind = "parquet"\npath = "{out}"')
-        r = ctx.vinetl(["run", s, "--concurrency", 8], env)
+        r = ctx.vinetl(["run", s, "--concurrency", concurrency], env)
         st = ctx.status(env, 1)
         rate = n / r.wall
         share = rate / ctx.decoder_rate
-        rows.append((fmt_n(n), fmt_s(r.wall), fmt_n(rate), f"{share:.0%}", st["calls_made"], f"{r.rss_mb:.0f} MB"))
+        label = fmt_n(n) + (f" ({concurrency} in flight)" if tag else "")
+        rows.append((label, fmt_s(r.wall), fmt_n(rate), f"{share:.0%}", st["calls_made"], f"{r.rss_mb:.0f} MB"))
+        return schema, rate, share
+
+    for n in sizes:
+        f = ctx.work / f"cold-{n}.txt"
+        gen.write_lines(f, gen.distinct(n, offset=100_000))
+        schema, rate, share = cold_job(n, f, "", 8)
         ctx.row("cold", "file to Parquet, uncached, unlimited server", fmt_n(n), f"{fmt_n(rate)} VINs/s",
                 f"decoder 1 core {fmt_n(ctx.decoder_rate)}", f"{share:.0%}",
                 goal(share >= 0.5, ">= 50% of the decoder's 1-core rate") if n == sizes[-1] else "")
@@ -503,17 +510,7 @@ def bench_cold(ctx, serve):
     # loopback a call is a few milliseconds of decoding and tens of
     # bookkeeping and waiting, so 8 in flight leave the cores idle.
     n = sizes[-1]
-    schema = ctx.schema(f"cold_{n}_c32")
-    env = ctx.env(schema)
-    out = ctx.work / f"cold-{n}-c32-out"
-    s = spec(ctx.work / f"cold-{n}-c32.toml", f'kind = "file"\npath = "{ctx.work / f"cold-{n}.txt"}"', serve.url,
-             "requests_per_second = 100000", f'[[outputs]]\nkind = "parquet"\npath = "{out}"')
-    r = ctx.vinetl(["run", s, "--concurrency", 32], env)
-    st = ctx.status(env, 1)
-    rate = n / r.wall
-    share = rate / ctx.decoder_rate
-    rows.append((f"{fmt_n(n)} (32 in flight)", fmt_s(r.wall), fmt_n(rate), f"{share:.0%}", st["calls_made"],
-                 f"{r.rss_mb:.0f} MB"))
+    _, rate, share = cold_job(n, ctx.work / f"cold-{n}.txt", "_c32", 32)
     ctx.row("cold", "the same, --concurrency 32", fmt_n(n), f"{fmt_n(rate)} VINs/s",
             f"decoder 1 core {fmt_n(ctx.decoder_rate)}", f"{share:.0%}", "")
     ctx.detail("Cold end to end (`vinetl run --concurrency 8`, and 32, Postgres state, local `vinetl serve`)",
