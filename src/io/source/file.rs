@@ -322,7 +322,7 @@ mod tests {
         std::fs::write(&p, "unit,chassis\n1,2\n").unwrap();
         let err =
             FileSource::open(&p, FileFormat::Csv { column: "vin".into(), carry: vec![] }).err().unwrap().to_string();
-        assert!(err.contains("fleet.csv") && err.contains("\"vin\"") && err.contains("unit, chassis"), "{err}");
+        assert!(err.contains("fleet.csv") && err.contains("\"vin\"") && err.contains(r#""unit", "chassis""#), "{err}");
     }
 
     #[test]
