@@ -223,7 +223,8 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
             raw: serde_json::json!({}),
         })
         .collect();
-    store.complete(job, 0, &claimed.vins, &answered).await.unwrap();
+    let answer = vinetl::store::Answer::Decoded { asked: claimed.vins.clone(), decoded: answered };
+    store.complete_all(&[vinetl::store::Answered { job_id: job, batch_no: 0, answer }]).await.unwrap();
     let c = store.counts(job).await.unwrap().unwrap();
     assert_eq!((c.decoded, c.failed, c.pending), (19, 1, 0), "{c:?}");
     let f = store.failures(job, 10).await.unwrap().unwrap();

@@ -456,37 +456,13 @@ impl Store {
         tx.commit().await
     }
 
-    /// Stores a batch-decode answer: the cache (latest decode per VIN),
-    /// every input row of those VINs in this job (duplicates included), the
-    /// batch and the call count, in one transaction. `asked` is the batch's
-    /// VINs as claimed.
-    pub async fn complete(
-        &self,
-        job_id: i64,
-        batch_no: i32,
-        asked: &[String],
-        decoded: &[DecodedVin],
-    ) -> Result<(), StoreError> {
-        let answer = Answer::Decoded { asked: asked.to_vec(), decoded: decoded.to_vec() };
-        self.complete_all(&[Answered { job_id, batch_no, answer }]).await
-    }
-
-    /// Stores a recall lookup's answer: the campaigns, the lookup's list of
-    /// them, the batch and the call count, in one transaction.
-    pub async fn complete_recall(
-        &self,
-        job_id: i64,
-        batch_no: i32,
-        key: &str,
-        recalls: &[crate::api::Recall],
-    ) -> Result<(), StoreError> {
-        let answer = Answer::Recalls { key: key.to_string(), recalls: recalls.to_vec() };
-        self.complete_all(&[Answered { job_id, batch_no, answer }]).await
-    }
-
-    /// Stores many answers (of either kind, of one job or several) in one
-    /// transaction, each as if stored alone: a process's calls share one
-    /// commit and one update of each job's counters. Locks are taken in one
+    /// Stores call answers (of either kind, of one job or several) in one
+    /// transaction, each as if stored alone: for a batch decode, the cache
+    /// (latest decode per VIN), every input row of those VINs in its job
+    /// (duplicates included) and the rows its answer left out; for a recall
+    /// lookup, the campaigns and the lookup's list of them; then each batch
+    /// and its job's call counts. A process's calls share one commit and one
+    /// update of each job's counters (the worker's result writer). Locks are taken in one
     /// order (cache rows by VIN, campaigns by number, lookups by key, then
     /// jobs by id), so two processes' groups cannot deadlock.
     pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
