@@ -20,6 +20,7 @@
 //! metric and serves them (`--metrics-addr`).
 
 pub mod api;
+pub mod calendar;
 pub mod call;
 pub mod cli;
 pub mod columns;

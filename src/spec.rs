@@ -30,7 +30,42 @@ pub struct JobSpec {
     /// How long this job's bookkeeping is kept (`[retention]`); none: forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,
+    /// Run this spec on a schedule: a cron expression, `"0 2 * * *"` (five
+    /// fields, or six with seconds first). `vinetl submit` registers it and
+    /// `vinetl scheduler` starts one run per fire time; `{date}` in the
+    /// source and output paths is the run's logical date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The schedule's IANA time zone, e.g. `Europe/Berlin` (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Runs missed while no scheduler ran: `all`, `latest` (default) or `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catchup: Option<Catchup>,
+    /// How long after its fire time a run waits for its dated input to
+    /// appear before it fails naming the path (default `6h`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_input: Option<String>,
 }
+
+/// Which missed runs a scheduler starts when it finds fire times that
+/// passed while none ran (more than [`MISSED_AFTER_SECS`] ago).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Catchup {
+    /// Every missed run, oldest first.
+    All,
+    /// Only the newest; the others are recorded as missed.
+    #[default]
+    Latest,
+    /// None; every missed run is recorded as missed.
+    None,
+}
+
+/// A fire time this much in the past when a scheduler first sees it was
+/// missed (no scheduler ran then); a younger one is on time. A scheduler
+/// looks every few seconds, so only downtime makes a run this late.
+pub const MISSED_AFTER_SECS: i64 = 600;
 
 /// Retention: when a run of this spec is done, earlier ended jobs of the
 /// same name older than `older_than` lose their input rows, batches, errors
@@ -106,6 +141,65 @@ pub enum SourceSpec {
         #[serde(default)]
         min_rows: u64,
     },
+}
+
+impl JobSpec {
+    /// The schedule, if the spec has one (validated on load).
+    pub fn calendar(&self) -> Option<crate::calendar::Calendar> {
+        let cron = self.schedule.as_deref()?;
+        crate::calendar::Calendar::new(cron, self.timezone.as_deref()).ok()
+    }
+
+    /// `wait_for_input` in seconds (6 hours by default).
+    pub fn wait_for_input_secs(&self) -> f64 {
+        self.wait_for_input
+            .as_deref()
+            .and_then(|d| humantime::parse_duration(d).ok())
+            .map_or(6.0 * 3600.0, |d| d.as_secs_f64())
+    }
+
+    /// Whether a path or query holds a `{date}` template.
+    pub fn has_templates(&self) -> bool {
+        let mut any = false;
+        let mut probe = self.clone();
+        let _ = probe.templated(&mut |t| {
+            any |= crate::calendar::has_template(t);
+            Ok(t.to_string())
+        });
+        any
+    }
+
+    /// The spec of the run for `date`: every `{date}` template filled.
+    pub fn for_date(&self, date: chrono::NaiveDate) -> Result<JobSpec, SpecError> {
+        let mut spec = self.clone();
+        spec.templated(&mut |t| crate::calendar::fill(t, date)).map_err(|(field, message)| SpecError::Invalid {
+            path: spec_name(&self.name),
+            field,
+            message,
+        })?;
+        Ok(spec)
+    }
+
+    /// Rewrites each text that may hold a template: the source's path, URL
+    /// or query, and each Parquet output's path.
+    fn templated(&mut self, f: &mut dyn FnMut(&str) -> Result<String, String>) -> Result<(), (&'static str, String)> {
+        match &mut self.source {
+            SourceSpec::File { path, .. } => *path = f(path).map_err(|e| ("source.path", e))?,
+            SourceSpec::S3 { url, .. } => *url = f(url).map_err(|e| ("source.url", e))?,
+            SourceSpec::Postgres { query: Some(q), .. } => *q = f(q).map_err(|e| ("source.query", e))?,
+            SourceSpec::Postgres { .. } => {}
+        }
+        for output in &mut self.outputs {
+            if let OutputSpec::Parquet { path, .. } = output {
+                *path = f(path).map_err(|e| ("outputs.path", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn spec_name(name: &str) -> String {
+    format!("spec {name:?}")
 }
 
 fn default_source_url_env() -> String {
@@ -399,6 +493,36 @@ impl JobSpec {
             && humantime::parse_duration(&r.older_than).is_err()
         {
             return invalid("retention.older_than", "must be a duration such as \"30d\" or \"12h\"");
+        }
+        match &self.schedule {
+            Some(cron) => {
+                if let Err(e) = crate::calendar::Calendar::new(cron, self.timezone.as_deref()) {
+                    let field = if e.contains("time zone") { "timezone" } else { "schedule" };
+                    return invalid(field, &e);
+                }
+                if self.provider.embedded {
+                    return invalid(
+                        "schedule",
+                        "a scheduled spec runs on workers: point provider.base_url at an API instead of embedded = true",
+                    );
+                }
+            }
+            None if self.timezone.is_some() || self.catchup.is_some() || self.wait_for_input.is_some() => {
+                return invalid("schedule", "timezone, catchup and wait_for_input need a schedule (a cron expression)");
+            }
+            None => {}
+        }
+        if let Some(w) = &self.wait_for_input
+            && humantime::parse_duration(w).is_err()
+        {
+            return invalid("wait_for_input", "must be a duration such as \"6h\" or \"30m\"");
+        }
+        // Templates are checked by filling them with any date.
+        if let Err((field, message)) = self
+            .clone()
+            .templated(&mut |t| crate::calendar::fill(t, chrono::NaiveDate::from_ymd_opt(2000, 1, 1).expect("a date")))
+        {
+            return Err(SpecError::Invalid { path: path.to_string(), field, message });
         }
         if !(self.max_failed_share.is_finite() && (0.0..=1.0).contains(&self.max_failed_share)) {
             return invalid("max_failed_share", "must be a share from 0 to 1, e.g. 0.01 for 1 %");

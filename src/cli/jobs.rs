@@ -68,8 +68,25 @@ impl State {
 
 /// `vinetl submit SPEC`: checks, then plans; workers do the calls, so the
 /// key variable need only be set where they run.
-pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted> {
+/// What `submit` did: planned a job, or registered a schedule.
+pub enum Submission {
+    Job(Submitted),
+    /// A spec with a `schedule`: registered (true when new); the scheduler
+    /// starts its runs.
+    Scheduled(bool, Box<crate::job::scheduler::ScheduleStatus>),
+}
+
+pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submission> {
     let spec = load_spec(spec_path)?;
+    if spec.schedule.is_some() {
+        let store = state.open(2).await?;
+        let now = chrono::Utc::now();
+        let new = crate::job::scheduler::register(&store, &spec, now).await?;
+        let status = crate::job::scheduler::status(&store, now).await?;
+        let mine = status.into_iter().find(|s| s.name == spec.name).expect("just registered");
+        return Ok(Submission::Scheduled(new, Box::new(mine)));
+    }
+    let spec = dated(spec, None)?;
     if spec.provider.embedded {
         return Err(Usage(format!(
             "{}: provider.embedded runs the API inside `vinetl run`; use `vinetl run`, or point base_url at a server",
@@ -85,7 +102,7 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submitted
             spec.provider.api_key_env
         );
     }
-    Ok(plan::submit(&store, &state.schema, &spec).await?)
+    Ok(Submission::Job(plan::submit(&store, &state.schema, &spec).await?))
 }
 
 /// Reads and checks a spec before anything connects anywhere.
@@ -93,11 +110,131 @@ fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
     Ok(JobSpec::load(spec_path)?)
 }
 
+/// A one-off run of a spec with `{date}` templates: filled with `date`, by
+/// default today in the schedule's zone (UTC without one).
+fn dated(spec: JobSpec, date: Option<chrono::NaiveDate>) -> anyhow::Result<JobSpec> {
+    if !spec.has_templates() {
+        return Ok(spec);
+    }
+    let now = chrono::Utc::now();
+    let date = date.unwrap_or_else(|| spec.calendar().map_or_else(|| now.date_naive(), |c| c.today(now)));
+    Ok(spec.for_date(date)?)
+}
+
+/// `vinetl scheduler`: registers `specs`, then starts every schedule's
+/// runs until SIGTERM/SIGINT (or after one pass with `once`).
+pub async fn scheduler(
+    state: &State,
+    specs: &[std::path::PathBuf],
+    once: bool,
+) -> anyhow::Result<Option<crate::job::scheduler::Tick>> {
+    let loaded: Vec<JobSpec> = specs.iter().map(|p| load_spec(p)).collect::<anyhow::Result<_>>()?;
+    for (spec, path) in loaded.iter().zip(specs) {
+        if spec.schedule.is_none() {
+            return Err(Usage(format!("{}: has no `schedule`; `vinetl submit` runs it once", path.display())).into());
+        }
+    }
+    startup("scheduler", state, 0);
+    let store = state.open(4).await?;
+    for spec in &loaded {
+        crate::job::scheduler::register(&store, spec, chrono::Utc::now()).await?;
+    }
+    if once {
+        return Ok(Some(crate::job::scheduler::tick(&store, &state.schema, chrono::Utc::now(), None).await?));
+    }
+    crate::job::scheduler::run(store, state.schema.clone(), crate::shutdown_signal()).await;
+    Ok(None)
+}
+
+/// `vinetl backfill SPEC --from --to`: queues one run per logical date
+/// and starts those whose input is there. Returns the runs queued and
+/// what starting them did.
+pub async fn backfill(
+    state: &State,
+    spec_path: &Path,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    rerun: bool,
+) -> anyhow::Result<(u64, crate::job::scheduler::Tick)> {
+    let spec = load_spec(spec_path)?;
+    if spec.schedule.is_none() {
+        return Err(Usage(format!("{}: has no `schedule` to backfill", spec_path.display())).into());
+    }
+    let now = chrono::Utc::now();
+    if from > to {
+        return Err(Usage(format!("--from {from} is after --to {to}")).into());
+    }
+    let store = state.open(4).await?;
+    let queued = crate::job::scheduler::backfill(&store, &spec, from, to, rerun, now).await?;
+    let tick = crate::job::scheduler::tick(&store, &state.schema, now, Some(&spec.name)).await?;
+    Ok((queued, tick))
+}
+
+/// Every schedule's next run, last run and missed nights.
+pub async fn schedules(state: &State) -> anyhow::Result<Vec<crate::job::scheduler::ScheduleStatus>> {
+    let store = state.open_existing(2).await?;
+    Ok(crate::job::scheduler::status(&store, chrono::Utc::now()).await?)
+}
+
+/// `vinetl unschedule NAME`: no more runs; earlier runs and jobs stay.
+pub async fn unschedule(state: &State, name: &str) -> anyhow::Result<()> {
+    let store = state.open_existing(2).await?;
+    if !store.unregister_schedule(name).await? {
+        return Err(Usage(format!("no schedule is named {name:?} (`vinetl schedules` lists them)")).into());
+    }
+    Ok(())
+}
+
+/// The schedules block of `status`: one line each, then the missed runs.
+pub fn describe_schedules(list: &[crate::job::scheduler::ScheduleStatus]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for s in list {
+        let next = s
+            .next_run
+            .as_deref()
+            .map_or("-".to_string(), |n| format!("{n} (date {})", s.next_date.as_deref().unwrap_or("-")));
+        let last = s.last_run.as_ref().map_or("never".to_string(), |r| {
+            format!(
+                "{} job {} {}",
+                r.logical_date,
+                r.job_id.unwrap_or_default(),
+                r.job_state.as_deref().unwrap_or(&r.state)
+            )
+        });
+        let _ = writeln!(out, "schedule {}  \"{}\" {}  next {next}  last {last}", s.name, s.schedule, s.timezone);
+        if let Some(p) = &s.problem {
+            let _ = writeln!(out, "  problem: {p}");
+        }
+        if s.overdue > 0 {
+            let _ = writeln!(
+                out,
+                "  OVERDUE: {} run{} passed with no scheduler running (`vinetl scheduler`, or `vinetl worker --with-scheduler`)",
+                s.overdue,
+                if s.overdue == 1 { "" } else { "s" }
+            );
+        }
+        for r in &s.pending {
+            let _ = writeln!(out, "  {} {}: {}", r.logical_date, r.state, r.reason.as_deref().unwrap_or("to start"));
+        }
+        for r in &s.missed {
+            let job = r.job_id.map_or(String::new(), |j| format!(" (job {j})"));
+            let _ = writeln!(out, "  {} {}{job}: {}", r.logical_date, r.state, r.reason.as_deref().unwrap_or_default());
+        }
+    }
+    out
+}
+
 /// `vinetl worker`: until SIGTERM/SIGINT. apalis ends a worker on any
 /// database error (a failover, a statement timeout); this restarts it, under
 /// a fresh name, with backoff, for as long as the process is wanted. With
 /// `metrics_addr`, serves Prometheus metrics there.
-pub async fn worker(state: &State, concurrency: usize, metrics_addr: Option<&str>) -> anyhow::Result<()> {
+pub async fn worker(
+    state: &State,
+    concurrency: usize,
+    metrics_addr: Option<&str>,
+    with_scheduler: bool,
+) -> anyhow::Result<()> {
     let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     startup("worker", state, concurrency);
     let store = state.open(concurrency as u32 + 4).await?;
@@ -107,25 +244,40 @@ pub async fn worker(state: &State, concurrency: usize, metrics_addr: Option<&str
         crate::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let mut failures = 0u32;
-    loop {
-        let mut rx = stop_rx.clone();
-        let stop = async move {
+    let stopped = |rx: &tokio::sync::watch::Receiver<bool>| {
+        let mut rx = rx.clone();
+        async move {
             let _ = rx.wait_for(|stopped| *stopped).await;
-        };
-        let allow = crate::call::allow::ApiAllow::from_env();
-        match crate::job::worker::run(store.clone(), &state.schema, concurrency, None, allow, stop).await {
-            Ok(()) => return Ok(()),
-            Err(e) if *stop_rx.borrow() => return Err(e),
-            Err(e) => {
-                failures += 1;
-                let wait = crate::call::client::backoff(failures.min(6));
-                tracing::error!(error = %e, restart_in = ?wait, "worker stopped on an error; restarting");
-                eprintln!("vinetl worker: {e:#}; restarting in {:.1} s", wait.as_secs_f64());
-                tokio::time::sleep(wait).await;
+        }
+    };
+    // Beside the worker in this task, not spawned: planning a run holds
+    // futures that are not `Send`.
+    let scheduler = async {
+        if with_scheduler {
+            crate::job::scheduler::run(store.clone(), state.schema.clone(), stopped(&stop_rx)).await;
+        }
+    };
+    let work = async {
+        let mut failures = 0u32;
+        loop {
+            let allow = crate::call::allow::ApiAllow::from_env();
+            match crate::job::worker::run(store.clone(), &state.schema, concurrency, None, allow, stopped(&stop_rx))
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if *stop_rx.borrow() => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let wait = crate::call::client::backoff(failures.min(6));
+                    tracing::error!(error = %e, restart_in = ?wait, "worker stopped on an error; restarting");
+                    eprintln!("vinetl worker: {e:#}; restarting in {:.1} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
-    }
+    };
+    let ((), worked) = tokio::join!(scheduler, work);
+    worked
 }
 
 /// How a job ended, with what its spec allows.
@@ -150,8 +302,9 @@ pub async fn run(
     concurrency: usize,
     progress: bool,
     metrics_addr: Option<&str>,
+    date: Option<chrono::NaiveDate>,
 ) -> anyhow::Result<Ended> {
-    let mut spec = load_spec(spec_path)?;
+    let mut spec = dated(load_spec(spec_path)?, date)?;
     let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
@@ -705,7 +858,7 @@ pub struct SpecCheck {
 /// key must be set here), and optionally a plan, without creating a job or
 /// any state.
 pub async fn check_spec(state: &State, spec_path: &Path, dry_run: bool) -> anyhow::Result<SpecCheck> {
-    let spec = load_spec(spec_path)?;
+    let spec = dated(load_spec(spec_path)?, None)?;
     let store = match state.open_existing(2).await {
         Ok(store) => Some(store),
         Err(StoreError::NoState(_)) => None,

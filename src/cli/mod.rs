@@ -88,6 +88,10 @@ pub enum Command {
     Run {
         /// Job spec (TOML), e.g. jobs/demo.toml.
         spec: PathBuf,
+        /// The date `{date}` templates take (YYYY-MM-DD; default today in
+        /// the spec's time zone, UTC without a schedule).
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
@@ -98,6 +102,9 @@ pub enum Command {
     },
     /// Register a job spec and plan it: parse and deduplicate its VINs, and
     /// enqueue 20-VIN batches for the workers. Idempotent.
+    ///
+    /// A spec with a `schedule` is registered instead (or updated): the
+    /// scheduler starts its runs, the first at its next fire time.
     Submit {
         /// Job spec (TOML).
         spec: PathBuf,
@@ -112,8 +119,63 @@ pub enum Command {
         /// Batch calls in flight at once in this process.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Also start scheduled runs here (as `vinetl scheduler`); any
+        /// number of processes may, each date still runs once.
+        #[arg(long)]
+        with_scheduler: bool,
         #[command(flatten)]
         metrics: MetricsArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Start the runs of scheduled specs: one run per fire time of each
+    /// registered schedule (`vinetl submit SPEC`, or SPEC given here), its
+    /// `{date}` templates filled with the run's logical date, planned for
+    /// the workers. Missed runs follow the spec's `catchup`.
+    ///
+    /// Run several for availability: each logical date still gets exactly
+    /// one run (a unique key in the state database, not a lock in memory).
+    Scheduler {
+        /// Scheduled specs to register (or update) first.
+        specs: Vec<PathBuf>,
+        /// One pass (decide and start what is due), then exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Queue one run of a scheduled spec per logical date from --from to
+    /// --to, and start those whose input is there. Dates that already ran
+    /// are skipped unless --rerun; dates missed while no scheduler ran are
+    /// filled.
+    Backfill {
+        /// Scheduled spec (TOML); registered or updated as by `submit`.
+        spec: PathBuf,
+        /// First logical date, YYYY-MM-DD.
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last logical date, YYYY-MM-DD (inclusive; at most today).
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        /// Run dates that already ran again (not while their job is still going).
+        #[arg(long)]
+        rerun: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List the registered schedules: next run, last run, runs waiting for
+    /// input, missed and failed nights.
+    Schedules {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove a schedule: no more runs. Its earlier runs and jobs stay.
+    Unschedule {
+        /// The spec's `name`.
+        name: String,
         #[command(flatten)]
         state: StateArgs,
     },
@@ -381,15 +443,27 @@ impl Cli {
                 outln!("{} is up to date", state.describe());
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run { spec, concurrency, metrics, state } => {
+            Command::Run { spec, date, concurrency, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let metrics = metrics.metrics_addr.as_deref();
-                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal(), metrics).await?;
+                let ended = jobs::run(&state, &spec, concurrency, jobs::stderr_is_terminal(), metrics, date).await?;
                 Ok(report(&ended, Some(&state)))
             }
             Command::Submit { spec, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                let s = jobs::submit(&state, &spec).await?;
+                let s = match jobs::submit(&state, &spec).await? {
+                    jobs::Submission::Job(s) => s,
+                    jobs::Submission::Scheduled(new, status) => {
+                        outln!(
+                            "schedule {} {}: next run {} (logical date {}); `vinetl scheduler` or `vinetl worker --with-scheduler` starts it",
+                            status.name,
+                            if new { "registered" } else { "updated" },
+                            status.next_run.as_deref().unwrap_or("never"),
+                            status.next_date.as_deref().unwrap_or("-"),
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                };
                 outln!(
                     "job {} {}: {} rows, {} batches queued; run `vinetl worker` to process them",
                     s.job_id,
@@ -405,9 +479,55 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker { concurrency, metrics, state } => {
+            Command::Worker { concurrency, with_scheduler, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref()).await?;
+                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref(), with_scheduler).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Scheduler { specs, once, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                if let Some(t) = jobs::scheduler(&state, &specs, once).await? {
+                    outln!(
+                        "{} runs recorded, {} started, {} waiting for input, {} failed",
+                        t.recorded,
+                        t.started.len(),
+                        t.waiting,
+                        t.failed.len()
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Backfill { spec, from, to, rerun, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let (queued, tick) = jobs::backfill(&state, &spec, from, to, rerun).await?;
+                outln!("{queued} runs queued from {from} to {to}");
+                for (name, date, job) in &tick.started {
+                    outln!("  {date}: job {job} planned ({name}); workers run it");
+                }
+                if tick.waiting > 0 {
+                    outln!("  {} waiting for their input (`vinetl schedules` shows which)", tick.waiting);
+                }
+                for (_, date, why) in &tick.failed {
+                    outln!("  {date}: failed: {why}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Schedules { json, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let list = jobs::schedules(&state).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&list)?);
+                } else if list.is_empty() {
+                    outln!("no schedules (`vinetl submit SPEC` registers a spec with a `schedule`)");
+                } else {
+                    out!("{}", jobs::describe_schedules(&list));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Unschedule { name, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                jobs::unschedule(&state, &name).await?;
+                outln!("schedule {name} removed; its earlier runs and jobs stay");
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { json_schema: true, .. } => {
@@ -437,6 +557,12 @@ impl Cli {
                     outln!("{}", jobs::LIST_HEADER);
                     for j in &jobs {
                         outln!("{}", jobs::list_line(j));
+                    }
+                }
+                if !json && job.is_none() {
+                    let schedules = jobs::schedules(&state).await?;
+                    if !schedules.is_empty() {
+                        out!("\n{}", jobs::describe_schedules(&schedules));
                     }
                 }
                 Ok(ExitCode::SUCCESS)

@@ -50,6 +50,7 @@ pub enum S3Error {
     Url(String),
     #[error("{url}: {message}")]
     Call { url: String, message: String },
+    /// No object has the key, or none matches the prefix or glob.
     #[error("{url}: no objects match")]
     Empty { url: String },
     #[error("{url}: writing the local copy failed: {source}")]
@@ -116,13 +117,13 @@ impl S3 {
         let shown = url.to_string();
         let call = |e: String| S3Error::Call { url: shown.clone(), message: e };
         if !url.is_glob() && !url.key.ends_with('/') && !url.key.is_empty() {
-            self.client
-                .head_object()
-                .bucket(&url.bucket)
-                .key(&url.key)
-                .send()
-                .await
-                .map_err(|e| call(aws_sdk_s3::error::DisplayErrorContext(&e).to_string()))?;
+            self.client.head_object().bucket(&url.bucket).key(&url.key).send().await.map_err(|e| {
+                if e.as_service_error().is_some_and(|s| s.is_not_found()) {
+                    S3Error::Empty { url: shown.clone() }
+                } else {
+                    call(aws_sdk_s3::error::DisplayErrorContext(&e).to_string())
+                }
+            })?;
             return Ok(vec![url.clone()]);
         }
         let pattern = if url.is_glob() {

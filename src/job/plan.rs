@@ -89,6 +89,19 @@ pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submi
         }
         None => (store.create_job(&spec.name, &spec_json, &hash).await?, false),
     };
+    plan_job(store, schema, job_id, spec, resumed).await
+}
+
+/// Plans job `job_id` (made for `spec`, or resumed): reads its input,
+/// cuts its batches and queues them. A scheduled run's job comes here
+/// straight from its schedule.
+pub async fn plan_job(
+    store: &Store,
+    schema: &str,
+    job_id: i64,
+    spec: &JobSpec,
+    resumed: bool,
+) -> Result<Submitted, PlanError> {
     let lock = store.lock_planning(job_id).await?.ok_or(PlanError::Busy(job_id))?;
     let planned = async {
         read_inputs(store, job_id, spec).await?;

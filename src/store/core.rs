@@ -906,10 +906,14 @@ impl Store {
             .collect()
     }
 
-    /// The job's creation date (UTC): the `dt` partition of its output.
+    /// The `dt` partition of the job's output: a scheduled run's logical
+    /// date, else the job's creation date (UTC).
     pub async fn job_date(&self, job_id: i64) -> Result<NaiveDate, StoreError> {
-        let created = self.one("SELECT {epoch created_at} FROM jobs WHERE job_id = $1", args![job_id]).await?;
-        let secs = created.opt_real(0)?.unwrap_or_default();
+        let r = self.one("SELECT {epoch created_at}, logical_date FROM jobs WHERE job_id = $1", args![job_id]).await?;
+        if let Some(d) = r.opt_text(1)?.and_then(|d| d.parse().ok()) {
+            return Ok(d);
+        }
+        let secs = r.opt_real(0)?.unwrap_or_default();
         Ok(DateTime::from_timestamp(secs as i64, 0).unwrap_or_default().date_naive())
     }
 

@@ -13,6 +13,7 @@ mod bucket;
 mod core;
 pub mod postgres;
 mod records;
+mod schedules;
 mod sql;
 pub mod sqlite;
 

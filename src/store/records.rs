@@ -562,3 +562,49 @@ mod tests {
         }
     }
 }
+
+/// A registered schedule: its spec (templates unfilled) and the time up to
+/// which its fire times are decided (Unix seconds).
+#[derive(Debug, Clone)]
+pub struct ScheduleRow {
+    pub name: String,
+    pub spec: serde_json::Value,
+    pub decided_through: f64,
+}
+
+/// A run to record: its fire time (Unix seconds), logical date, state
+/// (`due` or `missed`), how it came (`schedule`, `catch-up`, `backfill`,
+/// `rerun`) and why, for a missed one.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NewRun {
+    pub at: f64,
+    pub date: String,
+    pub state: &'static str,
+    pub how: &'static str,
+    pub reason: Option<String>,
+}
+
+/// One run of a schedule, with its job's state once it has a job.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScheduledRun {
+    pub name: String,
+    /// The fire time, RFC 3339 UTC.
+    pub logical_at: String,
+    pub logical_date: String,
+    /// due, waiting, submitted, missed or failed.
+    pub state: String,
+    pub how: String,
+    pub job_id: Option<i64>,
+    pub job_state: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// A run a scheduler has claimed to start: the lease is its until it
+/// settles the run (or the lease runs out and another takes it).
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub name: String,
+    pub at: f64,
+    pub date: String,
+    pub job_id: Option<i64>,
+}

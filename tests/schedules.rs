@@ -1,0 +1,325 @@
+//! Schedules (`vinetl scheduler`, `backfill`), on both stores, with an
+//! injected clock: the scheduler's functions take the time they run at, so
+//! a three-day outage takes no three days. Runs are real: each starts a
+//! job that is planned from its dated input file and queued.
+
+mod common;
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use common::{pg_url, unique_schema};
+use vinetl::cli::jobs::State;
+use vinetl::job::scheduler;
+use vinetl::spec::JobSpec;
+use vinetl::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Pg,
+    Lite,
+}
+
+struct Env {
+    backend: Backend,
+    url: String,
+    schema: String,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(backend: Backend) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match backend {
+            Backend::Pg => pg_url(),
+            Backend::Lite => format!("sqlite://{}", dir.path().join("state.db").display()),
+        };
+        Env { backend, url, schema: unique_schema("sched"), dir }
+    }
+
+    /// A store of its own: another pool, as another process has.
+    async fn store(&self) -> Store {
+        State::new(Some(&self.url), &self.schema).unwrap().open(4).await.unwrap()
+    }
+
+    /// A nightly spec (02:00 in `tz`) over `drop/{date}/vins.txt`.
+    fn spec(&self, extra: &str) -> JobSpec {
+        let text = format!(
+            "name = \"nightly\"\nschedule = \"0 2 * * *\"\n{extra}\n[source]\nkind = \"file\"\npath = \"drop/{{date}}/vins.txt\"\n[provider]\nbase_url = \"http://127.0.0.1:9\"\nrequests_per_second = 10\n[[outputs]]\nkind = \"parquet\"\npath = \"out/dt={{date}}\"\n"
+        );
+        let path = self.dir.path().join("nightly.toml");
+        std::fs::write(&path, text).unwrap();
+        JobSpec::load(&path).unwrap()
+    }
+
+    /// Drops the day's input file.
+    fn drop_input(&self, date: &str) {
+        let dir = self.dir.path().join("drop").join(date);
+        std::fs::create_dir_all(&dir).unwrap();
+        let vins: Vec<&str> = PATTERN.lines().take(30).collect();
+        std::fs::write(dir.join("vins.txt"), vins.join("\n")).unwrap();
+    }
+
+    /// (logical date, state, job id) of every run, oldest first.
+    async fn runs(&self, store: &Store) -> Vec<(String, String, Option<i64>)> {
+        let mut runs: Vec<_> = store
+            .scheduled_runs("nightly", 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.logical_date, r.state, r.job_id))
+            .collect();
+        runs.reverse();
+        runs
+    }
+
+    /// Jobs per logical date, from the jobs table itself.
+    async fn jobs_per_date(&self, store: &Store) -> Vec<(String, i64)> {
+        let sql = "SELECT logical_date, count(*) FROM jobs GROUP BY logical_date ORDER BY logical_date";
+        match (store.pg_pool(), store.sqlite_pools()) {
+            (Some(p), _) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+            (None, Some((p, _))) => sqlx::query_as(sql).fetch_all(p).await.unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn cleanup(self) {
+        if self.backend == Backend::Pg {
+            common::cleanup(&self.schema).await;
+        }
+    }
+}
+
+const PATTERN: &str = include_str!("fixtures/pattern-vins.txt");
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn day(s: &str) -> NaiveDate {
+    s.parse().unwrap()
+}
+
+/// Two schedulers (two stores, as two processes) tick at once, every
+/// minute around five nights' fire times, and at the same instants: each
+/// logical date gets one run and one job.
+async fn two_schedulers_never_make_two_runs_for_one_date(backend: Backend) {
+    let env = Env::new(backend);
+    let (a, b) = (env.store().await, env.store().await);
+    let spec = env.spec("");
+    scheduler::register(&a, &spec, at("2026-12-01T00:00:00Z")).await.unwrap();
+    for d in 1..=5 {
+        env.drop_input(&format!("2026-12-0{d}"));
+        let fire = at(&format!("2026-12-0{d}T02:00:00Z"));
+        for minute in [-1, 0, 0, 1, 2] {
+            let now = fire + Duration::minutes(minute);
+            let (ta, tb) =
+                tokio::join!(scheduler::tick(&a, &env.schema, now, None), scheduler::tick(&b, &env.schema, now, None));
+            let (ta, tb) = (ta.unwrap(), tb.unwrap());
+            assert!(ta.failed.is_empty() && tb.failed.is_empty(), "{ta:?} {tb:?}");
+        }
+    }
+    let runs = env.runs(&a).await;
+    let dates: Vec<&str> = runs.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(dates, ["2026-12-01", "2026-12-02", "2026-12-03", "2026-12-04", "2026-12-05"]);
+    assert!(runs.iter().all(|r| r.1 == "submitted" && r.2.is_some()), "{runs:?}");
+    let per_date = env.jobs_per_date(&a).await;
+    assert_eq!(per_date.len(), 5, "{per_date:?}");
+    assert!(per_date.iter().all(|(_, n)| *n == 1), "one job per logical date: {per_date:?}");
+    // Each job read its own date's file and holds its rows.
+    let job = runs[2].2.unwrap();
+    let counts = a.counts(job).await.unwrap().unwrap();
+    assert_eq!(counts.rows, 30);
+    assert!(
+        a.job_spec(job).await.unwrap().unwrap().outputs.iter().any(|o| format!("{o:?}").contains("dt=2026-12-03")),
+        "the output path is filled with the logical date"
+    );
+    env.cleanup().await;
+}
+
+/// Three nights pass with no scheduler running; the first tick after
+/// makes three runs with `catchup = "all"`, one (the newest) with
+/// `latest`, none with `none`; the others are recorded as missed, and
+/// `status` shows them (and, before the tick, that runs are overdue).
+async fn catchup_after_a_three_day_outage(backend: Backend) {
+    for (policy, started, missed) in [("all", 3, 0), ("latest", 1, 2), ("none", 0, 3)] {
+        let env = Env::new(backend);
+        let store = env.store().await;
+        let spec = env.spec(&format!("catchup = \"{policy}\""));
+        for d in ["2026-12-01", "2026-12-02", "2026-12-03"] {
+            env.drop_input(d);
+        }
+        // Registered on 30 November at 03:00; down until 3 December at 09:00.
+        scheduler::register(&store, &spec, at("2026-11-30T03:00:00Z")).await.unwrap();
+        let back = at("2026-12-03T09:00:00Z");
+        let before = scheduler::status(&store, back).await.unwrap();
+        assert_eq!(before[0].overdue, 3, "{policy}: status tells that no scheduler ran: {before:?}");
+        let t = scheduler::tick(&store, &env.schema, back, None).await.unwrap();
+        assert_eq!(t.started.len(), started, "{policy}: {t:?}");
+        let runs = env.runs(&store).await;
+        assert_eq!(runs.iter().filter(|r| r.1 == "submitted").count(), started, "{policy}: {runs:?}");
+        assert_eq!(runs.iter().filter(|r| r.1 == "missed").count(), missed, "{policy}: {runs:?}");
+        if policy == "latest" {
+            assert_eq!(t.started[0].1, "2026-12-03", "latest runs the newest night");
+        }
+        let after = scheduler::status(&store, back).await.unwrap();
+        assert_eq!(after[0].overdue, 0);
+        assert_eq!(after[0].missed.len(), missed, "{policy}: status lists the missed nights");
+        assert!(after[0].missed.iter().all(|r| r.reason.as_deref().unwrap().contains("no scheduler ran")));
+        assert_eq!(after[0].next_date.as_deref(), Some("2026-12-04"));
+        // A second tick (another scheduler after the first) adds nothing.
+        let again = scheduler::tick(&store, &env.schema, back + Duration::seconds(5), None).await.unwrap();
+        assert_eq!((again.recorded, again.started.len()), (0, 0), "{policy}");
+        env.cleanup().await;
+    }
+}
+
+/// Backfill over 1–5 December where 1, 2, 4 and 5 ran fills only the 3rd;
+/// `--rerun` runs a date again with a new job.
+async fn backfill_over_a_range_with_a_gap_fills_only_the_gap(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = env.spec("");
+    for d in 1..=5 {
+        env.drop_input(&format!("2026-12-0{d}"));
+    }
+    let now = at("2026-12-06T12:00:00Z");
+    assert_eq!(scheduler::backfill(&store, &spec, day("2026-12-01"), day("2026-12-02"), false, now).await.unwrap(), 2);
+    assert_eq!(scheduler::backfill(&store, &spec, day("2026-12-04"), day("2026-12-05"), false, now).await.unwrap(), 2);
+    scheduler::tick(&store, &env.schema, now, Some("nightly")).await.unwrap();
+    let before = env.runs(&store).await;
+    assert_eq!(before.len(), 4);
+
+    let queued = scheduler::backfill(&store, &spec, day("2026-12-01"), day("2026-12-05"), false, now).await.unwrap();
+    assert_eq!(queued, 1, "only the gap");
+    let t = scheduler::tick(&store, &env.schema, now, Some("nightly")).await.unwrap();
+    assert_eq!(t.started.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), ["2026-12-03"]);
+    let after = env.runs(&store).await;
+    assert_eq!(after.len(), 5);
+    for old in &before {
+        assert!(after.contains(old), "{old:?} was left alone");
+    }
+    assert!(env.jobs_per_date(&store).await.iter().all(|(_, n)| *n == 1));
+
+    // --rerun: once the date's job has ended, a new job for it.
+    let old_job = after[1].2.unwrap();
+    let running = scheduler::backfill(&store, &spec, day("2026-12-02"), day("2026-12-02"), true, now).await.unwrap();
+    assert_eq!(running, 0, "not while its job is still going");
+    store.cancel_job(old_job).await.unwrap();
+    let rerun = scheduler::backfill(&store, &spec, day("2026-12-02"), day("2026-12-02"), true, now).await.unwrap();
+    assert_eq!(rerun, 1);
+    let t = scheduler::tick(&store, &env.schema, now, Some("nightly")).await.unwrap();
+    assert_eq!(t.started.len(), 1);
+    assert_ne!(t.started[0].2, old_job);
+    env.cleanup().await;
+}
+
+/// A run whose dated input is not there waits (no job, no failure), starts
+/// when the file appears, and fails naming the path when it never does.
+async fn a_missing_input_waits_then_fails_naming_the_path(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = env.spec("wait_for_input = \"3h\"");
+    scheduler::register(&store, &spec, at("2026-12-01T00:00:00Z")).await.unwrap();
+    let fire = at("2026-12-01T02:00:00Z");
+    let t = scheduler::tick(&store, &env.schema, fire, None).await.unwrap();
+    assert_eq!((t.started.len(), t.waiting), (0, 1), "{t:?}");
+    let status = scheduler::status(&store, fire).await.unwrap();
+    assert!(status[0].pending[0].reason.as_deref().unwrap().contains("drop/2026-12-01/vins.txt"), "{status:?}");
+    // Looked at again a minute later, not before.
+    let t = scheduler::tick(&store, &env.schema, fire + Duration::seconds(30), None).await.unwrap();
+    assert_eq!(t.waiting, 0, "not looked at again before its next check");
+    env.drop_input("2026-12-01");
+    let t = scheduler::tick(&store, &env.schema, fire + Duration::minutes(40), None).await.unwrap();
+    assert_eq!(t.started.len(), 1, "{t:?}");
+
+    // The next night's file never comes.
+    let fire = at("2026-12-02T02:00:00Z");
+    scheduler::tick(&store, &env.schema, fire, None).await.unwrap();
+    let t = scheduler::tick(&store, &env.schema, fire + Duration::hours(3) + Duration::minutes(1), None).await.unwrap();
+    assert_eq!(t.failed.len(), 1, "{t:?}");
+    let why = &t.failed[0].2;
+    assert!(why.contains("drop/2026-12-02/vins.txt") && why.contains("never came"), "{why}");
+    let runs = env.runs(&store).await;
+    assert_eq!(runs[1].1, "failed");
+    let job = runs[1].2.expect("a failed job tells status");
+    let counts = store.counts(job).await.unwrap().unwrap();
+    assert_eq!(counts.state, "failed");
+    assert!(counts.state_reason.as_deref().unwrap_or_default().contains("drop/2026-12-02/vins.txt"));
+    env.cleanup().await;
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Pg).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Lite).await
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    two_schedulers_never_make_two_runs_for_one_date,
+    catchup_after_a_three_day_outage,
+    backfill_over_a_range_with_a_gap_fills_only_the_gap,
+    a_missing_input_waits_then_fails_naming_the_path,
+);
+
+/// Two real `vinetl scheduler` processes on one Postgres state, a schedule
+/// that fires every second, for a few seconds: every fire time has one
+/// run and every run one job. Then `status` and `schedules` show it.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_scheduler_processes_start_each_fire_time_once() {
+    let env = Env::new(Backend::Pg);
+    env.drop_input("any");
+    let path = env.dir.path().join("every-second.toml");
+    std::fs::write(
+        &path,
+        "name = \"nightly\"\nschedule = \"* * * * * *\"\n[source]\nkind = \"file\"\npath = \"drop/any/vins.txt\"\n[provider]\nbase_url = \"http://127.0.0.1:9\"\nrequests_per_second = 10\n",
+    )
+    .unwrap();
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+            .args(["scheduler", path.to_str().unwrap()])
+            .env("DATABASE_URL", &env.url)
+            .env("VINETL_SCHEMA", &env.schema)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let (mut one, mut two) = (spawn(), spawn());
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    one.kill().await.unwrap();
+    two.kill().await.unwrap();
+    let store = env.store().await;
+    let runs = env.runs(&store).await;
+    assert!(runs.len() >= 3, "{runs:?}");
+    let jobs: Vec<i64> = runs.iter().filter_map(|r| r.2).collect();
+    let mut distinct = jobs.clone();
+    distinct.dedup();
+    assert_eq!(jobs.len(), distinct.len(), "no job serves two runs");
+    let (total,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs").fetch_one(store.pg_pool().unwrap()).await.unwrap();
+    assert_eq!(total as usize, jobs.len(), "one job per run: {runs:?}");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["status"])
+        .env("DATABASE_URL", &env.url)
+        .env("VINETL_SCHEMA", &env.schema)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("schedule nightly") && text.contains("next 20"), "{text}");
+    env.cleanup().await;
+}
