@@ -165,6 +165,21 @@ async fn catchup_after_a_three_day_outage(backend: Backend) {
         assert_eq!(after[0].missed.len(), missed, "{policy}: status lists the missed nights");
         assert!(after[0].missed.iter().all(|r| r.reason.as_deref().unwrap().contains("no scheduler ran")));
         assert_eq!(after[0].next_date.as_deref(), Some("2026-12-04"));
+        if policy == "latest" {
+            // The jobs page shows the schedule, its last run and the missed nights.
+            let ui = vinetl::ui::spawn(store.clone(), "127.0.0.1:0").await.unwrap();
+            let page = reqwest::get(ui.url()).await.unwrap().text().await.unwrap();
+            let row = &page[page.find("data-schedule=\"nightly\"").expect("a schedules row")..];
+            assert!(row.contains("data-missed=\"2\""), "{row}");
+            for shown in ["2026-12-01 missed", "2026-12-02 missed", "no scheduler ran", "0 2 * * *", "job 1"] {
+                assert!(row.contains(shown), "{shown:?} in {row}");
+            }
+            let json: serde_json::Value =
+                reqwest::get(format!("{}/api/schedules", ui.url())).await.unwrap().json().await.unwrap();
+            assert_eq!(json[0]["last_run"]["logical_date"], "2026-12-03");
+            assert!(json[0]["next_run"].is_string());
+            ui.stop().await.unwrap();
+        }
         // A second tick (another scheduler after the first) adds nothing.
         let again = scheduler::tick(&store, &env.schema, back + Duration::seconds(5), None).await.unwrap();
         assert_eq!((again.recorded, again.started.len()), (0, 0), "{policy}");

@@ -3,11 +3,13 @@
 //!
 //! Server-side HTML ([`pages`], maud templates: everything from the store
 //! is escaped), refreshed by the browser itself (`<meta http-equiv=refresh>`),
-//! no JavaScript. Routes: `/` (the job list), `/jobs/{id}` (one job), and
-//! the same data as JSON at `/api/jobs` and `/api/jobs/{id}`.
+//! no JavaScript. Routes: `/` (the job list and the schedules),
+//! `/jobs/{id}` (one job), and the same data as JSON at `/api/jobs`,
+//! `/api/jobs/{id}` and `/api/schedules`.
 //!
 //! It owns its routes and HTML and nothing else: it reads the store through
-//! the store's own read operations (`recent_jobs`, `counts`, `failures`)
+//! the store's own read operations (`recent_jobs`, `counts`, `failures`,
+//! the schedules' status)
 //! and never writes to it; the command line opens the store for it.
 
 mod pages;
@@ -60,6 +62,7 @@ pub fn router(store: Store) -> Router {
         .route("/jobs/{id}", get(job_page))
         .route("/api/jobs", get(list_json))
         .route("/api/jobs/{id}", get(job_json))
+        .route("/api/schedules", get(schedules_json))
         .with_state(store)
 }
 
@@ -135,7 +138,9 @@ fn html(markup: maud::Markup) -> Response {
 
 async fn list_page(State(store): State<Store>) -> Result<Response, UiError> {
     let jobs = jobs(&store).await?;
-    Ok(html(pages::list(&jobs, chrono::Utc::now())))
+    let now = chrono::Utc::now();
+    let schedules = crate::job::scheduler::status(&store, now).await?;
+    Ok(html(pages::list(&jobs, &schedules, now)))
 }
 
 async fn job_page(State(store): State<Store>, Path(id): Path<i64>) -> Result<Response, UiError> {
@@ -155,6 +160,12 @@ async fn list_json(State(store): State<Store>) -> Result<Json<Vec<ListedJob>>, U
     let now = chrono::Utc::now();
     let jobs = jobs(&store).await?;
     Ok(Json(jobs.into_iter().map(|c| ListedJob { progress: progress(&c, now), counts: c }).collect()))
+}
+
+async fn schedules_json(
+    State(store): State<Store>,
+) -> Result<Json<Vec<crate::job::scheduler::ScheduleStatus>>, UiError> {
+    Ok(Json(crate::job::scheduler::status(&store, chrono::Utc::now()).await?))
 }
 
 async fn job_json(State(store): State<Store>, Path(id): Path<i64>) -> Result<Json<serde_json::Value>, UiError> {

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::{PAGE_FAILURES, REFRESH_SECS};
+use crate::job::scheduler::ScheduleStatus;
 use crate::store::{Failures, JobCounts};
 
 /// How far a job is, as the pages show it.
@@ -168,7 +169,7 @@ fn badge(state: &str) -> Markup {
 }
 
 /// The job list: one row per recent job, the troubled ones tinted, with why.
-pub fn list(jobs: &[JobCounts], now: DateTime<Utc>) -> Markup {
+pub fn list(jobs: &[JobCounts], schedules: &[ScheduleStatus], now: DateTime<Utc>) -> Markup {
     let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
     for j in jobs {
         *by_state.entry(j.state.as_str()).or_default() += 1;
@@ -200,6 +201,7 @@ pub fn list(jobs: &[JobCounts], now: DateTime<Utc>) -> Markup {
                             @for c in jobs { (list_row(c, now)) }
                         }
                     }
+                    @if !schedules.is_empty() { (schedule_table(schedules)) }
                 }
             }
         }
@@ -235,6 +237,57 @@ fn list_row(c: &JobCounts, now: DateTime<Utc>) -> Markup {
             td.nowrap { (when(c.times.started_at.as_deref())) }
             td { (p.duration_secs.map_or("-".to_string(), span)) }
             td.eta { (eta(c, &p)) }
+        }
+    }
+}
+
+/// The schedules: next run, last run, and the nights that did not run
+/// (missed while no scheduler ran, failed, or overdue right now).
+fn schedule_table(schedules: &[ScheduleStatus]) -> Markup {
+    html! {
+        h2 { "Schedules" }
+        table #schedules {
+            thead { tr {
+                th { "Schedule" } th { "Cron" } th { "Next run" } th { "Last run" } th { "Missed nights" }
+            } }
+            tbody {
+                @for s in schedules {
+                    @let trouble = s.overdue > 0 || !s.missed.is_empty() || s.problem.is_some();
+                    tr class={ "schedule" @if trouble { " row-failed" } } data-schedule=(s.name)
+                        data-missed=(s.missed.len()) data-overdue=(s.overdue) {
+                        td.nowrap { (s.name) }
+                        td.nowrap { code { (s.schedule) } " " span.sub { (s.timezone) } }
+                        td.nowrap.next-run {
+                            (when(s.next_run.as_deref()))
+                            @if let Some(d) = &s.next_date { div.sub { "date " (d) } }
+                        }
+                        td.last-run {
+                            @if let Some(r) = &s.last_run {
+                                (r.logical_date) " "
+                                @if let Some(j) = r.job_id { a href={ "/jobs/" (j) } { "job " (j) } " " }
+                                (badge(r.job_state.as_deref().unwrap_or(&r.state)))
+                            } @else { "never" }
+                            @for r in &s.pending {
+                                div.sub { (r.logical_date) " " (r.state) ": " (short(r.reason.as_deref().unwrap_or("to start"), 120)) }
+                            }
+                        }
+                        td.missed {
+                            @if let Some(p) = &s.problem { div.reason { (short(p, 160)) } }
+                            @if s.overdue > 0 {
+                                div.reason { (s.overdue) " overdue: no scheduler is running" }
+                            }
+                            @for r in &s.missed {
+                                div.reason {
+                                    (r.logical_date) " " (r.state)
+                                    @if let Some(j) = r.job_id { " (" a href={ "/jobs/" (j) } { "job " (j) } ")" }
+                                    ": " (short(r.reason.as_deref().unwrap_or_default(), 160))
+                                }
+                            }
+                            @if !trouble { "none" }
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -412,7 +465,8 @@ mod tests {
         let p = progress(&c, now);
         assert_eq!((p.rows_done, p.percent, p.duration_secs), (400, 40.0, Some(100.0)));
         assert_eq!(p.eta_secs, Some(120.0));
-        let page = list(std::slice::from_ref(&c), now).into_string();
+        let page = list(std::slice::from_ref(&c), &[], now).into_string();
+        assert!(!page.contains("id=\"schedules\""), "no schedules, no table");
         assert!(!page.contains("<script>alert"), "escaped: {page}");
         assert!(page.contains("&lt;script&gt;"));
         assert!(page.contains("~2 min 00 s"), "{page}");
