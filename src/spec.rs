@@ -674,6 +674,28 @@ requests_per_second = 5
     }
 
     #[test]
+    fn schedules_and_templates_are_checked_on_load() {
+        let with = |top: &str| MINIMAL.replacen("name = ", &format!("{top}\nname = "), 1);
+        let err = |top: &str| JobSpec::parse("t.toml", &with(top)).unwrap_err().to_string();
+        assert!(err("schedule = \"0 2 * *\"").contains("schedule: \"0 2 * *\" is not a cron expression"));
+        assert!(err("schedule = \"0 2 * * *\"\ntimezone = \"Mars/Base\"").contains("timezone:"));
+        assert!(err("catchup = \"all\"").contains("need a schedule"));
+        assert!(err("schedule = \"0 2 * * *\"\nwait_for_input = \"soon\"").contains("wait_for_input"));
+        let spec = JobSpec::parse("t.toml", &with("schedule = \"0 2 * * *\"\ncatchup = \"none\"")).unwrap();
+        assert_eq!(spec.catchup, Some(Catchup::None));
+        assert!(spec.calendar().is_some() && !spec.has_templates());
+        let templated = MINIMAL.replace("fleet.csv", "drop/{date-1}/vins.txt");
+        let spec = JobSpec::parse("t.toml", &templated).unwrap();
+        assert!(spec.has_templates());
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
+        let SourceSpec::File { path, .. } = spec.for_date(day).unwrap().source else { panic!() };
+        assert_eq!(path, "drop/2026-12-04/vins.txt");
+        let bad = MINIMAL.replace("fleet.csv", "drop/{day}/vins.txt");
+        let err = JobSpec::parse("t.toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("source.path") && err.contains("{day}"), "{err}");
+    }
+
+    #[test]
     fn the_shipped_specs_parse() {
         for entry in std::fs::read_dir("jobs").unwrap() {
             let path = entry.unwrap().path();

@@ -338,3 +338,60 @@ async fn two_scheduler_processes_start_each_fire_time_once() {
     assert!(text.contains("schedule nightly") && text.contains("next 20"), "{text}");
     env.cleanup().await;
 }
+
+/// The whole path on real processes: `vinetl serve`, a scheduled spec
+/// registered by `vinetl submit`, and one `vinetl worker --with-scheduler`
+/// that starts the run and works it. The run's job ends done, and its
+/// Parquet lands in the partition of its logical date.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_the_scheduler_runs_a_scheduled_spec_to_its_output() {
+    let server = common::ServeProcess::start(&[]);
+    let env = Env::new(Backend::Pg);
+    let today = Utc::now().date_naive();
+    // Around midnight UTC the next fire may fall on tomorrow.
+    for d in [today, today.succ_opt().unwrap()] {
+        env.drop_input(&d.to_string());
+    }
+    let out_dir = env.dir.path().join("out");
+    let path = env.dir.path().join("scheduled.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"nightly\"\nschedule = \"*/3 * * * * *\"\n[source]\nkind = \"file\"\npath = \"drop/{{date}}/vins.txt\"\n\
+             [provider]\nbase_url = \"{}\"\nrequests_per_second = 50\n[[outputs]]\nkind = \"parquet\"\npath = \"{}\"\n",
+            server.url,
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let spec = path.to_str().unwrap();
+    let out = common::vinetl_async(&env.schema, "YOUR_API_KEY", &["submit", spec]).await;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("schedule nightly registered: next run"), "{said}");
+    let _worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["worker", "--with-scheduler"])
+        .env("DATABASE_URL", &env.url)
+        .env("VINETL_SCHEMA", &env.schema)
+        .env("CARVIN_API_KEY", "YOUR_API_KEY")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        let out = common::vinetl_async(&env.schema, "unused", &["schedules", "--json"]).await;
+        last = serde_json::from_slice(&out.stdout).unwrap();
+        if last[0]["last_run"]["job_state"] == "done" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let run = &last[0]["last_run"];
+    assert_eq!(run["job_state"], "done", "{last}");
+    let date = run["logical_date"].as_str().unwrap();
+    let partition = out_dir.join(format!("dt={date}"));
+    assert!(!common::files_under(&partition).is_empty(), "the run wrote {}", partition.display());
+    let job = run["job_id"].as_i64().unwrap();
+    assert_eq!(common::status(&env.schema, job).await["rows"], 30);
+    server.stop();
+    env.cleanup().await;
+}
