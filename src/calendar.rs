@@ -22,7 +22,7 @@ pub struct Calendar {
 
 /// Fire times one decision looks at, at most. An every-second cron after a
 /// week down would otherwise list 600,000 of them; the oldest beyond this
-/// are counted as missed without being listed one by one.
+/// are passed over with a warning in the log, recorded nowhere.
 pub const MAX_FIRES: usize = 1_000;
 
 impl Calendar {
@@ -103,15 +103,16 @@ impl Calendar {
 /// - `{date:FORMAT}`: chrono's strftime, e.g. `{date:%Y/%m/%d}`;
 /// - `{date-1}`, `{date+2:%Y%m%d}`: so many days before or after.
 ///
-/// Any other `{...}` is an error naming it. Why not a template crate: the
-/// one variable is a date, the formatting is chrono's, and a general
-/// engine would accept (and silently empty) a mistyped name.
+/// Other braces are left as they are (a query's `'{a,b}'` array literal);
+/// a `{date…}` that does not parse is an error naming it. Why not a
+/// template crate: the one variable is a date, the formatting is chrono's,
+/// and a general engine would claim every brace in a SQL query.
 pub fn fill(text: &str, date: NaiveDate) -> Result<String, String> {
     let mut out = String::with_capacity(text.len() + 16);
     let mut rest = text;
-    while let Some(open) = rest.find('{') {
+    while let Some(open) = rest.find("{date") {
         out.push_str(&rest[..open]);
-        let close = rest[open..].find('}').ok_or_else(|| format!("{text:?}: a `{{` is not closed"))? + open;
+        let close = rest[open..].find('}').ok_or_else(|| format!("{text:?}: a `{{date` is not closed"))? + open;
         let inner = &rest[open + 1..close];
         out.push_str(&one_template(inner, date).map_err(|why| format!("{text:?}: {{{inner}}}: {why}"))?);
         rest = &rest[close + 1..];
@@ -127,16 +128,14 @@ pub fn has_template(text: &str) -> bool {
 
 fn one_template(inner: &str, date: NaiveDate) -> Result<String, String> {
     let (head, format) = inner.split_once(':').unwrap_or((inner, "%Y-%m-%d"));
-    let Some(offset) = head.strip_prefix("date") else {
-        return Err("the only template is {date}, {date:FORMAT} or {date-N}".into());
-    };
+    let offset = head.strip_prefix("date").expect("a {date template");
     let date = match offset {
         "" => Some(date),
         o if o.starts_with('-') => o[1..].parse().ok().and_then(|n| date.checked_sub_days(Days::new(n))),
         o if o.starts_with('+') => o[1..].parse().ok().and_then(|n| date.checked_add_days(Days::new(n))),
         _ => None,
     }
-    .ok_or("the day offset must be -N or +N, e.g. {date-1}")?;
+    .ok_or("a date template is {date}, {date:FORMAT}, or {date-N} / {date+N} (days)")?;
     let items: Vec<chrono::format::Item> = chrono::format::StrftimeItems::new(format).collect();
     if items.iter().any(|i| matches!(i, chrono::format::Item::Error)) {
         return Err(format!("{format:?} is not a strftime format"));
@@ -166,7 +165,11 @@ mod tests {
         assert_eq!(fill("{date+30:%Y%m%d}", d).unwrap(), "20270104");
         assert_eq!(fill("{date:%Y/%m/%d}/x", d).unwrap(), "2026/12/05/x");
         assert_eq!(fill("no template", d).unwrap(), "no template");
-        assert!(fill("{day}", d).unwrap_err().contains("{day}"));
+        assert_eq!(
+            fill("WHERE tags && '{a,b}' AND day = '{date}'", d).unwrap(),
+            "WHERE tags && '{a,b}' AND day = '2026-12-05'"
+        );
+        assert!(fill("{dated}", d).unwrap_err().contains("{dated}"));
         assert!(fill("{date", d).is_err());
         assert!(fill("{date-x}", d).is_err());
         assert!(fill("{date:%H}", d).is_err(), "a date has no hour");
@@ -185,6 +188,19 @@ mod tests {
         assert_eq!(on, vec![utc("2026-12-02T07:00:00Z"), utc("2026-12-03T07:00:00Z")]);
         assert!(Calendar::new("0 2 * *", None).is_err());
         assert!(Calendar::new("0 2 * * *", Some("Mars/Olympus")).is_err());
+    }
+
+    #[test]
+    fn daylight_saving_neither_skips_nor_doubles_a_nightly_run() {
+        let c = Calendar::new("30 2 * * *", Some("America/New_York")).unwrap();
+        // 8 March 2026: 02:00 jumps to 03:00, so 02:30 does not exist that night.
+        let spring = c.fires_on_dates(day("2026-03-07"), day("2026-03-09"));
+        let dates: Vec<NaiveDate> = spring.iter().map(|t| c.logical_date(*t)).collect();
+        assert_eq!(dates, [day("2026-03-07"), day("2026-03-08"), day("2026-03-09")], "{spring:?}");
+        // 1 November 2026: 01:00–02:00 happens twice; 02:30 once.
+        let fall = c.fires_on_dates(day("2026-10-31"), day("2026-11-02"));
+        assert_eq!(fall.len(), 3, "{fall:?}");
+        assert_eq!(fall[1], utc("2026-11-01T07:30:00Z"), "02:30 EST");
     }
 
     #[test]

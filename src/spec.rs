@@ -46,6 +46,11 @@ pub struct JobSpec {
     /// appear before it fails naming the path (default `6h`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_for_input: Option<String>,
+    /// A file or `s3://` URL (with `{date}` templates) whose presence says
+    /// the run's input is complete, such as the exporter's `_SUCCESS`; a
+    /// scheduled run waits for it instead of for the input itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_marker: Option<String>,
 }
 
 /// Which missed runs a scheduler starts when it finds fire times that
@@ -193,6 +198,9 @@ impl JobSpec {
             if let OutputSpec::Parquet { path, .. } = output {
                 *path = f(path).map_err(|e| ("outputs.path", e))?;
             }
+        }
+        if let Some(m) = &mut self.ready_marker {
+            *m = f(m).map_err(|e| ("ready_marker", e))?;
         }
         Ok(())
     }
@@ -423,11 +431,17 @@ impl JobSpec {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: shown.clone(), source })?;
         let mut spec = JobSpec::parse(&shown, &text)?;
-        if let SourceSpec::File { path: p, .. } = &mut spec.source {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            if Path::new(p.as_str()).is_relative() {
-                *p = dir.join(&*p).display().to_string();
-            }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let local = spec.ready_marker.as_mut().filter(|m| !m.starts_with("s3://"));
+        if let SourceSpec::File { path: p, .. } = &mut spec.source
+            && Path::new(p.as_str()).is_relative()
+        {
+            *p = dir.join(&*p).display().to_string();
+        }
+        if let Some(m) = local
+            && Path::new(m.as_str()).is_relative()
+        {
+            *m = dir.join(&*m).display().to_string();
         }
         // Output directories are relative to where the command runs
         // (`vinetl run jobs/demo.toml` writes `./out/...`), fixed at submit.
@@ -507,8 +521,15 @@ impl JobSpec {
                     );
                 }
             }
-            None if self.timezone.is_some() || self.catchup.is_some() || self.wait_for_input.is_some() => {
-                return invalid("schedule", "timezone, catchup and wait_for_input need a schedule (a cron expression)");
+            None if self.timezone.is_some()
+                || self.catchup.is_some()
+                || self.wait_for_input.is_some()
+                || self.ready_marker.is_some() =>
+            {
+                return invalid(
+                    "schedule",
+                    "timezone, catchup, wait_for_input and ready_marker need a schedule (a cron expression)",
+                );
             }
             None => {}
         }
@@ -690,9 +711,9 @@ requests_per_second = 5
         let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
         let SourceSpec::File { path, .. } = spec.for_date(day).unwrap().source else { panic!() };
         assert_eq!(path, "drop/2026-12-04/vins.txt");
-        let bad = MINIMAL.replace("fleet.csv", "drop/{day}/vins.txt");
+        let bad = MINIMAL.replace("fleet.csv", "drop/{date-x}/vins.txt");
         let err = JobSpec::parse("t.toml", &bad).unwrap_err().to_string();
-        assert!(err.contains("source.path") && err.contains("{day}"), "{err}");
+        assert!(err.contains("source.path") && err.contains("{date-x}"), "{err}");
     }
 
     #[test]

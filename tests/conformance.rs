@@ -831,7 +831,7 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     let (lite, _) = store.sqlite_pools().expect("SQLite");
     let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
     let job = store
-        .create_job("dead", &serde_json::to_value(&spec).unwrap(), &vinetl::job::plan::spec_hash(&spec))
+        .create_job("dead", &serde_json::to_value(&spec).unwrap(), &vinetl::job::plan::spec_hash(&spec), None)
         .await
         .unwrap();
     // A planner takes the lease and dies without releasing it.
@@ -920,7 +920,7 @@ async fn plans_are_decided_across_chunks(backend: Backend) {
         .await;
     }
     let spec = JobSpec::load(&env.spec(&vins, "http://127.0.0.1:9", "")).unwrap();
-    let job = store.create_job("chunks", &serde_json::to_value(&spec).unwrap(), "h").await.unwrap();
+    let job = store.create_job("chunks", &serde_json::to_value(&spec).unwrap(), "h", None).await.unwrap();
     let row = |n: i64, raw: &str| vinetl::store::PlannedRow {
         source: "s".into(),
         row_number: n,

@@ -199,9 +199,11 @@ async fn backfill_over_a_range_with_a_gap_fills_only_the_gap(backend: Backend) {
     let now = at("2026-12-06T12:00:00Z");
     assert_eq!(scheduler::backfill(&store, &spec, day("2026-12-01"), day("2026-12-02"), false, now).await.unwrap(), 2);
     assert_eq!(scheduler::backfill(&store, &spec, day("2026-12-04"), day("2026-12-05"), false, now).await.unwrap(), 2);
-    scheduler::tick(&store, &env.schema, now, Some("nightly")).await.unwrap();
+    let t = scheduler::tick(&store, &env.schema, now, Some("nightly")).await.unwrap();
+    assert_eq!(t.started.len(), 4, "{t:?}");
     let before = env.runs(&store).await;
     assert_eq!(before.len(), 4);
+    assert!(before.iter().all(|r| r.1 == "submitted"), "{before:?}");
 
     let queued = scheduler::backfill(&store, &spec, day("2026-12-01"), day("2026-12-05"), false, now).await.unwrap();
     assert_eq!(queued, 1, "only the gap");
@@ -212,7 +214,9 @@ async fn backfill_over_a_range_with_a_gap_fills_only_the_gap(backend: Backend) {
     for old in &before {
         assert!(after.contains(old), "{old:?} was left alone");
     }
-    assert!(env.jobs_per_date(&store).await.iter().all(|(_, n)| *n == 1));
+    let per_date = env.jobs_per_date(&store).await;
+    assert_eq!(per_date.len(), 5, "{per_date:?}");
+    assert!(per_date.iter().all(|(_, n)| *n == 1), "{per_date:?}");
 
     // --rerun: once the date's job has ended, a new job for it.
     let old_job = after[1].2.unwrap();
@@ -262,6 +266,59 @@ async fn a_missing_input_waits_then_fails_naming_the_path(backend: Backend) {
     env.cleanup().await;
 }
 
+/// A scheduler that claimed a run and died: after its lease, another
+/// starts the run, once; the dead one's claim can then neither link a job
+/// nor settle the run.
+async fn a_dead_schedulers_claim_is_taken_over_once(backend: Backend) {
+    let env = Env::new(backend);
+    let (dead, alive) = (env.store().await, env.store().await);
+    let spec = env.spec("");
+    env.drop_input("2026-12-01");
+    scheduler::register(&dead, &spec, at("2026-12-01T00:00:00Z")).await.unwrap();
+    let fire = at("2026-12-01T02:00:00Z");
+    // The dead scheduler's pass: the fire time recorded, the run claimed, then nothing.
+    let t0 = fire.timestamp() as f64;
+    let due = vinetl::store::NewRun { at: t0, date: "2026-12-01".into(), state: "due", how: "schedule", reason: None };
+    assert_eq!(dead.decide_fires("nightly", t0, Box::new(move |_| vec![due])).await.unwrap(), 1);
+    let claim = dead.claim_run(t0, 300.0, None).await.unwrap().expect("claimed");
+    // Within the lease nobody else takes it.
+    let t = scheduler::tick(&alive, &env.schema, fire + Duration::seconds(100), None).await.unwrap();
+    assert!(t.started.is_empty(), "{t:?}");
+    // After it, another scheduler claims it, and the dead one, back, can
+    // neither link a job nor settle the run.
+    let live = alive.claim_run(t0 + 301.0, 300.0, None).await.unwrap().expect("taken over after the lease");
+    let json = serde_json::to_value(&spec).unwrap();
+    assert_eq!(dead.start_run_job(&claim, &json, "x").await.unwrap(), None, "the lost claim links no job");
+    assert!(!dead.settle_run(&claim, "failed", Some("late"), None, t0).await.unwrap());
+    let job = alive.start_run_job(&live, &json, "x").await.unwrap();
+    assert!(job.is_some(), "the live claim links its job");
+    assert!(alive.settle_run(&live, "submitted", None, None, t0 + 302.0).await.unwrap());
+    let runs = env.runs(&alive).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].1.as_str(), runs[0].2), ("submitted", job));
+    assert_eq!(env.jobs_per_date(&alive).await, vec![("2026-12-01".to_string(), 1)]);
+    env.cleanup().await;
+}
+
+/// With `ready_marker`, a run waits for the exporter's marker, not for the
+/// first file of the drop.
+async fn a_ready_marker_holds_the_run_until_the_drop_is_complete(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = env.spec("ready_marker = \"drop/{date}/_SUCCESS\"");
+    env.drop_input("2026-12-01");
+    scheduler::register(&store, &spec, at("2026-12-01T00:00:00Z")).await.unwrap();
+    let fire = at("2026-12-01T02:00:00Z");
+    let t = scheduler::tick(&store, &env.schema, fire, None).await.unwrap();
+    assert_eq!((t.started.len(), t.waiting), (0, 1), "the input is there, its marker is not: {t:?}");
+    let status = scheduler::status(&store, fire).await.unwrap();
+    assert!(status[0].pending[0].reason.as_deref().unwrap().contains("drop/2026-12-01/_SUCCESS"), "{status:?}");
+    std::fs::write(env.dir.path().join("drop/2026-12-01/_SUCCESS"), "").unwrap();
+    let t = scheduler::tick(&store, &env.schema, fire + Duration::minutes(2), None).await.unwrap();
+    assert_eq!(t.started.len(), 1, "{t:?}");
+    env.cleanup().await;
+}
+
 macro_rules! both_stores {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -288,6 +345,8 @@ both_stores!(
     catchup_after_a_three_day_outage,
     backfill_over_a_range_with_a_gap_fills_only_the_gap,
     a_missing_input_waits_then_fails_naming_the_path,
+    a_dead_schedulers_claim_is_taken_over_once,
+    a_ready_marker_holds_the_run_until_the_drop_is_complete,
 );
 
 /// Two real `vinetl scheduler` processes on one Postgres state, a schedule
@@ -319,9 +378,9 @@ async fn two_scheduler_processes_start_each_fire_time_once() {
     let store = env.store().await;
     let runs = env.runs(&store).await;
     assert!(runs.len() >= 3, "{runs:?}");
+    assert!(runs.iter().all(|r| r.1 == "submitted"), "{runs:?}");
     let jobs: Vec<i64> = runs.iter().filter_map(|r| r.2).collect();
-    let mut distinct = jobs.clone();
-    distinct.dedup();
+    let distinct: std::collections::HashSet<i64> = jobs.iter().copied().collect();
     assert_eq!(jobs.len(), distinct.len(), "no job serves two runs");
     let (total,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM jobs").fetch_one(store.pg_pool().unwrap()).await.unwrap();
@@ -376,22 +435,55 @@ async fn a_worker_with_the_scheduler_runs_a_scheduled_spec_to_its_output() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut last = serde_json::Value::Null;
+    // New runs keep coming every 3 s; the first to end done is the one looked at.
+    let store = env.store().await;
+    let mut done = None;
     for _ in 0..600 {
-        let out = common::vinetl_async(&env.schema, "unused", &["schedules", "--json"]).await;
-        last = serde_json::from_slice(&out.stdout).unwrap();
-        if last[0]["last_run"]["job_state"] == "done" {
+        let runs = store.scheduled_runs("nightly", 100).await.unwrap();
+        done = runs.into_iter().find(|r| r.job_state.as_deref() == Some("done"));
+        if done.is_some() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let run = &last[0]["last_run"];
-    assert_eq!(run["job_state"], "done", "{last}");
-    let date = run["logical_date"].as_str().unwrap();
-    let partition = out_dir.join(format!("dt={date}"));
+    let run = done.expect("a scheduled run ends done");
+    let partition = out_dir.join(format!("dt={}", run.logical_date));
     assert!(!common::files_under(&partition).is_empty(), "the run wrote {}", partition.display());
-    let job = run["job_id"].as_i64().unwrap();
-    assert_eq!(common::status(&env.schema, job).await["rows"], 30);
+    assert_eq!(common::status(&env.schema, run.job_id.unwrap()).await["rows"], 30);
+    let out = common::vinetl_async(&env.schema, "unused", &["schedules", "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(listed[0]["next_run"].is_string() && listed[0]["last_run"]["job_id"].is_i64(), "{listed}");
     server.stop();
     env.cleanup().await;
+}
+
+/// `vinetl run SPEC --date D` of a templated spec (no schedule needed)
+/// reads D's input and writes D's partition, whatever today is.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_with_a_date_reads_and_writes_that_dates_paths() {
+    let env = Env::new(Backend::Lite);
+    env.drop_input("2026-12-02");
+    let out_dir = env.dir.path().join("out");
+    let path = env.dir.path().join("dated.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"dated\"\n[source]\nkind = \"file\"\npath = \"drop/{{date}}/vins.txt\"\n[provider]\nembedded = true\n\
+             requests_per_second = 50\n[[outputs]]\nkind = \"parquet\"\npath = \"{}\"\n",
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["run", path.to_str().unwrap(), "--date", "2026-12-02"])
+        .env("DATABASE_URL", &env.url)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let written = common::files_under(&out_dir);
+    assert!(
+        !written.is_empty() && written.iter().all(|f| f.display().to_string().contains("dt=2026-12-02")),
+        "{written:?}"
+    );
 }

@@ -31,6 +31,8 @@ CREATE TABLE schedule_runs (
     updated_at    TIMESTAMPTZ NOT NULL,
     -- A scheduler starting this run holds it until then.
     claimed_until TIMESTAMPTZ,
+    -- Which claim holds it: only that scheduler may link a job or settle it.
+    claimed_by    TEXT,
     -- A waiting run looks for its input again then.
     next_check_at TIMESTAMPTZ,
     PRIMARY KEY (name, logical_at)

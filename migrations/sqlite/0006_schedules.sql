@@ -18,6 +18,7 @@ CREATE TABLE schedule_runs (
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
     claimed_until REAL,
+    claimed_by    TEXT,
     next_check_at REAL,
     PRIMARY KEY (name, logical_at)
 );

@@ -86,7 +86,7 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submissio
         let mine = status.into_iter().find(|s| s.name == spec.name).expect("just registered");
         return Ok(Submission::Scheduled(new, Box::new(mine)));
     }
-    let spec = dated(spec, None)?;
+    let (spec, date) = dated(spec, None)?;
     if spec.provider.embedded {
         return Err(Usage(format!(
             "{}: provider.embedded runs the API inside `vinetl run`; use `vinetl run`, or point base_url at a server",
@@ -102,7 +102,7 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submissio
             spec.provider.api_key_env
         );
     }
-    Ok(Submission::Job(plan::submit(&store, &state.schema, &spec).await?))
+    Ok(Submission::Job(plan::submit_dated(&store, &state.schema, &spec, date).await?))
 }
 
 /// Reads and checks a spec before anything connects anywhere.
@@ -112,13 +112,15 @@ fn load_spec(spec_path: &Path) -> anyhow::Result<JobSpec> {
 
 /// A one-off run of a spec with `{date}` templates: filled with `date`, by
 /// default today in the schedule's zone (UTC without one).
-fn dated(spec: JobSpec, date: Option<chrono::NaiveDate>) -> anyhow::Result<JobSpec> {
+/// Returns the filled spec and the date it was filled with (none without
+/// templates).
+fn dated(spec: JobSpec, date: Option<chrono::NaiveDate>) -> anyhow::Result<(JobSpec, Option<chrono::NaiveDate>)> {
     if !spec.has_templates() {
-        return Ok(spec);
+        return Ok((spec, None));
     }
     let now = chrono::Utc::now();
     let date = date.unwrap_or_else(|| spec.calendar().map_or_else(|| now.date_naive(), |c| c.today(now)));
-    Ok(spec.for_date(date)?)
+    Ok((spec.for_date(date)?, Some(date)))
 }
 
 /// `vinetl scheduler`: registers `specs`, then starts every schedule's
@@ -304,7 +306,7 @@ pub async fn run(
     metrics_addr: Option<&str>,
     date: Option<chrono::NaiveDate>,
 ) -> anyhow::Result<Ended> {
-    let mut spec = dated(load_spec(spec_path)?, date)?;
+    let (mut spec, date) = dated(load_spec(spec_path)?, date)?;
     let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     let embedded = embed(&mut spec).await?;
     // One store for planning and working: migrations and queue setup run once.
@@ -313,7 +315,7 @@ pub async fn run(
     // After the checks: a configuration error stays the first line on stderr.
     startup("run", state, concurrency);
     serve_metrics(metrics, &store);
-    let submitted = plan::submit(&store, &state.schema, &spec).await?;
+    let submitted = plan::submit_dated(&store, &state.schema, &spec, date).await?;
     let url = embedded.as_ref().map(crate::serve::RunningServer::url);
     // The spec this process was handed is the user's own choice of API.
     let allow = crate::call::allow::ApiAllow::from_env().with(&spec.provider);
@@ -858,7 +860,7 @@ pub struct SpecCheck {
 /// key must be set here), and optionally a plan, without creating a job or
 /// any state.
 pub async fn check_spec(state: &State, spec_path: &Path, dry_run: bool) -> anyhow::Result<SpecCheck> {
-    let spec = dated(load_spec(spec_path)?, None)?;
+    let (spec, _) = dated(load_spec(spec_path)?, None)?;
     let store = match state.open_existing(2).await {
         Ok(store) => Some(store),
         Err(StoreError::NoState(_)) => None,

@@ -120,7 +120,7 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
         /// Also start scheduled runs here (as `vinetl scheduler`); any
-        /// number of processes may, each date still runs once.
+        /// number of processes may, each fire time still runs once.
         #[arg(long)]
         with_scheduler: bool,
         #[command(flatten)]
@@ -133,8 +133,9 @@ pub enum Command {
     /// `{date}` templates filled with the run's logical date, planned for
     /// the workers. Missed runs follow the spec's `catchup`.
     ///
-    /// Run several for availability: each logical date still gets exactly
-    /// one run (a unique key in the state database, not a lock in memory).
+    /// Run several for availability: each fire time (a daily cron's
+    /// logical date) still gets exactly one run (a unique key in the state
+    /// database, not a lock in memory).
     Scheduler {
         /// Scheduled specs to register (or update) first.
         specs: Vec<PathBuf>,

@@ -79,6 +79,17 @@ pub fn spec_hash(spec: &JobSpec) -> String {
 /// missing column, a truncated gzip) is failed with the reason, so submitting
 /// the fixed spec again starts a new job.
 pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submitted, PlanError> {
+    submit_dated(store, schema, spec, None).await
+}
+
+/// [`submit`] for a spec whose `{date}` templates were filled with
+/// `logical_date`: the job's `dt=` partition is that date, not today.
+pub async fn submit_dated(
+    store: &Store,
+    schema: &str,
+    spec: &JobSpec,
+    logical_date: Option<chrono::NaiveDate>,
+) -> Result<Submitted, PlanError> {
     let hash = spec_hash(spec);
     let spec_json = serde_json::to_value(spec).expect("a spec serialises");
     let (job_id, resumed) = match store.resumable_job(&hash).await? {
@@ -87,7 +98,10 @@ pub async fn submit(store: &Store, schema: &str, spec: &JobSpec) -> Result<Submi
             store.update_spec(id, &spec_json).await?;
             (id, true)
         }
-        None => (store.create_job(&spec.name, &spec_json, &hash).await?, false),
+        None => {
+            let date = logical_date.map(|d| d.to_string());
+            (store.create_job(&spec.name, &spec_json, &hash, date.as_deref()).await?, false)
+        }
     };
     plan_job(store, schema, job_id, spec, resumed).await
 }

@@ -75,27 +75,71 @@ pub async fn register(store: &Store, spec: &JobSpec, now: DateTime<Utc>) -> Resu
     store.register_schedule(&spec.name, &json, secs(now)).await
 }
 
+type Specs = std::collections::HashMap<String, Registered>;
+
 /// One pass at `now`: decide every schedule (or only `only`), then start
 /// every run that is due.
 pub async fn tick(store: &Store, schema: &str, now: DateTime<Utc>, only: Option<&str>) -> Result<Tick, StoreError> {
     let mut out = Tick::default();
-    let mut specs = std::collections::HashMap::new();
+    let mut specs = decide_all(store, now, only, &mut out).await?;
+    start_due(store, schema, now, only, &mut specs, &mut out).await?;
+    Ok(out)
+}
+
+/// The registered schedules (or only `only`) whose stored spec reads back.
+async fn schedules(store: &Store, only: Option<&str>) -> Result<Specs, StoreError> {
+    let mut specs = Specs::new();
     for row in store.schedules().await? {
         if only.is_some_and(|n| n != row.name) {
             continue;
         }
         match registered(&row.name, &row.spec, row.decided_through) {
             Ok(r) => {
-                out.recorded += decide(store, &row.name, &r, now).await?;
                 specs.insert(row.name, r);
             }
             Err(e) => tracing::error!(schedule = %row.name, error = %e, "schedule skipped: its stored spec is invalid"),
         }
     }
-    while let Some(run) = store.claim_run(secs(now), LEASE_SECS, only).await? {
-        start(store, schema, &run, specs.get(&run.name), now, &mut out).await?;
+    Ok(specs)
+}
+
+/// Records every schedule's fire times up to `now`.
+async fn decide_all(
+    store: &Store,
+    now: DateTime<Utc>,
+    only: Option<&str>,
+    out: &mut Tick,
+) -> Result<Specs, StoreError> {
+    let specs = schedules(store, only).await?;
+    for (name, r) in &specs {
+        out.recorded += decide(store, name, r, now).await?;
     }
-    Ok(out)
+    Ok(specs)
+}
+
+/// Starts every due run, oldest first. Each claim's lease is taken at the
+/// time it is claimed (`now` plus the time this pass has taken), so a long
+/// planning does not leave later claims with leases already run out.
+async fn start_due(
+    store: &Store,
+    schema: &str,
+    now: DateTime<Utc>,
+    only: Option<&str>,
+    specs: &mut Specs,
+    out: &mut Tick,
+) -> Result<(), StoreError> {
+    let began = std::time::Instant::now();
+    loop {
+        let at = now + chrono::Duration::from_std(began.elapsed()).unwrap_or_default();
+        let Some(run) = store.claim_run(at.timestamp() as f64, LEASE_SECS, only).await? else {
+            return Ok(());
+        };
+        if !specs.contains_key(&run.name) {
+            // Registered since this pass read the schedules (a backfill).
+            *specs = schedules(store, only).await?;
+        }
+        start(store, schema, &run, specs.get(&run.name), at, out).await?;
+    }
 }
 
 /// Records the fire times of one schedule in `(decided, now]`.
@@ -186,44 +230,74 @@ async fn start(
     };
     let json = serde_json::to_value(&spec).expect("a spec serialises");
     let job_id = match run.job_id {
+        // Planned already, by a scheduler that died before it settled the
+        // run: planning it again would only do that work twice.
+        Some(id) if store.job_state(id).await?.is_none_or(|s| s != "planning") => {
+            store.settle_run(run, "submitted", None, None, secs(now)).await?;
+            return Ok(());
+        }
         Some(id) => id,
         None => {
-            let deadline = run.at + r.spec.wait_for_input_secs();
+            // From the fire time, or from when a backfill asked for an old night.
+            let since = run.at.max(run.created);
+            let deadline = since + r.spec.wait_for_input_secs();
             if let Some(absent) = input_absent(&spec).await {
                 if secs(now) < deadline {
-                    let reason = format!("waiting for its input: {absent} (until {})", time(deadline).to_rfc3339());
+                    let reason = format!("waiting for its input: {absent} (until {})", fmt(deadline));
                     out.waiting += 1;
                     let next = (secs(now) + INPUT_POLL_SECS).min(deadline);
-                    return store.settle_run(run, "waiting", Some(&reason), Some(next), secs(now)).await;
+                    store.settle_run(run, "waiting", Some(&reason), Some(next), secs(now)).await?;
+                    return Ok(());
                 }
                 let why = format!(
-                    "its input never came: {absent}; waited until {} (wait_for_input = {} after the run's time, {})",
-                    time(deadline).format("%Y-%m-%d %H:%M UTC"),
+                    "its input never came: {absent}; waited from {} until {} (wait_for_input = {})",
+                    fmt(since),
+                    fmt(deadline),
                     r.spec.wait_for_input.as_deref().unwrap_or("6h"),
-                    time(run.at).format("%Y-%m-%d %H:%M UTC"),
                 );
                 // A failed job too, so `status` and the exit of a watcher tell.
-                let job = store.start_run_job(run, &json, &plan::spec_hash(&spec)).await?;
+                let Some(job) = store.start_run_job(run, &json, &plan::spec_hash(&spec)).await? else {
+                    lost(run);
+                    return Ok(());
+                };
                 store.fail_job(job, &why).await?;
                 return fail(store, run, now, why, out).await;
             }
-            store.start_run_job(run, &json, &plan::spec_hash(&spec)).await?
+            match store.start_run_job(run, &json, &plan::spec_hash(&spec)).await? {
+                Some(job) => job,
+                None => {
+                    lost(run);
+                    return Ok(());
+                }
+            }
         }
     };
     match plan::plan_job(store, schema, job_id, &spec, run.job_id.is_some()).await {
         Ok(_) => {
             tracing::info!(schedule = %run.name, date = %run.date, job = job_id, "scheduled run started");
             out.started.push((run.name.clone(), run.date.clone(), job_id));
-            store.settle_run(run, "submitted", None, None, secs(now)).await
+            store.settle_run(run, "submitted", None, None, secs(now)).await?;
+            Ok(())
         }
         Err(PlanError::Failed { reason, .. }) => fail(store, run, now, format!("job {job_id}: {reason}"), out).await,
         // Another process plans it, or the database went away: look again later.
         Err(e) => {
             tracing::warn!(schedule = %run.name, date = %run.date, job = job_id, error = %e, "scheduled run not started; retrying");
             let why = format!("job {job_id}: {e}");
-            store.settle_run(run, "due", Some(&why), Some(secs(now) + INPUT_POLL_SECS), secs(now)).await
+            store.settle_run(run, "due", Some(&why), Some(secs(now) + INPUT_POLL_SECS), secs(now)).await?;
+            Ok(())
         }
     }
+}
+
+/// A claim whose lease ran out while this scheduler worked on it: another
+/// has the run now, and this one leaves it alone.
+fn lost(run: &ClaimedRun) {
+    tracing::warn!(schedule = %run.name, date = %run.date, "scheduled run taken over by another scheduler; leaving it");
+}
+
+fn fmt(secs: f64) -> String {
+    time(secs).format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
 /// Fails a claimed run with `why`.
@@ -236,7 +310,8 @@ async fn fail(
 ) -> Result<(), StoreError> {
     tracing::error!(schedule = %run.name, date = %run.date, reason = %why, "scheduled run failed");
     out.failed.push((run.name.clone(), run.date.clone(), why.clone()));
-    store.settle_run(run, "failed", Some(&why), None, secs(now)).await
+    store.settle_run(run, "failed", Some(&why), None, secs(now)).await?;
+    Ok(())
 }
 
 /// Where the run's input should be and is not yet, if so. Only files and
@@ -244,21 +319,35 @@ async fn fail(
 /// table fails in planning). Any other trouble reading (a refused
 /// connection) is waited out the same way, and named.
 pub async fn input_absent(spec: &JobSpec) -> Option<String> {
+    if let Some(marker) = &spec.ready_marker {
+        let Some(url) = marker.strip_prefix("s3://").map(|_| marker) else {
+            return (!std::path::Path::new(marker).is_file()).then(|| marker.clone());
+        };
+        let (endpoint, region) = match &spec.source {
+            SourceSpec::S3 { endpoint, region, .. } => (endpoint.as_deref(), region.as_deref()),
+            _ => (None, None),
+        };
+        return s3_absent(url, endpoint, region).await;
+    }
     match &spec.source {
         SourceSpec::File { path, .. } => match plan::expand_glob(path) {
             Ok(files) if files.iter().all(|f| f.is_file()) => None,
             _ => Some(path.clone()),
         },
-        SourceSpec::S3 { url, endpoint, region, .. } => {
-            let parsed = S3Url::parse(url).ok()?;
-            let s3 = S3::connect(endpoint.as_deref(), region.as_deref()).await;
-            match s3.list(&parsed).await {
-                Ok(_) => None,
-                Err(S3Error::Empty { .. }) => Some(url.clone()),
-                Err(e) => Some(format!("{url} ({e})")),
-            }
-        }
+        SourceSpec::S3 { url, endpoint, region, .. } => s3_absent(url, endpoint.as_deref(), region.as_deref()).await,
         SourceSpec::Postgres { .. } => None,
+    }
+}
+
+async fn s3_absent(url: &str, endpoint: Option<&str>, region: Option<&str>) -> Option<String> {
+    let parsed = match S3Url::parse(url) {
+        Ok(p) => p,
+        Err(e) => return Some(e.to_string()),
+    };
+    match S3::connect(endpoint, region).await.list(&parsed).await {
+        Ok(_) => None,
+        Err(S3Error::Empty { .. }) => Some(url.to_string()),
+        Err(e) => Some(format!("{url} ({e})")),
     }
 }
 
@@ -351,26 +440,44 @@ pub async fn status(store: &Store, now: DateTime<Utc>) -> Result<Vec<ScheduleSta
     Ok(out)
 }
 
-/// Runs `tick` every [`TICK`] until `stop` resolves. A failed tick (the
-/// database away) is logged and tried again; leases keep half-started runs.
+/// Decides and starts runs every [`TICK`] until `stop` resolves: two
+/// loops in this task, so a long planning never keeps fire times from
+/// being recorded on time (a night is missed only when no scheduler runs).
+/// A failed pass (the database away) is logged and tried again; leases
+/// keep half-started runs.
 pub async fn run(store: Store, schema: String, stop: impl std::future::Future<Output = ()>) {
-    tokio::pin!(stop);
-    loop {
-        match tick(&store, &schema, Utc::now(), None).await {
-            Ok(t) if t.recorded > 0 || !t.started.is_empty() || !t.failed.is_empty() => {
-                tracing::info!(
-                    recorded = t.recorded,
-                    started = t.started.len(),
-                    failed = t.failed.len(),
-                    "scheduler tick"
-                );
+    use futures_util::FutureExt;
+    let stop = stop.shared();
+    let decide_loop = async {
+        loop {
+            let mut out = Tick::default();
+            match decide_all(&store, Utc::now(), None, &mut out).await {
+                Ok(_) if out.recorded > 0 => tracing::info!(recorded = out.recorded, "scheduled runs recorded"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "recording scheduled runs failed; trying again"),
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "scheduler tick failed; trying again"),
+            tokio::select! {
+                () = stop.clone() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
         }
-        tokio::select! {
-            () = &mut stop => return,
-            () = tokio::time::sleep(TICK) => {}
+    };
+    let start_loop = async {
+        let mut specs = Specs::new();
+        loop {
+            let mut out = Tick::default();
+            match start_due(&store, &schema, Utc::now(), None, &mut specs, &mut out).await {
+                Ok(()) if !out.started.is_empty() || !out.failed.is_empty() => {
+                    tracing::info!(started = out.started.len(), failed = out.failed.len(), "scheduled runs started");
+                }
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "starting scheduled runs failed; trying again"),
+            }
+            tokio::select! {
+                () = stop.clone() => return,
+                () = tokio::time::sleep(TICK) => {}
+            }
         }
-    }
+    };
+    tokio::join!(decide_loop, start_loop);
 }

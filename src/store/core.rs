@@ -208,10 +208,19 @@ impl Store {
         row.map(|r| r.int(0)).transpose()
     }
 
-    pub async fn create_job(&self, name: &str, spec: &Value, spec_hash: &str) -> Result<i64, StoreError> {
+    /// A new job; `logical_date` (YYYY-MM-DD) for a spec whose templates
+    /// were filled with a date: its output partition.
+    pub async fn create_job(
+        &self,
+        name: &str,
+        spec: &Value,
+        spec_hash: &str,
+        logical_date: Option<&str>,
+    ) -> Result<i64, StoreError> {
         self.one(
-            "INSERT INTO jobs (name, spec, spec_hash, started_at) VALUES ($1, $2, $3, now()) RETURNING job_id",
-            args![name, spec, spec_hash],
+            "INSERT INTO jobs (name, spec, spec_hash, started_at, logical_date) VALUES ($1, $2, $3, now(), $4)
+             RETURNING job_id",
+            args![name, spec, spec_hash, logical_date],
         )
         .await?
         .int(0)

@@ -607,4 +607,10 @@ pub struct ClaimedRun {
     pub at: f64,
     pub date: String,
     pub job_id: Option<i64>,
+    /// When the run was recorded (Unix seconds): a backfilled night waits
+    /// for its input from then, not from its fire time long ago.
+    pub created: f64,
+    /// This claim's own token: a scheduler whose lease ran out (and was
+    /// taken over) can no longer link a job to the run or settle it.
+    pub token: String,
 }

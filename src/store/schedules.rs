@@ -95,11 +95,12 @@ impl Store {
         lease_secs: f64,
         name: Option<&str>,
     ) -> Result<Option<ClaimedRun>, StoreError> {
+        let token = format!("{:016x}", fastrand::u64(..));
         // The outer conditions repeat the inner ones: of two schedulers that
         // picked the same run, the second finds it claimed and updates nothing.
         let row = self
             .row(
-                "UPDATE schedule_runs SET claimed_until = {ts $1 + $2}, updated_at = {ts $1}
+                "UPDATE schedule_runs SET claimed_until = {ts $1 + $2}, claimed_by = $4, updated_at = {ts $1}
                  WHERE (name, logical_at) IN (
                          SELECT name, logical_at FROM schedule_runs
                          WHERE state IN ('due', 'waiting')
@@ -109,8 +110,8 @@ impl Store {
                          ORDER BY logical_at LIMIT 1)
                    AND state IN ('due', 'waiting')
                    AND (claimed_until IS NULL OR claimed_until <= {ts $1})
-                 RETURNING name, {epoch logical_at}, logical_date, job_id",
-                args![now, lease_secs, name],
+                 RETURNING name, {epoch logical_at}, logical_date, job_id, {epoch created_at}",
+                args![now, lease_secs, name, &token],
             )
             .await?;
         row.map(|r| {
@@ -119,13 +120,21 @@ impl Store {
                 at: r.opt_real(1)?.unwrap_or(0.0),
                 date: r.text(2)?,
                 job_id: r.opt_int(3)?,
+                created: r.opt_real(4)?.unwrap_or(0.0),
+                token: token.clone(),
             })
         })
         .transpose()
     }
 
-    /// Makes the job of a claimed run and links it, in one transaction.
-    pub async fn start_run_job(&self, run: &ClaimedRun, spec: &Value, spec_hash: &str) -> Result<i64, StoreError> {
+    /// Makes the job of a claimed run and links it, in one transaction;
+    /// none if the claim was lost (its lease ran out and another took it).
+    pub async fn start_run_job(
+        &self,
+        run: &ClaimedRun,
+        spec: &Value,
+        spec_hash: &str,
+    ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.write().await?;
         let job_id = tx
             .one(
@@ -135,17 +144,24 @@ impl Store {
             )
             .await?
             .int(0)?;
-        tx.exec(
-            "UPDATE schedule_runs SET job_id = $3 WHERE name = $1 AND logical_at = {ts $2}",
-            args![&run.name, run.at, job_id],
-        )
-        .await?;
+        let linked = tx
+            .exec(
+                "UPDATE schedule_runs SET job_id = $3
+                 WHERE name = $1 AND logical_at = {ts $2} AND job_id IS NULL AND claimed_by = $4",
+                args![&run.name, run.at, job_id, &run.token],
+            )
+            .await?;
+        if linked == 0 {
+            // Dropped uncommitted: the job row goes with it.
+            return Ok(None);
+        }
         tx.commit().await?;
-        Ok(job_id)
+        Ok(Some(job_id))
     }
 
-    /// Settles a claimed run: `submitted`, `failed`, or `waiting` until
-    /// `next_check` (Unix seconds); the claim is released.
+    /// Settles a claimed run: `submitted`, `failed`, or `waiting` or `due`
+    /// until `next_check` (Unix seconds); the claim is released. False if
+    /// the claim was lost.
     pub async fn settle_run(
         &self,
         run: &ClaimedRun,
@@ -153,15 +169,21 @@ impl Store {
         reason: Option<&str>,
         next_check: Option<f64>,
         now: f64,
-    ) -> Result<(), StoreError> {
-        self.exec(
-            "UPDATE schedule_runs SET state = $3, reason = $4, next_check_at = {ts $5}, claimed_until = NULL,
-                    updated_at = {ts $6}
-             WHERE name = $1 AND logical_at = {ts $2}",
-            args![&run.name, run.at, state, reason, next_check, now],
-        )
-        .await?;
-        Ok(())
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE schedule_runs SET state = $3, reason = $4, next_check_at = {ts $5}, claimed_until = NULL,
+                        claimed_by = NULL, updated_at = {ts $6}
+                 WHERE name = $1 AND logical_at = {ts $2} AND claimed_by = $7",
+                args![&run.name, run.at, state, reason, next_check, now, &run.token],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
+    /// A job's state, if it exists.
+    pub async fn job_state(&self, job_id: i64) -> Result<Option<String>, StoreError> {
+        self.row("SELECT state FROM jobs WHERE job_id = $1", args![job_id]).await?.map(|r| r.text(0)).transpose()
     }
 
     /// A schedule's runs, newest first, with their jobs' states.
@@ -215,7 +237,8 @@ async fn insert_runs(
          FROM {rows $2: at float8, date text, state text, how text, reason text} WHERE true
          ON CONFLICT (name, logical_at) DO UPDATE
            SET state = excluded.state, how = excluded.how, reason = excluded.reason, job_id = NULL,
-               claimed_until = NULL, next_check_at = NULL, updated_at = excluded.updated_at
+               claimed_until = NULL, claimed_by = NULL, next_check_at = NULL, updated_at = excluded.updated_at,
+               created_at = excluded.created_at
            WHERE $4 AND (schedule_runs.state = 'missed'
                  OR ($5 AND schedule_runs.state IN ('submitted', 'failed')
                      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = schedule_runs.job_id
