@@ -179,6 +179,18 @@ async fn catchup_after_a_three_day_outage(backend: Backend) {
             assert_eq!(json[0]["last_run"]["logical_date"], "2026-12-03");
             assert!(json[0]["next_run"].is_string());
             ui.stop().await.unwrap();
+            // So does `vinetl status`, after the job list.
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+                .arg("status")
+                .env("DATABASE_URL", &env.url)
+                .env("VINETL_SCHEMA", &env.schema)
+                .output()
+                .await
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            for shown in ["schedule nightly", "last 2026-12-03 job", "2026-12-01 missed", "2026-12-02 missed"] {
+                assert!(text.contains(shown), "{shown:?} in {text}");
+            }
         }
         // A second tick (another scheduler after the first) adds nothing.
         let again = scheduler::tick(&store, &env.schema, back + Duration::seconds(5), None).await.unwrap();
