@@ -242,6 +242,12 @@ pub struct ProviderSpec {
     /// key; default `CARVIN_API_KEY`).
     #[serde(default = "default_key_env")]
     pub api_key_env: String,
+    /// Instead of the variable: a file holding the API key (a Docker or
+    /// Kubernetes secret), relative to the spec's directory unless
+    /// absolute. Read again when it changes, so a rotated key needs no
+    /// restart; workers read only files `VINETL_API_KEY_FILES` allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
     /// VINs per batch-decode call, 1 to 20.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -305,7 +311,8 @@ impl ProviderSpec {
         if self.embedded {
             return "embedded".to_string();
         }
-        format!("{}#{}", self.base_url.trim_end_matches('/'), self.api_key_env)
+        let key = self.api_key_file.as_deref().unwrap_or(&self.api_key_env);
+        format!("{}#{key}", self.base_url.trim_end_matches('/'))
     }
 
     /// `give_up_after` in seconds (6 hours by default).
@@ -443,6 +450,11 @@ impl JobSpec {
         {
             *m = dir.join(&*m).display().to_string();
         }
+        if let Some(f) = &mut spec.provider.api_key_file
+            && Path::new(f.as_str()).is_relative()
+        {
+            *f = dir.join(&*f).display().to_string();
+        }
         // Output directories are relative to where the command runs
         // (`vinetl run jobs/demo.toml` writes `./out/...`), fixed at submit.
         for output in &mut spec.outputs {
@@ -459,8 +471,20 @@ impl JobSpec {
 
     /// Parses spec text; `path` only names it in errors.
     pub fn parse(path: &str, text: &str) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec =
-            toml::from_str(text).map_err(|e| SpecError::Parse { path: path.to_string(), message: e.to_string() })?;
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("unknown field `api_key`") || message.contains("unknown field `key`") {
+                return SpecError::Invalid {
+                    path: path.to_string(),
+                    field: "provider.api_key",
+                    message: "a spec never holds the API key: put it in an environment variable (named by \
+                              provider.api_key_env, default CARVIN_API_KEY) or in a file (provider.api_key_file, \
+                              e.g. a Docker or Kubernetes secret)"
+                        .into(),
+                };
+            }
+            SpecError::Parse { path: path.to_string(), message }
+        })?;
         spec.validate(path)?;
         Ok(spec)
     }
@@ -485,6 +509,9 @@ impl JobSpec {
         }
         if !(p.embedded || p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
             return invalid("provider.base_url", "must start with http:// or https:// (or set embedded = true)");
+        }
+        if p.api_key_file.as_deref().is_some_and(|f| f.trim().is_empty()) {
+            return invalid("provider.api_key_file", "must be a path (or leave it out and use api_key_env)");
         }
         if p.api_key_env.trim().is_empty() || p.api_key_env.contains(char::is_whitespace) {
             return invalid(
@@ -692,6 +719,14 @@ requests_per_second = 5
         assert!(err.contains("provider.batch_size"), "{err}");
         let err = JobSpec::parse("t.toml", &MINIMAL.replace("CARVIN_API_KEY", "sk live 123")).unwrap_err().to_string();
         assert!(err.contains("provider.api_key_env"), "{err}");
+        let err = JobSpec::parse(
+            "t.toml",
+            &MINIMAL.replace("requests_per_second = 5", "requests_per_second = 5\napi_key = \"sk-live-1\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("never holds the API key") && err.contains("api_key_file"), "{err}");
+        assert!(!err.contains("sk-live-1"), "the key is not echoed: {err}");
     }
 
     #[test]

@@ -27,6 +27,8 @@ async fn a_forged_stored_spec_fails_its_job_without_a_call() {
         ("'{provider,api_key_env}'", r#""DATABASE_URL""#, vec!["\"DATABASE_URL\"", "VINETL_API_KEY_ENVS"]),
         // The host: the key would go to someone else's server.
         ("'{provider,base_url}'", r#""http://collector.invalid:9""#, vec!["collector.invalid:9", "VINETL_API_HOSTS"]),
+        // A key file: any file the worker can read would go out as the key.
+        ("'{provider,api_key_file}'", r#""/etc/hostname""#, vec!["\"/etc/hostname\"", "VINETL_API_KEY_FILES"]),
         // A schema name that would reach DDL.
         (
             "'{outputs}'",
@@ -70,4 +72,101 @@ async fn a_forged_stored_spec_fails_its_job_without_a_call() {
         .unwrap();
     assert!(!made);
     cleanup(&schema).await;
+}
+
+/// Rotating the runner's key: the job reads its key from a file
+/// (`provider.api_key_file`); halfway through, the file gets a new key.
+/// The calls after it go with the new key (the server's audit log names
+/// the account of each), and the job ends with nothing failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_file_rotated_under_a_running_job_fails_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), common::KEYS_TOML).unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let opts = vinetl::serve::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        keys: Some(dir.path().join("keys.toml")),
+        audit_log: Some(audit.clone()),
+        ..Default::default()
+    };
+    let server = vinetl::serve::spawn(opts).await.unwrap();
+    let vins: Vec<String> = std::fs::read_to_string("tests/fixtures/pattern-vins.txt")
+        .unwrap()
+        .lines()
+        .take(200)
+        .map(String::from)
+        .collect();
+    std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+    let key_file = dir.path().join("carvin.key");
+    std::fs::write(&key_file, "YOUR_API_KEY\n").unwrap();
+    let spec = dir.path().join("rotate.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"rotate\"\n[source]\nkind = \"file\"\npath = \"vins.txt\"\n[provider]\nbase_url = \"{}\"\n\
+             api_key_file = \"carvin.key\"\nrequests_per_second = 4\nburst = 1\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let state = format!("sqlite://{}", dir.path().join("state.db").display());
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["run", spec.to_str().unwrap(), "--concurrency", "2"])
+        .env("DATABASE_URL", &state)
+        .env_remove("CARVIN_API_KEY")
+        .kill_on_drop(true)
+        .output();
+    let rotate = async {
+        for _ in 0..200 {
+            if common::audit_lines(&audit).len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        std::fs::write(&key_file, "pro-counted-key\n").unwrap();
+    };
+    let (out, ()) = tokio::join!(run, rotate);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = common::audit_lines(&audit);
+    let accounts: Vec<&str> = lines.iter().filter_map(|l| l["account"].as_str()).collect();
+    assert!(lines.iter().all(|l| l["status"] == 200), "{lines:?}");
+    let first_new = accounts.iter().position(|a| *a == "counted").expect("calls after the rotation use the new key");
+    assert!(first_new >= 3 && accounts[..first_new].iter().all(|a| *a == "guide"), "{accounts:?}");
+    assert!(accounts[first_new..].iter().all(|a| *a == "counted"), "never the old key again: {accounts:?}");
+    assert_eq!(accounts.len(), 10, "one call per batch: {accounts:?}");
+    server.stop().await.unwrap();
+}
+
+/// A key rotated within the file system's time resolution (the file's
+/// time did not move): the old key's 401 makes the client read the file
+/// again and call once more with the new key. A refused key whose file
+/// holds the same key is not retried.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_key_is_tried_once_more_when_its_file_holds_another() {
+    use vinetl::call::client::{ApiClient, Outcome};
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("carvin.key");
+    std::fs::write(&key_file, "revoked-key-0000").unwrap();
+    let text = format!(
+        "name = \"t\"\n[source]\nkind = \"file\"\npath = \"x\"\n[provider]\nbase_url = \"{}\"\napi_key_file = \"{}\"\nrequests_per_second = 5\n",
+        server.url(),
+        key_file.display()
+    );
+    let spec = vinetl::spec::JobSpec::parse("t.toml", &text).unwrap();
+    let client = ApiClient::from_spec(&spec.provider).unwrap();
+    let vin = vinetl::vin::Vin::parse("1HGCM82633A004352").unwrap();
+    let refused = client.batch_decode(std::slice::from_ref(&vin)).await;
+    assert!(matches!(refused, Outcome::StopJob(_)), "the same key is not retried: {refused:?}");
+    // The rotation lands with the file's old time.
+    let was = std::fs::metadata(&key_file).unwrap().modified().unwrap();
+    std::fs::write(&key_file, "pro-counted-key").unwrap();
+    std::fs::File::options().write(true).open(&key_file).unwrap().set_modified(was).unwrap();
+    let before = requests_seen(&server.url(), "pro-counted-key", 100_000).await;
+    let got = client.batch_decode(std::slice::from_ref(&vin)).await;
+    assert!(matches!(got, Outcome::Done(_)), "{got:?}");
+    // The probe before, then the one call with the new key.
+    assert_eq!(requests_seen(&server.url(), "pro-counted-key", 100_000).await, before + 2);
+    server.stop().await.unwrap();
 }

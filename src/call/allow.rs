@@ -8,9 +8,11 @@
 //!   Default: the Car Vin API (`www.carvinapi.com`, `carvinapi.com`) and
 //!   loopback, where `vinetl serve` runs for development and tests.
 //! - `VINETL_API_KEY_ENVS`: variable names. Default: `CARVIN_API_KEY`.
+//! - `VINETL_API_KEY_FILES`: key files (`provider.api_key_file`), paths,
+//!   comma-separated. Default: none.
 //!
-//! `vinetl run SPEC` also allows the host and variable of the spec it was
-//! handed: the person who ran it chose them.
+//! `vinetl run SPEC` also allows the host, variable and key file of the
+//! spec it was handed: the person who ran it chose them.
 
 use crate::spec::ProviderSpec;
 
@@ -25,6 +27,7 @@ pub struct ApiAllow {
     /// Lowercase `host` or `host:port`.
     hosts: Vec<String>,
     key_envs: Vec<String>,
+    key_files: Vec<String>,
 }
 
 impl ApiAllow {
@@ -41,6 +44,7 @@ impl ApiAllow {
         ApiAllow {
             hosts: list("VINETL_API_HOSTS", DEFAULT_HOSTS).into_iter().map(|h| h.to_ascii_lowercase()).collect(),
             key_envs: list("VINETL_API_KEY_ENVS", DEFAULT_KEY_ENVS),
+            key_files: list("VINETL_API_KEY_FILES", &[]),
         }
     }
 
@@ -51,12 +55,26 @@ impl ApiAllow {
             self.hosts.push(format!("{host}:{port}"));
         }
         self.key_envs.push(p.api_key_env.clone());
+        self.key_files.extend(p.api_key_file.clone());
         self
     }
 
     /// Whether a worker may call `p`: an error naming the setting to change if not.
     pub fn check(&self, p: &ProviderSpec) -> Result<(), String> {
-        if !self.key_envs.contains(&p.api_key_env) {
+        if let Some(file) = &p.api_key_file {
+            if !self.key_files.contains(file) {
+                return Err(format!(
+                    "the spec reads the API key from the file {}, which this worker does not allow: \
+                     set VINETL_API_KEY_FILES on the workers to allow it{}",
+                    crate::columns::quoted(file),
+                    if self.key_files.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (allowed: {})", self.key_files.join(", "))
+                    }
+                ));
+            }
+        } else if !self.key_envs.contains(&p.api_key_env) {
             return Err(format!(
                 "the spec sends the variable {} as the API key, which this worker does not allow: keys come from {} \
                  (set VINETL_API_KEY_ENVS on the workers to allow other names)",
@@ -108,6 +126,7 @@ mod tests {
         ApiAllow {
             hosts: DEFAULT_HOSTS.iter().map(|s| s.to_string()).collect(),
             key_envs: DEFAULT_KEY_ENVS.iter().map(|s| s.to_string()).collect(),
+            key_files: Vec::new(),
         }
     }
 
@@ -129,5 +148,19 @@ mod tests {
         let allow = defaults().with(&own);
         assert_eq!(allow.check(&own), Ok(()));
         assert!(allow.check(&provider("https://api.example:9443", "MY_KEY")).is_err());
+    }
+
+    #[test]
+    fn only_allowed_key_files_are_read() {
+        let mut p = provider("https://www.carvinapi.com", "CARVIN_API_KEY");
+        p.api_key_file = Some("/home/app/.ssh/id_ed25519".into());
+        let e = defaults().check(&p).unwrap_err();
+        assert!(e.contains("id_ed25519") && e.contains("VINETL_API_KEY_FILES"), "{e}");
+        let mut allow = defaults();
+        allow.key_files.push("/run/secrets/carvin".into());
+        assert!(allow.check(&p).is_err());
+        p.api_key_file = Some("/run/secrets/carvin".into());
+        assert_eq!(allow.check(&p), Ok(()));
+        assert_eq!(defaults().with(&p).check(&p), Ok(()), "`vinetl run` allows its own spec's file");
     }
 }

@@ -46,6 +46,8 @@ pub enum Outcome<T> {
 pub enum ClientError {
     #[error("the API key variable {0} is not set (provider.api_key_env names it; the key itself never goes in a spec)")]
     MissingKey(String),
+    #[error("the API key file {0} cannot be read: {1} (provider.api_key_file names it)")]
+    KeyFile(String, String),
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
 }
@@ -55,8 +57,81 @@ pub enum ClientError {
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
-    key: String,
+    key: Key,
 }
+
+/// Where the key comes from: a variable (read once: a process's
+/// environment does not change), or a file (read again when it changes).
+#[derive(Clone)]
+enum Key {
+    Fixed(String),
+    File(std::sync::Arc<KeyFile>),
+}
+
+impl Key {
+    fn current(&self) -> String {
+        match self {
+            Key::Fixed(k) => k.clone(),
+            Key::File(f) => f.current(),
+        }
+    }
+}
+
+/// A key file (a Docker or Kubernetes secret) and the key last read from
+/// it. Reading is a stat per call and a read when the file's time moved:
+/// a few microseconds against a call's tens of milliseconds, so done
+/// inline rather than by a watcher thread.
+struct KeyFile {
+    path: std::path::PathBuf,
+    last: std::sync::Mutex<(Option<std::time::SystemTime>, String)>,
+}
+
+impl KeyFile {
+    fn open(path: &std::path::Path) -> Result<KeyFile, ClientError> {
+        let key = read_key(path).map_err(|e| ClientError::KeyFile(path.display().to_string(), e.to_string()))?;
+        Ok(KeyFile { path: path.to_path_buf(), last: std::sync::Mutex::new((modified(path), key)) })
+    }
+
+    /// The key, read again if the file changed since it was last read. A
+    /// file caught mid-write (empty) keeps the key read before.
+    fn current(&self) -> String {
+        let now = modified(&self.path);
+        let mut last = self.last.lock().expect("key file lock");
+        if now != last.0
+            && let Ok(key) = read_key(&self.path)
+        {
+            tracing::info!(file = %self.path.display(), "the API key file changed; using the new key");
+            *last = (now, key);
+        }
+        last.1.clone()
+    }
+
+    /// After the key `sent` was refused: reads the file whatever its time
+    /// says, and returns its key if it is another (rotated within the
+    /// file system's time resolution).
+    fn reread(&self, sent: &str) -> Option<String> {
+        let key = read_key(&self.path).ok()?;
+        let mut last = self.last.lock().expect("key file lock");
+        *last = (modified(&self.path), key.clone());
+        (key != sent).then_some(key)
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+fn read_key(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(std::io::Error::other("the file is empty"));
+    }
+    Ok(key.to_string())
+}
+
+/// What came back from one request, before classifying.
+type Answer = (StatusCode, HeaderMap, Result<bytes::Bytes, String>);
 
 impl std::fmt::Debug for ApiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -70,6 +145,11 @@ impl ApiClient {
     pub fn from_spec(spec: &ProviderSpec) -> Result<ApiClient, ClientError> {
         if spec.embedded {
             return ApiClient::new(&spec.base_url, crate::api::EMBEDDED_KEY, Duration::from_secs(spec.timeout_secs));
+        }
+        if let Some(file) = &spec.api_key_file {
+            let mut client = ApiClient::new(&spec.base_url, "", Duration::from_secs(spec.timeout_secs))?;
+            client.key = Key::File(std::sync::Arc::new(KeyFile::open(std::path::Path::new(file))?));
+            return Ok(client);
         }
         let key = std::env::var(&spec.api_key_env)
             .ok()
@@ -86,7 +166,11 @@ impl ApiClient {
             .user_agent(concat!("vinetl/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        Ok(ApiClient { http, base: base_url.trim_end_matches('/').to_string(), key: key.trim().to_string() })
+        Ok(ApiClient {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            key: Key::Fixed(key.trim().to_string()),
+        })
     }
 
     /// One batch-decode call for at most 20 VINs.
@@ -104,20 +188,39 @@ impl ApiClient {
         self.post(api::RECALLS_PATH, req).await
     }
 
+    /// One call. A key from a file that is refused (401/403) is tried once
+    /// more if the file now holds another: the key was rotated between
+    /// this call's read and the server's revocation of the old one.
     async fn post<B: serde::Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Outcome<T> {
-        let sent = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.key).json(body).send().await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return transport_outcome(&e),
+        let key = self.key.current();
+        let (status, headers, answer) = match self.send(path, body, &key).await {
+            Ok(a) => a,
+            Err(o) => return o,
         };
+        if matches!(status.as_u16(), 401 | 403)
+            && let Key::File(file) = &self.key
+            && let Some(new) = file.reread(&key)
+        {
+            tracing::info!(file = %file.path.display(), "the API key was refused and its file holds another: calling once more with it");
+            return match self.send(path, body, &new).await {
+                Ok((status, headers, answer)) => classify(status, &headers, answer),
+                Err(o) => o,
+            };
+        }
+        classify(status, &headers, answer)
+    }
+
+    async fn send<B: serde::Serialize, T>(&self, path: &str, body: &B, key: &str) -> Result<Answer, Outcome<T>> {
+        let sent = self.http.post(format!("{}{path}", self.base)).bearer_auth(key).json(body).send().await;
+        let resp = sent.map_err(|e| transport_outcome(&e))?;
         let (status, headers) = (resp.status(), resp.headers().clone());
         let body = match read_capped(resp, MAX_ANSWER_BYTES).await {
-            Err(Read::Transport(e)) if e.is_timeout() => return Outcome::TimedOut(describe_transport(&e)),
+            Err(Read::Transport(e)) if e.is_timeout() => return Err(Outcome::TimedOut(describe_transport(&e))),
             Err(Read::Transport(e)) => Err(describe_transport(&e)),
             Err(Read::TooLarge) => Err(format!("malformed answer: larger than {} KiB", MAX_ANSWER_BYTES / 1024)),
             Ok(body) => Ok(body),
         };
-        classify(status, &headers, body)
+        Ok((status, headers, body))
     }
 }
 

@@ -96,7 +96,7 @@ pub async fn submit(state: &State, spec_path: &Path) -> anyhow::Result<Submissio
     }
     let store = state.open(4).await?;
     crate::job::preflight::run(&spec, store.pg_pool(), Checks { key: false, api: true }).await?;
-    if std::env::var(&spec.provider.api_key_env).is_err() {
+    if spec.provider.api_key_file.is_none() && std::env::var(&spec.provider.api_key_env).is_err() {
         eprintln!(
             "vinetl: warning: {} is not set here; the workers that run this job need it",
             spec.provider.api_key_env

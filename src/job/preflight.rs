@@ -45,7 +45,16 @@ pub async fn run(
 ) -> Result<Vec<String>, PreflightError> {
     let mut passed = Vec::new();
     let p = &spec.provider;
-    if checks.key && !p.embedded {
+    if checks.key
+        && !p.embedded
+        && let Some(file) = &p.api_key_file
+    {
+        match std::fs::read_to_string(file) {
+            Ok(k) if !k.trim().is_empty() => passed.push(format!("API key file {file} is readable")),
+            Ok(_) => return Err(fail("provider.api_key_file", format!("the key file {file} is empty"))),
+            Err(e) => return Err(fail("provider.api_key_file", format!("the key file {file} cannot be read: {e}"))),
+        }
+    } else if checks.key && !p.embedded {
         if std::env::var(&p.api_key_env).map_or(true, |k| k.trim().is_empty()) {
             return Err(fail(
                 "provider.api_key_env",
