@@ -170,3 +170,127 @@ async fn a_refused_key_is_tried_once_more_when_its_file_holds_another() {
     assert_eq!(requests_seen(&server.url(), "pro-counted-key", 100_000).await, before + 2);
     server.stop().await.unwrap();
 }
+
+/// `vinetl serve keys add|revoke|list` on a keys file: the file holds
+/// hashes only, `list` shows prefixes only, keys of one account share its
+/// quota, and a running server takes an added or revoked key at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_keys_are_hashed_shared_per_account_and_revoked_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    let keys = |args: &[&str]| {
+        let out = common::vinetl().args(["serve", "keys"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let f = file.to_str().unwrap();
+    let k1 = keys(&["add", "--file", f, "--name", "nightly", "--per-day", "5"]).trim().to_string();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(k1.starts_with("cva_") && k1.len() == 68, "{k1}");
+    assert!(!text.contains(&k1) && text.contains("key_sha256"), "only the hash is stored: {text}");
+    let server = vinetl::serve::spawn(vinetl::serve::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        keys: Some(file.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let call = async |key: &str| -> u16 {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/batch-decode", server.url()))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"vins": ["1HGCM82633A004352"]}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(call(&k1).await, 200);
+    // A second key of the account, added while the server runs.
+    let k2 = keys(&["add", "--file", f, "--name", "nightly", "--per-day", "5"]).trim().to_string();
+    for _ in 0..2 {
+        assert_eq!(call(&k2).await, 200);
+        assert_eq!(call(&k1).await, 200);
+    }
+    assert_eq!(call(&k2).await, 429, "five a day for the account, whichever key");
+    let listed = keys(&["list", "--file", f]);
+    assert!(listed.contains(&k1[..12]) && listed.contains(&k2[..12]), "{listed}");
+    assert!(!listed.contains(&k1[12..24]) && !listed.contains(&k2[12..24]), "prefixes only: {listed}");
+    let hash = text.split('"').nth(3).unwrap().to_string();
+    assert!(!listed.contains(&hash), "not the hash either");
+    keys(&["revoke", "--file", f, &k1[..12]]);
+    assert_eq!(call(&k1).await, 401, "revoked at once");
+    assert_eq!(call(&k2).await, 429, "the other key stays, with the account's usage");
+    server.stop().await.unwrap();
+}
+
+/// Rotation on both sides under a running job: the server gets a second
+/// key for the account, the runner's key file gets it, the server revokes
+/// the first; the job ends with nothing failed, one answered call per
+/// batch (a call in flight with the old key is refused and made again with
+/// the new one).
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_rotate_on_both_sides_under_a_running_job_with_nothing_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.toml");
+    let keys = |args: &[&str]| {
+        let out = common::vinetl().args(["serve", "keys"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let f = file.to_str().unwrap();
+    let old = keys(&["add", "--file", f, "--name", "fleet"]);
+    let audit = dir.path().join("audit.jsonl");
+    let server = vinetl::serve::spawn(vinetl::serve::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        keys: Some(file.clone()),
+        audit_log: Some(audit.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let vins: Vec<String> = std::fs::read_to_string("tests/fixtures/pattern-vins.txt")
+        .unwrap()
+        .lines()
+        .take(200)
+        .map(String::from)
+        .collect();
+    std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+    let key_file = dir.path().join("carvin.key");
+    std::fs::write(&key_file, &old).unwrap();
+    let spec = dir.path().join("rotate.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"rotate\"\n[source]\nkind = \"file\"\npath = \"vins.txt\"\n[provider]\nbase_url = \"{}\"\n\
+             api_key_file = \"carvin.key\"\nrequests_per_second = 4\nburst = 1\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let state = format!("sqlite://{}", dir.path().join("state.db").display());
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["run", spec.to_str().unwrap(), "--concurrency", "2"])
+        .env("DATABASE_URL", &state)
+        .kill_on_drop(true)
+        .output();
+    let rotate = async {
+        while common::audit_lines(&audit).len() < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let new = keys(&["add", "--file", f, "--name", "fleet"]);
+        std::fs::write(&key_file, &new).unwrap();
+        keys(&["revoke", "--file", f, &old[..12]]);
+        common::audit_lines(&audit).len()
+    };
+    let (out, at_revoke) = tokio::join!(run, rotate);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let lines = common::audit_lines(&audit);
+    let answered = lines.iter().filter(|l| l["status"] == 200).count();
+    assert_eq!(answered, 10, "one answered call per batch: {lines:?}");
+    assert!(lines.len() > at_revoke, "calls went on after the old key was revoked");
+    assert!(lines.iter().all(|l| l["status"] == 200 || l["status"] == 401), "{lines:?}");
+    server.stop().await.unwrap();
+}

@@ -79,6 +79,56 @@ pub struct MetricsArgs {
     pub metrics_addr: Option<String>,
 }
 
+/// `vinetl serve keys ...`: the server's keys file.
+#[derive(Debug, Subcommand)]
+pub enum ServeAction {
+    /// Manage the keys file: add a key (stored as its SHA-256, shown once),
+    /// revoke one, list them (prefixes only). A running server reads the
+    /// file again when it changes: no restart, no downtime.
+    Keys {
+        #[command(subcommand)]
+        op: KeysOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysOp {
+    /// Make a new key for an account (a `name`; keys of one name share its
+    /// quota and rate) and print it: the only time it is shown.
+    Add {
+        /// The keys file (created if missing).
+        #[arg(long)]
+        file: PathBuf,
+        /// The account.
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum, default_value_t = crate::serve::keys::Tier::Pro)]
+        tier: crate::serve::keys::Tier,
+        /// Requests a day (default: 100 for free, unlimited for pro).
+        #[arg(long)]
+        per_day: Option<u64>,
+        /// Requests a second.
+        #[arg(long)]
+        per_second: Option<f64>,
+    },
+    /// Remove the keys whose prefix starts with PREFIX (at least 8 characters).
+    Revoke {
+        #[arg(long)]
+        file: PathBuf,
+        prefix: String,
+    },
+    /// Each key's account, prefix, tier, limits and when it was added.
+    List {
+        #[arg(long)]
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Submit a job spec, work it to completion in this process, and print a summary.
@@ -326,6 +376,8 @@ pub enum Command {
     /// GET /api/v1/openapi.json. Without --keys only anonymous single decodes
     /// (10 a day per client) are possible. Fault injection is off by default.
     Serve {
+        #[command(subcommand)]
+        action: Option<ServeAction>,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         bind: String,
@@ -652,7 +704,8 @@ impl Cli {
                 crate::ui::run(store, &bind, &state.describe()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve { bind, keys, recalls, audit_log, metrics, limits, faults } => {
+            Command::Serve { action: Some(ServeAction::Keys { op }), .. } => keys_command(op),
+            Command::Serve { action: None, bind, keys, recalls, audit_log, metrics, limits, faults } => {
                 let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log, limits };
                 crate::serve::run(opts, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
@@ -694,6 +747,55 @@ impl Cli {
             }
         }
     }
+}
+
+fn keys_command(op: KeysOp) -> anyhow::Result<ExitCode> {
+    use crate::serve::keys;
+    match op {
+        KeysOp::Add { file, name, tier, per_day, per_second } => {
+            let (key, prefix) = keys::add_key(&file, &name, tier, per_day, per_second)?;
+            outln!("{key}");
+            eprintln!(
+                "vinetl: key {prefix}… added to {} for account {name}; shown once: the file holds only its SHA-256. \
+                 A running server takes it at once.",
+                file.display()
+            );
+        }
+        KeysOp::Revoke { file, prefix } => {
+            for k in keys::revoke_key(&file, &prefix)? {
+                outln!("revoked {}… of account {}", k.prefix, k.name);
+            }
+        }
+        KeysOp::List { file, json } => {
+            let listed = keys::list_keys(&file)?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&listed)?);
+            } else {
+                outln!(
+                    "{:<20} {:<14} {:<5} {:>10} {:>8}  {:<22} stored",
+                    "ACCOUNT",
+                    "PREFIX",
+                    "TIER",
+                    "PER DAY",
+                    "PER S",
+                    "ADDED"
+                );
+                for k in listed {
+                    outln!(
+                        "{:<20} {:<14} {:<5} {:>10} {:>8}  {:<22} {}",
+                        k.name,
+                        format!("{}…", k.prefix),
+                        format!("{:?}", k.tier).to_lowercase(),
+                        k.per_day.map_or("-".into(), |n| n.to_string()),
+                        k.per_second.map_or("-".into(), |r| r.to_string()),
+                        k.added.as_deref().unwrap_or("-"),
+                        if k.hashed { "sha256" } else { "PLAIN TEXT" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `--encoding`: strict UTF-8 when absent.

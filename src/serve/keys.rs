@@ -1,16 +1,24 @@
 //! API keys, tiers and quotas of `vinetl serve`.
 //!
-//! Keys come from a TOML file; the server compares them in constant time and
-//! never logs them. Every caller has a daily quota that resets at midnight
-//! UTC, and keys may also carry a per-second limit (a token bucket whose burst
-//! is one second's worth). A batch of 20 VINs counts as one request.
+//! Keys come from a TOML file, stored as their SHA-256 (`key_sha256`, what
+//! `vinetl serve keys add` writes) or, in development files, in plain text
+//! (`key`); either way the server holds only hashes, compares them in
+//! constant time and never logs a key. Keys that share a `name` are one
+//! account: one quota, one rate, so a key is rotated by adding the new one,
+//! moving clients to it, and revoking the old, with no downtime. The file
+//! is read again when it changes. Every caller has a daily quota that resets
+//! at midnight UTC, and accounts may also carry a per-second limit (a token
+//! bucket whose burst is one second's worth). A batch of 20 VINs counts as
+//! one request.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::SystemTime;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// The guide's tier table.
@@ -19,7 +27,7 @@ pub const FREE_PER_DAY: u64 = 100;
 
 const DAY_SECS: f64 = 86_400.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     Free,
@@ -30,14 +38,61 @@ pub enum Tier {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySpec {
-    pub key: String,
+    /// The key in plain text: development files only.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The key's SHA-256, in hex: what `vinetl serve keys add` writes.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// The key's first characters, to tell keys apart (`keys list`, `revoke`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// When it was added (RFC 3339).
+    #[serde(default)]
+    pub added: Option<String>,
     pub tier: Tier,
     /// Requests a day; free keys default to 100, pro keys to unlimited.
     pub per_day: Option<u64>,
     /// Requests a second (burst: one second's worth); unlimited when unset.
     pub per_second: Option<f64>,
-    /// A label for logs, since keys are never logged.
+    /// The account: keys with one name share its quota and rate. Also the
+    /// label in logs, since keys are never logged.
     pub name: Option<String>,
+}
+
+impl KeySpec {
+    /// A plain-text key (tests and development files).
+    pub fn plain(key: &str, tier: Tier, name: Option<&str>) -> KeySpec {
+        KeySpec {
+            key: Some(key.into()),
+            key_sha256: None,
+            prefix: None,
+            added: None,
+            tier,
+            per_day: None,
+            per_second: None,
+            name: name.map(str::to_string),
+        }
+    }
+
+    fn hash(&self) -> Option<[u8; 32]> {
+        match (&self.key, &self.key_sha256) {
+            (Some(k), None) => Some(sha256(k.trim())),
+            (None, Some(h)) => {
+                let bytes: Vec<u8> = (0..h.len())
+                    .step_by(2)
+                    .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                    .collect::<Option<_>>()?;
+                bytes.try_into().ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// SHA-256 of a key.
+pub fn sha256(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,7 +116,8 @@ pub enum KeysError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Caller {
     Anonymous(IpAddr),
-    /// Index into the configured keys.
+    /// An account, by its index (stable while the server runs: reloading
+    /// the keys file keeps every name's index).
     Key(usize),
 }
 
@@ -86,7 +142,7 @@ pub struct Limited {
     pub per_second: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Limits {
     per_day: Option<u64>,
     per_second: Option<f64>,
@@ -100,74 +156,116 @@ struct Usage {
     refilled_at: f64,
 }
 
+/// The keys (their hashes, each with its account) and the accounts, in
+/// the order their names were first seen.
+#[derive(Debug, Default)]
+struct Table {
+    keys: Vec<([u8; 32], usize)>,
+    accounts: Vec<(Limits, String)>,
+}
+
+impl Table {
+    /// From checked entries; `before`'s accounts keep their indices (an
+    /// account whose keys are all gone stays, with no key to reach it).
+    fn build(specs: &[KeySpec], before: Option<&Table>) -> Table {
+        let mut t = Table { keys: Vec::new(), accounts: before.map(|b| b.accounts.clone()).unwrap_or_default() };
+        for (i, s) in specs.iter().enumerate() {
+            let per_day = match (s.tier, s.per_day) {
+                (_, Some(n)) => Some(n),
+                (Tier::Free, None) => Some(FREE_PER_DAY),
+                (Tier::Pro, None) => None,
+            };
+            let limits = Limits { per_day, per_second: s.per_second };
+            let name = s.name.clone().unwrap_or_else(|| format!("key #{}", i + 1));
+            let account = match t.accounts.iter().position(|(_, n)| *n == name) {
+                Some(a) => {
+                    t.accounts[a].0 = limits;
+                    a
+                }
+                None => {
+                    t.accounts.push((limits, name));
+                    t.accounts.len() - 1
+                }
+            };
+            if let Some(hash) = s.hash() {
+                t.keys.push((hash, account));
+            }
+        }
+        t
+    }
+}
+
 /// Keys and live usage. Usage lives in memory: a restart forgets it, like
 /// any single-node development server.
 pub struct Accounts {
-    keys: Vec<(Vec<u8>, Limits, String)>,
+    table: RwLock<Table>,
     usage: Mutex<HashMap<Caller, Usage>>,
     /// Wrong keys per client address.
     pub guesses: Guesses,
+    /// The keys file and its time when last read, to read it again when it changes.
+    file: Option<(PathBuf, Mutex<Option<SystemTime>>)>,
 }
 
 impl Accounts {
     pub fn new(specs: Vec<KeySpec>) -> Accounts {
-        let keys = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let per_day = match (s.tier, s.per_day) {
-                    (_, Some(n)) => Some(n),
-                    (Tier::Free, None) => Some(FREE_PER_DAY),
-                    (Tier::Pro, None) => None,
-                };
-                let name = s.name.unwrap_or_else(|| format!("key #{}", i + 1));
-                (s.key.into_bytes(), Limits { per_day, per_second: s.per_second }, name)
-            })
-            .collect();
-        Accounts { keys, usage: Mutex::new(HashMap::new()), guesses: Guesses::default() }
+        Accounts {
+            table: RwLock::new(Table::build(&specs, None)),
+            usage: Mutex::new(HashMap::new()),
+            guesses: Guesses::default(),
+            file: None,
+        }
     }
 
     /// Reads a keys file:
     ///
     /// ```toml
     /// [[keys]]
-    /// key = "..."
+    /// key_sha256 = "..."  # or, in development files, key = "..."
+    /// prefix = "cva_1a2b3c4d"
     /// tier = "pro"       # or "free"
     /// per_day = 50000    # optional
     /// per_second = 20    # optional
-    /// name = "nightly"   # optional label for logs
+    /// name = "nightly"   # the account; also the label in logs
     /// ```
     pub fn load(path: &Path) -> Result<Accounts, KeysError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read { path: shown.clone(), source })?;
-        let file: KeysFile =
-            toml::from_str(&text).map_err(|e| KeysError::Parse { path: shown.clone(), message: e.to_string() })?;
-        for (i, k) in file.keys.iter().enumerate() {
-            let invalid =
-                |message: &str| KeysError::Invalid { path: shown.clone(), index: i + 1, message: message.into() };
-            if k.key.trim().len() < 8 || k.key.chars().any(char::is_whitespace) {
-                return Err(invalid("a key needs at least 8 characters and no whitespace"));
-            }
-            if k.per_second.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-                return Err(invalid("per_second must be a positive number"));
-            }
-            // One key for two accounts would bill and limit only the first.
-            if let Some(j) = file.keys[..i].iter().position(|earlier| earlier.key.trim() == k.key.trim()) {
-                return Err(invalid(&format!("its key is the same as key #{}'s; every key must be unique", j + 1)));
-            }
+        let when = modified(path);
+        let specs = read_specs(path)?;
+        let mut accounts = Accounts::new(specs);
+        accounts.file = Some((path.to_path_buf(), Mutex::new(when)));
+        Ok(accounts)
+    }
+
+    /// Reads the keys file again if it changed since: new keys work and
+    /// revoked ones stop at once; usage is kept. A file that does not read
+    /// (caught mid-edit, or broken) keeps the keys read before, logged.
+    fn refresh(&self) {
+        let Some((path, seen)) = &self.file else { return };
+        let now = modified(path);
+        let mut seen = seen.lock().expect("keys file lock");
+        if now == *seen {
+            return;
         }
-        Ok(Accounts::new(file.keys))
+        *seen = now;
+        match read_specs(path) {
+            Ok(specs) => {
+                let mut table = self.table.write().expect("keys lock");
+                *table = Table::build(&specs, Some(&table));
+                tracing::info!(keys = table.keys.len(), accounts = table.accounts.len(), "keys file read again");
+            }
+            Err(e) => tracing::error!(error = %e, "keys file changed but does not read; keeping the keys read before"),
+        }
     }
 
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.refresh();
+        self.table.read().expect("keys lock").keys.len()
     }
 
     /// The label of a key, for logs.
     pub fn name(&self, caller: Caller) -> String {
         match caller {
             Caller::Anonymous(ip) => format!("anonymous {ip}"),
-            Caller::Key(i) => self.keys[i].2.clone(),
+            Caller::Key(i) => self.table.read().expect("keys lock").accounts[i].1.clone(),
         }
     }
 
@@ -176,12 +274,13 @@ impl Accounts {
     /// caller summed as `(anonymous)`. Labels only; never a key.
     pub fn used_today(&self, now: f64) -> std::collections::BTreeMap<String, u64> {
         let day = (now / DAY_SECS).floor() as i64;
+        let table = self.table.read().expect("keys lock");
         let mut used: std::collections::BTreeMap<String, u64> =
-            self.keys.iter().map(|(_, _, name)| (name.clone(), 0)).collect();
+            table.accounts.iter().map(|(_, name)| (name.clone(), 0)).collect();
         for (caller, u) in self.usage.lock().expect("usage lock").iter().filter(|(_, u)| u.day == day) {
             let label = match caller {
                 Caller::Anonymous(_) => "(anonymous)".to_string(),
-                Caller::Key(i) => self.keys[*i].2.clone(),
+                Caller::Key(i) => table.accounts[*i].1.clone(),
             };
             *used.entry(label).or_default() += u.used;
         }
@@ -197,13 +296,14 @@ impl Accounts {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(BadKey("use Authorization: Bearer YOUR_API_KEY"));
         }
-        let token = token.trim().as_bytes();
+        let token = sha256(token.trim());
+        self.refresh();
         // Compare with every key, without stopping early, so timing does
-        // not tell which key (or how much of one) matched.
+        // not tell which key matched.
         let mut found = None;
-        for (i, (key, _, _)) in self.keys.iter().enumerate() {
-            if bool::from(key.as_slice().ct_eq(token)) {
-                found = Some(i);
+        for (hash, account) in &self.table.read().expect("keys lock").keys {
+            if bool::from(hash.as_slice().ct_eq(&token)) {
+                found = Some(*account);
             }
         }
         found.map(Caller::Key).ok_or(BadKey("invalid API key"))
@@ -214,7 +314,7 @@ impl Accounts {
     pub fn admit(&self, caller: Caller, now: f64) -> Result<Quota, Limited> {
         let limits = match caller {
             Caller::Anonymous(_) => Limits { per_day: Some(ANONYMOUS_PER_DAY), per_second: None },
-            Caller::Key(i) => self.keys[i].1,
+            Caller::Key(i) => self.table.read().expect("keys lock").accounts[i].0,
         };
         let day = (now / DAY_SECS).floor() as i64;
         let reset = ((day + 1) as f64 * DAY_SECS) as u64;
@@ -256,6 +356,185 @@ impl Accounts {
         u.used += 1;
         Ok(quota(u.used))
     }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Reads and checks a keys file's entries.
+fn read_specs(path: &Path) -> Result<Vec<KeySpec>, KeysError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read { path: shown.clone(), source })?;
+    let file: KeysFile =
+        toml::from_str(&text).map_err(|e| KeysError::Parse { path: shown.clone(), message: e.to_string() })?;
+    for (i, k) in file.keys.iter().enumerate() {
+        let invalid = |message: &str| KeysError::Invalid { path: shown.clone(), index: i + 1, message: message.into() };
+        match (&k.key, &k.key_sha256) {
+            (Some(key), None) if key.trim().len() < 8 || key.trim().chars().any(char::is_whitespace) => {
+                return Err(invalid("a key needs at least 8 characters and no whitespace"));
+            }
+            (None, Some(_)) if k.hash().is_none() => {
+                return Err(invalid("key_sha256 must be 64 hex digits (the key's SHA-256)"));
+            }
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => return Err(invalid("give exactly one of key (plain text) and key_sha256")),
+        }
+        if k.per_second.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err(invalid("per_second must be a positive number"));
+        }
+        // One key for two accounts would bill and limit only the first.
+        if let Some(j) = file.keys[..i].iter().position(|earlier| earlier.hash() == k.hash()) {
+            return Err(invalid(&format!("its key is the same as key #{}'s; every key must be unique", j + 1)));
+        }
+        // Keys of one account share its limits, so they must agree on them.
+        if let Some(name) = &k.name
+            && let Some(j) = file.keys[..i].iter().position(|e| e.name.as_ref() == Some(name))
+        {
+            let e = &file.keys[j];
+            if (e.tier, e.per_day, e.per_second) != (k.tier, k.per_day, k.per_second) {
+                return Err(invalid(&format!(
+                    "account {name:?} has other limits in key #{} (tier, per_day, per_second must agree)",
+                    j + 1
+                )));
+            }
+        }
+    }
+    Ok(file.keys)
+}
+
+/// A key as `vinetl serve keys list` shows it: never the key, nor its hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedKey {
+    pub name: String,
+    pub prefix: String,
+    pub tier: Tier,
+    pub per_day: Option<u64>,
+    pub per_second: Option<f64>,
+    pub added: Option<String>,
+    /// Whether the file holds it hashed (a plain-text key is for development).
+    pub hashed: bool,
+}
+
+/// The first characters of a key `keys add` makes: enough to tell keys
+/// apart, far too few to guess the rest (32 random bytes).
+const PREFIX_LEN: usize = 12;
+
+/// `vinetl serve keys add`: makes a key (`cva_` and 32 random bytes in
+/// hex), appends its SHA-256 to the keys file (created if missing), and
+/// returns the key: the only time it is shown. The file is replaced
+/// whole (written beside it, then renamed), so a running server never
+/// reads half of it; comments and layout are kept.
+pub fn add_key(
+    path: &Path,
+    name: &str,
+    tier: Tier,
+    per_day: Option<u64>,
+    per_second: Option<f64>,
+) -> anyhow::Result<(String, String)> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a key: {e}"))?;
+    let key = format!("cva_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let prefix = key[..PREFIX_LEN].to_string();
+    let mut doc = edit(path)?;
+    let mut entry = toml_edit::Table::new();
+    entry["name"] = toml_edit::value(name);
+    entry["key_sha256"] = toml_edit::value(sha256(&key).iter().map(|b| format!("{b:02x}")).collect::<String>());
+    entry["prefix"] = toml_edit::value(&prefix);
+    entry["tier"] = toml_edit::value(match tier {
+        Tier::Free => "free",
+        Tier::Pro => "pro",
+    });
+    if let Some(n) = per_day {
+        entry["per_day"] = toml_edit::value(n as i64);
+    }
+    if let Some(r) = per_second {
+        entry["per_second"] = toml_edit::value(r);
+    }
+    entry["added"] = toml_edit::value(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let keys = doc.entry("keys").or_insert(toml_edit::Item::ArrayOfTables(Default::default()));
+    keys.as_array_of_tables_mut()
+        .ok_or_else(|| anyhow::anyhow!("{}: `keys` is not [[keys]] entries", path.display()))?
+        .push(entry);
+    save(path, &doc.to_string())?;
+    Ok((key, prefix))
+}
+
+/// `vinetl serve keys revoke PREFIX`: removes the keys whose prefix (or
+/// plain-text key) starts with PREFIX. Refuses a PREFIX that is shorter
+/// than 8 characters or matches keys of more than one account.
+pub fn revoke_key(path: &Path, prefix: &str) -> anyhow::Result<Vec<ListedKey>> {
+    if prefix.len() < 8 {
+        anyhow::bail!("give at least 8 characters of the key's prefix (`vinetl serve keys list` shows them)");
+    }
+    let listed = list_keys(path)?;
+    let gone: Vec<ListedKey> = listed.into_iter().filter(|k| k.prefix.starts_with(prefix)).collect();
+    let mut names: Vec<&str> = gone.iter().map(|k| k.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    match names.len() {
+        0 => anyhow::bail!(
+            "{}: no key starts with {prefix:?} (`vinetl serve keys list` shows the prefixes)",
+            path.display()
+        ),
+        1 => {}
+        _ => anyhow::bail!("{prefix:?} matches keys of several accounts ({}); give more of it", names.join(", ")),
+    }
+    let mut doc = edit(path)?;
+    if let Some(keys) = doc.get_mut("keys").and_then(toml_edit::Item::as_array_of_tables_mut) {
+        keys.retain(|t| !entry_prefix(t).starts_with(prefix));
+    }
+    save(path, &doc.to_string())?;
+    Ok(gone)
+}
+
+/// `vinetl serve keys list`: each key's account, prefix and limits.
+pub fn list_keys(path: &Path) -> anyhow::Result<Vec<ListedKey>> {
+    let specs = read_specs(path)?;
+    Ok(specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ListedKey {
+            name: s.name.clone().unwrap_or_else(|| format!("key #{}", i + 1)),
+            prefix: s
+                .prefix
+                .clone()
+                .or_else(|| s.key.as_deref().map(|k| k.chars().take(8).collect()))
+                .unwrap_or_default(),
+            tier: s.tier,
+            per_day: s.per_day,
+            per_second: s.per_second,
+            added: s.added.clone(),
+            hashed: s.key_sha256.is_some(),
+        })
+        .collect())
+}
+
+fn entry_prefix(t: &toml_edit::Table) -> String {
+    let text = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    text("prefix").or_else(|| text("key").map(|k| k.chars().take(8).collect())).unwrap_or_default()
+}
+
+fn edit(path: &Path) -> anyhow::Result<toml_edit::DocumentMut> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("{}: cannot read keys file: {e}", path.display()),
+    };
+    text.parse().map_err(|e| anyhow::anyhow!("{}: not a valid keys file: {e}", path.display()))
+}
+
+/// Writes beside `path` and renames over it: a reader sees the old file or
+/// the new, never half. Owner-only permissions, as for any secret.
+fn save(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    tmp.persist(path).map_err(|e| anyhow::anyhow!("{}: cannot write keys file: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Wrong keys from one address: a token bucket per address. The first
@@ -311,14 +590,8 @@ mod tests {
 
     fn accounts() -> Accounts {
         Accounts::new(vec![
-            KeySpec { key: "free-key-1".into(), tier: Tier::Free, per_day: None, per_second: None, name: None },
-            KeySpec {
-                key: "pro-key-01".into(),
-                tier: Tier::Pro,
-                per_day: Some(1000),
-                per_second: Some(5.0),
-                name: None,
-            },
+            KeySpec::plain("free-key-1", Tier::Free, None),
+            KeySpec { per_day: Some(1000), per_second: Some(5.0), ..KeySpec::plain("pro-key-01", Tier::Pro, None) },
         ])
     }
 
