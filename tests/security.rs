@@ -294,3 +294,121 @@ async fn keys_rotate_on_both_sides_under_a_running_job_with_nothing_failed() {
     assert!(lines.iter().all(|l| l["status"] == 200 || l["status"] == 401), "{lines:?}");
     server.stop().await.unwrap();
 }
+
+/// The secret grep: a whole job (Postgres state reached through a URL with
+/// a password, an API key, debug logs, metrics, invalid rows, a refused
+/// call, Parquet and Postgres outputs) and then everything it produced is
+/// searched for the key and the password: the worker's and the submitter's
+/// output, `status`, `failures`, the metrics page, every row of every
+/// table in the job's schema and the queue's, and the Parquet files.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_anything_a_job_produces() {
+    const KEY: &str = "sk-grep-7Hq2Lw9Zt4";
+    const PASSWORD: &str = "pw-grep-Xy81Kd";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("keys.toml"),
+        format!("[[keys]]\nkey = \"{KEY}\"\ntier = \"pro\"\nname = \"grep\"\n"),
+    )
+    .unwrap();
+    let server = vinetl::serve::spawn(vinetl::serve::ServeOptions {
+        bind: "127.0.0.1:0".into(),
+        keys: Some(dir.path().join("keys.toml")),
+        // Some calls fail, so error paths (retries, error text) are searched too.
+        faults: Faults { fault_500: 0.2, ..Faults::default() },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let schema = unique_schema("grep");
+    // Trust auth ignores the password; every process is still handed it.
+    let url = common::pg_url().replacen("postgres@", &format!("postgres:{PASSWORD}@"), 1);
+    assert!(url.contains(PASSWORD), "{url}");
+    let mut vins: Vec<String> = std::fs::read_to_string("tests/fixtures/pattern-vins.txt")
+        .unwrap()
+        .lines()
+        .take(60)
+        .map(String::from)
+        .collect();
+    vins.extend(["NOT-A-VIN".to_string(), "1HGCM82633A00435Q".to_string()]);
+    std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+    let out_dir = dir.path().join("out");
+    let spec = dir.path().join("grep.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"grep\"\nmax_failed_share = 1.0\n[source]\nkind = \"file\"\npath = \"vins.txt\"\n[provider]\nbase_url = \"{}\"\n\
+             requests_per_second = 50\nmax_attempts = 2\n[recalls]\nenabled = true\n[[outputs]]\nkind = \"parquet\"\npath = \"{}\"\n\
+             [[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"grep_results\"\n",
+            server.url(),
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let envs = |cmd: &mut tokio::process::Command| {
+        cmd.env("DATABASE_URL", &url)
+            .env("VINETL_SCHEMA", &schema)
+            .env("CARVIN_API_KEY", KEY)
+            .env("VINETL_LOG", "debug")
+            .env("RUST_BACKTRACE", "1")
+            .kill_on_drop(true);
+    };
+    let mut submit = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"));
+    envs(submit.args(["submit", spec.to_str().unwrap()]));
+    let submitted = submit.output().await.unwrap();
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // Debug logs are many: to a file, so a full pipe never stalls the worker.
+    let log_path = dir.path().join("worker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"));
+    envs(worker.args(["worker", "--metrics-addr", &metrics_addr]).stdout(log.try_clone().unwrap()).stderr(log));
+    let mut worker = worker.spawn().unwrap();
+    let status = common::wait_for_state(&schema, 1, "done").await;
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap().text().await.unwrap();
+    let _ = std::process::Command::new("kill").args(["-TERM", &worker.id().unwrap().to_string()]).status();
+    worker.wait().await.unwrap();
+    let worker_log = std::fs::read(&log_path).unwrap();
+    assert!(metrics.contains("vinetl_"), "{metrics}");
+    let mut produced = vec![
+        ("submit output".to_string(), [submitted.stdout, submitted.stderr].concat()),
+        ("worker output".to_string(), worker_log.clone()),
+        ("status".to_string(), status.to_string().into_bytes()),
+        ("metrics".to_string(), metrics.into_bytes()),
+    ];
+    let mut failures = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"));
+    envs(failures.args(["failures", "1", "--json"]));
+    produced.push(("failures".into(), failures.output().await.unwrap().stdout));
+    assert!(String::from_utf8_lossy(&worker_log).contains("DEBUG"), "debug logs were on");
+    for file in common::files_under(&out_dir) {
+        produced.push((file.display().to_string(), std::fs::read(&file).unwrap()));
+    }
+    let db = common::pool(&schema).await;
+    let tables: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema IN ($1, 'apalis')",
+    )
+    .bind(&schema)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(tables.len() > 8, "{tables:?}");
+    for (s, t) in tables {
+        let rows: Vec<(String,)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT row_to_json(x)::text FROM \"{s}\".\"{t}\" x")))
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        produced.push((format!("table {s}.{t}"), rows.into_iter().map(|r| r.0).collect::<String>().into_bytes()));
+    }
+    for (what, bytes) in &produced {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains(KEY), "the API key is in {what}");
+        assert!(!text.contains(PASSWORD), "the database password is in {what}");
+    }
+    assert!(produced.len() > 15, "searched {} places", produced.len());
+    server.stop().await.unwrap();
+    common::cleanup(&schema).await;
+}
