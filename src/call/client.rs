@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
 use crate::api::{self, BatchDecodeRequest, BatchEntry, DataResponse, ErrorResponse, RecallsRequest, RecallsResponse};
@@ -62,16 +63,21 @@ pub struct ApiClient {
 
 /// Where the key comes from: a variable (read once: a process's
 /// environment does not change), or a file (read again when it changes).
+///
+/// Keys are held as [`SecretString`]: no `Debug` or `Display` prints them,
+/// and their memory is zeroed when dropped. A key is exposed only where
+/// the header is set (reqwest marks it sensitive) and where a re-read key
+/// is compared with the refused one.
 #[derive(Clone)]
 enum Key {
-    Fixed(String),
+    Fixed(std::sync::Arc<SecretString>),
     File(std::sync::Arc<KeyFile>),
 }
 
 impl Key {
-    fn current(&self) -> String {
+    fn current(&self) -> std::sync::Arc<SecretString> {
         match self {
-            Key::Fixed(k) => k.clone(),
+            Key::Fixed(k) => std::sync::Arc::clone(k),
             Key::File(f) => f.current(),
         }
     }
@@ -83,7 +89,7 @@ impl Key {
 /// inline rather than by a watcher thread.
 struct KeyFile {
     path: std::path::PathBuf,
-    last: std::sync::Mutex<(Option<std::time::SystemTime>, String)>,
+    last: std::sync::Mutex<(Option<std::time::SystemTime>, std::sync::Arc<SecretString>)>,
 }
 
 impl KeyFile {
@@ -94,7 +100,7 @@ impl KeyFile {
 
     /// The key, read again if the file changed since it was last read. A
     /// file caught mid-write (empty) keeps the key read before.
-    fn current(&self) -> String {
+    fn current(&self) -> std::sync::Arc<SecretString> {
         let now = modified(&self.path);
         let mut last = self.last.lock().expect("key file lock");
         if now != last.0
@@ -103,17 +109,17 @@ impl KeyFile {
             tracing::info!(file = %self.path.display(), "the API key file changed; using the new key");
             *last = (now, key);
         }
-        last.1.clone()
+        std::sync::Arc::clone(&last.1)
     }
 
     /// After the key `sent` was refused: reads the file whatever its time
     /// says, and returns its key if it is another (rotated within the
     /// file system's time resolution).
-    fn reread(&self, sent: &str) -> Option<String> {
+    fn reread(&self, sent: &SecretString) -> Option<std::sync::Arc<SecretString>> {
         let key = read_key(&self.path).ok()?;
         let mut last = self.last.lock().expect("key file lock");
-        *last = (modified(&self.path), key.clone());
-        (key != sent).then_some(key)
+        *last = (modified(&self.path), std::sync::Arc::clone(&key));
+        (key.expose_secret() != sent.expose_secret()).then_some(key)
     }
 }
 
@@ -121,13 +127,13 @@ fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn read_key(path: &std::path::Path) -> std::io::Result<String> {
-    let text = std::fs::read_to_string(path)?;
-    let key = text.trim();
+fn read_key(path: &std::path::Path) -> std::io::Result<std::sync::Arc<SecretString>> {
+    let text = SecretString::from(std::fs::read_to_string(path)?);
+    let key = text.expose_secret().trim();
     if key.is_empty() {
         return Err(std::io::Error::other("the file is empty"));
     }
-    Ok(key.to_string())
+    Ok(std::sync::Arc::new(SecretString::from(key)))
 }
 
 /// What came back from one request, before classifying.
@@ -169,8 +175,17 @@ impl ApiClient {
         Ok(ApiClient {
             http,
             base: base_url.trim_end_matches('/').to_string(),
-            key: Key::Fixed(key.trim().to_string()),
+            key: Key::Fixed(std::sync::Arc::new(SecretString::from(key.trim()))),
         })
+    }
+
+    /// The API's origin (scheme, host, port), as the audit trail records it:
+    /// no path, no user-info.
+    pub fn origin(&self) -> String {
+        match url::Url::parse(&self.base) {
+            Ok(u) => u.origin().ascii_serialization(),
+            Err(_) => "(an address that does not parse)".to_string(),
+        }
     }
 
     /// One batch-decode call for at most 20 VINs.
@@ -210,8 +225,14 @@ impl ApiClient {
         classify(status, &headers, answer)
     }
 
-    async fn send<B: serde::Serialize, T>(&self, path: &str, body: &B, key: &str) -> Result<Answer, Outcome<T>> {
-        let sent = self.http.post(format!("{}{path}", self.base)).bearer_auth(key).json(body).send().await;
+    async fn send<B: serde::Serialize, T>(
+        &self,
+        path: &str,
+        body: &B,
+        key: &SecretString,
+    ) -> Result<Answer, Outcome<T>> {
+        let request = self.http.post(format!("{}{path}", self.base)).bearer_auth(key.expose_secret());
+        let sent = request.json(body).send().await;
         let resp = sent.map_err(|e| transport_outcome(&e))?;
         let (status, headers) = (resp.status(), resp.headers().clone());
         let body = match read_capped(resp, MAX_ANSWER_BYTES).await {
