@@ -50,12 +50,72 @@ pub const ROW_COLUMNS: &[&str] = &[
     "check_digit_valid",
 ];
 
+/// The keyed hash of the VIN an output may add (`vin_hash`): lowercase hex
+/// HMAC-SHA-256 of `vin`, placed right after it (or where `raw_vin` and
+/// `vin` were, with [`VinHash::Instead`]).
+pub const VIN_HMAC: &str = "vin_hmac";
+
+/// The VIN columns an output with a keyed hash of the VIN leaves out or keeps
+/// (`raw_vin` holds the VIN as read, so it goes too).
+const VIN_COLUMNS: &[&str] = &["raw_vin", "vin"];
+
+/// An output's `vin_hash`: a `vin_hmac` column beside the VIN columns, or
+/// instead of them (for outputs that leave the secure zone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VinHash {
+    /// `raw_vin` and `vin` stay; `vin_hmac` follows `vin`.
+    Beside,
+    /// `raw_vin` and `vin` are left out; `vin_hmac` takes their place.
+    Instead,
+}
+
+impl VinHash {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VinHash::Beside => "beside",
+            VinHash::Instead => "instead",
+        }
+    }
+}
+
+/// Places the `vin_hmac` item in a list laid out like [`ROW_COLUMNS`] (names,
+/// fields or arrays), the rest of the list following: after `vin` with
+/// `beside`; with `instead`, in place of `raw_vin` and `vin`, which are
+/// removed. The one place that decides the order, so a schema and its
+/// batches cannot disagree.
+pub fn place_vin_hmac<T>(items: &mut Vec<T>, vin_hmac: T, mode: VinHash) {
+    let at = |name: &str| ROW_COLUMNS.iter().position(|c| *c == name).expect("a row column");
+    let (raw_vin, vin) = (at(VIN_COLUMNS[0]), at(VIN_COLUMNS[1]));
+    debug_assert_eq!(raw_vin + 1, vin, "raw_vin and vin are adjacent");
+    match mode {
+        VinHash::Beside => items.insert(vin + 1, vin_hmac),
+        VinHash::Instead => {
+            items.splice(raw_vin..=vin, [vin_hmac]);
+        }
+    }
+}
+
+/// The row columns an output writes before the vehicle columns.
+pub fn row_columns(vin_hash: Option<VinHash>) -> Vec<&'static str> {
+    let mut names = ROW_COLUMNS.to_vec();
+    if let Some(mode) = vin_hash {
+        place_vin_hmac(&mut names, VIN_HMAC, mode);
+    }
+    names
+}
+
 /// The columns after the vehicle columns (before the carried ones).
 pub const RECALL_COLUMNS: &[&str] = &["recall_count", "has_recalls", "recall_campaigns", "recall_error"];
 
 /// Every fixed column name: a carried input column may not take one.
 pub fn reserved_names() -> impl Iterator<Item = &'static str> {
-    ROW_COLUMNS.iter().copied().chain(VEHICLE_COLUMNS.iter().map(|c| c.0)).chain(RECALL_COLUMNS.iter().copied())
+    ROW_COLUMNS
+        .iter()
+        .copied()
+        .chain([VIN_HMAC])
+        .chain(VEHICLE_COLUMNS.iter().map(|c| c.0))
+        .chain(RECALL_COLUMNS.iter().copied())
 }
 
 /// One output row, as the state store reads it.
@@ -231,6 +291,18 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), names.len());
         assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')));
+    }
+
+    #[test]
+    fn vin_hmac_goes_beside_vin_or_replaces_both_vin_columns() {
+        assert_eq!(row_columns(None), ROW_COLUMNS);
+        let beside = row_columns(Some(VinHash::Beside));
+        assert_eq!(&beside[..6], ["job_id", "source", "source_row", "raw_vin", "vin", "vin_hmac"]);
+        assert_eq!(beside.len(), ROW_COLUMNS.len() + 1);
+        let instead = row_columns(Some(VinHash::Instead));
+        assert_eq!(&instead[..5], ["job_id", "source", "source_row", "vin_hmac", "status"]);
+        assert!(!instead.iter().any(|c| c.contains("vin") && *c != VIN_HMAC), "{instead:?}");
+        assert_eq!(instead.len(), ROW_COLUMNS.len() - 1);
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl JobSpec {
         let mut spec = self.clone();
         spec.templated(&mut |t| crate::calendar::fill(t, date)).map_err(|(field, message)| SpecError::Invalid {
             path: spec_name(&self.name),
-            field,
+            field: field.to_string(),
             message,
         })?;
         Ok(spec)
@@ -381,7 +381,7 @@ impl RecallSpec {
     }
 }
 
-use crate::columns::is_identifier;
+use crate::columns::{VinHash, is_identifier};
 
 /// Where results go besides vinetl's own tables. Every output holds one row
 /// per input row; writing a job again replaces its earlier output.
@@ -399,6 +399,13 @@ pub enum OutputSpec {
         region: Option<String>,
         /// Rows per data file (default 2,000,000).
         rows_per_file: Option<u64>,
+        /// A keyed hash of the VIN (`vin_hmac`): `beside` the VIN columns,
+        /// or `instead` of them (no `vin` and no `raw_vin` in the dataset).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vin_hash: Option<VinHash>,
+        /// The variable holding the hash key (default `VINETL_VIN_HASH_KEY`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vin_hash_key_env: Option<String>,
     },
     /// Postgres tables: one row per input row of every job (`results_table`),
     /// and the latest decode per VIN (`vehicles_table`).
@@ -411,7 +418,44 @@ pub enum OutputSpec {
         results_table: String,
         #[serde(default = "default_vehicles_table")]
         vehicles_table: String,
+        /// `beside` only: a `vin_hmac` column in both tables, next to `vin`
+        /// (the vehicles table is keyed by VIN, so `instead` is refused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vin_hash: Option<VinHash>,
+        /// The variable holding the hash key (default `VINETL_VIN_HASH_KEY`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vin_hash_key_env: Option<String>,
     },
+}
+
+/// The variable an output's `vin_hash` key is read from unless the output
+/// names another (`vin_hash_key_env`).
+pub const DEFAULT_VIN_HASH_KEY_ENV: &str = "VINETL_VIN_HASH_KEY";
+
+impl OutputSpec {
+    /// The output's `vin_hash`, if it has one.
+    pub fn vin_hash(&self) -> Option<VinHash> {
+        match self {
+            OutputSpec::Parquet { vin_hash, .. } | OutputSpec::Postgres { vin_hash, .. } => *vin_hash,
+        }
+    }
+
+    /// The variable holding the output's hash key.
+    pub fn vin_hash_key_env(&self) -> &str {
+        match self {
+            OutputSpec::Parquet { vin_hash_key_env, .. } | OutputSpec::Postgres { vin_hash_key_env, .. } => {
+                vin_hash_key_env.as_deref().unwrap_or(DEFAULT_VIN_HASH_KEY_ENV)
+            }
+        }
+    }
+
+    fn vin_hash_key_env_set(&self) -> Option<&str> {
+        match self {
+            OutputSpec::Parquet { vin_hash_key_env, .. } | OutputSpec::Postgres { vin_hash_key_env, .. } => {
+                vin_hash_key_env.as_deref()
+            }
+        }
+    }
 }
 
 fn default_output_schema() -> String {
@@ -428,7 +472,7 @@ pub enum SpecError {
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {field}: {message}")]
-    Invalid { path: String, field: &'static str, message: String },
+    Invalid { path: String, field: String, message: String },
 }
 
 impl JobSpec {
@@ -476,7 +520,7 @@ impl JobSpec {
             if message.contains("unknown field `api_key`") || message.contains("unknown field `key`") {
                 return SpecError::Invalid {
                     path: path.to_string(),
-                    field: "provider.api_key",
+                    field: "provider.api_key".to_string(),
                     message: "a spec never holds the API key: put it in an environment variable (named by \
                               provider.api_key_env, default CARVIN_API_KEY) or in a file (provider.api_key_file, \
                               e.g. a Docker or Kubernetes secret)"
@@ -492,8 +536,9 @@ impl JobSpec {
     /// Checks a spec's values; `path` names it in errors. Run on every spec
     /// read back from the database too: what is stored is input.
     pub fn validate(&self, path: &str) -> Result<(), SpecError> {
-        let invalid =
-            |field, message: &str| Err(SpecError::Invalid { path: path.to_string(), field, message: message.into() });
+        let invalid = |field: &str, message: &str| {
+            Err(SpecError::Invalid { path: path.to_string(), field: field.to_string(), message: message.into() })
+        };
         let p = &self.provider;
         if self.name.trim().is_empty() {
             return invalid("name", "must not be empty");
@@ -570,7 +615,7 @@ impl JobSpec {
             .clone()
             .templated(&mut |t| crate::calendar::fill(t, chrono::NaiveDate::from_ymd_opt(2000, 1, 1).expect("a date")))
         {
-            return Err(SpecError::Invalid { path: path.to_string(), field, message });
+            return Err(SpecError::Invalid { path: path.to_string(), field: field.to_string(), message });
         }
         if !(self.max_failed_share.is_finite() && (0.0..=1.0).contains(&self.max_failed_share)) {
             return invalid("max_failed_share", "must be a share from 0 to 1, e.g. 0.01 for 1 %");
@@ -600,7 +645,8 @@ impl JobSpec {
                 ),
             );
         }
-        for output in &self.outputs {
+        for (i, output) in self.outputs.iter().enumerate() {
+            self.validate_vin_hash(path, i, output)?;
             match output {
                 OutputSpec::Parquet { path, partition, rows_per_file, .. } => {
                     if path.trim().is_empty() {
@@ -633,6 +679,49 @@ impl JobSpec {
             && !url.starts_with("s3://")
         {
             return invalid("source.url", "must start with s3://");
+        }
+        Ok(())
+    }
+
+    /// An output's `vin_hash` and `vin_hash_key_env`.
+    fn validate_vin_hash(&self, path: &str, i: usize, output: &OutputSpec) -> Result<(), SpecError> {
+        let invalid = |field: &str, message: String| {
+            Err(SpecError::Invalid { path: path.to_string(), field: format!("outputs[{i}].{field}"), message })
+        };
+        if let Some(var) = output.vin_hash_key_env_set() {
+            if output.vin_hash().is_none() {
+                return invalid("vin_hash_key_env", "is only read with vin_hash = \"beside\" or \"instead\"".into());
+            }
+            if var.trim().is_empty() || var.contains(char::is_whitespace) || var.contains('=') {
+                return invalid(
+                    "vin_hash_key_env",
+                    "must name an environment variable (the key itself never goes in a spec)".into(),
+                );
+            }
+        }
+        if output.vin_hash() != Some(VinHash::Instead) {
+            return Ok(());
+        }
+        if let OutputSpec::Postgres { .. } = output {
+            return invalid(
+                "vin_hash",
+                "\"instead\" is for Parquet outputs: a Postgres output's vehicles table is keyed by VIN; use \
+                 vin_hash = \"beside\" here, or write the VIN-free copy to a Parquet output"
+                    .into(),
+            );
+        }
+        let vin_column = match &self.source {
+            SourceSpec::File { vin_column, .. } | SourceSpec::S3 { vin_column, .. } => vin_column.as_deref(),
+            SourceSpec::Postgres { column, .. } => column.as_deref(),
+        };
+        let vin_column = vin_column.unwrap_or("vin");
+        if let Some(c) = self.carry().iter().find(|c| c.eq_ignore_ascii_case(vin_column)) {
+            return invalid(
+                "vin_hash",
+                format!(
+                    "\"instead\" keeps VINs out of this output, but source.carry copies the VIN column {c:?} into it"
+                ),
+            );
         }
         Ok(())
     }
@@ -749,6 +838,35 @@ requests_per_second = 5
         let bad = MINIMAL.replace("fleet.csv", "drop/{date-x}/vins.txt");
         let err = JobSpec::parse("t.toml", &bad).unwrap_err().to_string();
         assert!(err.contains("source.path") && err.contains("{date-x}"), "{err}");
+    }
+
+    #[test]
+    fn vin_hash_is_checked_on_load() {
+        let with = |outputs: &str| JobSpec::parse("t.toml", &format!("{MINIMAL}{outputs}"));
+        let parquet = "[[outputs]]\nkind = \"parquet\"\npath = \"out\"\n";
+        let postgres = "[[outputs]]\nkind = \"postgres\"\nresults_table = \"r\"\n";
+        let spec = with(&format!("{parquet}vin_hash = \"instead\"\n{postgres}vin_hash = \"beside\"\n")).unwrap();
+        assert_eq!(spec.outputs[0].vin_hash(), Some(VinHash::Instead));
+        assert_eq!(spec.outputs[1].vin_hash(), Some(VinHash::Beside));
+        assert_eq!(spec.outputs[1].vin_hash_key_env(), "VINETL_VIN_HASH_KEY");
+        let spec = with(&format!("{parquet}vin_hash = \"beside\"\nvin_hash_key_env = \"K\"\n")).unwrap();
+        assert_eq!(spec.outputs[0].vin_hash_key_env(), "K");
+        // Stored specs without the option serialise as before.
+        let plain = with(parquet).unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("vin_hash"));
+        let err = |o: &str| with(o).unwrap_err().to_string();
+        let e = err(&format!("{parquet}vin_hash = \"sometimes\"\n"));
+        assert!(e.contains("sometimes") && e.contains("beside"), "{e}");
+        let e = err(&format!("{parquet}{postgres}vin_hash = \"instead\"\n"));
+        assert!(e.contains("outputs[1].vin_hash") && e.contains("keyed by VIN") && e.contains("beside"), "{e}");
+        let e = err(&format!("{parquet}vin_hash_key_env = \"K\"\n"));
+        assert!(e.contains("outputs[0].vin_hash_key_env"), "{e}");
+        let e = err(&format!("{parquet}vin_hash = \"beside\"\nvin_hash_key_env = \"a key\"\n"));
+        assert!(e.contains("outputs[0].vin_hash_key_env"), "{e}");
+        let carried = MINIMAL
+            .replace("path = \"fleet.csv\"", "path = \"fleet.csv\"\nvin_column = \"chassis\"\ncarry = [\"Chassis\"]");
+        let e = JobSpec::parse("t.toml", &format!("{carried}{parquet}vin_hash = \"instead\"\n")).unwrap_err();
+        assert!(e.to_string().contains("outputs[0].vin_hash") && e.to_string().contains("carry"), "{e}");
     }
 
     #[test]

@@ -235,12 +235,26 @@ pub async fn worker(
     state: &State,
     concurrency: usize,
     metrics_addr: Option<&str>,
-    with_scheduler: bool,
+    options: WorkerOptions,
 ) -> anyhow::Result<()> {
+    let WorkerOptions { with_scheduler, audit_retention } = options;
     let metrics = crate::prometheus::Listener::bind_if(metrics_addr).await?;
     startup("worker", state, concurrency);
     let store = state.open(concurrency as u32 + 4).await?;
     serve_metrics(metrics, &store);
+    if let Some(keep) = audit_retention {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                match store.prune_audit(keep.as_secs_f64()).await {
+                    Ok(n) => tracing::info!(deleted = n, "audit trail pruned"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the audit trail; trying again in an hour"),
+                }
+            }
+        });
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         crate::shutdown_signal().await;
@@ -280,6 +294,15 @@ pub async fn worker(
     };
     let ((), worked) = tokio::join!(scheduler, work);
     worked
+}
+
+/// What `vinetl worker` runs beside its workers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerOptions {
+    /// Also start scheduled runs (`--with-scheduler`).
+    pub with_scheduler: bool,
+    /// Delete audited requests older than this, at start and hourly.
+    pub audit_retention: Option<Duration>,
 }
 
 /// How a job ended, with what its spec allows.
@@ -1094,6 +1117,20 @@ pub fn describe(c: &JobCounts) -> String {
         }
     }
     s
+}
+
+/// A VIN given on the command line (`forget`, `audit --vin`), as the state
+/// store keeps it: normalised when it is a VIN, else its trimmed upper-case
+/// text (a row rejected at planning is stored as it was read).
+pub fn normalised_vin(input: &str) -> Result<String, Usage> {
+    if let Ok(vin) = crate::vin::Vin::parse(input) {
+        return Ok(vin.to_string());
+    }
+    let raw = input.trim().to_uppercase();
+    if raw.is_empty() || raw.chars().count() > 64 || raw.chars().any(char::is_control) {
+        return Err(Usage(format!("{}: not a VIN, nor text a VIN column could hold", crate::columns::quoted(input))));
+    }
+    Ok(raw)
 }
 
 #[cfg(test)]

@@ -173,6 +173,10 @@ pub enum Command {
         /// number of processes may, each fire time still runs once.
         #[arg(long)]
         with_scheduler: bool,
+        /// Keep the runner's audit trail this long ("365d"): older
+        /// requests are deleted at start and every hour. Default: kept.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        audit_retention: Option<std::time::Duration>,
         #[command(flatten)]
         metrics: MetricsArgs,
         #[command(flatten)]
@@ -335,6 +339,43 @@ pub enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// The runner's audit trail: one JSON line per API request (newest
+    /// first): when, which job and batch, which provider and endpoint,
+    /// which VINs. Never a key. With --prune, deletes the older requests
+    /// instead.
+    Audit {
+        /// Only this job's requests.
+        #[arg(long)]
+        job: Option<i64>,
+        /// Only requests that carried this VIN.
+        #[arg(long)]
+        vin: Option<String>,
+        /// Only requests sent within this span: "24h", "7d", ...
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most this many requests.
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        /// Delete requests older than this ("365d") and print how many.
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["job", "vin", "since"])]
+        prune: Option<std::time::Duration>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Remove one VIN from everything vinetl keeps: the decode cache, the
+    /// stored input rows, batches, errors and audit trail (blanked where a
+    /// row must stay for the counts), and every Postgres output table.
+    /// Lists what it could not reach (Parquet files already written, the
+    /// inputs); exits 1 when that list is not empty.
+    Forget {
+        /// The VIN (any case; spaces and dashes are ignored).
+        vin: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Pause a job: it takes no new call (calls in flight land and are
     /// stored); workers stay up and other jobs go on.
     Pause {
@@ -393,6 +434,10 @@ pub enum Command {
         /// (never the key), endpoint, VIN count, status, milliseconds.
         #[arg(long, value_name = "FILE")]
         audit_log: Option<PathBuf>,
+        /// Keep the audit log's lines this long ("90d"): older ones are
+        /// deleted at start and hourly. Default: kept.
+        #[arg(long, value_parser = humantime::parse_duration, requires = "audit_log")]
+        audit_retention: Option<std::time::Duration>,
         #[command(flatten)]
         metrics: MetricsArgs,
         #[command(flatten)]
@@ -532,9 +577,10 @@ impl Cli {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Worker { concurrency, with_scheduler, metrics, state } => {
+            Command::Worker { concurrency, with_scheduler, audit_retention, metrics, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
-                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref(), with_scheduler).await?;
+                let options = jobs::WorkerOptions { with_scheduler, audit_retention };
+                jobs::worker(&state, concurrency, metrics.metrics_addr.as_deref(), options).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Scheduler { specs, once, state } => {
@@ -647,6 +693,56 @@ impl Cli {
                 let ended = jobs::write(&state, job, force).await?;
                 Ok(report(&ended, None))
             }
+            Command::Audit { job, vin, since, limit, prune, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let store = state.open_existing(2).await?;
+                if let Some(older) = prune {
+                    let n = store.prune_audit(older.as_secs_f64()).await?;
+                    let secs = older.as_secs();
+                    let age = match secs {
+                        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+                        s if s % 3_600 == 0 => format!("{} hours", s / 3_600),
+                        s => format!("{s} s"),
+                    };
+                    outln!("pruned {n} audited request{} older than {age}", if n == 1 { "" } else { "s" });
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let vin = vin.map(|v| jobs::normalised_vin(&v)).transpose()?;
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let since = since.map(|d| now.as_secs_f64() - d.as_secs_f64());
+                let filter = crate::store::AuditFilter { job_id: job, vin, since, limit };
+                for call in store.audit_calls(&filter).await? {
+                    outln!("{}", serde_json::to_string(&call)?);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Forget { vin, json, state } => {
+                let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
+                let store = state.open_existing(2).await?;
+                let vin = jobs::normalised_vin(&vin)?;
+                let report = crate::job::forget::forget(&store, &vin).await?;
+                if json {
+                    outln!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    let f = &report.store;
+                    outln!(
+                        "forgot {vin}: {} cache entr{}, {} input rows, {} batches, {} errors, {} audited requests",
+                        f.cache,
+                        if f.cache == 1 { "y" } else { "ies" },
+                        f.input_rows,
+                        f.batches,
+                        f.errors,
+                        f.audit_calls
+                    );
+                    for o in &report.outputs {
+                        outln!("  {}: {} rows", o.output, o.rows);
+                    }
+                    for n in &report.not_reached {
+                        outln!("  not reached: {n}");
+                    }
+                }
+                Ok(if report.incomplete() { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            }
             Command::Prune { older_than, name, dry_run, json, state } => {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let pruned = jobs::prune(&state, older_than, name.as_deref(), dry_run).await?;
@@ -705,8 +801,19 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Serve { action: Some(ServeAction::Keys { op }), .. } => keys_command(op),
-            Command::Serve { action: None, bind, keys, recalls, audit_log, metrics, limits, faults } => {
-                let opts = crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log, limits };
+            Command::Serve {
+                action: None,
+                bind,
+                keys,
+                recalls,
+                audit_log,
+                audit_retention,
+                metrics,
+                limits,
+                faults,
+            } => {
+                let opts =
+                    crate::serve::ServeOptions { bind, keys, recalls, faults, audit_log, audit_retention, limits };
                 crate::serve::run(opts, metrics.metrics_addr.as_deref()).await?;
                 Ok(ExitCode::SUCCESS)
             }

@@ -10,6 +10,7 @@
 //! [`crate::call`]'s) and no file format (that is [`crate::io`]'s).
 
 pub mod advance;
+pub mod forget;
 pub mod plan;
 pub mod preflight;
 pub mod prune;

@@ -1,8 +1,8 @@
 //! Checks made before the first API call is paid for: that the key is
-//! there, the API host answers, every output can be written, and the source
-//! can be read. Each failure names the spec setting to fix; `submit`, `run`
-//! and `check SPEC` run the same checks, and nothing is planned or called
-//! when one fails (exit code 2).
+//! there (and each output's `vin_hash` key), the API host answers, every
+//! output can be written, and the source can be read. Each failure names the
+//! spec setting to fix; `submit`, `run` and `check SPEC` run the same
+//! checks, and nothing is planned or called when one fails (exit code 2).
 
 use std::time::Duration;
 
@@ -27,8 +27,9 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// What to check.
 #[derive(Debug, Clone, Copy)]
 pub struct Checks {
-    /// This process will call the API, so the key variable must be set
-    /// here (`run`); `submit` leaves calling to workers, which need it.
+    /// This process will call the API and write the outputs, so the key
+    /// variable (and each `vin_hash` key variable) must be set here
+    /// (`run`); `submit` leaves both to workers, which need them.
     pub key: bool,
     /// The API host must answer (skipped for an embedded API, which this
     /// process starts itself).
@@ -65,6 +66,14 @@ pub async fn run(
             ));
         }
         passed.push(format!("API key variable {} is set", p.api_key_env));
+    }
+    if checks.key {
+        for (i, output) in spec.outputs.iter().enumerate().filter(|(_, o)| o.vin_hash().is_some()) {
+            let described = crate::io::output::vin_hash::described(output);
+            crate::io::output::vin_hash::VinHasher::for_output(output, &described)
+                .map_err(|e| fail(format!("outputs[{i}].vin_hash_key_env"), format!("{e}; nothing was called")))?;
+            passed.push(format!("output {}'s VIN hash key variable {} is set", i + 1, output.vin_hash_key_env()));
+        }
     }
     for (i, output) in spec.outputs.iter().enumerate() {
         crate::io::output::probe(state_pool, output)

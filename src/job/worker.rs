@@ -17,7 +17,7 @@ use crate::job::queue::{self, BatchTask, Lane};
 use crate::prometheus::{self, CallKind};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::{Answer, Answered, CallEnd, DecodedVin, Reschedule, Store};
+use crate::store::{Answer, Answered, CallEnd, CallSent, DecodedVin, Reschedule, Store};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -252,7 +252,13 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // job failed or cancelled while this worker waited for the limiter
     // (another worker's call met a revoked key) takes no call, and the
     // quota unit goes back.
-    if !store.begin_call(job, batch_no).await? {
+    let sent = CallSent {
+        provider: &rt.client.origin(),
+        endpoint: if lookup.is_some() { crate::api::RECALLS_PATH } else { crate::api::BATCH_DECODE_PATH },
+        vins: if lookup.is_some() { &[] } else { &batch.vins },
+        lookup: batch.lookup_key.as_deref(),
+    };
+    if !store.begin_call(job, batch_no, &sent).await? {
         limiter.release(slot).await?;
         limiter.refund(1, now_secs()).await?;
         return Ok(());

@@ -8,15 +8,15 @@
 //! slows requests down (back-pressure) rather than losing lines.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::Server;
@@ -46,13 +46,20 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Opens `path` for appending and starts its writer; the task ends (and
-    /// flushes) when the last handle is dropped.
-    pub async fn open(path: PathBuf) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
-        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await?;
+    /// flushes) when the last handle is dropped. With `keep`, lines older
+    /// than that are deleted at start and then every hour.
+    pub async fn open(
+        path: PathBuf,
+        keep: Option<Duration>,
+    ) -> std::io::Result<(AuditLog, tokio::task::JoinHandle<()>)> {
+        if let Some(keep) = keep {
+            prune(&path, keep).await?;
+        }
+        let mut out = append(&path).await?;
         // A few thousand lines of slack: bursts never wait on the disk.
         let (tx, mut rx) = mpsc::channel::<Line>(4096);
         let task = tokio::spawn(async move {
-            let mut out = tokio::io::BufWriter::new(file);
+            let mut pruned = Instant::now();
             while let Some(first) = rx.recv().await {
                 let mut buf = Vec::with_capacity(256);
                 let mut next = Some(first);
@@ -65,11 +72,59 @@ impl AuditLog {
                 if out.write_all(&buf).await.is_err() || out.flush().await.is_err() {
                     tracing::error!(path = %path.display(), "cannot write the audit log");
                 }
+                // This task is the file's only writer, so it prunes in turn.
+                if let Some(keep) = keep.filter(|_| pruned.elapsed() >= PRUNE_EVERY) {
+                    pruned = Instant::now();
+                    match prune(&path, keep).await {
+                        Ok(()) => match append(&path).await {
+                            Ok(file) => out = file,
+                            Err(e) => {
+                                tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log")
+                            }
+                        },
+                        Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot prune the audit log"),
+                    }
+                }
             }
             let _ = out.flush().await;
         });
         Ok((AuditLog { tx }, task))
     }
+}
+
+/// How often a running server prunes its log (when a line is written).
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+async fn append(path: &Path) -> std::io::Result<tokio::io::BufWriter<tokio::fs::File>> {
+    let file = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+    Ok(tokio::io::BufWriter::new(file))
+}
+
+/// Rewrites the log without its lines older than `keep` (a line that does
+/// not parse stays: it is not this function's to judge), through a
+/// temporary file renamed over it, so a crash leaves the old log or the
+/// new one.
+async fn prune(path: &Path, keep: Duration) -> std::io::Result<()> {
+    let Ok(file) = tokio::fs::File::open(path).await else { return Ok(()) };
+    let cutoff = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() - keep.as_secs_f64();
+    let tmp = path.with_extension("pruning");
+    let mut out = tokio::io::BufWriter::new(tokio::fs::File::create(&tmp).await?);
+    let mut lines = tokio::io::BufReader::new(file).lines();
+    let (mut kept, mut dropped) = (0u64, 0u64);
+    while let Some(line) = lines.next_line().await? {
+        let ts = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["ts"].as_f64());
+        if ts.is_some_and(|ts| ts < cutoff) {
+            dropped += 1;
+            continue;
+        }
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+        kept += 1;
+    }
+    out.flush().await?;
+    tokio::fs::rename(&tmp, path).await?;
+    tracing::info!(path = %path.display(), kept, dropped, "audit log pruned");
+    Ok(())
 }
 
 /// Middleware: logs every request it wraps once the answer is ready.

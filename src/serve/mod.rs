@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub faults: Faults,
     /// Append a JSON line per API request here.
     pub audit_log: Option<PathBuf>,
+    /// Delete audit lines older than this, at start and hourly.
+    pub audit_retention: Option<std::time::Duration>,
     /// Connection cap and read deadlines.
     pub limits: ConnLimits,
 }
@@ -232,7 +234,7 @@ pub async fn spawn(opts: ServeOptions) -> Result<RunningServer, ServeError> {
     let (keys, recalls) = (server.accounts.key_count(), server.recalls.len());
     let (audit, audit_task) = match &opts.audit_log {
         Some(path) => {
-            let (log, task) = audit::AuditLog::open(path.clone())
+            let (log, task) = audit::AuditLog::open(path.clone(), opts.audit_retention)
                 .await
                 .map_err(|source| ServeError::AuditLog { path: path.display().to_string(), source })?;
             (Some(log), Some(task))

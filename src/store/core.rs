@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    Answer, Answered, CallCounts, CallEnd, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures, JobCounts,
-    JobError, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule, RunSummary,
-    StoreError, distinct_campaigns,
+    Answer, Answered, CallCounts, CallEnd, CallSent, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures,
+    JobCounts, JobError, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule,
+    RunSummary, StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -429,8 +429,11 @@ impl Store {
     /// still marked when its next call begins lost that answer.
     /// False if the batch is no longer running (its job failed or was
     /// cancelled meanwhile): then no call may be made.
-    pub async fn begin_call(&self, job_id: i64, batch_no: i32) -> Result<bool, StoreError> {
-        let marked = self
+    /// The request is recorded in the audit trail in the same transaction:
+    /// whatever went out is on record, answered or not.
+    pub async fn begin_call(&self, job_id: i64, batch_no: i32, sent: &CallSent<'_>) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let marked = tx
             .exec(
                 "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
                      updated_at = now()
@@ -438,7 +441,16 @@ impl Store {
                 args![job_id, batch_no],
             )
             .await?;
-        Ok(marked > 0)
+        if marked == 0 {
+            return Ok(false);
+        }
+        tx.exec(
+            "INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup) VALUES ($1, $2, $3, $4, $5, $6)",
+            args![job_id, batch_no, sent.provider, sent.endpoint, sent.vins, sent.lookup],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// The request never reached the API (refused connection, DNS, TLS):

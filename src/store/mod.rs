@@ -12,12 +12,14 @@
 mod bucket;
 mod core;
 pub mod postgres;
+mod privacy;
 mod records;
 mod schedules;
 mod sql;
 pub mod sqlite;
 
 pub use core::{PlanLock, Store};
+pub use privacy::FORGOTTEN;
 pub use records::*;
 
 impl Store {

@@ -296,6 +296,61 @@ pub struct JobError {
     pub at: Option<String>,
 }
 
+/// A request about to go out, as the audit trail records it.
+#[derive(Debug, Clone, Copy)]
+pub struct CallSent<'a> {
+    /// The API's origin: scheme, host and port (never a key or a path).
+    pub provider: &'a str,
+    pub endpoint: &'a str,
+    /// The VINs it carries (none for a recall lookup).
+    pub vins: &'a [String],
+    /// A recall lookup's key (make, model, year).
+    pub lookup: Option<&'a str>,
+}
+
+/// One request from the audit trail.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AuditedCall {
+    pub call_id: i64,
+    /// RFC 3339, UTC.
+    pub sent_at: String,
+    pub job_id: i64,
+    pub batch_no: i32,
+    pub provider: String,
+    pub endpoint: String,
+    pub vins: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup: Option<String>,
+}
+
+/// Which requests `vinetl audit` shows.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub job_id: Option<i64>,
+    pub vin: Option<String>,
+    /// Only requests sent at or after this (Unix seconds).
+    pub since: Option<f64>,
+    pub limit: i64,
+}
+
+/// What `vinetl forget` did in the state store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Forgotten {
+    /// Decode-cache entries deleted.
+    pub cache: u64,
+    /// Stored input rows whose VIN, raw text and carried columns were
+    /// blanked (the row stays, so every job keeps its row count).
+    pub input_rows: u64,
+    /// Batches whose VIN list held it.
+    pub batches: u64,
+    /// Error records that named it.
+    pub errors: u64,
+    /// Audit-trail requests that carried it (the request stays, without it).
+    pub audit_calls: u64,
+    /// The jobs that held it in their input rows or audit trail.
+    pub jobs: Vec<i64>,
+}
+
 /// An ended job retention may prune, with what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Prunable {

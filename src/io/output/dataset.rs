@@ -31,7 +31,8 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use super::OutputError;
-use crate::columns::{CarriedType, Kind, OutputRow, VEHICLE_COLUMNS};
+use super::vin_hash::VinHasher;
+use crate::columns::{CarriedType, Kind, OutputRow, VEHICLE_COLUMNS, VIN_HMAC, VinHash, place_vin_hmac};
 use crate::io::s3::{S3, S3Url};
 use crate::spec::{JobSpec, OutputSpec};
 use crate::store::Store;
@@ -218,6 +219,12 @@ impl Dest {
 
 /// The Arrow schema of a job's output.
 pub fn schema(carried: &[(String, CarriedType)]) -> SchemaRef {
+    schema_for(carried, None)
+}
+
+/// The Arrow schema of an output with `vin_hash` (`None`: without), with
+/// `vin_hmac` where [`place_vin_hmac`] puts it.
+pub fn schema_for(carried: &[(String, CarriedType)], vin_hash: Option<VinHash>) -> SchemaRef {
     let text = |n: &str| Field::new(n, DataType::Utf8, true);
     let mut fields = vec![
         Field::new("job_id", DataType::Int64, false),
@@ -231,6 +238,9 @@ pub fn schema(carried: &[(String, CarriedType)]) -> SchemaRef {
         Field::new("decoded_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), true),
         Field::new("check_digit_valid", DataType::Boolean, true),
     ];
+    if let Some(mode) = vin_hash {
+        place_vin_hmac(&mut fields, text(VIN_HMAC), mode);
+    }
     for (name, _, kind) in VEHICLE_COLUMNS {
         fields.push(Field::new(*name, arrow_type(*kind), true));
     }
@@ -269,6 +279,19 @@ pub fn record_batch(
     rows: &[OutputRow],
     carried: &[(String, CarriedType)],
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
+    record_batch_hashed(schema, job_id, rows, carried, None)
+}
+
+/// One Arrow batch of an output with `vin_hash` (its schema from
+/// [`schema_for`] with the hasher's mode): `vin_hmac` is the hash of `vin`,
+/// null where `vin` is.
+pub fn record_batch_hashed(
+    schema: &SchemaRef,
+    job_id: i64,
+    rows: &[OutputRow],
+    carried: &[(String, CarriedType)],
+    hasher: Option<&VinHasher>,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let n = rows.len();
     let strings = |f: &dyn Fn(&OutputRow) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::with_capacity(n, n * 16);
@@ -298,6 +321,12 @@ pub fn record_batch(
                 .finish(),
         ),
     ];
+    if let Some(hasher) = hasher {
+        let keyed = hasher.keyed();
+        let mut b = StringBuilder::with_capacity(n, n * 64);
+        rows.iter().for_each(|r| b.append_option(keyed.vin(r.vin.as_deref())));
+        place_vin_hmac(&mut columns, Arc::new(b.finish()) as ArrayRef, hasher.mode());
+    }
     for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
         columns.push(match kind {
             Kind::Text => strings(&|r| r.text(i)),
@@ -395,17 +424,24 @@ struct Finished {
     bytes: u64,
 }
 
+/// What the encoder writes: the columns, the carried ones and the VIN hash.
+struct Layout {
+    schema: SchemaRef,
+    carried: Vec<(String, CarriedType)>,
+    hasher: Option<VinHasher>,
+}
+
 /// The encoder: runs on a blocking thread, takes chunks of rows, cuts files
 /// at `rows_per_file`, and reports each finished file.
 fn encode(
     dir: PathBuf,
-    schema: SchemaRef,
+    layout: Layout,
     job_id: i64,
-    carried: Vec<(String, CarriedType)>,
     rows_per_file: u64,
     mut chunks: tokio::sync::mpsc::Receiver<Arc<Vec<OutputRow>>>,
     finished: tokio::sync::mpsc::UnboundedSender<Finished>,
 ) -> Result<u64, String> {
+    let Layout { schema, carried, hasher } = layout;
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut total = 0u64;
     let mut current: Option<(ArrowWriter<std::fs::File>, PathBuf, String, u64)> = None;
@@ -417,7 +453,8 @@ fn encode(
             Ok(Finished { local, name, rows, bytes })
         };
     while let Some(chunk) = chunks.blocking_recv() {
-        let batch = record_batch(&schema, job_id, &chunk, &carried).map_err(|e| e.to_string())?;
+        let batch =
+            record_batch_hashed(&schema, job_id, &chunk, &carried, hasher.as_ref()).map_err(|e| e.to_string())?;
         if current.is_none() {
             let name = format!("part-{files:05}.parquet");
             files += 1;
@@ -482,11 +519,29 @@ pub async fn write(
     spec: &JobSpec,
     output: &OutputSpec,
     replace_newer: bool,
+    rows: super::RowsRx,
+) -> Result<Committed, OutputError> {
+    let hasher = VinHasher::for_output(output, &super::vin_hash::described(output))?;
+    write_hashed(store, job_id, spec, output, replace_newer, hasher, rows).await
+}
+
+/// [`write`] with the output's `vin_hash` key already read (`hasher`, from
+/// [`VinHasher::for_output`]).
+pub async fn write_hashed(
+    store: &Store,
+    job_id: i64,
+    spec: &JobSpec,
+    output: &OutputSpec,
+    replace_newer: bool,
+    hasher: Option<VinHasher>,
     mut rows: super::RowsRx,
 ) -> Result<Committed, OutputError> {
-    let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file } = output else {
+    let OutputSpec::Parquet { path, partition, endpoint, region, rows_per_file, .. } = output else {
         unreachable!("dataset::write takes parquet outputs")
     };
+    if hasher.as_ref().map(VinHasher::mode) != output.vin_hash() {
+        return Err(OutputError::write(path, "the output's vin_hash key was not read; nothing was written"));
+    }
     let dest = Dest::open(path, endpoint.as_deref(), region.as_deref(), true).await?;
     let partition_dir = match partition.as_deref().unwrap_or("dt") {
         "none" => String::new(),
@@ -505,7 +560,7 @@ pub async fn write(
         )));
     }
     let carried = store.carried_types(job_id, spec.carry()).await?;
-    let schema = schema(&carried);
+    let schema = schema_for(&carried, hasher.as_ref().map(VinHasher::mode));
 
     // 1. Leftovers of earlier attempts of this job.
     let ours = format!("{STAGING}/job-{job_id}-");
@@ -531,9 +586,9 @@ pub async fn write(
     let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Arc<Vec<OutputRow>>>(2);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
     let encoder = {
-        let (dir, schema, carried) = (local_dir.clone(), Arc::clone(&schema), carried.clone());
+        let (dir, layout) = (local_dir.clone(), Layout { schema: Arc::clone(&schema), carried, hasher });
         let rows_per_file = rows_per_file.unwrap_or(DEFAULT_ROWS_PER_FILE).max(1);
-        tokio::task::spawn_blocking(move || encode(dir, schema, job_id, carried, rows_per_file, chunk_rx, done_tx))
+        tokio::task::spawn_blocking(move || encode(dir, layout, job_id, rows_per_file, chunk_rx, done_tx))
     };
     let shown = &dest;
     let producer = async move {

@@ -6,6 +6,7 @@
 
 pub mod dataset;
 pub mod tables;
+pub mod vin_hash;
 
 pub use crate::columns::{CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::{JobSpec, OutputSpec};
@@ -72,19 +73,27 @@ pub async fn write_all(
     if spec.outputs.is_empty() {
         return Ok(Written::default());
     }
+    // Every output's `vin_hash` key first: a missing one fails the write
+    // before any output is touched.
+    let hashers = spec
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, output)| vin_hash::VinHasher::for_output(output, &vin_hash::shown(i, output)))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut senders = Vec::new();
     let mut writers = Vec::new();
-    for output in &spec.outputs {
+    for (output, hasher) in spec.outputs.iter().zip(hashers) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Rows>(2);
         senders.push(tx);
         writers.push(async move {
             match output {
                 OutputSpec::Parquet { .. } => {
-                    let done = dataset::write(store, job_id, spec, output, replace_newer, rx).await?;
+                    let done = dataset::write_hashed(store, job_id, spec, output, replace_newer, hasher, rx).await?;
                     Ok::<_, OutputError>((done.rows, done.place, done.replaced))
                 }
                 OutputSpec::Postgres { .. } => {
-                    let (rows, place) = tables::write(store, output, job_id, rx).await?;
+                    let (rows, place) = tables::write_hashed(store, output, job_id, hasher, rx).await?;
                     Ok((rows, place, None))
                 }
             }

@@ -10,6 +10,10 @@
 //! working: the job's rows are COPYed into a temporary table and replace
 //! the old ones in one transaction.
 //!
+//! With `vin_hash = "beside"`, both tables get a `vin_hmac` column (added
+//! to existing tables when missing): the results table's is filled from
+//! each row's `vin`, the vehicles table's with each upsert.
+//!
 //! Why text COPY, not binary: every column has a plain text form Postgres
 //! parses fast (measured in BENCHMARKS.md), and binary would mean encoding
 //! `jsonb`, arrays and timestamps by hand.
@@ -17,7 +21,8 @@
 use std::fmt::Write as _;
 
 use super::OutputError;
-use crate::columns::{Kind, OutputRow, VEHICLE_COLUMNS};
+use super::vin_hash::{Keyed, VinHasher};
+use crate::columns::{Kind, OutputRow, VEHICLE_COLUMNS, VIN_HMAC, VinHash};
 use crate::spec::OutputSpec;
 use crate::store::Store;
 
@@ -32,12 +37,14 @@ fn sql_type(kind: Kind) -> &'static str {
     }
 }
 
-/// The results table's columns that a write fills, in COPY order.
-fn result_columns() -> String {
+/// The results table's columns that a write fills, in COPY order
+/// (`vin_hmac` after `vin` with `hashed`).
+fn result_columns(hashed: bool) -> String {
     let vehicle: Vec<&str> = VEHICLE_COLUMNS.iter().map(|(n, _, _)| *n).collect();
+    let vin_hmac = if hashed { format!(", {VIN_HMAC}") } else { String::new() };
     format!(
-        "job_id, source, source_row, raw_vin, vin, status, error_code, error_text, decoded_at, check_digit_valid, \
-         {}, recall_count, has_recalls, recall_campaigns, recall_error, carried",
+        "job_id, source, source_row, raw_vin, vin{vin_hmac}, status, error_code, error_text, decoded_at, \
+         check_digit_valid, {}, recall_count, has_recalls, recall_campaigns, recall_error, carried",
         vehicle.join(", ")
     )
 }
@@ -79,10 +86,46 @@ fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
     ]
 }
 
+/// `vin_hmac` for both tables, where missing (tables made without
+/// `vin_hash`, or by an earlier vinetl). Only a missing column is altered:
+/// an `ALTER TABLE` locks out the table's readers, even when it does nothing.
+async fn add_vin_hmac(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    results: &str,
+    vehicles: &str,
+) -> Result<(), sqlx::Error> {
+    for table in [results, vehicles] {
+        let has: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                            WHERE table_schema = $1 AND table_name = $2 AND column_name = $3)",
+        )
+        .bind(schema)
+        .bind(table)
+        .bind(VIN_HMAC)
+        .fetch_one(&mut *conn)
+        .await?;
+        if !has {
+            let alter = format!("ALTER TABLE {schema}.{table} ADD COLUMN IF NOT EXISTS {VIN_HMAC} TEXT");
+            if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(alter)).execute(&mut *conn).await {
+                // Two writers racing on IF NOT EXISTS.
+                if e.as_database_error().and_then(|d| d.code()).is_none_or(|c| c != "42701") {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The latest decode of each VIN in `from` (loaded results of job `$1`)
 /// into the vehicles table; an older decode never overwrites a newer one.
-fn upsert_vehicles_sql(schema: &str, vehicles: &str, from: &str) -> String {
-    let cols: Vec<&str> = VEHICLE_COLUMNS.iter().map(|(n, _, _)| *n).collect();
+/// With `hashed`, `vin_hmac` too (else a row's `vin_hmac` is left as it is).
+fn upsert_vehicles_sql(schema: &str, vehicles: &str, from: &str, hashed: bool) -> String {
+    let mut cols: Vec<&str> = VEHICLE_COLUMNS.iter().map(|(n, _, _)| *n).collect();
+    if hashed {
+        cols.insert(0, VIN_HMAC);
+    }
     let set: Vec<String> = cols
         .iter()
         .copied()
@@ -153,7 +196,7 @@ async fn connect(
 /// Checks, before any call is paid for, that the output's tables can be
 /// created or written: the same DDL in a transaction that is rolled back.
 pub async fn probe(state: Option<&sqlx::PgPool>, output: &OutputSpec) -> Result<(), OutputError> {
-    let OutputSpec::Postgres { url_env, schema, results_table, vehicles_table } = output else {
+    let OutputSpec::Postgres { url_env, schema, results_table, vehicles_table, .. } = output else {
         unreachable!("tables::probe takes postgres outputs")
     };
     let place = format!("postgres {schema}.{results_table} and {schema}.{vehicles_table}");
@@ -161,6 +204,9 @@ pub async fn probe(state: Option<&sqlx::PgPool>, output: &OutputSpec) -> Result<
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
     let mut tx = pool.begin().await.map_err(fail)?;
     create_tables(&mut tx, schema, results_table, vehicles_table).await.map_err(fail)?;
+    if output.vin_hash().is_some() {
+        add_vin_hmac(&mut tx, schema, results_table, vehicles_table).await.map_err(fail)?;
+    }
     tx.rollback().await.map_err(fail)?;
     Ok(())
 }
@@ -178,14 +224,39 @@ pub async fn write(
     job_id: i64,
     rows: super::RowsRx,
 ) -> Result<(u64, String), OutputError> {
-    let OutputSpec::Postgres { url_env, schema, results_table: results, vehicles_table: vehicles } = output else {
+    let hasher = VinHasher::for_output(output, &super::vin_hash::described(output))?;
+    write_hashed(store, output, job_id, hasher, rows).await
+}
+
+/// [`write`] with the output's `vin_hash` key already read (`hasher`, from
+/// [`VinHasher::for_output`]).
+pub async fn write_hashed(
+    store: &Store,
+    output: &OutputSpec,
+    job_id: i64,
+    hasher: Option<VinHasher>,
+    rows: super::RowsRx,
+) -> Result<(u64, String), OutputError> {
+    let OutputSpec::Postgres { url_env, schema, results_table: results, vehicles_table: vehicles, .. } = output else {
         unreachable!("tables::write takes postgres outputs")
     };
     let place = format!("postgres {schema}.{results} and {schema}.{vehicles}");
+    // Checked by the spec; a VIN-free copy cannot be a table keyed by VIN.
+    if hasher.as_ref().map(VinHasher::mode) != output.vin_hash()
+        || hasher.as_ref().is_some_and(|h| h.mode() == VinHash::Instead)
+    {
+        return Err(OutputError::write(
+            &place,
+            "vin_hash: only \"beside\" is written to Postgres; nothing was written",
+        ));
+    }
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
     let pool = connect(store.pg_pool(), url_env.as_deref(), &place).await?;
     let mut conn = pool.acquire().await.map_err(fail)?;
     create_tables(&mut conn, schema, results, vehicles).await.map_err(fail)?;
+    if hasher.is_some() {
+        add_vin_hmac(&mut conn, schema, results, vehicles).await.map_err(fail)?;
+    }
     let partitioned: bool = sqlx::query_scalar(
         "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = $1 AND c.relname = $2",
@@ -195,7 +266,7 @@ pub async fn write(
     .fetch_one(&mut *conn)
     .await
     .map_err(fail)?;
-    let target = Target { job_id, schema, results, vehicles };
+    let target = Target { job_id, schema, results, vehicles, hasher: hasher.as_ref() };
     let total = if partitioned {
         write_partition(&mut conn, rows, &target).await
     } else {
@@ -220,12 +291,13 @@ impl From<sqlx::Error> for Failed {
     }
 }
 
-/// Whose rows go where.
+/// Whose rows go where, and the output's VIN hash.
 struct Target<'a> {
     job_id: i64,
     schema: &'a str,
     results: &'a str,
     vehicles: &'a str,
+    hasher: Option<&'a VinHasher>,
 }
 
 async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Error> {
@@ -235,7 +307,7 @@ async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Err
 /// Loads into a fresh table, indexes it, and swaps it in as the job's
 /// partition.
 async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
-    let Target { job_id, schema, results, vehicles } = *t;
+    let Target { job_id, schema, results, vehicles, hasher } = *t;
     let mark = load_mark(schema, results, job_id);
     // A killed writer's load tables (never attached): dropped first.
     let orphans: Vec<String> = sqlx::query_scalar(
@@ -255,7 +327,7 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
     let load = format!("{stem}_j{job_id}_{}", chrono_millis());
     run(conn, format!("CREATE TABLE {schema}.{load} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
     run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
-    let total = copy_rows(conn, rows, job_id, &format!("{schema}.{load}")).await?;
+    let total = copy_rows(conn, rows, job_id, hasher, &format!("{schema}.{load}")).await?;
     // Indexed once loaded (cheaper than index upkeep per row); the CHECK
     // lets ATTACH skip scanning the rows for the partition bound.
     for stmt in [
@@ -284,10 +356,15 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
     }
     run(&mut tx, format!("ALTER TABLE {schema}.{results} ATTACH PARTITION {schema}.{load} FOR VALUES IN ({job_id})"))
         .await?;
-    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(schema, vehicles, &format!("{schema}.{load}"))))
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(
+        schema,
+        vehicles,
+        &format!("{schema}.{load}"),
+        hasher.is_some(),
+    )))
+    .bind(job_id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(total)
 }
@@ -295,17 +372,17 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
 /// A results table made before partitioning: the rows are loaded into a
 /// temporary table, then replace the job's old ones in one transaction.
 async fn write_plain(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
-    let Target { job_id, schema, results, vehicles } = *t;
+    let Target { job_id, schema, results, vehicles, hasher } = *t;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     run(&mut tx, format!("CREATE TEMP TABLE vinetl_load (LIKE {schema}.{results} INCLUDING DEFAULTS) ON COMMIT DROP"))
         .await?;
-    let total = copy_rows(&mut tx, rows, job_id, "vinetl_load").await?;
+    let total = copy_rows(&mut tx, rows, job_id, hasher, "vinetl_load").await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results} WHERE job_id = $1")))
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
     run(&mut tx, format!("INSERT INTO {schema}.{results} SELECT * FROM vinetl_load")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(schema, vehicles, "vinetl_load")))
+    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(schema, vehicles, "vinetl_load", hasher.is_some())))
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
@@ -323,9 +400,11 @@ async fn copy_rows(
     conn: &mut sqlx::PgConnection,
     mut rows: super::RowsRx,
     job_id: i64,
+    hasher: Option<&VinHasher>,
     table: &str,
 ) -> Result<u64, Failed> {
-    let mut copy = conn.copy_in_raw(&format!("COPY {table} ({}) FROM STDIN", result_columns())).await?;
+    let columns = result_columns(hasher.is_some());
+    let mut copy = conn.copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN")).await?;
     let mut buf = String::with_capacity(COPY_CHUNK + 4096);
     let mut total = 0u64;
     loop {
@@ -337,8 +416,9 @@ async fn copy_rows(
                 return Err(Failed::Rows(OutputError::write(table, e)));
             }
         };
+        let keyed = hasher.map(VinHasher::keyed);
         for row in chunk.iter() {
-            copy_line(&mut buf, job_id, row);
+            copy_line(&mut buf, job_id, keyed.as_ref(), row);
             total += 1;
             if buf.len() >= COPY_CHUNK {
                 copy.send(std::mem::take(&mut buf).into_bytes()).await?;
@@ -353,13 +433,17 @@ async fn copy_rows(
     Ok(total)
 }
 
-/// One row in COPY's text format, in [`result_columns`] order.
-fn copy_line(buf: &mut String, job_id: i64, r: &OutputRow) {
+/// One row in COPY's text format, in [`result_columns`] order (`vin_hmac`
+/// with `keyed`).
+fn copy_line(buf: &mut String, job_id: i64, keyed: Option<&Keyed>, r: &OutputRow) {
     let _ = write!(buf, "{job_id}\t");
     field(buf, Some(&r.source));
     let _ = write!(buf, "{}\t", r.source_row);
     field(buf, Some(&r.raw_vin));
     field(buf, r.vin.as_deref());
+    if let Some(keyed) = keyed {
+        field(buf, keyed.vin(r.vin.as_deref()).as_deref());
+    }
     field(buf, Some(&r.status));
     field(buf, r.error_code.as_deref());
     field(buf, r.error_text.as_deref());
@@ -405,6 +489,61 @@ fn escape(buf: &mut String, s: &str) {
             c => buf.push(c),
         }
     }
+}
+
+/// `vinetl forget VIN` in one Postgres output: the results rows of the VIN
+/// are blanked as the state store's input rows are (the row stays, so each
+/// job keeps its row count; its VIN, raw text, hash, vehicle columns and
+/// carried columns go), and its vehicles row is deleted. Tables never
+/// created are nothing to do. Returns the rows changed in both tables.
+pub async fn forget(state: Option<&sqlx::PgPool>, output: &OutputSpec, vin: &str) -> Result<u64, OutputError> {
+    let OutputSpec::Postgres { url_env, schema, results_table: results, vehicles_table: vehicles, .. } = output else {
+        unreachable!("tables::forget takes postgres outputs")
+    };
+    let place = format!("postgres {schema}.{results} and {schema}.{vehicles}");
+    let fail = |e: sqlx::Error| OutputError::write(&place, e);
+    let pool = connect(state, url_env.as_deref(), &place).await?;
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+         WHERE table_schema = $1 AND table_name IN ($2, $3)",
+    )
+    .bind(schema)
+    .bind(results)
+    .bind(vehicles)
+    .fetch_all(&pool)
+    .await
+    .map_err(fail)?;
+    let has = |t: &str, c: &str| columns.iter().any(|(tt, cc)| tt == t && cc == c);
+    let mut changed = 0;
+    let mut tx = pool.begin().await.map_err(fail)?;
+    if has(results, "vin") {
+        let mut set = vec![
+            "raw_vin = $2".to_string(),
+            "vin = NULL".into(),
+            "carried = '{}'".into(),
+            "error_code = 'forgotten'".into(),
+            "error_text = 'the VIN was removed by vinetl forget'".into(),
+        ];
+        let blanked =
+            VEHICLE_COLUMNS.iter().map(|(n, _, _)| *n).chain(["recall_count", "has_recalls", "recall_campaigns"]);
+        set.extend(blanked.chain([VIN_HMAC]).filter(|c| has(results, c)).map(|c| format!("{c} = NULL")));
+        let sql =
+            format!("UPDATE {schema}.{results} SET {} WHERE vin = $1 OR upper(trim(raw_vin)) = $1", set.join(", "));
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(vin)
+            .bind(crate::store::FORGOTTEN)
+            .execute(&mut *tx)
+            .await
+            .map_err(fail)?;
+        changed += done.rows_affected();
+    }
+    if has(vehicles, "vin") {
+        let sql = format!("DELETE FROM {schema}.{vehicles} WHERE vin = $1");
+        changed +=
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(vin).execute(&mut *tx).await.map_err(fail)?.rows_affected();
+    }
+    tx.commit().await.map_err(fail)?;
+    Ok(changed)
 }
 
 /// A `text[]` literal: every element quoted, `"` and `\` escaped.
