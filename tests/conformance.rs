@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KEYS_TOML, pg_url, unique_schema};
+use common::{Backend, KEYS_TOML};
 use vinetl::call::limiter::{Denied, SharedLimiter};
 use vinetl::cli::jobs::State;
 use vinetl::job::queue::BatchTask;
@@ -15,29 +15,11 @@ use vinetl::serve::faults::Faults;
 use vinetl::spec::JobSpec;
 use vinetl::store::{Reschedule, Store};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Pg,
-    Lite,
-}
-
-/// One backend's state for one test: a Postgres schema of its own, or a
-/// SQLite file in a directory of its own.
-struct Env {
-    backend: Backend,
-    url: String,
-    schema: String,
-    dir: tempfile::TempDir,
-}
+type Env = common::StoreEnv;
 
 impl Env {
     fn new(backend: Backend) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let url = match backend {
-            Backend::Pg => pg_url(),
-            Backend::Lite => format!("sqlite://{}", dir.path().join("state.db").display()),
-        };
-        Env { backend, url, schema: unique_schema("conf"), dir }
+        Env::create(backend, "conf")
     }
 
     fn state(&self) -> State {
@@ -1029,28 +1011,7 @@ async fn retention_prunes_old_jobs_only(backend: Backend) {
     env.cleanup().await;
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(super::Backend::Pg).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(super::Backend::Lite).await
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+common::both_stores!(
     enqueue_is_idempotent,
     a_dead_workers_batch_is_taken_over_once,
     the_limiter_holds_rate_burst_quota_and_in_flight,

@@ -10,30 +10,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Output;
 
-use common::{pg_url, unique_schema};
+use common::{Backend, pg_url};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Pg,
-    Lite,
-}
-
-struct Env {
-    backend: Backend,
-    url: String,
-    schema: String,
-    dir: tempfile::TempDir,
-}
+type Env = common::StoreEnv;
 
 impl Env {
     fn new(backend: Backend) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let url = match backend {
-            Backend::Pg => pg_url(),
-            Backend::Lite => format!("sqlite://{}", dir.path().join("state.db").display()),
-        };
-        Env { backend, url, schema: unique_schema("privacy"), dir }
+        Env::create(backend, "privacy")
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
@@ -291,15 +275,7 @@ async fn audit_retention_and_forget(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn audit_retention_and_forget_on_postgres() {
-    audit_retention_and_forget(Backend::Pg).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn audit_retention_and_forget_on_sqlite() {
-    audit_retention_and_forget(Backend::Lite).await;
-}
+common::both_stores!(audit_retention_and_forget);
 
 /// The server's audit log: a line per request (account label, never the
 /// key; endpoint, VIN count, status), and `--audit-retention` deleting the

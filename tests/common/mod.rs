@@ -341,3 +341,59 @@ pub fn parquet_batches(dir: &std::path::Path) -> Vec<arrow::array::RecordBatch> 
         })
         .collect()
 }
+
+/// Which state store a test that runs on both uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Pg,
+    Lite,
+}
+
+/// One backend's state for one test: a Postgres schema of its own, or a
+/// SQLite file in a directory of its own. Test files add their own methods
+/// (`impl StoreEnv` in the test crate).
+pub struct StoreEnv {
+    pub backend: Backend,
+    pub url: String,
+    pub schema: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl StoreEnv {
+    /// A fresh state for `backend`, its schema named after `prefix`.
+    pub fn create(backend: Backend, prefix: &str) -> StoreEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match backend {
+            Backend::Pg => pg_url(),
+            Backend::Lite => format!("sqlite://{}", dir.path().join("state.db").display()),
+        };
+        StoreEnv { backend, url, schema: unique_schema(prefix), dir }
+    }
+}
+
+/// `both_stores!(a, b)`: tests `postgres::a`, `sqlite::a`, ... each calling
+/// the file's `async fn a(backend: Backend)` (with `Backend` in scope).
+/// Not every test file uses it.
+#[allow(unused_macros)]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Pg).await
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(super::Backend::Lite).await
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_stores;
