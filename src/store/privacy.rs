@@ -6,7 +6,9 @@
 //! A forgotten VIN is replaced by [`FORGOTTEN`] where a row must stay for
 //! the books to balance (an input row keeps its job's row count, an audited
 //! request its place in the trail), and deleted where nothing depends on it
-//! (the cache).
+//! (the cache). A VIN forgotten while its job runs is not called: its row
+//! still pending ends `failed` (`forgotten`), and a queued batch left with
+//! no VIN is cancelled.
 
 use super::core::Store;
 use super::records::{AuditFilter, AuditedCall, Forgotten, StoreError};
@@ -59,6 +61,7 @@ impl Store {
         let input_rows = tx
             .exec(
                 "UPDATE job_inputs SET raw_vin = $2, vin = NULL, carried = $3,
+                     status = CASE WHEN status = 'pending' THEN 'failed' ELSE status END,
                      error_code = 'forgotten', error_text = 'the VIN was removed by vinetl forget'
                  WHERE vin = $1 OR upper(trim(raw_vin)) = $1",
                 args![vin, FORGOTTEN, serde_json::json!({})],
@@ -76,10 +79,14 @@ impl Store {
         let mut batches = 0;
         for r in tx.rows("SELECT job_id, batch_no, vins FROM batches WHERE $1 {in vins}", args![vin]).await? {
             let vins = replaced(r.texts(2)?, vin);
+            // A batch still to be called that is left with no VIN is never
+            // called: nothing in it can be asked for any more.
+            let nothing_left = vins.iter().all(|v| v == FORGOTTEN);
             tx.exec(
-                "UPDATE batches SET vins = $3, last_error = replace(last_error, $4, $5)
+                "UPDATE batches SET vins = $3, last_error = replace(last_error, $4, $5),
+                     state = CASE WHEN $6 AND state = 'queued' THEN 'cancelled' ELSE state END
                  WHERE job_id = $1 AND batch_no = $2",
-                args![r.int(0)?, r.int32(1)?, vins, vin, FORGOTTEN],
+                args![r.int(0)?, r.int32(1)?, vins, vin, FORGOTTEN, nothing_left],
             )
             .await?;
             batches += 1;
