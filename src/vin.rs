@@ -174,15 +174,50 @@ impl Vin {
         ModelYears { candidates, preferred: Some(preferred) }
     }
 
-    /// The model year by vPIC's rule, `None` where position 10 is not a
-    /// year code. For a light vehicle (car, MPV, light truck: 565.15(c))
-    /// position 7 picks the cycle, a digit 1980-2009 and a letter 2010-2039;
-    /// otherwise the later cycle. Never a year after `latest` (next year):
-    /// such a year is read 30 years earlier.
-    pub fn rule_year(&self, light_vehicle: bool, latest: u16) -> Option<u16> {
+    /// The model year by vPIC's rule (its `fVinModelYear2`), `None` where
+    /// position 10 is not a year code. `car_lt` is what the WMI's entry
+    /// says: a passenger car, an MPV or a light truck. For those, position 7
+    /// picks the cycle (49 CFR 565.15(c)): a digit 1980-2009, a letter
+    /// 2010-2039. A year after `latest` (next year) is read 30 years
+    /// earlier. Anything else is [`YearReading::Either`]: vPIC decodes the
+    /// VIN in both cycles and keeps the one whose patterns match better.
+    pub fn year_reading(&self, car_lt: bool, latest: u16) -> Option<YearReading> {
         let base = year_code_offset(self.at(10))?;
         let (earlier, later) = (1980 + base, 2010 + base);
-        Some(if (light_vehicle && self.at(7).is_ascii_digit()) || later > latest { earlier } else { later })
+        Some(if later > latest || (car_lt && self.at(7).is_ascii_digit()) {
+            YearReading::Conclusive(earlier)
+        } else if car_lt && self.at(7).is_ascii_alphabetic() {
+            YearReading::Conclusive(later)
+        } else {
+            YearReading::Either { earlier, later }
+        })
+    }
+}
+
+/// What vPIC's rule makes of position 10 (see [`Vin::year_reading`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YearReading {
+    /// The rule names one year.
+    Conclusive(u16),
+    /// Both cycles are possible and neither is after next year; the
+    /// VIN's patterns decide, and the later one when they fit both alike.
+    Either { earlier: u16, later: u16 },
+}
+
+impl YearReading {
+    /// The year that stands when the patterns cannot tell: the later one.
+    pub fn default_year(self) -> u16 {
+        match self {
+            YearReading::Conclusive(y) | YearReading::Either { later: y, .. } => y,
+        }
+    }
+
+    /// Whether `year` is one the rule allows.
+    pub fn allows(self, year: u16) -> bool {
+        match self {
+            YearReading::Conclusive(y) => y == year,
+            YearReading::Either { earlier, later } => year == earlier || year == later,
+        }
     }
 }
 
@@ -358,18 +393,23 @@ mod tests {
 
     proptest! {
         #[test]
-        fn the_rule_year_is_never_in_the_future(raw in "[A-HJ-NPR-Z0-9]{17}", light in any::<bool>(), latest in 2020u16..2040) {
+        fn the_rule_year_is_never_in_the_future(raw in "[A-HJ-NPR-Z0-9]{17}", car_lt in any::<bool>(), latest in 2020u16..2040) {
             let vin = Vin::parse(&raw).unwrap();
-            match vin.rule_year(light, latest) {
-                Some(year) => {
-                    prop_assert!((1980..=latest).contains(&year), "{raw}: {year}");
-                    prop_assert!(vin.model_years().candidates.contains(&year));
-                    let p7 = vin.at(7);
-                    if light && p7.is_ascii_digit() {
-                        prop_assert!(year < 2010, "{raw}: a digit in position 7 is 1980-2009, not {year}");
+            let p7 = vin.at(7);
+            match vin.year_reading(car_lt, latest) {
+                Some(reading) => {
+                    let years: Vec<u16> = vin.model_years().candidates.into_iter().filter(|&y| reading.allows(y)).collect();
+                    prop_assert!(!years.is_empty(), "{raw}: {reading:?} allows no year position 10 names");
+                    prop_assert!(years.iter().all(|y| (1980..=latest).contains(y)), "{raw}: {years:?} after {latest}");
+                    prop_assert!((1980..=latest).contains(&reading.default_year()));
+                    if car_lt && p7.is_ascii_digit() {
+                        prop_assert!(reading.default_year() < 2010, "{raw}: a digit in position 7 is 1980-2009");
                     }
-                    if (!light || p7.is_ascii_alphabetic()) && year + 30 <= latest {
-                        prop_assert!(false, "{raw}: {year} when {} is not in the future", year + 30);
+                    if car_lt && p7.is_ascii_alphabetic() && reading.default_year() + 30 <= latest {
+                        prop_assert!(false, "{raw}: {reading:?} when the later cycle is not in the future");
+                    }
+                    if matches!(reading, YearReading::Either { .. }) {
+                        prop_assert!(!car_lt, "{raw}: position 7 binds a car, MPV or light truck");
                     }
                 }
                 None => prop_assert!(vin.model_years().candidates.is_empty()),

@@ -17,7 +17,7 @@ use corgi_rs::maps::{FstRkyvMap, MapError};
 use corgi_rs::{CorgiError, VehicleInfo, VinDecoder, VinDecoderError, WmiEntry};
 
 use crate::api::{VEHICLE_FIELDS, Vehicle, vpic_error};
-use crate::vin::Vin;
+use crate::vin::{Vin, YearReading};
 
 /// The decoder could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,9 +100,9 @@ impl Decoder {
 
     /// Pins the latest model year a VIN may have (next year by default): for
     /// tests, and to reproduce an earlier year's decode.
-    pub fn with_latest_year(mut self, year: u16) -> Decoder {
-        self.latest_year = year;
-        self
+    pub fn with_latest_year(self, year: u16) -> Decoder {
+        let Decoder { inner, wmis, .. } = self;
+        Decoder { inner: inner.with_current_year(i32::from(year) - 1), wmis, latest_year: year }
     }
 
     /// Decodes one VIN into vPIC-style fields. Never fails for a parsed VIN:
@@ -117,13 +117,11 @@ impl Decoder {
         let mut probe = vin.as_str().to_string();
         probe.replace_range(8..9, &vin.expected_check_digit().to_string());
         let wmi = self.wmis.get(&probe[..3]).and_then(|entries| entries.into_iter().next());
-        // vPIC's rule for the model year; position 7 counts for light
-        // vehicles (a truck by its decoded GVWR class where it has one).
-        let rule = |gvwr: &str| {
-            let w = wmi.as_ref()?;
-            let light = light_vehicle(w, gvwr);
-            vin.rule_year(light, self.latest_year).map(|y| (i32::from(y), light))
-        };
+        // vPIC's rule for the model year: position 7 counts for the cars,
+        // MPVs and light trucks the WMI's entry names.
+        let reading = wmi
+            .as_ref()
+            .and_then(|w| vin.year_reading(is_car_mpv_lt(w.vehicle_type_id, w.truck_type_id), self.latest_year));
         let mut codes = Vec::new();
         let mut notes = Vec::new();
         if !vin.check_digit_valid() {
@@ -137,21 +135,9 @@ impl Decoder {
                 let patterns_year = info.year;
                 let conclusive = info.year_conclusive;
                 let mut vehicle = from_info(info);
-                if let Some((year, light)) = rule(&vehicle.gvwr) {
-                    if patterns_year != year {
-                        // corgi settles the 30-year cycle by which one's
-                        // patterns name a model, and may so pick a year in
-                        // the future; vPIC states the rule's year.
-                        let by = if light { " and position 7" } else { "" };
-                        notes.push(format!(
-                            "model year {year} by position 10{by}; the VIN's patterns match model year {patterns_year}"
-                        ));
-                    } else if !conclusive && !light && year >= 2010 {
-                        notes.push(format!(
-                            "model year {year} or {}: position 10 names both and the VIN's patterns fit both",
-                            year - 30
-                        ));
-                    }
+                if let Some(reading) = reading {
+                    let (year, note) = settle_year(reading, patterns_year, conclusive);
+                    notes.extend(note);
                     vehicle.model_year = year.to_string();
                 }
                 vehicle
@@ -164,9 +150,10 @@ impl Decoder {
                         "vPIC knows WMI {} ({}{shared}); the embedded tables have no patterns for it",
                         known.wmi, known.vehicle_type
                     ));
-                    let light = matches!(known.vehicle_type, "Passenger Car" | "Multipurpose Passenger Vehicle (MPV)");
+                    let car_lt = matches!(known.vehicle_type, "Passenger Car" | "Multipurpose Passenger Vehicle (MPV)");
+                    let year = vin.year_reading(car_lt, self.latest_year).map(YearReading::default_year);
                     Vehicle {
-                        model_year: vin.rule_year(light, self.latest_year).map(|y| y.to_string()).unwrap_or_default(),
+                        model_year: year.map(|y| y.to_string()).unwrap_or_default(),
                         ..wmi_only(known.make, known.manufacturer, known.country, known.vehicle_type)
                     }
                 }
@@ -201,17 +188,40 @@ impl Decoder {
     }
 }
 
-/// Whether position 7 tells the model year's cycle (49 CFR 565.15(c)):
-/// passenger cars, MPVs, and trucks (or incomplete vehicles) of at most
-/// 10,000 lb GVWR. A truck's class comes from its decoded GVWR (`Class 2E:
-/// ...`; classes 1 and 2 are light); without one, from the WMI's truck type.
-fn light_vehicle(w: &WmiEntry, gvwr: &str) -> bool {
-    const TRUCK: u16 = 3;
-    const INCOMPLETE: u16 = 10;
-    let class = gvwr.strip_prefix("Class ").and_then(|c| c.chars().next()).and_then(|c| c.to_digit(10));
-    match class {
-        Some(class) if matches!(w.vehicle_type_id, TRUCK | INCOMPLETE) => class <= 2,
-        _ => is_car_mpv_lt(w.vehicle_type_id, w.truck_type_id),
+/// The model year vPIC states, from its rule's reading of positions 10 and
+/// 7, and the year corgi-rs decoded the VIN's patterns for (`decisive`:
+/// one cycle's patterns resolve a model and the other's do not), with a
+/// note where they differ or where the year stays in doubt.
+///
+/// Where the rule names one year, that year stands, whatever the patterns
+/// say. Where it allows both cycles (not a car, MPV or light truck, and
+/// neither year after next year), vPIC decodes the VIN in each and keeps
+/// the better decode: fewer errors, then more decoded elements, then more
+/// matched patterns, then the later year. corgi-rs's settling does the
+/// same by the patterns each cycle matches, and the rest of the answer
+/// (model, body, engine) comes from that decode, so its year is taken.
+fn settle_year(reading: YearReading, patterns_year: i32, decisive: bool) -> (u16, Option<String>) {
+    let matched = u16::try_from(patterns_year).ok().filter(|&y| reading.allows(y));
+    match (reading, matched) {
+        (YearReading::Conclusive(year), Some(_)) => (year, None),
+        (YearReading::Conclusive(year), None) => (
+            year,
+            Some(format!(
+                "model year {year} by vPIC's rule for positions 10 and 7; the VIN's patterns match model year {patterns_year}"
+            )),
+        ),
+        (YearReading::Either { earlier, later }, Some(year)) => {
+            let fit = if decisive {
+                format!("the VIN's patterns fit {year} only")
+            } else {
+                format!("the VIN's patterns fit both and {year} best (the later on a tie)")
+            };
+            (year, Some(format!("model year {later} or {earlier} by position 10; {fit}")))
+        }
+        (YearReading::Either { earlier, later }, None) => (
+            later,
+            Some(format!("model year {later} or {earlier}: position 10 names both and no pattern tells them apart")),
+        ),
     }
 }
 
@@ -380,7 +390,7 @@ mod tests {
         // though the 2031 block's patterns name a model.
         let v = decode("WDD2040081A167295");
         assert_eq!(v.model_year, "2001");
-        assert!(v.error_text.contains("model year 2001 by position 10 and position 7"), "{}", v.error_text);
+        assert!(v.error_text.contains("model year 2001 by vPIC's rule for positions 10 and 7"), "{}", v.error_text);
         // A heavy truck (no position-7 rule): `W` is 1998 or 2028; 2028 is after next year.
         let in_2026 = Decoder::new().unwrap().with_latest_year(2027);
         assert_eq!(in_2026.decode(&Vin::parse("1XKPM78LXW5057123").unwrap()).model_year, "1998");
@@ -393,6 +403,22 @@ mod tests {
         let v = decode("VF38DRHC8CL054898");
         assert_eq!(v.model_year, "2012");
         assert!(v.error_text.contains("patterns match model year 1982"), "{}", v.error_text);
+    }
+
+    #[test]
+    fn a_heavy_truck_takes_the_year_whose_patterns_decode_it() {
+        // Freightliner's WMI is a heavy-truck maker's: position 7 does not
+        // bind, so `R` is 1994 or 2024 and vPIC keeps the better of the two
+        // decodes. The model and the year come from the same one.
+        let v = decode("1FUJHAK27R7246963");
+        assert_eq!((v.model_year.as_str(), v.model.as_str()), ("1994", "FL70"), "{}", v.error_text);
+        assert!(
+            v.error_text.contains("model year 2024 or 1994 by position 10; the VIN's patterns fit both and 1994 best")
+        );
+        // Only the 1985 patterns decode this one.
+        let v = decode("JPENY1ZC9FZ565621");
+        assert_eq!(v.model_year, "1985");
+        assert!(v.error_text.contains("the VIN's patterns fit 1985 only"), "{}", v.error_text);
     }
 
     #[test]
