@@ -159,19 +159,16 @@ impl Vin {
     }
 
     /// Model years that position 10 can stand for, oldest first, with the one
-    /// the position-7 rule prefers.
+    /// the position-7 rule prefers were the VIN a car, MPV or light truck
+    /// ([`Vin::year_reading`], with no year too late).
     pub fn model_years(&self) -> ModelYears {
-        let code = self.at(10);
-        let Some(base) = year_code_offset(code) else {
+        let Some(base) = year_code_offset(self.at(10)) else {
             return ModelYears { candidates: Vec::new(), preferred: None };
         };
         // The code alphabet repeats every 30 years from 1980.
         let candidates: Vec<u16> = vec![1980 + base, 2010 + base];
-        // 49 CFR 565.15(c): for passenger cars, MPVs and trucks under 10,000 lb
-        // GVWR from model year 2010 on, position 7 is a letter; before 2010 it
-        // was a digit. This only holds for vehicles built for North America.
-        let preferred = if self.at(7).is_ascii_alphabetic() { candidates[1] } else { candidates[0] };
-        ModelYears { candidates, preferred: Some(preferred) }
+        let preferred = self.year_reading(true, u16::MAX).map(YearReading::default_year);
+        ModelYears { candidates, preferred }
     }
 
     /// The model year by vPIC's rule (its `fVinModelYear2`), `None` where

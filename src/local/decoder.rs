@@ -133,10 +133,13 @@ impl Decoder {
                     codes.push(vpic_error::NO_DETAIL);
                 }
                 let patterns_year = info.year;
-                let conclusive = info.year_conclusive;
+                // corgi-rs reads position 10 by the same rule, so where the
+                // rule allows both cycles its `year_conclusive` says whether
+                // one cycle alone decoded the VIN.
+                let decisive = info.year_conclusive;
                 let mut vehicle = from_info(info);
                 if let Some(reading) = reading {
-                    let (year, note) = settle_year(reading, patterns_year, conclusive);
+                    let (year, note) = settle_year(reading, patterns_year, decisive);
                     notes.extend(note);
                     vehicle.model_year = year.to_string();
                 }
