@@ -365,12 +365,14 @@ pub(crate) async fn source_pool(url_env: &str) -> Result<sqlx::PgPool, PlanError
     let url = std::env::var(url_env).map_err(|_| {
         PlanError::Config(format!("{url_env} is not set (source.url_env names the source database URL variable)"))
     })?;
-    sqlx::postgres::PgPoolOptions::new()
+    let cannot = |e| PlanError::Config(format!("cannot connect to the source database ({url_env}): {e}"));
+    let options = url.parse::<sqlx::postgres::PgConnectOptions>().map_err(cannot)?;
+    crate::store::postgres::pool_options(&options)
         .max_connections(1)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(&url)
+        .connect_with(options)
         .await
-        .map_err(|e| PlanError::Config(format!("cannot connect to the source database ({url_env}): {e}")))
+        .map_err(cannot)
 }
 
 /// What a Postgres source reads.

@@ -233,12 +233,14 @@ pub async fn setup(store: &Store, database_url: &str) -> Result<(), StoreError> 
     match store.sqlite_pools() {
         Some((_, queue)) => setup_sqlite(queue).await,
         None => {
-            let plain = sqlx::postgres::PgPoolOptions::new()
+            let connect_err = |error| StoreError::Connect { url: crate::store::redact(database_url), error };
+            let options = database_url.parse::<sqlx::postgres::PgConnectOptions>().map_err(connect_err)?;
+            let plain = crate::store::postgres::pool_options(&options)
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(database_url)
+                .connect_with(options)
                 .await
-                .map_err(|error| StoreError::Connect { url: crate::store::redact(database_url), error })?;
+                .map_err(connect_err)?;
             let done = setup_pg(&plain).await;
             plain.close().await;
             done

@@ -27,6 +27,61 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// long enough for a busy server, short enough to fail fast on a wrong URL.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Pool options for every Postgres pool vinetl opens (state, queue setup,
+/// sources, output databases): each new connection gets TCP_NODELAY.
+pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
+    let port = options.get_port();
+    let tcp = options.get_socket().is_none();
+    PgPoolOptions::new().after_connect(move |_, _| {
+        Box::pin(async move {
+            if tcp {
+                nodelay_to_port(port);
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Turns Nagle's algorithm off on this process's TCP sockets connected to
+/// `port` (the database's).
+///
+/// Why by hand, and why this way: sqlx 0.9.0 no longer sets TCP_NODELAY on
+/// its connections (transact-rs/sqlx#4335; fixed upstream after 0.9.0, the
+/// newest release), and it gives no hook on its socket. With Nagle on, a
+/// statement whose message spans more than one TCP segment waits for the
+/// server's delayed ACK, up to 40 ms: a group of stored answers (about 80
+/// VINs of JSON) took 32 ms instead of 2 on loopback, and a cold run was
+/// twice as slow (BENCHMARKS.md). libpq and JDBC set the option on every
+/// connection; this sets it on sqlx's, found by their peer port. Setting it
+/// on any other socket to that port (another pool's) is what we want too.
+/// Remove it once sqlx sets the option again.
+#[cfg(target_os = "linux")]
+fn nodelay_to_port(port: u16) {
+    use std::os::fd::{BorrowedFd, RawFd};
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else { return };
+    for entry in fds.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
+        if !std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:")) {
+            continue;
+        }
+        // SAFETY: the descriptor is only borrowed for two socket options
+        // and a peer address, never read, written or closed. If another
+        // thread closed it meanwhile (and the number was reused), these
+        // calls fail (not a socket) or touch another socket, where the
+        // peer-port check, or no harm, follows.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&fd);
+        let to_db = socket.peer_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.port() == port);
+        if to_db && socket.tcp_nodelay().is_ok_and(|on| !on) {
+            let _ = socket.set_tcp_nodelay(true);
+        }
+    }
+}
+
+/// Elsewhere the latency stays as sqlx leaves it.
+#[cfg(not(target_os = "linux"))]
+fn nodelay_to_port(_port: u16) {}
+
 /// Connects with `schema` first on the search path. Fails fast, naming the
 /// (redacted) URL, when the server cannot be reached.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, StoreError> {
@@ -38,7 +93,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
         // `public` stays on the path for the extensions apalis installs there.
         .options([("search_path", format!("{schema}, public"))])
         .application_name("vinetl");
-    PgPoolOptions::new()
+    pool_options(&options)
         .max_connections(max_connections)
         .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)

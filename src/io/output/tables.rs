@@ -181,14 +181,15 @@ async fn connect(
         Some(var) => {
             let url = std::env::var(var)
                 .map_err(|_| OutputError::write(place, format!("the variable {var} (outputs.url_env) is not set")))?;
-            sqlx::postgres::PgPoolOptions::new()
+            let cannot =
+                |e| OutputError::write(place, format!("cannot connect to {}: {e}", crate::store::redact(&url)));
+            let options = url.parse::<sqlx::postgres::PgConnectOptions>().map_err(cannot)?;
+            crate::store::postgres::pool_options(&options)
                 .max_connections(2)
                 .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect(&url)
+                .connect_with(options)
                 .await
-                .map_err(|e| {
-                    OutputError::write(place, format!("cannot connect to {}: {e}", crate::store::redact(&url)))
-                })
+                .map_err(cannot)
         }
     }
 }
