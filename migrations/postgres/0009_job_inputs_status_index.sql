@@ -1,0 +1,11 @@
+-- The (job_id, status) index goes. Every statement that settles rows
+-- (a stored answer, a dead letter) names its VINs, and with this index
+-- there the planner, on a table whose statistics still showed few pending
+-- rows, read all of the job's pending rows per stored group and filtered
+-- them by VIN: 40 ms a group at 20,000 rows, growing with the job
+-- (auto_explain, BENCHMARKS.md). Without it those statements take
+-- (job_id, vin). The statements that read a job's rows by status (counts,
+-- batch cutting, fail, cancel) run once per job and read its rows by
+-- job_id either way. And every input row costs one index insertion less,
+-- and settling a row updates one index less.
+DROP INDEX IF EXISTS job_inputs_status_idx;
