@@ -212,6 +212,9 @@ async fn a_429_without_retry_after_halves_the_shared_rate_which_recovers_slowly(
         limiter.answered(true).await.unwrap();
     }
     assert!((scale().await - 0.35).abs() < 1e-9, "1 % back per success");
+    // A group of stored answers tells the limiter once, for all of them.
+    limiter.succeeded(5).await.unwrap();
+    assert!((scale().await - 0.40).abs() < 1e-9, "5 successes told at once recover as 5 told one by one");
     // A Retry-After only ever moves the push-back later.
     limiter.push_back(Some(Duration::from_secs(30))).await.unwrap();
     limiter.push_back(Some(Duration::from_secs(1))).await.unwrap();

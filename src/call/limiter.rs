@@ -156,6 +156,11 @@ impl SharedLimiter {
         }
     }
 
+    /// The account this limiter shares.
+    pub fn account(&self) -> &str {
+        &self.account
+    }
+
     /// Reservation round trips this process has made to the database.
     pub fn round_trips(&self) -> u64 {
         self.shared.round_trips.load(Ordering::Relaxed)
@@ -278,6 +283,13 @@ impl SharedLimiter {
     /// at all in the usual case (full rate, circuit closed).
     pub async fn answered(&self, success: bool) -> Result<(), StoreError> {
         self.store.limiter_answered(&self.account, success, RECOVERY_STEP).await
+    }
+
+    /// `n` calls succeeded, told at once (a group of stored answers): the
+    /// circuit closes and the rate recovers `n` steps, as `n` single
+    /// [`answered`](Self::answered)s would.
+    pub async fn succeeded(&self, n: usize) -> Result<(), StoreError> {
+        self.store.limiter_answered(&self.account, true, RECOVERY_STEP * n as f64).await
     }
 
     /// The API could not be reached (connection refused, DNS, TLS): the

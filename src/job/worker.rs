@@ -42,17 +42,39 @@ pub struct WorkerState {
     results: ResultWriter,
 }
 
-/// An answer waiting to be stored, and where to say how that went.
-type PendingAnswer = (Answered, tokio::sync::oneshot::Sender<Result<(), StoreError>>);
+/// An answer waiting to be stored.
+type PendingAnswer = (Answered, Waiter);
+
+/// Who waits for an answer to be stored: its job, the limiter of the
+/// account that gave it, and where to say how that went.
+struct Waiter {
+    job_id: i64,
+    limiter: SharedLimiter,
+    reply: tokio::sync::oneshot::Sender<Result<Stored, StoreError>>,
+}
+
+/// An answer is committed; `busy`: its job still had batches queued or
+/// running after the commit, so there is nothing for [`advance`] to do.
+///
+/// [`advance`]: crate::job::advance::advance
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    busy: bool,
+}
 
 /// Stores this process's answers (batch decodes and recall lookups) in groups: whatever answers
 /// arrive while one group commits go together in the next, in one
 /// transaction ([`Store::complete_all`]). An idle process commits each
 /// answer at once, so grouping adds no wait; a busy one pays one commit and
 /// one update of the job's counters for many calls instead of one each.
+/// The group's other bookkeeping is paid once per group too: the limiter
+/// hears of the accounts' successes once, and whether each job still has
+/// work is asked once, after the commit (as [`advance`] would).
 /// A caller returns only once its answer is stored, so a kill loses at most
 /// the answers not yet committed, whose batches are then taken over as
 /// before. Hand-written: it is a channel and a loop, no crate needed.
+///
+/// [`advance`]: crate::job::advance::advance
 struct ResultWriter {
     send: tokio::sync::mpsc::UnboundedSender<PendingAnswer>,
 }
@@ -72,19 +94,22 @@ impl ResultWriter {
                         Err(_) => break,
                     }
                 }
-                let (answers, replies): (Vec<Answered>, Vec<_>) = group.into_iter().unzip();
+                let (answers, waiters): (Vec<Answered>, Vec<Waiter>) = group.into_iter().unzip();
                 match store.complete_all(&answers).await {
-                    Ok(()) => replies.into_iter().for_each(|r| drop(r.send(Ok(())))),
+                    Ok(()) => settle(&store, waiters).await,
                     Err(e) if answers.len() == 1 => {
-                        let _ = replies.into_iter().next().map(|r| r.send(Err(e)));
+                        let _ = waiters.into_iter().next().map(|w| w.reply.send(Err(e)));
                     }
                     Err(e) => {
                         // One bad answer (or a lost connection) must not
                         // fail the others: each is stored alone, with its
                         // own outcome.
                         tracing::warn!(error = %e, answers = answers.len(), "storing a group of answers failed; storing each alone");
-                        for (answer, reply) in answers.into_iter().zip(replies) {
-                            let _ = reply.send(store.complete_all(std::slice::from_ref(&answer)).await);
+                        for (answer, waiter) in answers.into_iter().zip(waiters) {
+                            match store.complete_all(std::slice::from_ref(&answer)).await {
+                                Ok(()) => settle(&store, vec![waiter]).await,
+                                Err(e) => drop(waiter.reply.send(Err(e))),
+                            }
                         }
                     }
                 }
@@ -94,10 +119,35 @@ impl ResultWriter {
     }
 
     /// Stores one answer, with whatever others are waiting; returns once it is committed.
-    async fn store(&self, answer: Answered) -> Result<(), StoreError> {
+    async fn store(&self, answer: Answered, limiter: &SharedLimiter) -> Result<Stored, StoreError> {
         let (reply, stored) = tokio::sync::oneshot::channel();
-        self.send.send((answer, reply)).map_err(|_| StoreError::WriterGone)?;
+        let waiter = Waiter { job_id: answer.job_id, limiter: limiter.clone(), reply };
+        self.send.send((answer, waiter)).map_err(|_| StoreError::WriterGone)?;
         stored.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+/// After a group's commit: each account's limiter hears once how many
+/// calls the API answered, and each job is asked once whether it still has
+/// work; then every caller is told.
+async fn settle(store: &Store, waiters: Vec<Waiter>) {
+    let mut successes: HashMap<&str, (&SharedLimiter, usize)> = HashMap::new();
+    for w in &waiters {
+        successes.entry(w.limiter.account()).or_insert((&w.limiter, 0)).1 += 1;
+    }
+    let mut accounts: HashMap<String, Result<(), String>> = HashMap::new();
+    for (account, (limiter, n)) in successes {
+        accounts.insert(account.to_string(), limiter.succeeded(n).await.map_err(|e| e.to_string()));
+    }
+    let mut jobs: HashMap<i64, Result<bool, String>> = HashMap::new();
+    for w in &waiters {
+        if let std::collections::hash_map::Entry::Vacant(v) = jobs.entry(w.job_id) {
+            v.insert(store.busy(w.job_id).await.map_err(|e| e.to_string()));
+        }
+    }
+    for w in waiters {
+        let told = accounts[w.limiter.account()].clone().and(jobs[&w.job_id].clone());
+        let _ = w.reply.send(told.map(|busy| Stored { busy }).map_err(StoreError::Settle));
     }
 }
 
@@ -277,13 +327,15 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
             let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
             let answer = Answer::Decoded { asked: batch.vins.clone(), decoded };
-            state.results.store(Answered { job_id: job, batch_no, answer }).await?;
-            limiter.answered(true).await?;
+            if state.results.store(Answered { job_id: job, batch_no, answer }, &limiter).await?.busy {
+                return Ok(());
+            }
         }
         Outcome::Done(Reply::Recalls(recalls)) => {
             let answer = Answer::Recalls { key: batch.lookup_key.clone().unwrap_or_default(), recalls };
-            state.results.store(Answered { job_id: job, batch_no, answer }).await?;
-            limiter.answered(true).await?;
+            if state.results.store(Answered { job_id: job, batch_no, answer }, &limiter).await?.busy {
+                return Ok(());
+            }
         }
         Outcome::StopJob(reason) => {
             limiter.answered(false).await?;

@@ -140,6 +140,17 @@ pub enum PlanLock {
     Lite(i64),
 }
 
+/// Marks batch `$2` of job `$1` as in a call, if it is still running (a
+/// mark still set is a call whose answer was lost).
+pub(super) const MARK_CALL: &str =
+    "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
+         updated_at = now()
+     WHERE job_id = $1 AND batch_no = $2 AND state = 'running'";
+
+/// Records the request of batch `$2` of job `$1` in the audit trail.
+pub(super) const AUDIT_CALL: &str =
+    "INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup) VALUES ($1, $2, $3, $4, $5, $6)";
+
 /// Whether any of the job's batches is queued or running.
 const BUSY: &str = "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))";
 
@@ -432,23 +443,19 @@ impl Store {
     /// The request is recorded in the audit trail in the same transaction:
     /// whatever went out is on record, answered or not.
     pub async fn begin_call(&self, job_id: i64, batch_no: i32, sent: &CallSent<'_>) -> Result<bool, StoreError> {
+        let args = args![job_id, batch_no, sent.provider, sent.endpoint, sent.vins, sent.lookup];
+        if let Db::Pg(_) = self.db {
+            // One statement, so one round trip in the call's path: the
+            // mark and the audit row commit together or not at all.
+            return Ok(self.exec(&postgres::BEGIN_CALL, args).await? == 1);
+        }
+        // SQLite allows no UPDATE in a WITH: the same two in one transaction.
         let mut tx = self.write().await?;
-        let marked = tx
-            .exec(
-                "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
-                     updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 AND state = 'running'",
-                args![job_id, batch_no],
-            )
-            .await?;
+        let marked = tx.exec(MARK_CALL, &args[..2]).await?;
         if marked == 0 {
             return Ok(false);
         }
-        tx.exec(
-            "INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup) VALUES ($1, $2, $3, $4, $5, $6)",
-            args![job_id, batch_no, sent.provider, sent.endpoint, sent.vins, sent.lookup],
-        )
-        .await?;
+        tx.exec(AUDIT_CALL, args).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -944,6 +951,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether any of the job's batches is queued or running.
+    pub async fn busy(&self, job_id: i64) -> Result<bool, StoreError> {
+        self.one(BUSY, args![job_id]).await?.bool(0)
+    }
+
     /// Moves a job on when its last batch has ended: plans its recall
     /// lookups (once, in `mode`, reusing those younger than `recall_ttl_hours`),
     /// then hands it to an output writer (`has_outputs`) or marks it done.
@@ -958,7 +970,7 @@ impl Store {
     ) -> Result<Next, StoreError> {
         // Called after every batch: while others remain (nearly always),
         // say so without taking the lock.
-        if self.one(BUSY, args![job_id]).await?.bool(0)? {
+        if self.busy(job_id).await? {
             return Ok(Next::Nothing);
         }
         let mut tx = self.write().await?;

@@ -208,6 +208,18 @@ pub(super) const BATCH_PENDING: &str = "INSERT INTO batches (job_id, batch_no, v
 const KEY: &str = "CROSS JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
                                                   ELSE recall_key(c.make, c.model, c.model_year) END AS key) k";
 
+/// The call of batch `$2` of job `$1` begins: its mark and its audit row
+/// (`$3`..`$6`, as [`super::core::AUDIT_CALL`]) in one statement. One row
+/// is inserted if the batch was still running, none otherwise.
+pub(super) static BEGIN_CALL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH marked AS ({} RETURNING 1)
+         INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup)
+         SELECT $1, $2, $3, $4, $5, $6 FROM marked",
+        super::core::MARK_CALL
+    )
+});
+
 /// Registers every distinct lookup job `$1` needs (`$2`: the mode) and
 /// creates a recall batch for each one the cache (`$3`: its TTL in hours)
 /// cannot answer, in one statement: (lookups, batches made).
