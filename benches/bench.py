@@ -123,8 +123,8 @@ class Ctx:
             time.sleep(0.25)
         raise RuntimeError(f"job {job} did not end within {timeout} s")
 
-    def spawn(self, args, env, **kw):
-        p = subprocess.Popen([self.bin, *map(str, args)], env=env, **kw)
+    def spawn(self, args, env, bin=None, **kw):
+        p = subprocess.Popen([bin or self.bin, *map(str, args)], env=env, **kw)
         self.procs.append(p)
         return p
 
@@ -367,30 +367,38 @@ def bench_server(ctx):
 
 def bench_limiter(ctx):
     """Share of R achieved and 429 share, counted by the server, against the guide's decodeAll loop."""
-    cases = [(20, 1), (20, 3), (100, 4)]
+    # (R, worker processes, build); with --baseline-bin, R = 100 on the
+    # baseline build too, right after this build's.
+    cases = [(20, 1, "this"), (20, 3, "this"), (100, 4, "this")] + ([(100, 4, "baseline")] if ctx.baseline else [])
     calls = {20: ctx.size(100, 400), 100: ctx.size(400, 2000)}
-    keys = [{"key": f"lim-{r}-{n}", "tier": "pro", "per_second": r, "name": f"lim-{r}-{n}"} for r, n in cases]
+    keys = [{"key": f"lim-{r}-{n}-{b}", "tier": "pro", "per_second": r, "name": f"lim-{r}-{n}-{b}"}
+            for r, n, b in cases]
     keys.append({"key": "YOUR_API_KEY", "tier": "pro", "per_second": 20, "name": "guide"})
     serve = Serve(ctx, keys, "serve-limiter")
     rows = []
-    for r, n in cases:
-        schema = ctx.schema(f"lim{r}x{n}")
-        f = ctx.work / f"lim-{r}-{n}.txt"
+    for r, n, build in cases:
+        schema = ctx.schema(f"lim{r}x{n}{build}")
+        name = f"lim-{r}-{n}-{build}"
+        exe = ctx.baseline if build == "baseline" else ctx.bin
+        f = ctx.work / f"{name}.txt"
         gen.write_lines(f, gen.distinct(calls[r] * 20))
-        s = spec(ctx.work / f"lim-{r}-{n}.toml", f'kind = "file"\npath = "{f}"', serve.url,
+        s = spec(ctx.work / f"{name}.toml", f'kind = "file"\npath = "{f}"', serve.url,
                  f"requests_per_second = {r}\nburst = 2\ntimeout_secs = 10")
-        env = ctx.env(schema, key=f"lim-{r}-{n}")
-        ctx.vinetl(["submit", s], env)
+        env = ctx.env(schema, key=name)
+        ctx.vinetl(["submit", s], env, bin=exe)
         job = 1  # a schema of its own: its first job
-        workers = [ctx.spawn(["worker", "--concurrency", 4], env) for _ in range(n)]
+        workers = [ctx.spawn(["worker", "--concurrency", 4], env, bin=exe) for _ in range(n)]
         st = ctx.wait_done(env, job, timeout=600)
         for w in workers:
             ctx.stop(w)
-        ok, n429, rate, share429 = served_rate(serve.requests(f"lim-{r}-{n}", "/api/v1/batch-decode"))
-        rows.append((f"vinetl, {n} worker process{'es' if n > 1 else ''} x 4 calls", r, ok, f"{n429} ({share429:.2%})",
+        ok, n429, rate, share429 = served_rate(serve.requests(name, "/api/v1/batch-decode"))
+        who = f"vinetl{', baseline build' if build == 'baseline' else ''}"
+        rows.append((f"{who}, {n} worker process{'es' if n > 1 else ''} x 4 calls", r, ok, f"{n429} ({share429:.2%})",
                      f"{rate:.2f}", f"{rate / r:.1%}", st["calls_made"]))
-        g = goal(rate / r >= 0.97 and share429 < 0.005, ">= 97% of R, < 0.5% 429s") if (r, n) == (100, 4) else ""
-        ctx.row("limiter", f"R = {r}/s, {n} worker process{'es' if n > 1 else ''}", f"{ok} calls",
+        g = goal(rate / r >= 0.97 and share429 < 0.005, ">= 97% of R, < 0.5% 429s") \
+            if (r, n, build) == (100, 4, "this") else ""
+        ctx.row("limiter", f"R = {r}/s, {n} worker process{'es' if n > 1 else ''}"
+                + (", baseline build" if build == "baseline" else ""), f"{ok} calls",
                 f"{rate / r:.1%} of R, {share429:.2%} 429s", "", "", g)
         ctx.limiter_rows = rows
     # The baseline: the integration guide's decodeAll loop, verbatim, on Node.
@@ -483,18 +491,19 @@ def bench_cold(ctx, serve):
     sizes = ctx.size([5_000, 20_000], [10_000, 50_000])
     rows = []
 
-    def cold_job(n, f, tag, concurrency):
+    def cold_job(n, f, tag, concurrency, build="this"):
         """One cold job of the N VINs in F with CONCURRENCY calls in flight; its rate and share."""
         schema = ctx.schema(f"cold_{n}{tag}")
         env = ctx.env(schema)
         out = ctx.work / f"cold-{n}{tag}-out"
         s = spec(ctx.work / f"cold-{n}{tag}.toml", f'kind = "file"\npath = "{f}"', serve.url,
                  "requests_per_second = 100000", f'[[outputs]]\nkind = "parquet"\npath = "{out}"')
-        r = ctx.vinetl(["run", s, "--concurrency", concurrency], env)
+        r = ctx.vinetl(["run", s, "--concurrency", concurrency], env, bin=ctx.baseline if build == "baseline" else None)
         st = ctx.status(env, 1)
         rate = n / r.wall
         share = rate / ctx.decoder_rate
-        label = fmt_n(n) + (f" ({concurrency} in flight)" if tag else "")
+        label = fmt_n(n) + (f" ({concurrency} in flight)" if concurrency != 8 else "") + \
+            (f", {build} build" if ctx.baseline else "")
         rows.append((label, fmt_s(r.wall), fmt_n(rate), f"{share:.0%}", st["calls_made"], f"{r.rss_mb:.0f} MB"))
         return schema, rate, share
 
@@ -513,6 +522,16 @@ def bench_cold(ctx, serve):
     _, rate, share = cold_job(n, ctx.work / f"cold-{n}.txt", "_c32", 32)
     ctx.row("cold", "the same, --concurrency 32", fmt_n(n), f"{fmt_n(rate)} VINs/s",
             f"decoder 1 core {fmt_n(ctx.decoder_rate)}", f"{share:.0%}", "")
+    if ctx.baseline:
+        # The largest job at 8 in flight on both builds, interleaved
+        # (baseline, this, baseline, this), the best of two kept each.
+        best = {}
+        for i, build in enumerate(["baseline", "this", "baseline", "this"]):
+            _, rate, _ = cold_job(n, ctx.work / f"cold-{n}.txt", f"_{build}{i}", 8, build)
+            best[build] = max(best.get(build, 0), rate)
+        ctx.row("cold", "8 in flight: this build vs baseline (best of 2, interleaved)", fmt_n(n),
+                f"this {fmt_n(best['this'])} VINs/s", f"baseline {fmt_n(best['baseline'])} VINs/s",
+                f"{best['this'] / best['baseline']:.2f}x", "")
     ctx.detail("Cold end to end (`vinetl run --concurrency 8`, and 32, Postgres state, local `vinetl serve`)",
                ["VINs", "wall", "VINs/s", "of decoder 1-core rate", "calls", "peak RSS"], rows,
                f"Distinct uncached VINs, one Parquet output. The decoder's 1-core rate is measured in the same run "
