@@ -367,40 +367,50 @@ def bench_server(ctx):
 
 def bench_limiter(ctx):
     """Share of R achieved and 429 share, counted by the server, against the guide's decodeAll loop."""
-    # (R, worker processes, build); with --baseline-bin, R = 100 on the
-    # baseline build too, right after this build's.
-    cases = [(20, 1, "this"), (20, 3, "this"), (100, 4, "this")] + ([(100, 4, "baseline")] if ctx.baseline else [])
+    # (R, worker processes, build, run); with --baseline-bin, R = 100 on
+    # both builds, interleaved (baseline, this, baseline, this): the summary
+    # keeps each build's best of two.
+    cases = [(20, 1, "this", 0), (20, 3, "this", 0)]
+    if ctx.baseline:
+        cases += [(100, 4, b, i) for i in range(2) for b in ("baseline", "this")]
+    else:
+        cases.append((100, 4, "this", 0))
     calls = {20: ctx.size(100, 400), 100: ctx.size(400, 2000)}
-    keys = [{"key": f"lim-{r}-{n}-{b}", "tier": "pro", "per_second": r, "name": f"lim-{r}-{n}-{b}"}
-            for r, n, b in cases]
+    name = lambda r, n, b, i: f"lim-{r}-{n}-{b}-{i}"  # noqa: E731
+    keys = [{"key": name(*c), "tier": "pro", "per_second": c[0], "name": name(*c)} for c in cases]
     keys.append({"key": "YOUR_API_KEY", "tier": "pro", "per_second": 20, "name": "guide"})
     serve = Serve(ctx, keys, "serve-limiter")
     rows = []
-    for r, n, build in cases:
-        schema = ctx.schema(f"lim{r}x{n}{build}")
-        name = f"lim-{r}-{n}-{build}"
+    best = {}
+    for r, n, build, i in cases:
+        key = name(r, n, build, i)
+        schema = ctx.schema(key.replace("-", "_"))
         exe = ctx.baseline if build == "baseline" else ctx.bin
-        f = ctx.work / f"{name}.txt"
+        f = ctx.work / f"{key}.txt"
         gen.write_lines(f, gen.distinct(calls[r] * 20))
-        s = spec(ctx.work / f"{name}.toml", f'kind = "file"\npath = "{f}"', serve.url,
+        s = spec(ctx.work / f"{key}.toml", f'kind = "file"\npath = "{f}"', serve.url,
                  f"requests_per_second = {r}\nburst = 2\ntimeout_secs = 10")
-        env = ctx.env(schema, key=name)
+        env = ctx.env(schema, key=key)
         ctx.vinetl(["submit", s], env, bin=exe)
         job = 1  # a schema of its own: its first job
         workers = [ctx.spawn(["worker", "--concurrency", 4], env, bin=exe) for _ in range(n)]
         st = ctx.wait_done(env, job, timeout=600)
         for w in workers:
             ctx.stop(w)
-        ok, n429, rate, share429 = served_rate(serve.requests(name, "/api/v1/batch-decode"))
+        ok, n429, rate, share429 = served_rate(serve.requests(key, "/api/v1/batch-decode"))
         who = f"vinetl{', baseline build' if build == 'baseline' else ''}"
         rows.append((f"{who}, {n} worker process{'es' if n > 1 else ''} x 4 calls", r, ok, f"{n429} ({share429:.2%})",
                      f"{rate:.2f}", f"{rate / r:.1%}", st["calls_made"]))
+        if best.get((r, n, build), (0,))[0] < rate:
+            best[(r, n, build)] = (rate, ok, share429)
+    for (r, n, build), (rate, ok, share429) in best.items():
         g = goal(rate / r >= 0.97 and share429 < 0.005, ">= 97% of R, < 0.5% 429s") \
             if (r, n, build) == (100, 4, "this") else ""
+        runs = " (best of 2)" if ctx.baseline and r == 100 else ""
         ctx.row("limiter", f"R = {r}/s, {n} worker process{'es' if n > 1 else ''}"
-                + (", baseline build" if build == "baseline" else ""), f"{ok} calls",
+                + (", baseline build" if build == "baseline" else "") + runs, f"{ok} calls",
                 f"{rate / r:.1%} of R, {share429:.2%} 429s", "", "", g)
-        ctx.limiter_rows = rows
+    ctx.limiter_rows = rows
     # The baseline: the integration guide's decodeAll loop, verbatim, on Node.
     text = (ROOT / "tests/guide/batch-decode.mjs").read_text()
     body = text.split("// Process an inventory CSV")[0] + text.split("// Chunking helper for large datasets")[1]

@@ -337,12 +337,17 @@ pub struct Circuit {
 }
 
 /// Slots one reservation may ask for: 20 ms worth of calls at the
-/// configured rate, never above the burst (GCRA would refuse more) or the
+/// configured rate, below the burst (GCRA would refuse more, and the whole
+/// burst only once the schedule has caught up) and never above the
 /// in-flight cap. At low rates that is 1: a round trip per call costs nothing
 /// there, and all-or-nothing batches would eat the burst's slack, which
 /// absorbs timer jitter (BENCHMARKS.md). At 400 calls/s it is 8.
 pub fn batch_size(rate: f64, burst: f64, cap: usize) -> usize {
-    ((rate * 0.020).floor() as usize).min(burst.floor() as usize).clamp(1, cap.max(1))
+    // One below the burst: a reservation of the whole burst is granted only
+    // once the schedule has fully caught up, so every millisecond it came
+    // late was lost (R = 100, burst 2: 88 % of R with batches of 2).
+    let below_burst = (burst.floor() as usize).saturating_sub(1).max(1);
+    ((rate * 0.020).floor() as usize).min(below_burst).clamp(1, cap.max(1))
 }
 
 #[cfg(test)]
@@ -353,7 +358,8 @@ mod tests {
     fn reservations_batch_only_at_high_rates() {
         assert_eq!(batch_size(20.0, 2.0, 8), 1);
         assert_eq!(batch_size(400.0, 16.0, 16), 8);
-        assert_eq!(batch_size(400.0, 4.0, 16), 4, "never above the burst");
+        assert_eq!(batch_size(400.0, 4.0, 16), 3, "below the burst, which keeps its slack");
+        assert_eq!(batch_size(100.0, 2.0, 16), 1);
         assert_eq!(batch_size(5000.0, 200.0, 16), 16, "never above the in-flight cap");
     }
 }
