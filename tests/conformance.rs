@@ -270,6 +270,52 @@ async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend
     env.cleanup().await;
 }
 
+/// A worker that stored a job's last answer but lost the database before
+/// its `advance` leaves the job running with nothing queued; the queue's
+/// retry of its task finds the batch done. The sweep moves such a job on,
+/// and leaves alone a job with a batch still queued or one that is paused.
+async fn the_sweep_moves_on_a_job_nobody_advanced(backend: Backend) {
+    use vinetl::store::{Answer, Answered, DecodedVin};
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(60);
+    let submit = |vins: &[String], extra: &str| {
+        let spec = JobSpec::load(&env.spec(vins, "http://127.0.0.1:9", extra)).unwrap();
+        let (store, schema) = (store.clone(), env.schema.clone());
+        async move { vinetl::job::plan::submit(&store, &schema, &spec).await.unwrap().job_id }
+    };
+    let answer = |store: Store, job: i64, batch_no: i32| async move {
+        let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
+        let decoded = claimed
+            .vins
+            .iter()
+            .map(|v| DecodedVin {
+                vin: v.clone(),
+                make: Some("MAKE".into()),
+                model: None,
+                model_year: None,
+                error: None,
+                raw: serde_json::json!({}),
+            })
+            .collect();
+        let answer = Answer::Decoded { asked: claimed.vins, decoded };
+        store.complete_all(&[Answered { job_id: job, batch_no, answer }]).await.unwrap();
+    };
+    let stalled = submit(&vins[..20], "").await;
+    let busy = submit(&vins[20..60], "timeout_secs = 20").await;
+    answer(store.clone(), stalled, 0).await;
+    answer(store.clone(), busy, 0).await;
+    assert_eq!(store.stalled_jobs().await.unwrap(), vec![stalled], "only the job with no batch left");
+    store.pause_job(stalled).await.unwrap();
+    assert!(store.stalled_jobs().await.unwrap().is_empty(), "a paused job waits for its resume");
+    env.sql(&store, "UPDATE jobs SET paused_at = NULL", "UPDATE jobs SET paused_at = NULL").await;
+    vinetl::job::worker::sweep(&store, &env.schema).await.unwrap();
+    assert_eq!(store.counts(stalled).await.unwrap().unwrap().state, "done");
+    assert_eq!(store.counts(busy).await.unwrap().unwrap().state, "running");
+    assert!(store.stalled_jobs().await.unwrap().is_empty());
+    env.cleanup().await;
+}
+
 /// A batch is called by one worker at a time: a second claim is refused
 /// while the first worker's lease runs, a stale generation never claims,
 /// and a dead worker's batch is taken over (once) after the lease.
@@ -1014,6 +1060,7 @@ async fn retention_prunes_old_jobs_only(backend: Backend) {
 common::both_stores!(
     enqueue_is_idempotent,
     a_dead_workers_batch_is_taken_over_once,
+    the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,
     the_limiter_arithmetic_holds_for_any_interleaving,
     counts_failures_and_reprocess,

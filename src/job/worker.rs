@@ -129,25 +129,31 @@ impl ResultWriter {
 
 /// After a group's commit: each account's limiter hears once how many
 /// calls the API answered, and each job is asked once whether it still has
-/// work; then every caller is told.
+/// work; then every caller is told. Neither can undo the commit, so neither
+/// fails a caller: a limiter that missed the news recovers its rate a little
+/// later, and a job whose `busy` could not be read counts as not busy, so
+/// its caller runs `advance`, which asks again under the job's lock.
 async fn settle(store: &Store, waiters: Vec<Waiter>) {
     let mut successes: HashMap<&str, (&SharedLimiter, usize)> = HashMap::new();
     for w in &waiters {
         successes.entry(w.limiter.account()).or_insert((&w.limiter, 0)).1 += 1;
     }
-    let mut accounts: HashMap<String, Result<(), String>> = HashMap::new();
     for (account, (limiter, n)) in successes {
-        accounts.insert(account.to_string(), limiter.succeeded(n).await.map_err(|e| e.to_string()));
+        if let Err(e) = limiter.succeeded(n).await {
+            tracing::warn!(account, error = %e, "the limiter could not note {n} answered calls");
+        }
     }
-    let mut jobs: HashMap<i64, Result<bool, String>> = HashMap::new();
+    let mut jobs: HashMap<i64, bool> = HashMap::new();
     for w in &waiters {
         if let std::collections::hash_map::Entry::Vacant(v) = jobs.entry(w.job_id) {
-            v.insert(store.busy(w.job_id).await.map_err(|e| e.to_string()));
+            v.insert(store.busy(w.job_id).await.unwrap_or_else(|e| {
+                tracing::warn!(job = w.job_id, error = %e, "could not read whether the job has work left");
+                false
+            }));
         }
     }
     for w in waiters {
-        let told = accounts[w.limiter.account()].clone().and(jobs[&w.job_id].clone());
-        let _ = w.reply.send(told.map(|busy| Stored { busy }).map_err(StoreError::Settle));
+        let _ = w.reply.send(Ok(Stored { busy: jobs[&w.job_id] }));
     }
 }
 
@@ -323,16 +329,17 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         None => prometheus::unreachable(kind),
     }
     match outcome {
-        Outcome::Done(Reply::Decoded(entries)) => {
-            prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
-            let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
-            let answer = Answer::Decoded { asked: batch.vins.clone(), decoded };
-            if state.results.store(Answered { job_id: job, batch_no, answer }, &limiter).await?.busy {
-                return Ok(());
-            }
-        }
-        Outcome::Done(Reply::Recalls(recalls)) => {
-            let answer = Answer::Recalls { key: batch.lookup_key.clone().unwrap_or_default(), recalls };
+        Outcome::Done(reply) => {
+            let answer = match reply {
+                Reply::Decoded(entries) => {
+                    prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
+                    let decoded: Vec<DecodedVin> = entries.into_iter().map(decoded_vin).collect();
+                    Answer::Decoded { asked: batch.vins.clone(), decoded }
+                }
+                Reply::Recalls(recalls) => {
+                    Answer::Recalls { key: batch.lookup_key.clone().unwrap_or_default(), recalls }
+                }
+            };
             if state.results.store(Answered { job_id: job, batch_no, answer }, &limiter).await?.busy {
                 return Ok(());
             }
@@ -537,6 +544,20 @@ pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
         };
         queue::push_tasks(store, schema, lane, &[(BatchTask { job_id, batch_no, generation }, None)]).await?;
         store.mark_enqueued(job_id, &[(batch_no, generation)]).await?;
+    }
+    // A job whose last answer was stored by a worker that could not go on
+    // to `advance` it (the database dropped after the commit; the queue's
+    // retry of that task finds its batch done and does nothing).
+    for job_id in store.stalled_jobs().await? {
+        match store.job_spec(job_id).await? {
+            Ok(spec) => {
+                let next = crate::job::advance::advance(store, schema, job_id, &spec).await?;
+                tracing::warn!(job = job_id, ?next, "a job whose batches had all ended was moved on by the sweep");
+            }
+            Err(reason) => {
+                store.fail_job(job_id, &reason).await?;
+            }
+        }
     }
     Ok(all.len())
 }

@@ -741,6 +741,19 @@ impl Store {
         rows.iter().map(|r| r.int(0)).collect()
     }
 
+    /// Running jobs with every batch ended that nobody moved on: the worker
+    /// that stored the last answer lost the database (or died) before its
+    /// `advance`. The sweep advances them; `advance` takes the job's lock, so
+    /// a worker advancing at the same moment is harmless.
+    pub async fn stalled_jobs(&self) -> Result<Vec<i64>, StoreError> {
+        let sql = "SELECT job_id FROM jobs j
+                   WHERE state IN ('running', 'waiting') AND batches_planned AND paused_at IS NULL
+                     AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.job_id = j.job_id AND b.state IN ('queued', 'running'))
+                   ORDER BY job_id";
+        let rows = self.rows(sql, args![]).await?;
+        rows.iter().map(|r| r.int(0)).collect()
+    }
+
     /// Every count `status` shows, from one snapshot.
     pub async fn counts(&self, job_id: i64) -> Result<Option<JobCounts>, StoreError> {
         let mut tx = self.snapshot().await?;

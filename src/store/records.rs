@@ -491,10 +491,6 @@ pub enum StoreError {
     /// The process's result writer is gone (it only stops with the process).
     #[error("the result writer stopped before storing this answer")]
     WriterGone,
-    /// An answer was stored, but what follows it (the limiter's note of
-    /// the success, the job's check for work left) failed.
-    #[error("the answer is stored, but then: {0}")]
-    Settle(String),
     /// A value that is not what the statement promised (a bug, or a
     /// schema changed under a running process).
     #[error("unexpected value from the database: {0}")]
