@@ -330,13 +330,16 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
     run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
     let total = copy_rows(conn, rows, job_id, hasher, &format!("{schema}.{load}")).await?;
     // Indexed once loaded (cheaper than index upkeep per row); the CHECK
-    // lets ATTACH skip scanning the rows for the partition bound.
+    // lets ATTACH skip scanning the rows for the partition bound. ANALYZE
+    // reads only the columns the keys, the indexes and the vehicles upsert
+    // use (0.23 s against 0.84–1.2 s for all 40 at 150,000 rows);
+    // autovacuum analyzes the rest once the partition is attached.
     for stmt in [
         format!("ALTER TABLE {schema}.{load} ADD PRIMARY KEY (job_id, source, source_row)"),
         format!("CREATE INDEX ON {schema}.{load} (vin)"),
         format!("CREATE INDEX ON {schema}.{load} (job_id, status)"),
         format!("ALTER TABLE {schema}.{load} ADD CONSTRAINT {load}_job CHECK (job_id = {job_id})"),
-        format!("ANALYZE {schema}.{load}"),
+        format!("ANALYZE {schema}.{load} (job_id, source, source_row, vin, status, decoded_at)"),
     ] {
         run(conn, stmt).await?;
     }
