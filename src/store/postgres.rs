@@ -289,25 +289,22 @@ pub(super) const LIMITER_RESERVE: &str =
 
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
+///
+/// Tried and dropped (2026-12-05): expanding each decoded VIN once in a
+/// materialized CTE joined to the rows. On analyzed tables it halved the
+/// query (2.0 s against 4.7 s, 150,000 rows of 20,000 VINs), but a CTE has
+/// no statistics and no index: on a job planned moments ago the planner
+/// estimated one row and nested-looped over it, rows × VINs (minutes for
+/// 20,000 rows). Each row reads its cache entry through the primary key.
 pub(super) static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
-    // Each of the job's decoded VINs is expanded once (`d`): a warm nightly
-    // repeats its VINs, and reading a cached document (detoasting it, then
-    // `jsonb_to_record`, which reads it once where twenty `->>` would read
-    // it twenty times) and its recall key cost more than the rest of a row.
-    // Per VIN rather than per row, the query took 2.0 s instead of 4.7 s
-    // for 150,000 rows of 20,000 VINs (`COPY (…) TO '/dev/null'`, BENCHMARKS.md).
-    let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("d.\"{field}\"")).collect();
+    // jsonb_to_record reads each cached document once (twenty `->>` would
+    // detoast it twenty times).
+    let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("v.\"{field}\"")).collect();
     let record: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("\"{field}\" text")).collect();
     format!(
         "WITH camps AS (
              SELECT lookup_key, array_agg(campaign_number ORDER BY campaign_number) AS campaigns
-             FROM recall_lookup_campaigns GROUP BY lookup_key),
-         d AS MATERIALIZED (
-             SELECT c.vin, CASE WHEN $2 = 'vin' THEN 'vin:' || c.vin
-                                WHEN $2 = 'model' THEN recall_key(c.make, c.model, c.model_year) END AS key,
-                    v.*
-             FROM vin_cache c CROSS JOIN LATERAL jsonb_to_record(c.raw) AS v({})
-             WHERE c.vin IN (SELECT vin FROM job_inputs WHERE job_id = $1 AND status = 'decoded'))
+             FROM recall_lookup_campaigns GROUP BY lookup_key)
          SELECT ji.source, ji.row_number, ji.raw_vin, ji.vin, ji.status, ji.error_code, ji.error_text,
                 ji.decoded_at, ji.check_digit_valid, ji.carried,
                 CASE WHEN rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at)
@@ -315,16 +312,20 @@ pub(super) static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
                 CASE WHEN $2 = 'off' OR ji.status <> 'decoded' THEN NULL
                      WHEN rl.looked_up_at IS NOT NULL AND (rl.failed_at IS NULL OR rl.failed_at < rl.looked_up_at) THEN NULL
                      WHEN rl.error_text IS NOT NULL THEN 'recall lookup failed: ' || rl.error_text
-                     WHEN d.key IS NULL THEN 'no make, model and model year to look recalls up by'
+                     WHEN k.key IS NULL THEN 'no make, model and model year to look recalls up by'
                      ELSE 'recalls were not looked up' END AS recall_error,
                 {}
          FROM job_inputs ji
-         LEFT JOIN d ON d.vin = ji.vin AND ji.status = 'decoded'
-         LEFT JOIN recall_lookups rl ON rl.lookup_key = d.key
+         LEFT JOIN vin_cache c ON c.vin = ji.vin AND ji.status = 'decoded'
+         LEFT JOIN LATERAL jsonb_to_record(c.raw) AS v({}) ON true
+         LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
+                                        WHEN $2 = 'model' THEN recall_key(c.make, c.model, c.model_year) END AS key) k
+                ON ji.status = 'decoded'
+         LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key
          LEFT JOIN camps ON camps.lookup_key = rl.lookup_key
          WHERE ji.job_id = $1
          ORDER BY ji.source, ji.row_number",
-        record.join(", "),
-        vehicle.join(", ")
+        vehicle.join(", "),
+        record.join(", ")
     )
 });
