@@ -158,6 +158,18 @@ fn pattern_vins(n: usize) -> Vec<String> {
     std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap().lines().take(n).map(str::to_string).collect()
 }
 
+/// An answer for `vin` naming only its make.
+fn decoded_as(vin: &str, make: &str) -> vinetl::store::DecodedVin {
+    vinetl::store::DecodedVin {
+        vin: vin.to_string(),
+        make: Some(make.into()),
+        model: None,
+        model_year: None,
+        error: None,
+        raw: serde_json::json!({}),
+    }
+}
+
 /// Submitting twice, enqueueing twice and pushing a task twice leave one
 /// queue task per batch, and one job.
 async fn enqueue_is_idempotent(backend: Backend) {
@@ -194,17 +206,7 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
     let spec = JobSpec::load(&env.spec(&pattern_vins(20), "http://127.0.0.1:9", "")).unwrap();
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
     let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("the batch is claimed");
-    let answered: Vec<vinetl::store::DecodedVin> = claimed.vins[1..]
-        .iter()
-        .map(|v| vinetl::store::DecodedVin {
-            vin: v.clone(),
-            make: Some("MAKE".into()),
-            model: None,
-            model_year: None,
-            error: None,
-            raw: serde_json::json!({}),
-        })
-        .collect();
+    let answered: Vec<vinetl::store::DecodedVin> = claimed.vins[1..].iter().map(|v| decoded_as(v, "MAKE")).collect();
     let answer = vinetl::store::Answer::Decoded { asked: claimed.vins.clone(), decoded: answered };
     store.complete_all(&[vinetl::store::Answered { job_id: job, batch_no: 0, answer }]).await.unwrap();
     let c = store.counts(job).await.unwrap().unwrap();
@@ -222,7 +224,7 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
 /// cached once with the later answer, and a VIN one answer left out fails
 /// that row only.
 async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend) {
-    use vinetl::store::{Answer, Answered, DecodedVin};
+    use vinetl::store::{Answer, Answered};
     let env = Env::new(backend);
     let store = env.store().await;
     let vins = pattern_vins(60);
@@ -231,21 +233,13 @@ async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend
     let b = JobSpec::load(&env.spec(&vins[20..], "http://127.0.0.1:9", "timeout_secs = 20")).unwrap();
     let b = vinetl::job::plan::submit(&store, &env.schema, &b).await.unwrap().job_id;
     assert_ne!(a, b);
-    let decoded = |v: &String, make: &str| DecodedVin {
-        vin: v.clone(),
-        make: Some(make.into()),
-        model: None,
-        model_year: None,
-        error: None,
-        raw: serde_json::json!({}),
-    };
     let mut answers = Vec::new();
     for (job, make) in [(a, "FIRST"), (b, "SECOND")] {
         for batch_no in 0..2 {
             let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
             // Job a's second batch answers all but its first VIN.
             let skip = usize::from(job == a && batch_no == 1);
-            let decoded = claimed.vins[skip..].iter().map(|v| decoded(v, make)).collect();
+            let decoded = claimed.vins[skip..].iter().map(|v| decoded_as(v, make)).collect();
             let answer = Answer::Decoded { asked: claimed.vins, decoded };
             answers.push(Answered { job_id: job, batch_no, answer });
         }
@@ -275,7 +269,7 @@ async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend
 /// retry of its task finds the batch done. The sweep moves such a job on,
 /// and leaves alone a job with a batch still queued or one that is paused.
 async fn the_sweep_moves_on_a_job_nobody_advanced(backend: Backend) {
-    use vinetl::store::{Answer, Answered, DecodedVin};
+    use vinetl::store::{Answer, Answered};
     let env = Env::new(backend);
     let store = env.store().await;
     let vins = pattern_vins(60);
@@ -286,18 +280,7 @@ async fn the_sweep_moves_on_a_job_nobody_advanced(backend: Backend) {
     };
     let answer = |store: Store, job: i64, batch_no: i32| async move {
         let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
-        let decoded = claimed
-            .vins
-            .iter()
-            .map(|v| DecodedVin {
-                vin: v.clone(),
-                make: Some("MAKE".into()),
-                model: None,
-                model_year: None,
-                error: None,
-                raw: serde_json::json!({}),
-            })
-            .collect();
+        let decoded = claimed.vins.iter().map(|v| decoded_as(v, "MAKE")).collect();
         let answer = Answer::Decoded { asked: claimed.vins, decoded };
         store.complete_all(&[Answered { job_id: job, batch_no, answer }]).await.unwrap();
     };
