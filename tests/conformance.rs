@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Backend, KEYS_TOML};
 use vinetl::call::limiter::{Denied, SharedLimiter};
 use vinetl::cli::jobs::State;
-use vinetl::job::queue::BatchTask;
+use vinetl::job::queue::{BatchTask, queue_name};
 use vinetl::serve::faults::Faults;
 use vinetl::spec::JobSpec;
 use vinetl::store::{Reschedule, Store};
@@ -194,6 +194,43 @@ async fn enqueue_is_idempotent(backend: Backend) {
     assert_eq!(env.queued_tasks(&store).await, 5);
     let counts = store.counts(first.job_id).await.unwrap().unwrap();
     assert_eq!((counts.rows, counts.batches, counts.pending), (100, 5, 100));
+    env.cleanup().await;
+}
+
+/// An install made again under the same name (a Postgres schema dropped
+/// and created again; a SQLite state file deleted beside its queue file)
+/// numbers its jobs from 1 while the queue keeps the old install's tasks.
+/// Its job's tasks are still pushed: they are not the old ones.
+async fn a_recreated_install_queues_its_jobs_again(backend: Backend) {
+    let env = Env::new(backend);
+    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+    let store = env.store().await;
+    let first = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!((first.job_id, first.batches, env.queued_tasks(&store).await), (1, 2, 2));
+    // The old install's tasks ended (only this test's queue: others run beside it).
+    let done = format!("UPDATE apalis.jobs SET status = 'Done' WHERE job_type = '{}'", queue_name(&env.schema));
+    env.queue_sql(&store, &done, "UPDATE Jobs SET status = 'Done'").await;
+    let old_install = store.install().to_string();
+    drop(store);
+    match backend {
+        Backend::Pg => {
+            let pool = common::pool("public").await;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", env.schema)))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        Backend::Lite => {
+            for f in ["state.db", "state.db-wal", "state.db-shm"] {
+                let _ = std::fs::remove_file(env.dir.path().join(f));
+            }
+        }
+    }
+    let store = env.store().await;
+    assert_ne!(store.install(), old_install);
+    let again = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!((again.job_id, again.resumed, again.batches), (1, false, 2));
+    assert_eq!(env.queued_tasks(&store).await, 4, "the new job 1's two tasks beside the old job 1's");
     env.cleanup().await;
 }
 
@@ -1042,6 +1079,7 @@ async fn retention_prunes_old_jobs_only(backend: Backend) {
 
 common::both_stores!(
     enqueue_is_idempotent,
+    a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

@@ -29,10 +29,12 @@ pub struct BatchTask {
 }
 
 impl BatchTask {
-    /// Unique per (job, batch, generation): pushing the same task twice is
-    /// refused by the queue instead of running twice.
-    pub fn idempotency_key(&self) -> String {
-        format!("{}:{}:{}", self.job_id, self.batch_no, self.generation)
+    /// Unique per (install, job, batch, generation): pushing the same task
+    /// twice is refused by the queue instead of running twice. The install
+    /// ([`Store::install`]) keeps a job numbered like one of an earlier
+    /// install of the same schema from being refused as its duplicate.
+    pub fn idempotency_key(&self, install: &str) -> String {
+        format!("{install}:{}:{}:{}", self.job_id, self.batch_no, self.generation)
     }
 }
 
@@ -146,8 +148,8 @@ pub fn sqlite_storage(pool: &SqlitePool, lane: Lane, concurrency: usize) -> apal
 /// A queue task for `t`, due after `delay` (apalis's task types differ per
 /// backend; the building does not).
 macro_rules! task {
-    ($t:expr, $delay:expr) => {{
-        let mut b = TaskBuilder::new($t).idempotency_key($t.idempotency_key());
+    ($t:expr, $delay:expr, $install:expr) => {{
+        let mut b = TaskBuilder::new($t).idempotency_key($t.idempotency_key($install));
         if let Some(d) = $delay {
             b = b.run_after(d);
         }
@@ -163,10 +165,10 @@ pub async fn push_tasks(
     tasks: &[(BatchTask, Option<Duration>)],
 ) -> Result<(), StoreError> {
     match (store.pg_pool(), store.sqlite_pools()) {
-        (Some(pool), _) => push(&mut storage(pool, schema, lane), tasks).await,
+        (Some(pool), _) => push(&mut storage(pool, schema, lane), store.install(), tasks).await,
         (None, Some((_, queue))) => {
             // apalis-sqlite skips a duplicate idempotency key (ON CONFLICT DO NOTHING).
-            let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay)).collect();
+            let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay, store.install())).collect();
             sqlite_storage(queue, lane, 4)
                 .push_all(futures_util::stream::iter(all))
                 .await
@@ -253,14 +255,15 @@ pub async fn setup(store: &Store, database_url: &str) -> Result<(), StoreError> 
 /// already queued by an earlier, interrupted attempt) are skipped.
 pub async fn push(
     storage: &mut PostgresStorage<BatchTask>,
+    install: &str,
     tasks: &[(BatchTask, Option<Duration>)],
 ) -> Result<(), StoreError> {
-    let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay)).collect();
+    let all: Vec<_> = tasks.iter().map(|(t, delay)| task!(*t, *delay, install)).collect();
     if storage.push_all(futures_util::stream::iter(all)).await.is_ok() {
         return Ok(());
     }
     for (t, delay) in tasks {
-        if let Err(e) = storage.push_task(task!(*t, *delay)).await
+        if let Err(e) = storage.push_task(task!(*t, *delay, install)).await
             && !is_duplicate(&e)
         {
             return Err(StoreError::Queue(format!("pushing batch {} of job {}: {e}", t.batch_no, t.job_id)));
@@ -320,7 +323,7 @@ mod tests {
     #[test]
     fn keys_and_names_are_unique_per_generation_and_process() {
         let t = BatchTask { job_id: 7, batch_no: 3, generation: 2 };
-        assert_eq!(t.idempotency_key(), "7:3:2");
+        assert_eq!(t.idempotency_key("a1b2"), "a1b2:7:3:2");
         assert_ne!(worker_name(), worker_name());
         assert_eq!(queue_name("vinetl"), "vinetl.batches.vinetl");
     }

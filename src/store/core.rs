@@ -28,6 +28,8 @@ use crate::spec::ProviderSpec;
 #[derive(Clone, Debug)]
 pub struct Store {
     pub(super) db: Db,
+    /// This install's random name (migration `install_id`): see [`Store::install`].
+    install: std::sync::Arc<str>,
 }
 
 #[derive(Clone, Debug)]
@@ -155,6 +157,21 @@ pub(super) const AUDIT_CALL: &str =
 const BUSY: &str = "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))";
 
 impl Store {
+    /// The store over `db`, migrated, with its install's name read.
+    pub(super) async fn with_install(db: Db) -> Result<Store, StoreError> {
+        let mut store = Store { db, install: "".into() };
+        store.install = store.one("SELECT id FROM install", args![]).await?.text(0)?.into();
+        Ok(store)
+    }
+
+    /// A random name made when this install's tables were created. It sets
+    /// this install's queue tasks apart from those of an earlier install of
+    /// the same name (a schema dropped and created again, a state file
+    /// deleted), whose job numbers it reuses while the queue keeps its tasks.
+    pub fn install(&self) -> &str {
+        &self.install
+    }
+
     fn conn(&self) -> Conn<'_> {
         match &self.db {
             Db::Pg(p) => Conn::Pg(p),

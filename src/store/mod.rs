@@ -32,15 +32,14 @@ impl Store {
         schema: &str,
         connections: u32,
     ) -> Result<(Store, Option<std::fs::File>), StoreError> {
-        Ok(match url {
-            DatabaseUrl::Postgres(u) => {
-                (Store { db: core::Db::Pg(postgres::open(u, schema, connections).await?) }, None)
-            }
+        let (db, lock) = match url {
+            DatabaseUrl::Postgres(u) => (core::Db::Pg(postgres::open(u, schema, connections).await?), None),
             DatabaseUrl::Sqlite(u) => {
                 let (pool, queue, lock) = sqlite::open(u, connections).await?;
-                (Store { db: core::Db::Lite { pool, queue } }, Some(lock))
+                (core::Db::Lite { pool, queue }, Some(lock))
             }
-        })
+        };
+        Ok((Store::with_install(db).await?, lock))
     }
 
     /// Whether `url` holds vinetl state already (a SQLite file, or a
