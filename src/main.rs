@@ -5,6 +5,13 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vinetl::cli::LogFormat;
 
+/// mimalloc, not glibc's allocator: an output streams rows allocated on one
+/// thread and freed on another, and glibc's arenas then spend the write in
+/// `malloc_consolidate` and arena-lock waits (a third of the warm job's CPU
+/// under `perf`; the figures are in BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // corgi-rs reads its tables from MAPS_DIR or $HOME/.corgi-rs-cache only;
     // point it at the copy this binary finds (a packaged binary carries its

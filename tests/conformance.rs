@@ -902,12 +902,13 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
 }
 
 /// The same job on both stores gives the same output rows (the one query
-/// each dialect writes its own way), the same carried types and the same
-/// counts: decoded, duplicate, invalid and recall-flagged rows, carried
-/// columns.
+/// each dialect writes its own way), in every recall mode, the same carried
+/// types and the same counts: decoded, duplicate, invalid, forgotten and
+/// recall-flagged rows, carried columns.
 #[tokio::test(flavor = "multi_thread")]
 async fn both_stores_give_the_same_output_rows_and_counts() {
     use futures_util::TryStreamExt;
+    use vinetl::columns::RecallMode;
     let (server, _keys) = common::serve(Faults::default()).await;
     let mut seen = Vec::new();
     for backend in [Backend::Pg, Backend::Lite] {
@@ -921,16 +922,21 @@ async fn both_stores_give_the_same_output_rows_and_counts() {
         let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
         assert!(out.status.code().is_some_and(|c| c == 0 || c == 4), "{}", String::from_utf8_lossy(&out.stderr));
         let store = env.store().await;
-        let rows: Vec<_> = store.output_rows(1, vinetl::columns::RecallMode::ByModel).try_collect().await.unwrap();
-        let rows: Vec<String> = rows
-            .into_iter()
-            .map(|r| {
+        // A forgotten VIN's rows stay, decoded and blank: one more kind of row.
+        let first: Vec<_> = store.output_rows(1, RecallMode::ByModel).try_collect().await.unwrap();
+        let forgotten = first.iter().find(|r| r.status == "decoded").and_then(|r| r.vin.clone()).unwrap();
+        let forgot = env.vinetl("YOUR_API_KEY", &["forget", &forgotten]).await;
+        assert!(matches!(forgot.status.code(), Some(0 | 1)), "{}", String::from_utf8_lossy(&forgot.stderr));
+        let mut rows = Vec::new();
+        for mode in [RecallMode::ByModel, RecallMode::ByVin, RecallMode::Off] {
+            let read: Vec<_> = store.output_rows(1, mode).try_collect().await.unwrap();
+            rows.extend(read.into_iter().map(|r| {
                 assert_eq!(r.decoded_at.is_some(), r.status == "decoded", "{r:?}");
                 let r = vinetl::columns::OutputRow { decoded_at: None, ..r };
                 // Each backend's file lives in a directory of its own.
-                format!("{r:?}").replace(&env.dir.path().display().to_string(), "DIR")
-            })
-            .collect();
+                format!("{mode:?} {r:?}").replace(&env.dir.path().display().to_string(), "DIR")
+            }));
+        }
         let carry = ["unit_id".to_string(), "odometer_km".to_string()];
         let types = format!("{:?}", store.carried_types(1, &carry).await.unwrap());
         let mut counts = env.status(1).await;
@@ -939,7 +945,8 @@ async fn both_stores_give_the_same_output_rows_and_counts() {
         env.cleanup().await;
     }
     let (pg, lite) = (&seen[0], &seen[1]);
-    assert_eq!(pg.0.len(), 291);
+    assert_eq!(pg.0.len(), 3 * 291);
+    assert!(pg.0.iter().any(|r| r.contains("vin: None, status: \"decoded\"")), "a forgotten VIN's rows");
     assert!(pg.0.iter().any(|r| r.contains("recall_campaigns: Some([\"")), "some rows have recalls");
     assert!(pg.0.iter().any(|r| r.contains("status: \"invalid\"")), "some rows are invalid");
     for (i, (a, b)) in pg.0.iter().zip(&lite.0).enumerate() {

@@ -942,10 +942,9 @@ impl Store {
 
     /// Every output row of a job, in source order, streamed.
     pub fn output_rows(&self, job_id: i64, mode: RecallMode) -> BoxStream<'_, Result<OutputRow, StoreError>> {
-        let args = args![job_id, mode.as_str()];
         let rows = match &self.db {
-            Db::Pg(p) => postgres::stream(p, postgres::OUTPUT_SQL.as_str(), args),
-            Db::Lite { pool, .. } => sqlite::stream(pool, sqlite::OUTPUT_SQL.as_str(), args),
+            Db::Pg(p) => postgres::output_rows(p, job_id, mode.as_str()),
+            Db::Lite { pool, .. } => sqlite::stream(pool, sqlite::OUTPUT_SQL.as_str(), args![job_id, mode.as_str()]),
         };
         rows.map(|r| output_row(r?)).boxed()
     }
@@ -1823,17 +1822,17 @@ async fn count_calls(
 
 /// One row of the output query (both dialects' columns, in one order).
 fn output_row(mut r: Row) -> Result<OutputRow, StoreError> {
-    let carried = match r.json(9)? {
+    let carried = match r.take_json(9)? {
         Value::Object(m) => m,
         _ => Default::default(),
     };
     let vehicle = (0..VEHICLE_COLUMNS.len()).map(|i| r.take_text(12 + i)).collect::<Result<_, _>>()?;
     Ok(OutputRow {
-        source: r.text(0)?,
+        source: r.take_string(0)?,
         source_row: r.int(1)?,
-        raw_vin: r.text(2)?,
+        raw_vin: r.take_string(2)?,
         vin: r.take_text(3)?,
-        status: r.text(4)?,
+        status: r.take_string(4)?,
         error_code: r.take_text(5)?,
         error_text: r.take_text(6)?,
         decoded_at: r.opt_real(7)?.and_then(|s| DateTime::from_timestamp_micros((s * 1e6).round() as i64)),

@@ -98,9 +98,9 @@ macro_rules! bind_args {
 pub(crate) use bind_args;
 
 /// A dialect's three ways to run a statement, over its own `bind` and
-/// `row`: `exec` (rows affected), `rows` (all of them) and `stream`.
+/// `row`: `exec` (rows affected) and `rows` (all of them).
 macro_rules! runners {
-    ($executor:ident, $pool:ty) => {
+    ($executor:ident) => {
         pub(super) async fn exec<'e>(
             e: impl sqlx::$executor<'e>,
             sql: &'static str,
@@ -115,16 +115,6 @@ macro_rules! runners {
             args: &[Arg],
         ) -> Result<Vec<Row>, StoreError> {
             bind(sqlx::query(sqlx::AssertSqlSafe(sql)), args).fetch_all(e).await?.iter().map(row).collect()
-        }
-
-        /// Streams a query's rows (the output's: memory stays flat whatever
-        /// the job's size).
-        pub(super) fn stream<'a>(
-            pool: &'a $pool,
-            sql: &'static str,
-            args: &[Arg],
-        ) -> BoxStream<'a, Result<Row, StoreError>> {
-            bind(sqlx::query(sqlx::AssertSqlSafe(sql)), args).fetch(pool).map(|r| row(&r?)).boxed()
         }
     };
 }
@@ -236,6 +226,23 @@ impl Row {
             None | Some(Val::Null) => Ok(None),
             Some(Val::Text(t)) => Ok(Some(t)),
             Some(v) => Err(StoreError::Decode(format!("column {i}: expected text, got {v:?}"))),
+        }
+    }
+
+    /// Moves a text column that may not be null out of the row.
+    pub fn take_string(&mut self, i: usize) -> Result<String, StoreError> {
+        self.take_text(i)?.ok_or_else(|| StoreError::Decode(format!("column {i}: expected text, got null")))
+    }
+
+    /// Moves a JSON column out of the row (null reads as `null`).
+    pub fn take_json(&mut self, i: usize) -> Result<Value, StoreError> {
+        match self.0.get_mut(i).map(std::mem::take) {
+            None | Some(Val::Null) => Ok(Value::Null),
+            Some(Val::Json(v)) => Ok(v),
+            Some(Val::Text(t)) => {
+                serde_json::from_str(&t).map_err(|_| StoreError::Decode(format!("column {i}: expected JSON")))
+            }
+            Some(v) => Err(StoreError::Decode(format!("column {i}: expected JSON, got {v:?}"))),
         }
     }
 

@@ -95,7 +95,17 @@ fn bind<'q>(
     bind_args!(q, args, json: Value::to_string, texts: |t: &Option<Vec<String>>| t.as_ref().map(|t| Value::from(t.clone()).to_string()))
 }
 
-runners!(SqliteExecutor, SqlitePool);
+runners!(SqliteExecutor);
+
+/// Streams a query's rows (the output's: memory stays flat whatever the
+/// job's size).
+pub(super) fn stream<'a>(
+    pool: &'a SqlitePool,
+    sql: &'static str,
+    args: &[Arg],
+) -> BoxStream<'a, Result<Row, StoreError>> {
+    bind(sqlx::query(sqlx::AssertSqlSafe(sql)), args).fetch(pool).map(|r| row(&r?)).boxed()
+}
 
 /// A row, by each value's own type (SQLite types values, not columns).
 fn row(r: &SqliteRow) -> Result<Row, StoreError> {

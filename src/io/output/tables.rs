@@ -465,7 +465,7 @@ fn copy_line(buf: &mut String, job_id: i64, keyed: Option<&Keyed>, r: &OutputRow
     field(buf, r.recall_campaigns.as_ref().map(|c| array_literal(c)).as_deref());
     field(buf, r.recall_error.as_deref());
     // The last column ends the line.
-    escape(buf, &serde_json::Value::Object(r.carried.clone()).to_string());
+    escape(buf, &serde_json::to_string(&r.carried).unwrap_or_else(|_| "{}".into()));
     buf.push('\n');
 }
 
