@@ -14,7 +14,7 @@ use crate::io::source::{FileFormat, FileSource, InputRow, SourceError, TextEncod
 use crate::job::queue::{self, Lane};
 use crate::spec::{InputFormat, JobSpec, SourceSpec};
 use crate::store::StoreError;
-use crate::store::{PlannedRow, Store};
+use crate::store::{PlannedChunk, PlannedRow, Store};
 use crate::vin::Vin;
 
 /// Rows stored per transaction: big enough that inserts are cheap per row,
@@ -256,20 +256,37 @@ async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), P
     let (tx, mut rx) = mpsc::channel::<Result<Read, PlanError>>(2);
     // Reader and inserter run concurrently in this task (joined, not spawned).
     let reader = async move { read_source(Some(store), job_id, spec, tx).await };
-    let inserter = async {
+    // Rows are planned (VIN rules, carried columns, the insert's JSON) one
+    // chunk ahead of the insert: while the store inserts a chunk, the next
+    // is built (12 of 85 ms a 5,000-row chunk when the two took turns).
+    let (planned_tx, mut planned_rx) = mpsc::channel::<(String, Option<PlannedChunk>)>(1);
+    let planner = async move {
         while let Some(msg) = rx.recv().await {
-            match msg? {
+            let next = match msg? {
                 Read::Rows(source, rows) => {
                     let planned: Vec<PlannedRow> = rows.into_iter().map(|r| plan_row(&source, r, &carry)).collect();
-                    store.insert_rows(job_id, &source, &planned, false, ttl).await?;
+                    (source, Some(PlannedChunk::new(&planned)))
                 }
-                Read::Done(source) => store.insert_rows(job_id, &source, &[], true, ttl).await?,
+                Read::Done(source) => (source, None),
+            };
+            if planned_tx.send(next).await.is_err() {
+                break; // the inserter failed; its error is the one to report
             }
         }
         Ok::<(), PlanError>(())
     };
-    let (read, inserted) = tokio::join!(reader, inserter);
+    let inserter = async {
+        while let Some((source, chunk)) = planned_rx.recv().await {
+            match chunk {
+                Some(chunk) => store.insert_chunk(job_id, &source, chunk, false, ttl).await?,
+                None => store.insert_rows(job_id, &source, &[], true, ttl).await?,
+            }
+        }
+        Ok::<(), PlanError>(())
+    };
+    let (read, planned, inserted) = tokio::join!(reader, planner, inserter);
     inserted?;
+    planned?;
     read
 }
 

@@ -14,8 +14,8 @@ use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
     Answer, Answered, CallCounts, CallEnd, CallSent, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures,
-    JobCounts, JobError, JobTimes, Lookup, Next, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo, Reschedule,
-    RunSummary, StoreError, distinct_campaigns,
+    JobCounts, JobError, JobTimes, Lookup, Next, PlannedChunk, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo,
+    Reschedule, RunSummary, StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -327,19 +327,24 @@ impl Store {
         complete: bool,
         cache_ttl_hours: f64,
     ) -> Result<(), StoreError> {
+        self.insert_chunk(job_id, source, PlannedChunk::new(rows), complete, cache_ttl_hours).await
+    }
+
+    /// [`Store::insert_rows`] for a chunk built beforehand.
+    pub async fn insert_chunk(
+        &self,
+        job_id: i64,
+        source: &str,
+        chunk: PlannedChunk,
+        complete: bool,
+        cache_ttl_hours: f64,
+    ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        if !rows.is_empty() {
+        if chunk.len > 0 {
             // `OFFSET 0` keeps the earlier-row check a per-row index probe:
             // without it Postgres may hash the whole job's rows once per
             // chunk (an EXISTS inside CASE), which made planning quadratic
             // (46 of 100 ms per 5,000-row chunk at 150,000 rows, EXPLAIN ANALYZE).
-            let json: Vec<Value> = rows
-                .iter()
-                .map(|r| {
-                    json!({"n": r.row_number, "raw": r.raw_vin, "vin": r.vin, "cdv": r.check_digit_valid,
-                           "code": r.error_code, "text": r.error_text, "carried": r.carried})
-                })
-                .collect();
             tx.exec(
                 "INSERT INTO job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, error_code,
                                          error_text, carried, plan, status, decoded_at)
@@ -363,7 +368,7 @@ impl Store {
                  LEFT JOIN vin_cache c ON c.vin = r.vin AND c.decoded_at > now() - {secs $4 * 3600}
                  WHERE true
                  ON CONFLICT (job_id, source, row_number) DO NOTHING",
-                args![job_id, source, Value::Array(json), cache_ttl_hours],
+                args![job_id, source, chunk.rows, cache_ttl_hours],
             )
             .await?;
         }
@@ -379,7 +384,7 @@ impl Store {
                  ON CONFLICT (job_id, source) DO UPDATE
                  SET rows_planned = greatest(job_sources.rows_planned, excluded.rows_planned),
                      complete = excluded.complete",
-            args![job_id, source, rows.last().map_or(0, |r| r.row_number), complete],
+            args![job_id, source, chunk.last_row, complete],
         )
         .await?;
         tx.commit().await

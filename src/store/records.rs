@@ -17,6 +17,35 @@ pub struct PlannedRow {
     pub carried: serde_json::Value,
 }
 
+/// A chunk of planned rows as the store takes them: built apart from the
+/// insert, so the planner can build the next chunk while the store inserts
+/// this one.
+#[derive(Debug, Clone)]
+pub struct PlannedChunk {
+    /// The rows, as the JSON array the insert reads them from.
+    pub(super) rows: serde_json::Value,
+    pub(super) len: usize,
+    /// The source's row number of the last row (0 without rows).
+    pub(super) last_row: i64,
+}
+
+impl PlannedChunk {
+    pub fn new(rows: &[PlannedRow]) -> PlannedChunk {
+        let json = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"n": r.row_number, "raw": r.raw_vin, "vin": r.vin, "cdv": r.check_digit_valid,
+                                   "code": r.error_code, "text": r.error_text, "carried": r.carried})
+            })
+            .collect();
+        PlannedChunk {
+            rows: serde_json::Value::Array(json),
+            len: rows.len(),
+            last_row: rows.last().map_or(0, |r| r.row_number),
+        }
+    }
+}
+
 /// A batch claimed by a worker.
 #[derive(Debug, Clone)]
 pub struct ClaimedBatch {
