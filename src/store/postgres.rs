@@ -287,24 +287,19 @@ pub(super) const LIMITER_RESERVE: &str =
     "SELECT granted, wait_secs, reason, extract(epoch FROM at)::float8, coalesce(array_to_json(flights), '[]'::json)
      FROM limiter_reserve($1, CAST($2 AS INTEGER), $3, to_timestamp($4))";
 
-/// The query every output reads: one row per input row, in source order,
-/// with the cached decode (for decoded rows) and the row's recalls.
-///
-/// Tried and dropped (2026-12-05): expanding each decoded VIN once in a
-/// materialized CTE joined to the rows. On analyzed tables it halved the
-/// query (2.0 s against 4.7 s, 150,000 rows of 20,000 VINs), but a CTE has
-/// no statistics and no index: on a job planned moments ago the planner
-/// estimated one row and nested-looped over it, rows × VINs (minutes for
-/// 20,000 rows). Each row reads its cache entry through the primary key.
 /// The output's first step: each decoded VIN of job `$1` once, its cached
 /// document expanded into columns and its recall answer for mode `$2`, in
 /// a table that lives for the output's transaction (`ON COMMIT DROP`).
 /// Expanding a document per VIN, not per input row, is most of the read's
-/// cost on a warm job (150,000 rows of 20,000 VINs: 1.95 s read per row,
-/// 1.14 s with this table, measured in BENCHMARKS.md). A table, not a CTE:
-/// it has an index and statistics, so the job's rows are hash-joined or
-/// index-probed to it, never nested-looped over it.
-pub(super) const OUTPUT_VINS_TABLE: &str = "output_vins";
+/// saving on a warm job (150,000 rows of 20,000 VINs: 1.95 s read row by
+/// row, 1.14 s with this table; BENCHMARKS.md).
+///
+/// A table, not a CTE: a materialized CTE (tried 2026-12-05) has no
+/// statistics and no index, and on a job planned moments ago the planner
+/// estimated one row and nested-looped the job's rows over it, rows × VINs
+/// (minutes for 20,000 rows). This table has a primary key and is analyzed
+/// before the join: the rows are hash-joined to it or probe its key.
+const OUTPUT_VINS_TABLE: &str = "output_vins";
 
 static OUTPUT_VINS_DDL: LazyLock<String> = LazyLock::new(|| {
     let record: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("\"{field}\" text")).collect();
