@@ -364,6 +364,27 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     env.cleanup().await;
 }
 
+/// A worker waits for a limiter slot while it claims the batch. A task of
+/// an older generation makes no call, and the slot it was granted goes
+/// back: the day's quota counts only calls made.
+async fn a_stale_task_makes_no_call_and_gives_its_slot_back(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let nowhere = "http://127.0.0.1:9";
+    let spec = JobSpec::load(&env.spec(&pattern_vins(20), nowhere, "embedded = true\ndaily_quota = 10")).unwrap();
+    let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    store.reschedule(job, 0, 3600.0, Reschedule::NotCalled, "later").await.unwrap();
+    let allow = vinetl::call::allow::ApiAllow::from_env();
+    let state = vinetl::job::worker::WorkerState::new(env.store().await, &env.schema, Some(nowhere.into()), allow);
+    let stale = BatchTask { job_id: job, batch_no: 0, generation: 0 };
+    vinetl::job::worker::handle(stale, apalis::prelude::Data::new(state)).await.unwrap();
+    let status = env.status(job).await;
+    assert_eq!(status["calls_made"], 0, "{status}");
+    assert_eq!(status["quota"]["used_today"], 0, "the slot went back to the quota: {status}");
+    assert_eq!(status["quota"]["daily_quota"], 10, "{status}");
+    env.cleanup().await;
+}
+
 /// Rate and burst hold across several limiters (processes) sharing one
 /// account; the daily quota holds exactly and says when it resets; the
 /// in-flight cap holds and frees a place when a call ends.
@@ -1088,6 +1109,7 @@ common::both_stores!(
     enqueue_is_idempotent,
     a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,
+    a_stale_task_makes_no_call_and_gives_its_slot_back,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,
     the_limiter_arithmetic_holds_for_any_interleaving,
