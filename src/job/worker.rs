@@ -266,14 +266,10 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // trip is then off the call's path. A stale task (an older generation,
     // a finished batch, a stopped job) gives its slot back unused; that is
     // rare, where every call pays for a claim.
+    let waiting = std::time::Instant::now();
     let claim = store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec));
-    let acquire = async {
-        let waiting = std::time::Instant::now();
-        let granted = limiter.acquire().await;
-        prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
-        granted
-    };
-    let (claimed, granted) = tokio::join!(claim, acquire);
+    let (claimed, granted) = tokio::join!(claim, limiter.acquire());
+    prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
     let granted = granted?;
     let batch = match claimed {
         Ok(Some(batch)) => batch,
