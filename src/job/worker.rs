@@ -260,31 +260,18 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             return Ok(());
         }
     };
-    let limiter = state.limiter(&rt.spec).await?;
-    let store = &state.store;
-    // The claim and the wait for a slot run together: the claim's round
-    // trip is then off the call's path. A stale task (an older generation,
-    // a finished batch, a stopped job) gives its slot back unused; that is
-    // rare, where every call pays for a claim.
-    let waiting = std::time::Instant::now();
-    let claim = store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec));
-    let (claimed, granted) = tokio::join!(claim, limiter.acquire());
-    prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
-    let granted = granted?;
-    let batch = match claimed {
-        Ok(Some(batch)) => batch,
-        Ok(None) | Err(_) => {
-            if let Ok(slot) = granted {
-                limiter.release(slot).await?;
-                limiter.refund(1, now_secs()).await?;
-            }
-            // Stale, or the claim's own error.
-            claimed?;
-            return Ok(());
-        }
+    let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
+    else {
+        // Stale (an older generation), finished, or the job stopped.
+        return Ok(());
     };
     let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
     let kind = if batch.lookup_key.is_some() { CallKind::Recall } else { CallKind::Decode };
+    let limiter = state.limiter(&rt.spec).await?;
+    let store = &state.store;
+    let waiting = std::time::Instant::now();
+    let granted = limiter.acquire().await?;
+    prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
     let slot = match granted {
         Ok(slot) => slot,
         Err(Denied::Quota { wait }) => {
