@@ -376,6 +376,8 @@ async fn a_stale_task_makes_no_call_and_uses_no_quota(backend: Backend) {
     let spec = JobSpec::load(&env.spec(&pattern_vins(20), nowhere, "embedded = true\ndaily_quota = 10")).unwrap();
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
     store.reschedule(job, 0, 3600.0, Reschedule::NotCalled, "later").await.unwrap();
+    // The account exists, as once any worker has used it: its quota is read below.
+    SharedLimiter::register(&store, &spec.provider).await.unwrap();
     let allow = vinetl::call::allow::ApiAllow::from_env();
     let state = vinetl::job::worker::WorkerState::new(env.store().await, &env.schema, Some(nowhere.into()), allow);
     let stale = BatchTask { job_id: job, batch_no: 0, generation: 0 };
