@@ -97,7 +97,7 @@ macro_rules! bind_args {
 }
 pub(crate) use bind_args;
 
-/// A dialect's three ways to run a statement, over its own `bind` and
+/// A dialect's two ways to run a statement, over its own `bind` and
 /// `row`: `exec` (rows affected) and `rows` (all of them).
 macro_rules! runners {
     ($executor:ident) => {
