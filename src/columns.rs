@@ -12,6 +12,17 @@ pub enum Kind {
     Float,
 }
 
+impl Kind {
+    /// The column's Postgres type in the outputs' tables.
+    pub fn pg_type(self) -> &'static str {
+        match self {
+            Kind::Text => "TEXT",
+            Kind::Int => "INTEGER",
+            Kind::Float => "DOUBLE PRECISION",
+        }
+    }
+}
+
 /// The vehicle columns: output name, the API's (vPIC) field, type.
 pub const VEHICLE_COLUMNS: &[(&str, &str, Kind)] = &[
     ("make", "Make", Kind::Text),
@@ -144,20 +155,111 @@ pub struct OutputRow {
 impl OutputRow {
     /// A vehicle value, empty text read as missing.
     pub fn text(&self, i: usize) -> Option<&str> {
-        self.vehicle.get(i)?.as_deref().map(str::trim).filter(|s| !s.is_empty())
+        vehicle_text(&self.vehicle, i)
     }
 
     pub fn int(&self, i: usize) -> Option<i32> {
-        let s = self.text(i)?;
-        s.parse().ok().or_else(|| s.parse::<f64>().ok().filter(|f| f.fract() == 0.0).map(|f| f as i32))
+        vehicle_int(&self.vehicle, i)
     }
 
     pub fn float(&self, i: usize) -> Option<f64> {
-        self.text(i)?.parse().ok().filter(|f: &f64| f.is_finite())
+        vehicle_float(&self.vehicle, i)
     }
 
     pub fn recall_count(&self) -> Option<i32> {
         self.recall_campaigns.as_ref().map(|c| c.len() as i32)
+    }
+}
+
+/// Vehicle value `i` of `vehicle` (in [`VEHICLE_COLUMNS`] order), trimmed,
+/// empty text read as missing: how every output reads a text column.
+pub fn vehicle_text(vehicle: &[Option<String>], i: usize) -> Option<&str> {
+    vehicle.get(i)?.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Vehicle value `i` as an integer column reads it: an integer, or a
+/// number with no fraction (saturated to `i32`); anything else is missing.
+pub fn vehicle_int(vehicle: &[Option<String>], i: usize) -> Option<i32> {
+    let s = vehicle_text(vehicle, i)?;
+    s.parse().ok().or_else(|| s.parse::<f64>().ok().filter(|f| f.fract() == 0.0).map(|f| f as i32))
+}
+
+/// Vehicle value `i` as a float column reads it: a finite number, else missing.
+pub fn vehicle_float(vehicle: &[Option<String>], i: usize) -> Option<f64> {
+    vehicle_text(vehicle, i)?.parse().ok().filter(|f: &f64| f.is_finite())
+}
+
+/// Postgres COPY text, for the outputs' tables and the store's server-side
+/// results write (one encoding, so both paths write the same values).
+pub mod copy_text {
+    use super::{Kind, VEHICLE_COLUMNS, vehicle_float, vehicle_int, vehicle_text};
+
+    /// A column and its tab: `\N` for null, else the text escaped for COPY.
+    pub fn field(buf: &mut String, v: Option<&str>) {
+        match v {
+            None => buf.push_str("\\N"),
+            Some(s) => escape(buf, s),
+        }
+        buf.push('\t');
+    }
+
+    /// COPY's text escapes: backslash, tab, newline and carriage return.
+    pub fn escape(buf: &mut String, s: &str) {
+        if !s.contains(['\\', '\t', '\n', '\r']) {
+            buf.push_str(s);
+            return;
+        }
+        for c in s.chars() {
+            match c {
+                '\\' => buf.push_str("\\\\"),
+                '\t' => buf.push_str("\\t"),
+                '\n' => buf.push_str("\\n"),
+                '\r' => buf.push_str("\\r"),
+                c => buf.push(c),
+            }
+        }
+    }
+
+    /// A `text[]` literal: every element quoted, `"` and `\` escaped.
+    pub fn array_literal(items: &[String]) -> String {
+        let quoted: Vec<String> =
+            items.iter().map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))).collect();
+        format!("{{{}}}", quoted.join(","))
+    }
+
+    /// The vehicle columns, each with its tab, typed as [`VEHICLE_COLUMNS`] says.
+    pub fn vehicle(buf: &mut String, vehicle: &[Option<String>]) {
+        for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
+            match kind {
+                Kind::Text => field(buf, vehicle_text(vehicle, i)),
+                Kind::Int => field(buf, vehicle_int(vehicle, i).map(|n| n.to_string()).as_deref()),
+                Kind::Float => field(buf, vehicle_float(vehicle, i).map(|f| f.to_string()).as_deref()),
+            }
+        }
+    }
+
+    /// The recall columns (`recall_count`, `has_recalls`, `recall_campaigns`),
+    /// each with its tab; `recall_error` is the caller's.
+    pub fn recalls(buf: &mut String, campaigns: Option<&[String]>) {
+        let count = campaigns.map(<[String]>::len);
+        field(buf, count.map(|n| n.to_string()).as_deref());
+        field(buf, count.map(|n| if n > 0 { "t" } else { "f" }));
+        field(buf, campaigns.map(array_literal).as_deref());
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn copy_text_escapes_and_nulls() {
+            let mut buf = String::new();
+            field(&mut buf, Some("a\tb\\c\nd"));
+            field(&mut buf, None);
+            assert_eq!(buf, "a\\tb\\\\c\\nd\t\\N\t");
+            assert_eq!(array_literal(&["24V1".into(), "x\"y".into()]), "{\"24V1\",\"x\\\"y\"}");
+            assert_eq!(array_literal(&[]), "{}");
+        }
     }
 }
 

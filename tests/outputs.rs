@@ -366,3 +366,156 @@ async fn rows_that_stop_short_commit_no_output() {
     server.stop().await.unwrap();
     cleanup(&schema).await;
 }
+
+/// A Postgres output in the state store's own database is written on the
+/// server (`Store::results_into`: the rows never reach the runner); it must
+/// hold exactly what the streamed path writes from the same job: every
+/// column of every row, the vehicles table too, for decoded, duplicate and
+/// invalid rows, recall answers, carried columns that need COPY escapes,
+/// and cached values that only the outputs' own reading of a value turns
+/// into numbers (" 2003 ", "4.0", "abc", "1e3").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
+    use futures_util::StreamExt;
+    use vinetl::io::output::{Rows, tables};
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("on_server");
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = vinetl_async_env(&schema, KEY, &["migrate"], &[]).await;
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    let db = pool(&schema).await;
+    // A cached decode with values that only the outputs' reading types.
+    let raw = serde_json::json!({
+        "VIN": "1HGCM82633A004352", "Make": "HONDA", "Model": "Accord", "ModelYear": " 2003 ", "Doors": "4.0",
+        "EngineCylinders": "abc", "DisplacementL": "1e3", "Series": "back\\slash\ttab\nline", "Trim": "   ",
+        "ErrorCode": "0"
+    });
+    sqlx::query("INSERT INTO vin_cache (vin, make, model, model_year, raw) VALUES ($1, 'HONDA', 'Accord', 2003, $2)")
+        .bind("1HGCM82633A004352")
+        .bind(&raw)
+        .execute(&db)
+        .await
+        .unwrap();
+    let pattern = std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap();
+    let mut csv = String::from("vin,unit,odo\n1HGCM82633A004352,U1,100\n1hgcm82633a004352,\"U\t2\",200.5\n");
+    csv += "NOTAVIN,U3,\nJTDBT923291344240,\"back\\slash\",300\nWVWJF7CD8TW190545,\"quote\"\"d\",-1\n";
+    for (i, vin) in pattern.lines().take(30).enumerate() {
+        csv += &format!("{vin},P{i},{}\n", i * 1000);
+    }
+    csv += &format!("{},again,1\n", pattern.lines().next().unwrap());
+    std::fs::write(dir.path().join("fleet.csv"), &csv).unwrap();
+    let source = "kind = \"file\"\npath = \"fleet.csv\"\ncarry = [\"unit\", \"odo\"]";
+    let spec = write_spec(dir.path(), source, &server.url(), "");
+    let body = std::fs::read_to_string(&spec).unwrap();
+    let output = |table: &str| {
+        format!(
+            "[recalls]\nenabled = true\n\n[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\n\
+             results_table = \"results_{table}\"\nvehicles_table = \"vehicles_{table}\"\n"
+        )
+    };
+    std::fs::write(&spec, format!("{body}{}", output("server"))).unwrap();
+    let out = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The same job's rows, streamed, into tables of their own.
+    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
+    let store = state.open(4).await.unwrap();
+    let job = vinetl::spec::JobSpec::load(&spec).unwrap();
+    assert!(tables::on_server(&store, &job.outputs[0], None), "the run wrote results_server on the server");
+    let streamed_spec = dir.path().join("streamed.toml");
+    std::fs::write(&streamed_spec, format!("{body}{}", output("streamed"))).unwrap();
+    let streamed = vinetl::spec::JobSpec::load(&streamed_spec).unwrap();
+    let rows: Vec<_> = store.output_rows(1, job.recalls.mode()).map(Result::unwrap).collect().await;
+    assert_eq!(rows.len(), csv.lines().count() - 1, "one row per input row");
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let feed = tokio::spawn(async move {
+        tx.send(Rows::Chunk(std::sync::Arc::new(rows))).await.unwrap();
+        tx.send(Rows::End).await.unwrap();
+    });
+    let (n, _) = tables::write(&store, &streamed.outputs[0], 1, rx).await.unwrap();
+    feed.await.unwrap();
+    assert_eq!(n as usize, csv.lines().count() - 1);
+
+    let differ = |a: &str, b: &str, cols: &str| {
+        format!("SELECT count(*) FROM (SELECT {cols} FROM {a} EXCEPT ALL SELECT {cols} FROM {b}) d")
+    };
+    let results_cols = "job_id, source, source_row, raw_vin, vin, status, error_code, error_text, decoded_at, \
+        check_digit_valid, make, model, model_year, manufacturer, series, trim, vehicle_type, body_class, doors, \
+        drive_type, fuel_type_primary, engine_configuration, engine_cylinders, displacement_l, transmission_style, \
+        gvwr, plant_city, plant_state, plant_country, vpic_error_code, recall_count, has_recalls, \
+        recall_campaigns, recall_error, carried";
+    let vehicles_cols = "vin, decoded_at, make, model, model_year, doors, engine_cylinders, displacement_l, \
+        series, trim, recall_count, has_recalls, recall_campaigns, recall_error, job_id";
+    for (a, b, cols) in [
+        ("results_server", "results_streamed", results_cols),
+        ("results_streamed", "results_server", results_cols),
+        ("vehicles_server", "vehicles_streamed", vehicles_cols),
+        ("vehicles_streamed", "vehicles_server", vehicles_cols),
+    ] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(differ(a, b, cols))).fetch_one(&db).await.unwrap();
+        assert_eq!(n, 0, "{n} rows of {a} are not in {b}");
+    }
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM results_server").fetch_one(&db).await.unwrap();
+    assert_eq!(total as usize, csv.lines().count() - 1);
+
+    // A results table made before partitioning (a plain table): written on
+    // the server twice, then from streamed rows, it holds the job's rows
+    // once, the same rows, and no load table stays behind.
+    sqlx::query("CREATE TABLE results_plain (LIKE results_server INCLUDING DEFAULTS)").execute(&db).await.unwrap();
+    sqlx::query("ALTER TABLE results_plain ADD PRIMARY KEY (job_id, source, source_row)").execute(&db).await.unwrap();
+    let plain_spec = dir.path().join("plain.toml");
+    std::fs::write(&plain_spec, format!("{body}{}", output("plain"))).unwrap();
+    let plain = vinetl::spec::JobSpec::load(&plain_spec).unwrap();
+    for feed in ["server", "server", "streamed"] {
+        let written = if feed == "server" {
+            tables::write_hashed(&store, &plain.outputs[0], 1, None, tables::Feed::OnServer(job.recalls.mode())).await
+        } else {
+            let rows: Vec<_> = store.output_rows(1, job.recalls.mode()).map(Result::unwrap).collect().await;
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(Rows::Chunk(std::sync::Arc::new(rows))).await.unwrap();
+            tx.send(Rows::End).await.unwrap();
+            tables::write(&store, &plain.outputs[0], 1, rx).await
+        };
+        assert_eq!(written.unwrap().0, total as u64, "{feed}");
+        for (a, b) in [("results_plain", "results_server"), ("results_server", "results_plain")] {
+            let n: i64 =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(differ(a, b, results_cols))).fetch_one(&db).await.unwrap();
+            assert_eq!(n, 0, "{feed}: {n} rows of {a} are not in {b}");
+        }
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE 'results_plain_j%'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!(left, 0, "{feed}: a load table stayed");
+    }
+    // The cached oddities, as the outputs read them.
+    let odd = sqlx::query(
+        "SELECT model_year, doors, engine_cylinders, displacement_l, series, trim FROM results_server
+         WHERE source_row = 1",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    use sqlx::Row as _;
+    let int = |c: &str| odd.get::<Option<i32>, _>(c);
+    let (series, trim): (Option<String>, Option<String>) = (odd.get("series"), odd.get("trim"));
+    assert_eq!(
+        (int("model_year"), int("doors"), int("engine_cylinders"), odd.get::<Option<f64>, _>("displacement_l")),
+        (Some(2003), Some(4), None, Some(1000.0))
+    );
+    assert_eq!((series.as_deref(), trim), (Some("back\\slash\ttab\nline"), None));
+    let kinds: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status || coalesce('/' || recall_error, '') || '/' || (recall_count IS NOT NULL)::text, count(*)
+         FROM results_server GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(kinds.iter().any(|(k, _)| k.starts_with("invalid")), "{kinds:?}");
+    assert!(kinds.iter().any(|(k, _)| k == "decoded/true"), "recall answers: {kinds:?}");
+    drop(db);
+    server.stop().await.unwrap();
+    cleanup(&schema).await;
+}

@@ -954,6 +954,17 @@ impl Store {
         rows.map(|r| output_row(r?)).boxed()
     }
 
+    /// Writes every output row of a job into `into`, a table of the state
+    /// store's own Postgres database (`table (columns)`, the columns in the
+    /// order `postgres::RESULTS_INSERT` gives), on the server: the rows never
+    /// reach this process. Returns the rows written; `None` on SQLite.
+    pub async fn results_into(&self, job_id: i64, mode: RecallMode, into: &str) -> Result<Option<u64>, StoreError> {
+        match &self.db {
+            Db::Pg(p) => Ok(Some(postgres::results_into(p, job_id, mode.as_str(), into).await?)),
+            Db::Lite { .. } => Ok(None),
+        }
+    }
+
     /// The Parquet type of each carried column, from the values the job holds.
     pub async fn carried_types(&self, job_id: i64, carry: &[String]) -> Result<Vec<(String, CarriedType)>, StoreError> {
         let seen = self.rows(self.pick(postgres::CARRIED_TYPES, sqlite::CARRIED_TYPES), args![job_id]).await?;

@@ -18,7 +18,7 @@ use sqlx::{Column, Postgres, Row as _, TypeInfo};
 
 use super::records::{StoreError, check_schema, redact};
 use super::sql::{Arg, Row, Val, bind_args, runners};
-use crate::columns::VEHICLE_COLUMNS;
+use crate::columns::{VEHICLE_COLUMNS, copy_text};
 
 /// The runner's migrations, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -354,17 +354,142 @@ static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT ji.source, ji.row_number, ji.raw_vin, ji.vin, ji.status, ji.error_code, ji.error_text,
                 ji.decoded_at, ji.check_digit_valid, ji.carried, o.campaigns,
-                CASE WHEN ji.status <> 'decoded' THEN NULL
-                     WHEN o.vin IS NOT NULL THEN o.recall_error
-                     WHEN $2 <> 'off' THEN '{NO_RECALL_KEY}' END,
+                {},
                 {}
          FROM job_inputs ji
          LEFT JOIN {OUTPUT_VINS_TABLE} o ON o.vin = ji.vin AND ji.status = 'decoded'
          WHERE ji.job_id = $1
          ORDER BY ji.source, ji.row_number",
+        row_recall_error(),
         vehicle.join(", ")
     )
 });
+
+/// A row's `recall_error`, with its VIN's row of the per-VIN table as `o`
+/// (recall mode `$2`): none for a row not decoded; for a decoded row whose
+/// VIN has no row there (`vinetl forget` blanked it), no key to look by.
+fn row_recall_error() -> String {
+    format!(
+        "CASE WHEN ji.status <> 'decoded' THEN NULL WHEN o.vin IS NOT NULL THEN o.recall_error
+              WHEN $2 <> 'off' THEN '{NO_RECALL_KEY}' END"
+    )
+}
+
+/// Begins the output's read in transaction `t` (one snapshot: `REPEATABLE
+/// READ`) and fills [`OUTPUT_VINS_TABLE`] for job and mode `args`.
+async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg]) -> Result<(), StoreError> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *t).await?;
+    // The read sorts and hashes the job's rows (its distinct VINs, the rows
+    // in source order): with the default 4 MB they spilled to disk at
+    // 150,000 rows (the VIN table's fill took 351 ms, 240 ms in memory).
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL work_mem = '{OUTPUT_WORK_MEM}'"))).execute(&mut *t).await?;
+    sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
+    exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await?;
+    // The key column only: all the join's plan needs.
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_VINS_TABLE} (vin)"))).execute(&mut *t).await?;
+    Ok(())
+}
+
+/// `work_mem` of the output's read: one reader per job being written.
+const OUTPUT_WORK_MEM: &str = "64MB";
+
+/// The results write's per-VIN table: each decoded VIN's output columns,
+/// typed as the results table types them (`recall_error` last).
+const OUTPUT_TYPED_TABLE: &str = "output_typed";
+
+static OUTPUT_TYPED_DDL: LazyLock<String> = LazyLock::new(|| {
+    let typed: Vec<String> =
+        VEHICLE_COLUMNS.iter().map(|(name, _, kind)| format!("{name} {}", kind.pg_type())).collect();
+    format!(
+        "CREATE TEMP TABLE {OUTPUT_TYPED_TABLE} (vin text PRIMARY KEY, {}, recall_count integer,
+             has_recalls boolean, recall_campaigns text[], recall_error text) ON COMMIT DROP",
+        typed.join(", ")
+    )
+});
+
+/// A page of [`OUTPUT_VINS_TABLE`], by key after `$1`.
+static OUTPUT_VINS_PAGE: LazyLock<String> = LazyLock::new(|| {
+    let fields: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("\"{field}\"")).collect();
+    format!(
+        "SELECT vin, campaigns, recall_error, {} FROM {OUTPUT_VINS_TABLE} WHERE vin > $1 ORDER BY vin LIMIT $2",
+        fields.join(", ")
+    )
+});
+
+/// VINs typed and copied per page.
+const TYPED_PAGE: i64 = 8192;
+
+/// Every output row of job `$1` (recall mode `$2`) into `into` (`table
+/// (columns)`, the results table's columns in this order: job_id, source,
+/// source_row, raw_vin, vin, status, error_code, error_text, decoded_at,
+/// check_digit_valid, the vehicle columns, recall_count, has_recalls,
+/// recall_campaigns, recall_error, carried), in the store's database.
+static RESULTS_INSERT: LazyLock<String> = LazyLock::new(|| {
+    let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(name, _, _)| format!("o.{name}")).collect();
+    format!(
+        "SELECT $1, ji.source, ji.row_number, ji.raw_vin, ji.vin, ji.status, ji.error_code, ji.error_text,
+                ji.decoded_at, ji.check_digit_valid, {}, o.recall_count, o.has_recalls, o.recall_campaigns,
+                {}, CASE WHEN jsonb_typeof(ji.carried) = 'object' THEN ji.carried ELSE '{{}}' END
+         FROM job_inputs ji
+         LEFT JOIN {OUTPUT_TYPED_TABLE} o ON o.vin = ji.vin AND ji.status = 'decoded'
+         WHERE ji.job_id = $1",
+        vehicle.join(", "),
+        row_recall_error()
+    )
+});
+
+/// Writes every output row of a job into a table of the store's own
+/// database (`into`: see [`RESULTS_INSERT`]) without the rows leaving the
+/// server: the same snapshot and per-VIN table as [`output_rows`], each
+/// VIN's columns typed here once (the outputs' own reading of a value,
+/// [`copy_text::vehicle`]) and copied back, then one `INSERT … SELECT`
+/// joins the job's rows to them. A warm job of 150,000 rows over 20,000
+/// VINs moves 20,000 rows each way instead of 150,000 (BENCHMARKS.md).
+/// Returns the rows written.
+pub(super) async fn results_into(
+    pool: &PgPool,
+    job_id: i64,
+    mode: &'static str,
+    into: &str,
+) -> Result<u64, StoreError> {
+    let args = [Arg::from(job_id), Arg::from(mode)];
+    let mut t = pool.begin().await?;
+    fill_output_vins(&mut t, &args).await?;
+    sqlx::query(sqlx::AssertSqlSafe(OUTPUT_TYPED_DDL.as_str())).execute(&mut *t).await?;
+    let mut after = String::new();
+    loop {
+        let page = sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_PAGE.as_str()))
+            .bind(&after)
+            .bind(TYPED_PAGE)
+            .fetch_all(&mut *t)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = last.try_get(0)?;
+        let mut buf = String::with_capacity(page.len() * 256);
+        for r in &page {
+            let vehicle: Vec<Option<String>> =
+                (0..VEHICLE_COLUMNS.len()).map(|i| r.try_get(3 + i)).collect::<Result<_, _>>()?;
+            let campaigns: Option<Vec<String>> = r.try_get(1)?;
+            copy_text::field(&mut buf, Some(r.try_get(0)?));
+            copy_text::vehicle(&mut buf, &vehicle);
+            copy_text::recalls(&mut buf, campaigns.as_deref());
+            copy_text::field(&mut buf, r.try_get(2)?);
+            buf.pop(); // the last column's tab
+            buf.push('\n');
+        }
+        let mut copy = t.copy_in_raw(&format!("COPY {OUTPUT_TYPED_TABLE} FROM STDIN")).await?;
+        copy.send(buf.into_bytes()).await?;
+        copy.finish().await?;
+        if (page.len() as i64) < TYPED_PAGE {
+            break;
+        }
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_TYPED_TABLE} (vin)"))).execute(&mut *t).await?;
+    let insert = format!("INSERT INTO {into} {}", RESULTS_INSERT.as_str());
+    let written = bind(sqlx::query(sqlx::AssertSqlSafe(insert)), &args).execute(&mut *t).await?.rows_affected();
+    t.commit().await?;
+    Ok(written)
+}
 
 /// Rows sent from the reading task to the stream at once.
 const OUTPUT_BATCH: usize = 1024;
@@ -385,11 +510,7 @@ pub(super) fn output_rows(
         let read = async {
             let args = [Arg::from(job_id), Arg::from(mode)];
             let mut t = pool.begin().await?;
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *t).await?;
-            sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
-            exec(&mut *t, OUTPUT_VINS_FILL.as_str(), &args).await?;
-            // The key column only: all the join's plan needs.
-            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_VINS_TABLE} (vin)"))).execute(&mut *t).await?;
+            fill_output_vins(&mut t, &args).await?;
             let mut rows = bind(sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())), &args).fetch(&mut *t);
             let mut batch = Vec::with_capacity(OUTPUT_BATCH);
             while let Some(r) = rows.next().await {

@@ -84,24 +84,35 @@ pub async fn write_all(
     let mut senders = Vec::new();
     let mut writers = Vec::new();
     for (output, hasher) in spec.outputs.iter().zip(hashers) {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Rows>(2);
-        senders.push(tx);
+        // A table in the state store's database is filled on the server; the
+        // others take the streamed rows (none are read if none does).
+        let feed = if tables::on_server(store, output, hasher.as_ref()) {
+            None
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Rows>(2);
+            senders.push(tx);
+            Some(rx)
+        };
         writers.push(async move {
-            match output {
-                OutputSpec::Parquet { .. } => {
+            match (output, feed) {
+                (OutputSpec::Parquet { .. }, Some(rx)) => {
                     let done = dataset::write_hashed(store, job_id, spec, output, replace_newer, hasher, rx).await?;
                     Ok::<_, OutputError>((done.rows, done.place, done.replaced))
                 }
-                OutputSpec::Postgres { .. } => {
-                    let (rows, place) = tables::write_hashed(store, output, job_id, hasher, rx).await?;
+                (OutputSpec::Postgres { .. }, feed) => {
+                    let feed = feed.map_or(tables::Feed::OnServer(spec.recalls.mode()), tables::Feed::Rows);
+                    let (rows, place) = tables::write_hashed(store, output, job_id, hasher, feed).await?;
                     Ok((rows, place, None))
                 }
+                (OutputSpec::Parquet { .. }, None) => unreachable!("a dataset takes streamed rows"),
             }
         });
     }
     let producer = async move {
+        if senders.is_empty() {
+            return Ok(());
+        }
         let mut rows = store.output_rows(job_id, spec.recalls.mode()).chunks(CHUNK_ROWS);
-        let mut beat = std::time::Instant::now();
         while let Some(chunk) = rows.next().await {
             let chunk = std::sync::Arc::new(chunk.into_iter().collect::<Result<Vec<_>, _>>()?);
             for tx in &senders {
@@ -110,17 +121,28 @@ pub async fn write_all(
                     return Ok(());
                 }
             }
-            if beat.elapsed() > HEARTBEAT {
-                store.heartbeat(job_id).await?;
-                beat = std::time::Instant::now();
-            }
         }
         for tx in &senders {
             let _ = tx.send(Rows::End).await;
         }
         Ok::<(), OutputError>(())
     };
-    let (produced, results) = tokio::join!(producer, futures_util::future::join_all(writers));
+    // The writer's heartbeat while rows stream or the server writes them. A
+    // missed beat is only logged: a store that is gone fails the write's
+    // own reads, and an output in another place may still commit.
+    let beat = async {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            if let Err(e) = store.heartbeat(job_id).await {
+                tracing::warn!(job = job_id, "output writer heartbeat: {e}");
+            }
+        }
+    };
+    let work = async { tokio::join!(producer, futures_util::future::join_all(writers)) };
+    let (produced, results) = tokio::select! {
+        done = work => done,
+        _ = beat => unreachable!("the heartbeat loop never ends"),
+    };
     // The store's error first: it leaves the job to be written again, where
     // the writers' own "rows stopped short" would fail it.
     produced?;

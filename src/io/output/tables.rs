@@ -22,20 +22,13 @@ use std::fmt::Write as _;
 
 use super::OutputError;
 use super::vin_hash::{Keyed, VinHasher};
-use crate::columns::{Kind, OutputRow, VEHICLE_COLUMNS, VIN_HMAC, VinHash};
+use crate::columns::copy_text::{self, escape, field};
+use crate::columns::{OutputRow, RecallMode, VEHICLE_COLUMNS, VIN_HMAC, VinHash};
 use crate::spec::OutputSpec;
 use crate::store::Store;
 
 /// Bytes of COPY data per message to the server.
 const COPY_CHUNK: usize = 1 << 20;
-
-fn sql_type(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Text => "TEXT",
-        Kind::Int => "INTEGER",
-        Kind::Float => "DOUBLE PRECISION",
-    }
-}
 
 /// The results table's columns that a write fills, in COPY order
 /// (`vin_hmac` after `vin` with `hashed`).
@@ -51,7 +44,7 @@ fn result_columns(hashed: bool) -> String {
 
 /// The tables, created if missing. Names were checked by the spec.
 fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
-    let vehicle_cols: String = VEHICLE_COLUMNS.iter().map(|(n, _, k)| format!("    {n} {},\n", sql_type(*k))).collect();
+    let vehicle_cols: String = VEHICLE_COLUMNS.iter().map(|(n, _, k)| format!("    {n} {},\n", k.pg_type())).collect();
     let recall_cols =
         "    recall_count INTEGER,\n    has_recalls BOOLEAN,\n    recall_campaigns TEXT[],\n    recall_error TEXT,\n";
     vec![
@@ -226,7 +219,24 @@ pub async fn write(
     rows: super::RowsRx,
 ) -> Result<(u64, String), OutputError> {
     let hasher = VinHasher::for_output(output, &super::vin_hash::described(output))?;
-    write_hashed(store, output, job_id, hasher, rows).await
+    write_hashed(store, output, job_id, hasher, Feed::Rows(rows)).await
+}
+
+/// Where a write's rows come from.
+pub enum Feed {
+    /// Streamed by the state store, shared with the job's other outputs.
+    Rows(super::RowsRx),
+    /// Read and written by the state store's database itself, in the
+    /// job's recall mode (see [`on_server`]).
+    OnServer(RecallMode),
+}
+
+/// Whether `output` is written on the server: its tables live in the state
+/// store's own Postgres database (no `url_env`) and it has no `vin_hash`
+/// (the key stays in this process). Then no row is read into this process
+/// and sent back: `Store::results_into` fills the load table.
+pub fn on_server(store: &Store, output: &OutputSpec, hasher: Option<&VinHasher>) -> bool {
+    matches!(output, OutputSpec::Postgres { url_env: None, .. }) && hasher.is_none() && store.pg_pool().is_some()
 }
 
 /// [`write`] with the output's `vin_hash` key already read (`hasher`, from
@@ -236,7 +246,7 @@ pub async fn write_hashed(
     output: &OutputSpec,
     job_id: i64,
     hasher: Option<VinHasher>,
-    rows: super::RowsRx,
+    rows: Feed,
 ) -> Result<(u64, String), OutputError> {
     let OutputSpec::Postgres { url_env, schema, results_table: results, vehicles_table: vehicles, .. } = output else {
         unreachable!("tables::write takes postgres outputs")
@@ -267,7 +277,7 @@ pub async fn write_hashed(
     .fetch_one(&mut *conn)
     .await
     .map_err(fail)?;
-    let target = Target { job_id, schema, results, vehicles, hasher: hasher.as_ref() };
+    let target = Target { store, job_id, schema, results, vehicles, hasher: hasher.as_ref() };
     let total = if partitioned {
         write_partition(&mut conn, rows, &target).await
     } else {
@@ -292,8 +302,15 @@ impl From<sqlx::Error> for Failed {
     }
 }
 
+impl From<OutputError> for Failed {
+    fn from(e: OutputError) -> Failed {
+        Failed::Rows(e)
+    }
+}
+
 /// Whose rows go where, and the output's VIN hash.
 struct Target<'a> {
+    store: &'a Store,
     job_id: i64,
     schema: &'a str,
     results: &'a str,
@@ -305,12 +322,13 @@ async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Err
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(drop)
 }
 
-/// Loads into a fresh table, indexes it, and swaps it in as the job's
-/// partition.
-async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
-    let Target { job_id, schema, results, vehicles, hasher } = *t;
+/// A fresh table like `results`, marked with [`load_mark`] (a killed
+/// writer's are dropped first), holding the job's rows; returns its name
+/// (unqualified) and the rows loaded. It is committed, so the state store
+/// can fill it from a connection of its own ([`Feed::OnServer`]).
+async fn load(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<(String, u64), Failed> {
+    let Target { store, job_id, schema, results, hasher, .. } = *t;
     let mark = load_mark(schema, results, job_id);
-    // A killed writer's load tables (never attached): dropped first.
     let orphans: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = $1 AND c.relkind = 'r' AND obj_description(c.oid, 'pg_class') = $2
@@ -328,7 +346,25 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
     let load = format!("{stem}_j{job_id}_{}", chrono_millis());
     run(conn, format!("CREATE TABLE {schema}.{load} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
     run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
-    let total = copy_rows(conn, rows, job_id, hasher, &format!("{schema}.{load}")).await?;
+    let table = format!("{schema}.{load}");
+    let total = match rows {
+        Feed::Rows(rows) => copy_rows(conn, rows, job_id, hasher, &table).await?,
+        Feed::OnServer(mode) => {
+            let into = format!("{table} ({})", result_columns(false));
+            let written = store.results_into(job_id, mode, &into).await;
+            written
+                .map_err(OutputError::from)?
+                .ok_or_else(|| OutputError::write(&table, "the state store is not Postgres"))?
+        }
+    };
+    Ok((load, total))
+}
+
+/// Loads into a fresh table, indexes it, and swaps it in as the job's
+/// partition.
+async fn write_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<u64, Failed> {
+    let Target { job_id, schema, results, .. } = *t;
+    let (load, total) = load(conn, rows, t).await?;
     // Indexed once loaded (cheaper than index upkeep per row); the CHECK
     // lets ATTACH skip scanning the rows for the partition bound. ANALYZE
     // reads only the columns the keys, the indexes and the vehicles upsert
@@ -360,36 +396,31 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: 
     }
     run(&mut tx, format!("ALTER TABLE {schema}.{results} ATTACH PARTITION {schema}.{load} FOR VALUES IN ({job_id})"))
         .await?;
-    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(
-        schema,
-        vehicles,
-        &format!("{schema}.{load}"),
-        hasher.is_some(),
-    )))
-    .bind(job_id)
-    .execute(&mut *tx)
-    .await?;
+    upsert_vehicles(&mut tx, t, &format!("{schema}.{load}")).await?;
     tx.commit().await?;
     Ok(total)
 }
 
+/// The vehicles upsert from `from`, the job's loaded rows.
+async fn upsert_vehicles(tx: &mut sqlx::PgConnection, t: &Target<'_>, from: &str) -> Result<(), sqlx::Error> {
+    let sql = upsert_vehicles_sql(t.schema, t.vehicles, from, t.hasher.is_some());
+    sqlx::query(sqlx::AssertSqlSafe(sql)).bind(t.job_id).execute(tx).await.map(drop)
+}
+
 /// A results table made before partitioning: the rows are loaded into a
-/// temporary table, then replace the job's old ones in one transaction.
-async fn write_plain(conn: &mut sqlx::PgConnection, rows: super::RowsRx, t: &Target<'_>) -> Result<u64, Failed> {
-    let Target { job_id, schema, results, vehicles, hasher } = *t;
+/// table of their own, then replace the job's old ones in one transaction
+/// (which drops the load table).
+async fn write_plain(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<u64, Failed> {
+    let Target { job_id, schema, results, .. } = *t;
+    let (load, total) = load(conn, rows, t).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    run(&mut tx, format!("CREATE TEMP TABLE vinetl_load (LIKE {schema}.{results} INCLUDING DEFAULTS) ON COMMIT DROP"))
-        .await?;
-    let total = copy_rows(&mut tx, rows, job_id, hasher, "vinetl_load").await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results} WHERE job_id = $1")))
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
-    run(&mut tx, format!("INSERT INTO {schema}.{results} SELECT * FROM vinetl_load")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(upsert_vehicles_sql(schema, vehicles, "vinetl_load", hasher.is_some())))
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
+    run(&mut tx, format!("INSERT INTO {schema}.{results} SELECT * FROM {schema}.{load}")).await?;
+    upsert_vehicles(&mut tx, t, &format!("{schema}.{load}")).await?;
+    run(&mut tx, format!("DROP TABLE {schema}.{load}")).await?;
     tx.commit().await?;
     Ok(total)
 }
@@ -453,46 +484,12 @@ fn copy_line(buf: &mut String, job_id: i64, keyed: Option<&Keyed>, r: &OutputRow
     field(buf, r.error_text.as_deref());
     field(buf, r.decoded_at.map(|t| t.to_rfc3339()).as_deref());
     field(buf, r.check_digit_valid.map(|b| if b { "t" } else { "f" }));
-    for (i, (_, _, kind)) in VEHICLE_COLUMNS.iter().enumerate() {
-        match kind {
-            Kind::Text => field(buf, r.text(i)),
-            Kind::Int => field(buf, r.int(i).map(|n| n.to_string()).as_deref()),
-            Kind::Float => field(buf, r.float(i).map(|f| f.to_string()).as_deref()),
-        }
-    }
-    field(buf, r.recall_count().map(|n| n.to_string()).as_deref());
-    field(buf, r.recall_count().map(|n| if n > 0 { "t" } else { "f" }));
-    field(buf, r.recall_campaigns.as_ref().map(|c| array_literal(c)).as_deref());
+    copy_text::vehicle(buf, &r.vehicle);
+    copy_text::recalls(buf, r.recall_campaigns.as_deref());
     field(buf, r.recall_error.as_deref());
     // The last column ends the line.
     escape(buf, &serde_json::to_string(&r.carried).unwrap_or_else(|_| "{}".into()));
     buf.push('\n');
-}
-
-/// A column and its tab: `\N` for null, else the text escaped for COPY.
-fn field(buf: &mut String, v: Option<&str>) {
-    match v {
-        None => buf.push_str("\\N"),
-        Some(s) => escape(buf, s),
-    }
-    buf.push('\t');
-}
-
-/// COPY's text escapes: backslash, tab, newline and carriage return.
-fn escape(buf: &mut String, s: &str) {
-    if !s.contains(['\\', '\t', '\n', '\r']) {
-        buf.push_str(s);
-        return;
-    }
-    for c in s.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\t' => buf.push_str("\\t"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            c => buf.push(c),
-        }
-    }
 }
 
 /// `vinetl forget VIN` in one Postgres output: the results rows of the VIN
@@ -548,26 +545,4 @@ pub async fn forget(state: Option<&sqlx::PgPool>, output: &OutputSpec, vin: &str
     }
     tx.commit().await.map_err(fail)?;
     Ok(changed)
-}
-
-/// A `text[]` literal: every element quoted, `"` and `\` escaped.
-fn array_literal(items: &[String]) -> String {
-    let quoted: Vec<String> =
-        items.iter().map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))).collect();
-    format!("{{{}}}", quoted.join(","))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_and_nulls() {
-        let mut buf = String::new();
-        field(&mut buf, Some("a\tb\\c\nd"));
-        field(&mut buf, None);
-        assert_eq!(buf, "a\\tb\\\\c\\nd\t\\N\t");
-        assert_eq!(array_literal(&["24V1".into(), "x\"y".into()]), "{\"24V1\",\"x\\\"y\"}");
-        assert_eq!(array_literal(&[]), "{}");
-    }
 }
