@@ -415,13 +415,18 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
     };
     std::fs::write(&spec, format!("{body}{}", output("server"))).unwrap();
     let out = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("on the server"), "the run loaded its one table on the server: {log}");
 
     // The same job's rows, streamed, into tables of their own.
     let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
     let store = state.open(4).await.unwrap();
     let job = vinetl::spec::JobSpec::load(&spec).unwrap();
-    assert!(tables::on_server(&store, &job.outputs[0], None), "the run wrote results_server on the server");
+    assert!(tables::on_server(&store, &job.outputs, &[None]));
+    let mut two = job.outputs.clone();
+    two.push(two[0].clone());
+    assert!(!tables::on_server(&store, &two, &[None, None]), "two outputs share one stream");
     let streamed_spec = dir.path().join("streamed.toml");
     std::fs::write(&streamed_spec, format!("{body}{}", output("streamed"))).unwrap();
     let streamed = vinetl::spec::JobSpec::load(&streamed_spec).unwrap();

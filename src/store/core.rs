@@ -957,10 +957,19 @@ impl Store {
     /// Writes every output row of a job into `into`, a table of the state
     /// store's own Postgres database (`table (columns)`, the columns in the
     /// order `postgres::RESULTS_INSERT` gives), on the server: the rows never
-    /// reach this process. Returns the rows written; `None` on SQLite.
-    pub async fn results_into(&self, job_id: i64, mode: RecallMode, into: &str) -> Result<Option<u64>, StoreError> {
+    /// reach this process. `conn` is a connection of this store's pool (the
+    /// output's own, so a write holds one connection, as a streamed one
+    /// does); the write is one transaction on it. Returns the rows written;
+    /// `None` on SQLite.
+    pub async fn results_into(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job_id: i64,
+        mode: RecallMode,
+        into: &str,
+    ) -> Result<Option<u64>, StoreError> {
         match &self.db {
-            Db::Pg(p) => Ok(Some(postgres::results_into(p, job_id, mode.as_str(), into).await?)),
+            Db::Pg(_) => Ok(Some(postgres::results_into(conn, job_id, mode.as_str(), into).await?)),
             Db::Lite { .. } => Ok(None),
         }
     }

@@ -447,13 +447,13 @@ static RESULTS_INSERT: LazyLock<String> = LazyLock::new(|| {
 /// VINs moves 20,000 rows each way instead of 150,000 (BENCHMARKS.md).
 /// Returns the rows written.
 pub(super) async fn results_into(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     job_id: i64,
     mode: &'static str,
     into: &str,
 ) -> Result<u64, StoreError> {
     let args = [Arg::from(job_id), Arg::from(mode)];
-    let mut t = pool.begin().await?;
+    let mut t = sqlx::Connection::begin(conn).await?;
     fill_output_vins(&mut t, &args).await?;
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_TYPED_DDL.as_str())).execute(&mut *t).await?;
     let mut after = String::new();

@@ -83,10 +83,11 @@ pub async fn write_all(
         .collect::<Result<Vec<_>, _>>()?;
     let mut senders = Vec::new();
     let mut writers = Vec::new();
+    // A job whose one output is a table in the state store's database has
+    // it filled on the server; otherwise every output takes the one stream.
+    let on_server = tables::on_server(store, &spec.outputs, &hashers);
     for (output, hasher) in spec.outputs.iter().zip(hashers) {
-        // A table in the state store's database is filled on the server; the
-        // others take the streamed rows (none are read if none does).
-        let feed = if tables::on_server(store, output, hasher.as_ref()) {
+        let feed = if on_server {
             None
         } else {
             let (tx, rx) = tokio::sync::mpsc::channel::<Rows>(2);
@@ -127,21 +128,21 @@ pub async fn write_all(
         }
         Ok::<(), OutputError>(())
     };
-    // The writer's heartbeat while rows stream or the server writes them. A
-    // missed beat is only logged: a store that is gone fails the write's
-    // own reads, and an output in another place may still commit.
+    // The writer's heartbeat while rows stream or the server writes them;
+    // a beat that fails stops the write (the job is written again later),
+    // as a writer that cannot say it is alive may be replaced.
     let beat = async {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             if let Err(e) = store.heartbeat(job_id).await {
-                tracing::warn!(job = job_id, "output writer heartbeat: {e}");
+                return e;
             }
         }
     };
     let work = async { tokio::join!(producer, futures_util::future::join_all(writers)) };
     let (produced, results) = tokio::select! {
         done = work => done,
-        _ = beat => unreachable!("the heartbeat loop never ends"),
+        failed = beat => return Err(OutputError::Store(failed)),
     };
     // The store's error first: it leaves the job to be written again, where
     // the writers' own "rows stopped short" would fail it.

@@ -227,16 +227,22 @@ pub enum Feed {
     /// Streamed by the state store, shared with the job's other outputs.
     Rows(super::RowsRx),
     /// Read and written by the state store's database itself, in the
-    /// job's recall mode (see [`on_server`]).
+    /// job's recall mode: only for a table in that database (see
+    /// [`on_server`]), with no `vin_hash`.
     OnServer(RecallMode),
 }
 
-/// Whether `output` is written on the server: its tables live in the state
-/// store's own Postgres database (no `url_env`) and it has no `vin_hash`
-/// (the key stays in this process). Then no row is read into this process
-/// and sent back: `Store::results_into` fills the load table.
-pub fn on_server(store: &Store, output: &OutputSpec, hasher: Option<&VinHasher>) -> bool {
-    matches!(output, OutputSpec::Postgres { url_env: None, .. }) && hasher.is_none() && store.pg_pool().is_some()
+/// Whether a job with these outputs writes its table on the server: its
+/// only output is a Postgres table in the state store's own database (no
+/// `url_env`) without `vin_hash` (the key stays in this process). Then no
+/// row is read into this process and sent back: `Store::results_into`
+/// fills the load table. With more outputs, all of them take the one
+/// stream of rows, so they are written from one snapshot and a failed one
+/// stops the rest.
+pub fn on_server(store: &Store, outputs: &[OutputSpec], hashers: &[Option<VinHasher>]) -> bool {
+    matches!(outputs, [OutputSpec::Postgres { url_env: None, .. }])
+        && matches!(hashers, [None])
+        && store.pg_pool().is_some()
 }
 
 /// [`write`] with the output's `vin_hash` key already read (`hasher`, from
@@ -259,6 +265,12 @@ pub async fn write_hashed(
         return Err(OutputError::write(
             &place,
             "vin_hash: only \"beside\" is written to Postgres; nothing was written",
+        ));
+    }
+    if matches!(rows, Feed::OnServer(_)) && (url_env.is_some() || hasher.is_some()) {
+        return Err(OutputError::write(
+            &place,
+            "only a table in the state database without vin_hash loads on the server",
         ));
     }
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
@@ -324,10 +336,9 @@ async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Err
 
 /// A fresh table like `results`, marked with [`load_mark`] (a killed
 /// writer's are dropped first), holding the job's rows; returns its name
-/// (unqualified) and the rows loaded. It is committed, so the state store
-/// can fill it from a connection of its own ([`Feed::OnServer`]).
-async fn load(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<(String, u64), Failed> {
-    let Target { store, job_id, schema, results, hasher, .. } = *t;
+/// (unqualified) and the rows loaded.
+async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<(String, u64), Failed> {
+    let Target { job_id, schema, results, .. } = *t;
     let mark = load_mark(schema, results, job_id);
     let orphans: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -346,25 +357,38 @@ async fn load(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Resu
     let load = format!("{stem}_j{job_id}_{}", chrono_millis());
     run(conn, format!("CREATE TABLE {schema}.{load} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
     run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
-    let table = format!("{schema}.{load}");
-    let total = match rows {
-        Feed::Rows(rows) => copy_rows(conn, rows, job_id, hasher, &table).await?,
-        Feed::OnServer(mode) => {
-            let into = format!("{table} ({})", result_columns(false));
-            let written = store.results_into(job_id, mode, &into).await;
-            written
-                .map_err(OutputError::from)?
-                .ok_or_else(|| OutputError::write(&table, "the state store is not Postgres"))?
-        }
-    };
+    let total = fill(conn, rows, t, &format!("{schema}.{load}")).await?;
     Ok((load, total))
+}
+
+/// Fills `table` (like the results table) with the job's rows: streamed
+/// rows with one COPY, or on the server, in the connection's own
+/// transaction. On the server, an error the database raised (a results
+/// table altered by hand, a missing privilege, a full disk) is the
+/// output's and fails the write, as it would in a COPY; a lost connection
+/// is the store's, and the write is tried again later.
+async fn fill(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>, table: &str) -> Result<u64, Failed> {
+    let Target { store, job_id, hasher, .. } = *t;
+    match rows {
+        Feed::Rows(rows) => copy_rows(conn, rows, job_id, hasher, table).await,
+        Feed::OnServer(mode) => {
+            tracing::info!(job = job_id, "loading {table} on the server: the rows stay in the database");
+            let into = format!("{table} ({})", result_columns(false));
+            match store.results_into(conn, job_id, mode, &into).await {
+                Ok(Some(n)) => Ok(n),
+                Ok(None) => Err(Failed::Rows(OutputError::write(table, "the state store is not Postgres"))),
+                Err(crate::store::StoreError::Sql(e)) if e.as_database_error().is_some() => Err(Failed::Sql(e)),
+                Err(e) => Err(Failed::Rows(OutputError::Store(e))),
+            }
+        }
+    }
 }
 
 /// Loads into a fresh table, indexes it, and swaps it in as the job's
 /// partition.
 async fn write_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<u64, Failed> {
     let Target { job_id, schema, results, .. } = *t;
-    let (load, total) = load(conn, rows, t).await?;
+    let (load, total) = load_partition(conn, rows, t).await?;
     // Indexed once loaded (cheaper than index upkeep per row); the CHECK
     // lets ATTACH skip scanning the rows for the partition bound. ANALYZE
     // reads only the columns the keys, the indexes and the vehicles upsert
@@ -408,19 +432,23 @@ async fn upsert_vehicles(tx: &mut sqlx::PgConnection, t: &Target<'_>, from: &str
 }
 
 /// A results table made before partitioning: the rows are loaded into a
-/// table of their own, then replace the job's old ones in one transaction
-/// (which drops the load table).
+/// temporary table, then replace the job's old ones in one transaction
+/// (which drops it). The temporary table lives with the connection, not a
+/// transaction, so the server can fill it in a transaction of its own; a
+/// failed write's is dropped by the connection's next write, or with it.
 async fn write_plain(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<u64, Failed> {
     let Target { job_id, schema, results, .. } = *t;
-    let (load, total) = load(conn, rows, t).await?;
+    run(conn, "DROP TABLE IF EXISTS pg_temp.vinetl_load".into()).await?;
+    run(conn, format!("CREATE TEMP TABLE vinetl_load (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
+    let total = fill(conn, rows, t, "pg_temp.vinetl_load").await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results} WHERE job_id = $1")))
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
-    run(&mut tx, format!("INSERT INTO {schema}.{results} SELECT * FROM {schema}.{load}")).await?;
-    upsert_vehicles(&mut tx, t, &format!("{schema}.{load}")).await?;
-    run(&mut tx, format!("DROP TABLE {schema}.{load}")).await?;
+    run(&mut tx, format!("INSERT INTO {schema}.{results} SELECT * FROM pg_temp.vinetl_load")).await?;
+    upsert_vehicles(&mut tx, t, "pg_temp.vinetl_load").await?;
+    run(&mut tx, "DROP TABLE pg_temp.vinetl_load".into()).await?;
     tx.commit().await?;
     Ok(total)
 }
