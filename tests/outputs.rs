@@ -449,8 +449,10 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
         drive_type, fuel_type_primary, engine_configuration, engine_cylinders, displacement_l, transmission_style, \
         gvwr, plant_city, plant_state, plant_country, vpic_error_code, recall_count, has_recalls, \
         recall_campaigns, recall_error, carried";
-    let vehicles_cols = "vin, decoded_at, make, model, model_year, doors, engine_cylinders, displacement_l, \
-        series, trim, recall_count, has_recalls, recall_campaigns, recall_error, job_id";
+    let vehicles_cols = "vin, decoded_at, make, model, model_year, manufacturer, series, trim, vehicle_type, \
+        body_class, doors, drive_type, fuel_type_primary, engine_configuration, engine_cylinders, displacement_l, \
+        transmission_style, gvwr, plant_city, plant_state, plant_country, vpic_error_code, recall_count, \
+        has_recalls, recall_campaigns, recall_error, job_id";
     for (a, b, cols) in [
         ("results_server", "results_streamed", results_cols),
         ("results_streamed", "results_server", results_cols),
@@ -520,6 +522,41 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
     .unwrap();
     assert!(kinds.iter().any(|(k, _)| k.starts_with("invalid")), "{kinds:?}");
     assert!(kinds.iter().any(|(k, _)| k == "decoded/true"), "recall answers: {kinds:?}");
+    drop(db);
+    server.stop().await.unwrap();
+    cleanup(&schema).await;
+}
+
+/// A load on the server that the database refuses for the table's own sake
+/// (here a results table given a NOT NULL column by hand) fails the job with
+/// the database's reason, as a refused COPY does: it is not mistaken for a
+/// store that went away, which would leave the job waiting to be written
+/// again, forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_the_database_refuses_fails_the_server_load_with_the_reason() {
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let schema = unique_schema("refused");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vins.txt"), "1HGCM82633A004352\nJTDBT923291344240\n").unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    let text = std::fs::read_to_string(&spec).unwrap()
+        + &format!("[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
+    std::fs::write(&spec, text).unwrap();
+    let first = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // Someone adds a column the load cannot fill.
+    let db = pool(&schema).await;
+    for sql in ["TRUNCATE results", "ALTER TABLE results ADD COLUMN audited_by TEXT NOT NULL"] {
+        sqlx::query(sql).execute(&db).await.unwrap();
+    }
+    let out = vinetl_async_env(&schema, KEY, &["run", spec.to_str().unwrap()], &[]).await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("on the server"), "{log}");
+    let s = common::status(&schema, 2).await;
+    let reason = s["state_reason"].as_str().unwrap_or_default();
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(reason.contains("writing outputs failed") && reason.contains("audited_by"), "{s}");
     drop(db);
     server.stop().await.unwrap();
     cleanup(&schema).await;

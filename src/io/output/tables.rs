@@ -334,6 +334,17 @@ async fn run(conn: &mut sqlx::PgConnection, sql: String) -> Result<(), sqlx::Err
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(drop)
 }
 
+/// Whether a database error is the state store's passing trouble, not the
+/// output's: no answer from the server, or SQLSTATE classes 08 (connection),
+/// 40 (serialization, deadlock), 53 (insufficient resources), 57
+/// (operator intervention: a shutdown, a restart) and 58 (system, I/O).
+fn retry_later(e: &sqlx::Error) -> bool {
+    match e.as_database_error().and_then(|d| d.code()) {
+        Some(code) => ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class)),
+        None => true,
+    }
+}
+
 /// A fresh table like `results`, marked with [`load_mark`] (a killed
 /// writer's are dropped first), holding the job's rows; returns its name
 /// (unqualified) and the rows loaded.
@@ -363,10 +374,11 @@ async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_
 
 /// Fills `table` (like the results table) with the job's rows: streamed
 /// rows with one COPY, or on the server, in the connection's own
-/// transaction. On the server, an error the database raised (a results
-/// table altered by hand, a missing privilege, a full disk) is the
-/// output's and fails the write, as it would in a COPY; a lost connection
-/// is the store's, and the write is tried again later.
+/// transaction. On the server, an error in the data or the table (a results
+/// table altered by hand, a missing privilege) is the output's and fails
+/// the write, as it would in a COPY; a lost connection, a server shutting
+/// down or out of resources is the store's, and the write is tried again
+/// later ([`retry_later`]).
 async fn fill(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>, table: &str) -> Result<u64, Failed> {
     let Target { store, job_id, hasher, .. } = *t;
     match rows {
@@ -377,7 +389,7 @@ async fn fill(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>, table: 
             match store.results_into(conn, job_id, mode, &into).await {
                 Ok(Some(n)) => Ok(n),
                 Ok(None) => Err(Failed::Rows(OutputError::write(table, "the state store is not Postgres"))),
-                Err(crate::store::StoreError::Sql(e)) if e.as_database_error().is_some() => Err(Failed::Sql(e)),
+                Err(crate::store::StoreError::Sql(e)) if !retry_later(&e) => Err(Failed::Sql(e)),
                 Err(e) => Err(Failed::Rows(OutputError::Store(e))),
             }
         }
