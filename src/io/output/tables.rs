@@ -240,9 +240,14 @@ pub enum Feed {
 /// stream of rows, so they are written from one snapshot and a failed one
 /// stops the rest.
 pub fn on_server(store: &Store, outputs: &[OutputSpec], hashers: &[Option<VinHasher>]) -> bool {
-    matches!(outputs, [OutputSpec::Postgres { url_env: None, .. }])
-        && matches!(hashers, [None])
+    matches!((outputs, hashers), ([output], [hasher]) if loads_on_server(output, hasher.as_ref()))
         && store.pg_pool().is_some()
+}
+
+/// Whether the server can load this output: a Postgres table in the state
+/// store's database (no `url_env`) with no `vin_hash`.
+fn loads_on_server(output: &OutputSpec, hasher: Option<&VinHasher>) -> bool {
+    matches!(output, OutputSpec::Postgres { url_env: None, .. }) && hasher.is_none()
 }
 
 /// [`write`] with the output's `vin_hash` key already read (`hasher`, from
@@ -267,7 +272,7 @@ pub async fn write_hashed(
             "vin_hash: only \"beside\" is written to Postgres; nothing was written",
         ));
     }
-    if matches!(rows, Feed::OnServer(_)) && (url_env.is_some() || hasher.is_some()) {
+    if matches!(rows, Feed::OnServer(_)) && !loads_on_server(output, hasher.as_ref()) {
         return Err(OutputError::write(
             &place,
             "only a table in the state database without vin_hash loads on the server",
