@@ -522,6 +522,67 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
     .unwrap();
     assert!(kinds.iter().any(|(k, _)| k.starts_with("invalid")), "{kinds:?}");
     assert!(kinds.iter().any(|(k, _)| k == "decoded/true"), "recall answers: {kinds:?}");
+
+    // The rows the job above has none of: a VIN forgotten after the run (its
+    // rows blanked), a decoded VIN whose cache row is gone, and recall
+    // lookups that failed; written both ways in every recall mode.
+    use vinetl::columns::RecallMode;
+    store.forget_vin("JTDBT923291344240").await.unwrap();
+    let uncached = pattern.lines().nth(3).unwrap();
+    sqlx::query("DELETE FROM vin_cache WHERE vin = $1").bind(uncached).execute(&db).await.unwrap();
+    let failed = sqlx::query(
+        "UPDATE recall_lookups SET failed_at = now(), error_text = 'HTTP 503'
+         WHERE lookup_key IN (SELECT lookup_key FROM recall_lookups ORDER BY lookup_key LIMIT 3)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    assert!(failed.rows_affected() > 0);
+    let output_of = |table: &str| {
+        let path = dir.path().join(format!("{table}.toml"));
+        std::fs::write(&path, format!("{body}{}", output(table))).unwrap();
+        vinetl::spec::JobSpec::load(&path).unwrap().outputs.remove(0)
+    };
+    for mode in [RecallMode::ByModel, RecallMode::ByVin, RecallMode::Off] {
+        let (on, off) = (format!("{}_server", mode.as_str()), format!("{}_streamed", mode.as_str()));
+        let written = tables::write_hashed(&store, &output_of(&on), 1, None, tables::Feed::OnServer(mode)).await;
+        assert_eq!(written.unwrap().0, total as u64, "{mode:?}");
+        let rows: Vec<_> = store.output_rows(1, mode).map(Result::unwrap).collect().await;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tx.send(Rows::Chunk(std::sync::Arc::new(rows))).await.unwrap();
+        tx.send(Rows::End).await.unwrap();
+        tables::write(&store, &output_of(&off), 1, rx).await.unwrap();
+        for (table, cols) in [("results", results_cols), ("vehicles", vehicles_cols)] {
+            let (a, b) = (format!("{table}_{on}"), format!("{table}_{off}"));
+            for (a, b) in [(&a, &b), (&b, &a)] {
+                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(differ(a, b, cols))).fetch_one(&db).await.unwrap();
+                assert_eq!(n, 0, "{mode:?}: {n} rows of {a} are not in {b}");
+            }
+        }
+        let kinds: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT DISTINCT coalesce(error_code, '-') || '/' || coalesce(split_part(recall_error, ':', 1), '-') || '/'
+                    || (make IS NULL)::text
+             FROM results_{on} WHERE status = 'decoded' ORDER BY 1"
+        )))
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let expected: &[&str] = match mode {
+            RecallMode::ByModel => &[
+                "forgotten/no make, model and model year to look recalls up by/true",
+                "-/recall lookup failed/false",
+                "-/no make, model and model year to look recalls up by/true",
+            ],
+            RecallMode::ByVin => &[
+                "forgotten/no make, model and model year to look recalls up by/true",
+                "-/recalls were not looked up/false",
+            ],
+            RecallMode::Off => &["forgotten/-/true", "-/-/true", "-/-/false"],
+        };
+        for k in expected {
+            assert!(kinds.iter().any(|have| have == k), "{mode:?}: no decoded row {k} in {kinds:?}");
+        }
+    }
     drop(db);
     server.stop().await.unwrap();
     cleanup(&schema).await;
