@@ -116,8 +116,22 @@ pub fn row_columns(vin_hash: Option<VinHash>) -> Vec<&'static str> {
     names
 }
 
-/// The columns after the vehicle columns (before the carried ones).
-pub const RECALL_COLUMNS: &[&str] = &["recall_count", "has_recalls", "recall_campaigns", "recall_error"];
+/// The columns after the vehicle columns (before the carried ones), each
+/// with its Postgres type in the outputs' tables.
+pub const RECALL_COLUMNS: &[(&str, &str)] = &[
+    ("recall_count", "INTEGER"),
+    ("has_recalls", "BOOLEAN"),
+    ("recall_campaigns", "TEXT[]"),
+    ("recall_error", "TEXT"),
+];
+
+/// Column definitions (`name TYPE`, comma-separated) of the vehicle and
+/// recall columns, as the outputs' tables type them.
+pub fn vehicle_and_recall_ddl() -> String {
+    let vehicle = VEHICLE_COLUMNS.iter().map(|(name, _, kind)| (*name, kind.pg_type()));
+    let cols: Vec<String> = vehicle.chain(RECALL_COLUMNS.iter().copied()).map(|(n, t)| format!("{n} {t}")).collect();
+    cols.join(", ")
+}
 
 /// Every fixed column name: a carried input column may not take one.
 pub fn reserved_names() -> impl Iterator<Item = &'static str> {
@@ -126,7 +140,7 @@ pub fn reserved_names() -> impl Iterator<Item = &'static str> {
         .copied()
         .chain([VIN_HMAC])
         .chain(VEHICLE_COLUMNS.iter().map(|c| c.0))
-        .chain(RECALL_COLUMNS.iter().copied())
+        .chain(RECALL_COLUMNS.iter().map(|c| c.0))
 }
 
 /// One output row, as the state store reads it.

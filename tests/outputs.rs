@@ -622,3 +622,93 @@ async fn a_table_the_database_refuses_fails_the_server_load_with_the_reason() {
     server.stop().await.unwrap();
     cleanup(&schema).await;
 }
+
+/// The vehicles table holds each VIN's latest decode: of a job's rows the
+/// one decoded last (wherever it sits), never a row with no decode time or
+/// not decoded, and a later job's older decode never overwrites it. Written
+/// through a partitioned results table and through a plain one (made before
+/// partitioning), whose rows load through a temporary table.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_vehicles_table_keeps_each_vins_latest_decode() {
+    use sqlx::types::chrono::{TimeZone, Utc};
+    use vinetl::columns::{OutputRow, VEHICLE_COLUMNS};
+    use vinetl::io::output::{Rows, tables};
+    let schema = unique_schema("latest");
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = vinetl_async_env(&schema, KEY, &["migrate"], &[]).await;
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    let db = pool(&schema).await;
+    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
+    let store = state.open(4).await.unwrap();
+    let at = |day: u32| Some(Utc.with_ymd_and_hms(2026, 11, day, 12, 0, 0).unwrap());
+    let row = |n: i64, vin: &str, status: &str, decoded_at, model: &str| {
+        let mut vehicle = vec![None; VEHICLE_COLUMNS.len()];
+        vehicle[0] = Some("HONDA".to_string());
+        vehicle[1] = Some(model.to_string());
+        OutputRow {
+            source: "fleet.csv".into(),
+            source_row: n,
+            raw_vin: vin.into(),
+            vin: Some(vin.into()),
+            status: status.into(),
+            error_code: None,
+            error_text: None,
+            decoded_at,
+            check_digit_valid: Some(true),
+            vehicle,
+            recall_campaigns: None,
+            recall_error: None,
+            carried: Default::default(),
+        }
+    };
+    let (a, b, c, d) = ("1HGCM82633A004352", "JTDBT923291344240", "WVWJF7CD8TW190545", "1FTFW1ET5DFC10312");
+    let first = vec![
+        row(1, a, "decoded", at(2), "Old"),
+        row(2, a, "decoded", at(3), "New"),
+        row(3, a, "decoded", at(1), "Oldest"),
+        row(4, b, "decoded", None, "Untimed"),
+        row(5, c, "failed", at(3), "Failed"),
+        row(6, d, "decoded", at(2), "Kept"),
+    ];
+    let second = vec![row(1, a, "decoded", at(1), "Older"), row(2, d, "decoded", at(4), "Newer")];
+    for layout in ["parted", "plain"] {
+        let path = dir.path().join(format!("{layout}.toml"));
+        let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
+        let body = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results_{layout}\"\n\
+                 vehicles_table = \"vehicles_{layout}\"\n"
+            ),
+        )
+        .unwrap();
+        if layout == "plain" {
+            // Like the partitioned table, made just before.
+            for sql in [
+                "CREATE TABLE results_plain (LIKE results_parted INCLUDING DEFAULTS)",
+                "ALTER TABLE results_plain ADD PRIMARY KEY (job_id, source, source_row)",
+            ] {
+                sqlx::query(sql).execute(&db).await.unwrap();
+            }
+        }
+        let output = vinetl::spec::JobSpec::load(&path).unwrap().outputs.remove(0);
+        for (job, rows) in [(1, &first), (2, &second), (2, &second)] {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(Rows::Chunk(std::sync::Arc::new(rows.clone()))).await.unwrap();
+            tx.send(Rows::End).await.unwrap();
+            tables::write(&store, &output, job, rx).await.unwrap();
+        }
+        let vehicles: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT vin, model, job_id FROM vehicles_{layout} ORDER BY vin"
+        )))
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let mut expected = vec![(a.to_string(), "New".to_string(), 1), (d.to_string(), "Newer".to_string(), 2)];
+        expected.sort();
+        assert_eq!(vehicles, expected, "{layout}");
+    }
+    drop(db);
+    cleanup(&schema).await;
+}

@@ -398,12 +398,9 @@ const OUTPUT_WORK_MEM: &str = "64MB";
 const OUTPUT_TYPED_TABLE: &str = "output_typed";
 
 static OUTPUT_TYPED_DDL: LazyLock<String> = LazyLock::new(|| {
-    let typed: Vec<String> =
-        VEHICLE_COLUMNS.iter().map(|(name, _, kind)| format!("{name} {}", kind.pg_type())).collect();
     format!(
-        "CREATE TEMP TABLE {OUTPUT_TYPED_TABLE} (vin text PRIMARY KEY, {}, recall_count integer,
-             has_recalls boolean, recall_campaigns text[], recall_error text) ON COMMIT DROP",
-        typed.join(", ")
+        "CREATE TEMP TABLE {OUTPUT_TYPED_TABLE} (vin text PRIMARY KEY, {}) ON COMMIT DROP",
+        crate::columns::vehicle_and_recall_ddl()
     )
 });
 
