@@ -319,6 +319,72 @@ impl CarriedType {
     }
 }
 
+/// What [`CarriedType::infer`] reads of each carried column: the JSON
+/// types its values have had, and whether its numbers were all integers.
+/// Gathered as rows are planned (the store keeps it per source), so an
+/// output need not scan every row for it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CarriedSeen(std::collections::BTreeMap<String, SeenTypes>);
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SeenTypes {
+    pub types: std::collections::BTreeSet<String>,
+    pub ints: bool,
+}
+
+impl CarriedSeen {
+    /// Adds a row's carried object.
+    pub fn add(&mut self, carried: &serde_json::Value) {
+        use serde_json::Value;
+        let Value::Object(columns) = carried else { return };
+        for (name, value) in columns {
+            let kind = match value {
+                Value::Null => "null",
+                Value::Bool(_) => "boolean",
+                Value::Number(_) => "number",
+                Value::String(_) => "string",
+                Value::Array(_) => "array",
+                Value::Object(_) => "object",
+            };
+            let seen = match self.0.get_mut(name.as_str()) {
+                Some(seen) => seen,
+                None => self.0.entry(name.clone()).or_insert(SeenTypes { types: Default::default(), ints: true }),
+            };
+            if !seen.types.contains(kind) {
+                seen.types.insert(kind.to_string());
+            }
+            if let Value::Number(n) = value {
+                // An integer of at most 18 digits: what a BIGINT column holds
+                // (as the stores' scan of the rows decides).
+                seen.ints &= (n.is_i64() || n.is_u64()) && n.to_string().trim_start_matches('-').len() <= 18;
+            }
+        }
+    }
+
+    /// Both sets of rows together.
+    pub fn merge(&mut self, other: &CarriedSeen) {
+        for (name, theirs) in &other.0 {
+            match self.0.get_mut(name) {
+                Some(ours) => {
+                    ours.types.extend(theirs.types.iter().cloned());
+                    ours.ints &= theirs.ints;
+                }
+                None => {
+                    self.0.insert(name.clone(), theirs.clone());
+                }
+            }
+        }
+    }
+
+    /// The Parquet type of column `name` (text if it was never seen).
+    pub fn infer(&self, name: &str) -> CarriedType {
+        match self.0.get(name) {
+            Some(seen) => CarriedType::infer(&seen.types.iter().cloned().collect::<Vec<_>>(), seen.ints),
+            None => CarriedType::Text,
+        }
+    }
+}
+
 /// Lowercase letters, digits and `_`, starting with a letter or `_`, at
 /// most 63 long: a schema, table or partition name that is spliced into DDL
 /// (identifiers cannot be bound), so it is checked first.

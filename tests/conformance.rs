@@ -1025,6 +1025,91 @@ async fn plans_are_decided_across_chunks(backend: Backend) {
     env.cleanup().await;
 }
 
+/// A file of many chunks, planned as `submit` plans it (on Postgres with
+/// what the planning remembers of each VIN between chunks): a VIN's later
+/// rows in any chunk are duplicates, and every row of a VIN the cache
+/// holds fresh takes its answer (or its error), however far apart.
+async fn a_file_of_many_chunks_is_planned_by_its_vins(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(1000);
+    for (i, vin) in vins.iter().enumerate().take(120) {
+        let (age_h, code) = match i {
+            0..100 => (1, "NULL"),
+            100..110 => (1, "'VIN_NOT_FOUND'"),
+            _ => (1000, "NULL"),
+        };
+        env.sql(
+            &store,
+            &format!("INSERT INTO vin_cache (vin, decoded_at, error_code, raw) VALUES ('{vin}', now() - make_interval(hours => {age_h}), {code}, '{{}}')"),
+            &format!("INSERT INTO vin_cache (vin, decoded_at, error_code, raw) VALUES ('{vin}', unixepoch('subsec') - {age_h} * 3600, {code}, '{{}}')"),
+        )
+        .await;
+    }
+    // 12,000 rows, each VIN twelve times, 7 rows apart: rows of one VIN in
+    // every one of the three chunks.
+    let rows: Vec<String> = (0..12_000).map(|i| vins[(i * 7) % 1000].clone()).collect();
+    assert!(rows.len() > 2 * vinetl::job::plan::CHUNK_ROWS);
+    let spec = JobSpec::load(&env.spec(&rows, "http://127.0.0.1:9", "")).unwrap();
+    let planned = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
+    assert_eq!((planned.rows, planned.batches), (12_000, 45), "890 VINs to call, 20 a batch");
+    let n = store.counts(planned.job_id).await.unwrap().unwrap();
+    assert_eq!((n.rows, n.valid, n.duplicates, n.cache_hits), (12_000, 12_000, 11_000, 110), "{n:?}");
+    assert_eq!((n.decoded, n.failed, n.pending), (1_200, 120, 10_680), "{n:?}");
+    env.cleanup().await;
+}
+
+/// The carried columns' types are recorded as the rows are planned, chunk
+/// by chunk, and the output reads them from there: the same types as a scan
+/// of every row gives, which is what a source planned before the record was
+/// kept still gets (and keeps, once any of its rows went unrecorded).
+async fn carried_types_are_recorded_as_rows_are_planned(backend: Backend) {
+    use vinetl::columns::CarriedType::{Bool, Float, Int, Text};
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(4);
+    let spec = JobSpec::load(&env.spec(&vins, "http://127.0.0.1:9", "")).unwrap();
+    let job = store.create_job("carried", &serde_json::to_value(&spec).unwrap(), "h", None).await.unwrap();
+    let row = |n: i64, carried: serde_json::Value| vinetl::store::PlannedRow {
+        source: "s".into(),
+        row_number: n,
+        raw_vin: vins[n as usize % 4].clone(),
+        vin: Some(vins[n as usize % 4].clone()),
+        check_digit_valid: Some(true),
+        error_code: None,
+        error_text: None,
+        carried,
+    };
+    use serde_json::json;
+    // Column by column: int, then float (float); int (int); bool; text; an
+    // integer past 64 bits (float); null, then int (int); one of 19 digits
+    // (float: integers of at most 18); never a value (text).
+    let first = [row(
+        1,
+        json!({"a": 1, "i": 7, "b": true, "t": "x", "big": 10_000_000_000_000_000_000_u64, "n": null,
+               "d19": -1_000_000_000_000_000_000_i64}),
+    )];
+    let second = [
+        row(2, json!({"a": 1.5, "i": -8, "b": false, "t": "y", "big": 5, "n": 3, "d19": 1})),
+        row(3, json!({"a": 2, "i": 9, "b": null, "t": "z", "big": 6, "n": null, "d19": 2})),
+    ];
+    store.insert_rows(job, "s", &first, false, 720.0).await.unwrap();
+    store.insert_rows(job, "s", &second, true, 720.0).await.unwrap();
+    let carry: Vec<String> = ["a", "i", "b", "t", "big", "n", "d19", "never"].map(String::from).to_vec();
+    let recorded = store.carried_types(job, &carry).await.unwrap();
+    let types: Vec<_> = recorded.iter().map(|(_, t)| *t).collect();
+    assert_eq!(types, [Float, Int, Bool, Text, Float, Int, Float, Text], "{recorded:?}");
+    // A source with no record: every row is read instead, to the same types.
+    env.sql(&store, "UPDATE job_sources SET carried_seen = NULL", "UPDATE job_sources SET carried_seen = NULL").await;
+    assert_eq!(store.carried_types(job, &carry).await.unwrap(), recorded, "scanned");
+    // Its later rows cannot complete a record that missed the earlier ones.
+    let third = [row(4, json!({"a": "now text", "i": 1, "b": true, "t": "w", "big": 1, "n": 1}))];
+    store.insert_rows(job, "s", &third, true, 720.0).await.unwrap();
+    let scanned = store.carried_types(job, &carry).await.unwrap();
+    assert_eq!((scanned[0].1, scanned[4].1), (Text, Float), "row 4's text, and row 1's big number: {scanned:?}");
+    env.cleanup().await;
+}
+
 /// Retention: `vinetl prune` freezes an old ended job's counts and deletes
 /// its rows, batches and errors, and old finished queue tasks, leaving newer
 /// jobs alone; a dry run deletes nothing; a pruned job cannot be redone; a
@@ -1123,5 +1208,7 @@ common::both_stores!(
     a_stored_answer_missing_a_vin_fails_that_row,
     a_group_of_answers_of_two_jobs_is_stored_as_each_alone,
     plans_are_decided_across_chunks,
+    a_file_of_many_chunks_is_planned_by_its_vins,
+    carried_types_are_recorded_as_rows_are_planned,
     retention_prunes_old_jobs_only,
 );

@@ -265,7 +265,7 @@ async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), P
             let next = match msg? {
                 Read::Rows(source, rows) => {
                     let planned: Vec<PlannedRow> = rows.into_iter().map(|r| plan_row(&source, r, &carry)).collect();
-                    (source, Some(PlannedChunk::new(&planned)))
+                    (source, Some(store.chunk(&planned)))
                 }
                 Read::Done(source) => (source, None),
             };
@@ -276,9 +276,10 @@ async fn read_inputs(store: &Store, job_id: i64, spec: &JobSpec) -> Result<(), P
         Ok::<(), PlanError>(())
     };
     let inserter = async {
+        let mut memo = store.plan_memo(job_id).await?;
         while let Some((source, chunk)) = planned_rx.recv().await {
             match chunk {
-                Some(chunk) => store.insert_chunk(job_id, &source, chunk, false, ttl).await?,
+                Some(chunk) => store.insert_chunk(job_id, &source, chunk, false, ttl, &mut memo).await?,
                 None => store.insert_rows(job_id, &source, &[], true, ttl).await?,
             }
         }

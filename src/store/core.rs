@@ -13,13 +13,13 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    Answer, Answered, CallCounts, CallEnd, CallSent, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures,
-    JobCounts, JobError, JobTimes, Lookup, Next, PlannedChunk, PlannedRow, Prunable, QuotaToday, RecallCounts, Redo,
-    Reschedule, RunSummary, StoreError, distinct_campaigns,
+    Answer, Answered, CallCounts, CallEnd, CallSent, ChunkForm, ClaimedBatch, DeadBatch, DecodedVin, FailedRow,
+    Failures, JobCounts, JobError, JobTimes, Lookup, Next, PlanMemo, PlannedChunk, PlannedRow, Prunable, QuotaToday,
+    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
-use crate::columns::{CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
+use crate::columns::{CarriedSeen, CarriedType, OutputRow, RecallMode, VEHICLE_COLUMNS};
 use crate::spec::ProviderSpec;
 
 /// The state store: one core over two dialects. Postgres is for
@@ -312,13 +312,14 @@ impl Store {
     }
 
     /// Stores a chunk of input rows and the source's progress in one
-    /// transaction, deciding each row's plan as it goes in, set-based, in
-    /// one `INSERT ... SELECT`: invalid, a duplicate (an earlier row of the
-    /// job, or of this chunk, has the VIN), a cache hit (decoded within
-    /// `cache_ttl_hours`: the row takes the cached result at once) or a
-    /// call. A warm job so never rewrites its rows. Re-inserting rows after
-    /// a crash is a no-op; a SQLite planner's lease is renewed with every
-    /// chunk.
+    /// transaction, deciding each row's plan as it goes in: invalid, a
+    /// duplicate (an earlier row of the job, or of this chunk, has the VIN),
+    /// a cache hit (decoded within `cache_ttl_hours`: the row takes the
+    /// cached result at once) or a call. A warm job so never rewrites its
+    /// rows. SQLite decides set-based, in one `INSERT ... SELECT`; Postgres
+    /// looks the chunk's distinct VINs up in one statement and copies the
+    /// rows in ([`postgres::insert_chunk`]). Re-inserting rows after a crash
+    /// is a no-op; a SQLite planner's lease is renewed with every chunk.
     pub async fn insert_rows(
         &self,
         job_id: i64,
@@ -327,10 +328,26 @@ impl Store {
         complete: bool,
         cache_ttl_hours: f64,
     ) -> Result<(), StoreError> {
-        self.insert_chunk(job_id, source, PlannedChunk::new(rows), complete, cache_ttl_hours).await
+        let mut memo = PlanMemo::default();
+        self.insert_chunk(job_id, source, self.chunk(rows), complete, cache_ttl_hours, &mut memo).await
     }
 
-    /// [`Store::insert_rows`] for a chunk built beforehand.
+    /// A memo for planning job `job_id` from here on (see [`PlanMemo`]).
+    pub async fn plan_memo(&self, job_id: i64) -> Result<PlanMemo, StoreError> {
+        let any = self.one("SELECT EXISTS (SELECT 1 FROM job_inputs WHERE job_id = $1)", args![job_id]).await?;
+        Ok(PlanMemo { fresh: !any.bool(0)?, ..PlanMemo::default() })
+    }
+
+    /// `rows` in the form this store inserts them ([`Store::insert_chunk`]).
+    pub fn chunk(&self, rows: &[PlannedRow]) -> PlannedChunk {
+        match self.db {
+            Db::Pg(_) => postgres::chunk(rows),
+            Db::Lite { .. } => PlannedChunk::json(rows),
+        }
+    }
+
+    /// [`Store::insert_rows`] for a chunk built beforehand, with what this
+    /// planning has learnt of the job's VINs so far (`memo`: Postgres).
     pub async fn insert_chunk(
         &self,
         job_id: i64,
@@ -338,15 +355,44 @@ impl Store {
         chunk: PlannedChunk,
         complete: bool,
         cache_ttl_hours: f64,
+        memo: &mut PlanMemo,
     ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        if chunk.len > 0 {
-            // `OFFSET 0` keeps the earlier-row check a per-row index probe:
-            // without it Postgres may hash the whole job's rows once per
-            // chunk (an EXISTS inside CASE), which made planning quadratic
-            // (46 of 100 ms per 5,000-row chunk at 150,000 rows, EXPLAIN ANALYZE).
-            tx.exec(
-                "INSERT INTO job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, error_code,
+        let stored = tx
+            .row(
+                "SELECT rows_planned, carried_seen FROM job_sources WHERE job_id = $1 AND source = $2",
+                args![job_id, source],
+            )
+            .await?;
+        let done = stored.as_ref().map(|r| r.int(0)).transpose()?.unwrap_or(0);
+        // What the source's carried columns hold, this chunk's rows added;
+        // unknown (JSON null) once any stored row went uncounted (a source
+        // planned in part before the record was kept).
+        let seen = match &stored {
+            Some(r) if r.is_null(1) && done > 0 => None,
+            Some(r) if !r.is_null(1) => serde_json::from_value::<Option<CarriedSeen>>(r.json(1)?)
+                .map_err(|e| StoreError::Decode(format!("job {job_id}'s carried_seen: {e}")))?,
+            _ => Some(CarriedSeen::default()),
+        }
+        .map(|mut seen| {
+            seen.merge(&chunk.seen);
+            seen
+        });
+        match (chunk.form, &mut tx) {
+            (ChunkForm::Copy(rows), Tx::Pg(t)) => {
+                postgres::insert_chunk(t, job_id, (source, done), &rows, cache_ttl_hours, memo).await?
+            }
+            (ChunkForm::Copy(_), Tx::Lite(_)) => {
+                return Err(StoreError::Decode("a chunk built for Postgres given to SQLite".into()));
+            }
+            (ChunkForm::Json(_), _) if chunk.len == 0 => {}
+            (ChunkForm::Json(rows), tx) => {
+                // `OFFSET 0` keeps the earlier-row check a per-row index probe:
+                // without it Postgres may hash the whole job's rows once per
+                // chunk (an EXISTS inside CASE), which made planning quadratic
+                // (46 of 100 ms per 5,000-row chunk at 150,000 rows, EXPLAIN ANALYZE).
+                tx.exec(
+                    "INSERT INTO job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, error_code,
                                          error_text, carried, plan, status, decoded_at)
                  SELECT $1, $2, r.n, r.raw, r.vin, r.cdv,
                         CASE WHEN c.vin IS NULL THEN r.code ELSE c.error_code END,
@@ -368,9 +414,10 @@ impl Store {
                  LEFT JOIN vin_cache c ON c.vin = r.vin AND c.decoded_at > now() - {secs $4 * 3600}
                  WHERE true
                  ON CONFLICT (job_id, source, row_number) DO NOTHING",
-                args![job_id, source, chunk.rows, cache_ttl_hours],
-            )
-            .await?;
+                    args![job_id, source, rows, cache_ttl_hours],
+                )
+                .await?;
+            }
         }
         if matches!(self.db, Db::Lite { .. }) {
             tx.exec(
@@ -380,11 +427,11 @@ impl Store {
             .await?;
         }
         tx.exec(
-            "INSERT INTO job_sources (job_id, source, rows_planned, complete) VALUES ($1, $2, $3, $4)
+            "INSERT INTO job_sources (job_id, source, rows_planned, complete, carried_seen) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (job_id, source) DO UPDATE
                  SET rows_planned = greatest(job_sources.rows_planned, excluded.rows_planned),
-                     complete = excluded.complete",
-            args![job_id, source, chunk.last_row, complete],
+                     complete = excluded.complete, carried_seen = excluded.carried_seen",
+            args![job_id, source, chunk.last_row, complete, json!(seen)],
         )
         .await?;
         tx.commit().await
@@ -974,8 +1021,35 @@ impl Store {
         }
     }
 
-    /// The Parquet type of each carried column, from the values the job holds.
+    /// The Parquet type of each carried column, from the values the job
+    /// holds: as its planning recorded them, or, for a source planned
+    /// before that record was kept, from every row.
     pub async fn carried_types(&self, job_id: i64, carry: &[String]) -> Result<Vec<(String, CarriedType)>, StoreError> {
+        let recorded = self.rows("SELECT carried_seen FROM job_sources WHERE job_id = $1", args![job_id]).await?;
+        let mut all = CarriedSeen::default();
+        for r in &recorded {
+            let seen = if r.is_null(0) {
+                None
+            } else {
+                serde_json::from_value::<Option<CarriedSeen>>(r.json(0)?).ok().flatten()
+            };
+            match seen {
+                Some(seen) => all.merge(&seen),
+                None => return self.carried_types_scanned(job_id, carry).await,
+            }
+        }
+        if recorded.is_empty() {
+            return self.carried_types_scanned(job_id, carry).await;
+        }
+        Ok(carry.iter().map(|name| (name.clone(), all.infer(name))).collect())
+    }
+
+    /// [`Store::carried_types`] from every row's carried values.
+    async fn carried_types_scanned(
+        &self,
+        job_id: i64,
+        carry: &[String],
+    ) -> Result<Vec<(String, CarriedType)>, StoreError> {
         let seen = self.rows(self.pick(postgres::CARRIED_TYPES, sqlite::CARRIED_TYPES), args![job_id]).await?;
         carry
             .iter()

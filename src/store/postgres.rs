@@ -6,6 +6,7 @@
 //! Everything else is the core's (`super::core`), which calls in here;
 //! nothing here calls back.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -16,7 +17,9 @@ use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Column, Postgres, Row as _, TypeInfo};
 
-use super::records::{StoreError, check_schema, redact};
+use super::records::{
+    CachedDecode, ChunkForm, CopyRow, PlanMemo, PlannedChunk, PlannedRow, StoreError, check_schema, redact,
+};
 use super::sql::{Arg, Row, Val, bind_args, runners};
 use crate::columns::{VEHICLE_COLUMNS, copy_text};
 
@@ -193,6 +196,159 @@ pub(super) async fn lock_planning(
 pub(super) async fn unlock_planning(mut conn: sqlx::pool::PoolConnection<Postgres>) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut *conn).await?;
     Ok(())
+}
+
+/// `rows` as Postgres' planning copies them in ([`insert_chunk`]): each
+/// row's COPY text up to its plan, built by the planner one chunk ahead.
+pub(super) fn chunk(rows: &[PlannedRow]) -> PlannedChunk {
+    let copy = rows
+        .iter()
+        .map(|r| {
+            let mut head = String::with_capacity(64 + 2 * r.raw_vin.len());
+            copy_text::field(&mut head, Some(&r.row_number.to_string()));
+            copy_text::field(&mut head, Some(&r.raw_vin));
+            copy_text::field(&mut head, r.vin.as_deref());
+            copy_text::field(&mut head, r.check_digit_valid.map(|v| if v { "t" } else { "f" }));
+            copy_text::field(&mut head, Some(&r.carried.to_string()));
+            CopyRow {
+                row_number: r.row_number,
+                head,
+                vin: r.vin.clone(),
+                error_code: r.error_code,
+                error_text: r.error_text.clone(),
+            }
+        })
+        .collect();
+    PlannedChunk::new(ChunkForm::Copy(copy), rows)
+}
+
+/// What the store knows of each of a chunk's VINs (`$2`) for job `$1`:
+/// whether an earlier chunk had it (asked only if `$4`), and its decode if
+/// the cache holds one younger than `$3` hours. The cache is probed by key,
+/// one VIN at a time (`OFFSET 0` keeps the lateral subquery from being
+/// flattened): as a plain join Postgres hashed the whole fresh cache for
+/// every chunk (90 of 120 ms a chunk with 50,000 cached VINs, EXPLAIN
+/// ANALYZE); `LIMIT 1 OFFSET 0` keeps the earlier-row check a probe too.
+const CHUNK_VINS: &str = "SELECT d.vin,
+        $4 AND EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = d.vin LIMIT 1 OFFSET 0),
+        c.vin IS NOT NULL, c.error_code, c.error_text, c.decoded_at::text
+ FROM unnest($2::text[]) AS d(vin)
+ LEFT JOIN LATERAL (SELECT vin, error_code, error_text, decoded_at FROM vin_cache
+                    WHERE vin = d.vin AND decoded_at > now() - make_interval(secs => $3 * 3600) OFFSET 0) c ON true";
+
+/// A row of [`CHUNK_VINS`].
+type ChunkVin = (String, bool, bool, Option<String>, Option<String>, Option<String>);
+
+/// Stores a chunk's rows with their plans (see [`super::Store::insert_rows`])
+/// in transaction `t`: one statement looks up the chunk's VINs that `memo`
+/// does not hold, this decides each row's plan, and one COPY stores the
+/// rows. At 1,000,000 warm rows planning went from 22 s (an `INSERT …
+/// SELECT` from `jsonb_to_recordset`, two probes a row) to 10 s
+/// (BENCHMARKS.md). Only one planner plans a job (the planning lock), and
+/// rows come in source order with the source's progress committed beside
+/// them, so rows at or below that progress (`done`) were stored before:
+/// they are skipped (COPY has no `ON CONFLICT`).
+pub(super) async fn insert_chunk(
+    t: &mut sqlx::PgConnection,
+    job_id: i64,
+    (source, done): (&str, i64),
+    rows: &[CopyRow],
+    cache_ttl_hours: f64,
+    memo: &mut PlanMemo,
+) -> Result<(), StoreError> {
+    let rows: Vec<&CopyRow> = rows.iter().filter(|r| r.row_number > done).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ask: Vec<&str> = rows.iter().filter_map(|r| r.vin.as_deref()).filter(|v| !memo.holds(v)).collect();
+    ask.sort_unstable();
+    ask.dedup();
+    let asked: Vec<ChunkVin> = if ask.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(CHUNK_VINS)
+            .bind(job_id)
+            .bind(&ask)
+            .bind(cache_ttl_hours)
+            .bind(!memo.complete())
+            .fetch_all(&mut *t)
+            .await?
+    };
+    // A VIN looked up: whether an earlier chunk had it, and its cached decode.
+    let asked: HashMap<&str, (bool, Option<CachedDecode>)> = asked
+        .iter()
+        .map(|(vin, earlier, cached, code, text, at)| {
+            let decode = cached.then(|| CachedDecode {
+                error_code: code.as_deref().map(Into::into),
+                error_text: text.as_deref().map(Into::into),
+                decoded_at: at.as_deref().unwrap_or_default().into(),
+            });
+            (vin.as_str(), (*earlier, decode))
+        })
+        .collect();
+    let mut lead = String::new();
+    copy_text::field(&mut lead, Some(&job_id.to_string()));
+    copy_text::field(&mut lead, Some(source));
+    let mut in_chunk: HashSet<&str> = HashSet::with_capacity(rows.len());
+    let mut buf = String::with_capacity(rows.len() * (lead.len() + 160));
+    for r in &rows {
+        buf.push_str(&lead);
+        buf.push_str(&r.head);
+        let Some(vin) = r.vin.as_deref() else {
+            for v in [Some("invalid"), Some("invalid"), r.error_code, r.error_text.as_deref(), None] {
+                copy_text::field(&mut buf, v);
+            }
+            end_line(&mut buf);
+            continue;
+        };
+        let first_in_chunk = in_chunk.insert(vin);
+        let (duplicate, decode) = match memo.get(vin) {
+            Some(decode) => (true, decode.clone()),
+            None => {
+                let (earlier, decode) = asked.get(vin).cloned().unwrap_or_default();
+                memo.learn(vin, &decode);
+                (earlier, decode)
+            }
+        };
+        // A VIN past the memo's bound: its later rows in this chunk.
+        let duplicate = duplicate || !first_in_chunk;
+        let plan = match (duplicate, &decode) {
+            (true, _) => "duplicate",
+            (false, Some(_)) => "cache_hit",
+            (false, None) => "call",
+        };
+        match &decode {
+            Some(d) => {
+                let status = if d.error_code.is_none() { "decoded" } else { "failed" };
+                for v in
+                    [Some(plan), Some(status), d.error_code.as_deref(), d.error_text.as_deref(), Some(&d.decoded_at)]
+                {
+                    copy_text::field(&mut buf, v);
+                }
+            }
+            None => {
+                for v in [Some(plan), Some("pending"), r.error_code, r.error_text.as_deref(), None] {
+                    copy_text::field(&mut buf, v);
+                }
+            }
+        }
+        end_line(&mut buf);
+    }
+    let mut copy = t
+        .copy_in_raw(
+            "COPY job_inputs (job_id, source, row_number, raw_vin, vin, check_digit_valid, carried, plan, status,
+                              error_code, error_text, decoded_at) FROM STDIN",
+        )
+        .await?;
+    copy.send(buf.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Ends a COPY text line: its last column's tab becomes the newline.
+fn end_line(buf: &mut String) {
+    buf.pop();
+    buf.push('\n');
 }
 
 /// Cuts the job's pending VINs, distinct and sorted, into batches of `$2`,
@@ -383,12 +539,27 @@ async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg]) -> Result<()
     // in source order): with the default 4 MB they spilled to disk at
     // 150,000 rows (the VIN table's fill took 351 ms, 240 ms in memory).
     sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL work_mem = '{OUTPUT_WORK_MEM}'"))).execute(&mut *t).await?;
+    // Statistics lag a job planned moments ago (an estimate of 317 of its
+    // 1,000,000 rows): the fill's DISTINCT sorted on disk (1.4 s, against
+    // 0.6 s hashed), and the rows in source order were joined, then sorted
+    // with every column (335 MB on disk), not read by the primary key and
+    // joined to this table's key in that order (write of 1,000,000 rows:
+    // 9.6 s, 8.3 s without sorts; BENCHMARKS.md). Past
+    // OUTPUT_PROBE_VINS VINs the probes would outgrow memory, and the
+    // planner chooses again.
+    sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
-    exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await?;
+    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await? > OUTPUT_PROBE_VINS {
+        sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
+    }
     // The key column only: all the join's plan needs.
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_VINS_TABLE} (vin)"))).execute(&mut *t).await?;
     Ok(())
 }
+
+/// Decoded VINs up to which the output's rows probe the per-VIN table's
+/// key in source order rather than being sorted (see [`fill_output_vins`]).
+const OUTPUT_PROBE_VINS: u64 = 1_000_000;
 
 /// `work_mem` of the output's read: one reader per job being written.
 const OUTPUT_WORK_MEM: &str = "64MB";

@@ -3,6 +3,7 @@
 //! the core speak these; they import nothing of the store's own.
 
 use crate::api::Recall;
+use crate::columns::CarriedSeen;
 
 /// One input row as the planner stores it.
 #[derive(Debug, Clone)]
@@ -17,20 +18,52 @@ pub struct PlannedRow {
     pub carried: serde_json::Value,
 }
 
-/// A chunk of planned rows as the store takes them: built apart from the
-/// insert, so the planner can build the next chunk while the store inserts
-/// this one.
+/// A chunk of planned rows as the store takes them, in the store's own form
+/// ([`super::Store::chunk`]): built apart from the insert, so the planner
+/// can build the next chunk while the store inserts this one.
 #[derive(Debug, Clone)]
 pub struct PlannedChunk {
-    /// The rows, as the JSON array the insert reads them from.
-    pub(super) rows: serde_json::Value,
+    pub(super) form: ChunkForm,
     pub(super) len: usize,
     /// The source's row number of the last row (0 without rows).
     pub(super) last_row: i64,
+    /// What the rows' carried columns hold.
+    pub(super) seen: CarriedSeen,
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum ChunkForm {
+    /// The JSON array SQLite's `INSERT … SELECT` reads the rows from.
+    Json(serde_json::Value),
+    /// Postgres: each row's COPY text as far as the planner knows it; the
+    /// insert adds the plan.
+    Copy(Vec<CopyRow>),
+}
+
+/// A planned row for Postgres' COPY (see [`ChunkForm::Copy`]).
+#[derive(Debug, Clone)]
+pub(super) struct CopyRow {
+    pub row_number: i64,
+    /// `row_number`, `raw_vin`, `vin`, `check_digit_valid` and `carried` in
+    /// COPY text, each with its tab.
+    pub head: String,
+    pub vin: Option<String>,
+    pub error_code: Option<&'static str>,
+    pub error_text: Option<String>,
 }
 
 impl PlannedChunk {
-    pub fn new(rows: &[PlannedRow]) -> PlannedChunk {
+    /// `rows` in `form`.
+    pub(super) fn new(form: ChunkForm, rows: &[PlannedRow]) -> PlannedChunk {
+        let mut seen = CarriedSeen::default();
+        for r in rows {
+            seen.add(&r.carried);
+        }
+        PlannedChunk { form, len: rows.len(), last_row: rows.last().map_or(0, |r| r.row_number), seen }
+    }
+
+    /// The rows as JSON ([`ChunkForm::Json`]).
+    pub(super) fn json(rows: &[PlannedRow]) -> PlannedChunk {
         let json = rows
             .iter()
             .map(|r| {
@@ -38,12 +71,57 @@ impl PlannedChunk {
                                    "code": r.error_code, "text": r.error_text, "carried": r.carried})
             })
             .collect();
-        PlannedChunk {
-            rows: serde_json::Value::Array(json),
-            len: rows.len(),
-            last_row: rows.last().map_or(0, |r| r.row_number),
+        PlannedChunk::new(ChunkForm::Json(serde_json::Value::Array(json)), rows)
+    }
+}
+
+/// What one planning of a job has learnt of its VINs, kept between its
+/// chunks so that a VIN seen before needs no lookup ([`super::Store::plan_memo`]):
+/// each VIN's fresh cached decode, or none. Bounded: past
+/// [`PlanMemo::MAX_VINS`] VINs it stops learning, and VINs it does not
+/// hold are looked up as before.
+#[derive(Debug, Default)]
+pub struct PlanMemo {
+    /// The job had no rows when this planning began: a VIN this memo has
+    /// not seen is the job's first of it, as long as the memo is not full.
+    pub(super) fresh: bool,
+    pub(super) vins: std::collections::HashMap<[u8; 17], Option<CachedDecode>>,
+}
+
+impl PlanMemo {
+    /// About 100 bytes a VIN: 25 MB at most.
+    pub(super) const MAX_VINS: usize = 250_000;
+
+    /// Whether every VIN the job holds is here (a VIN not here is new).
+    pub(super) fn complete(&self) -> bool {
+        self.fresh && self.vins.len() < Self::MAX_VINS
+    }
+
+    pub(super) fn holds(&self, vin: &str) -> bool {
+        self.get(vin).is_some()
+    }
+
+    /// A VIN's cached decode (or none), if the job has had the VIN before.
+    pub(super) fn get(&self, vin: &str) -> Option<&Option<CachedDecode>> {
+        self.vins.get(<&[u8; 17]>::try_from(vin.as_bytes()).ok()?)
+    }
+
+    /// Remembers a VIN the job has now had, and its cached decode, while
+    /// there is room.
+    pub(super) fn learn(&mut self, vin: &str, decode: &Option<CachedDecode>) {
+        if let (Ok(key), true) = (<[u8; 17]>::try_from(vin.as_bytes()), self.vins.len() < Self::MAX_VINS) {
+            self.vins.insert(key, decode.clone());
         }
     }
+}
+
+/// A VIN's decode as the cache held it at planning: its error, and its
+/// decode time as Postgres writes a `timestamptz`.
+#[derive(Debug, Clone)]
+pub(super) struct CachedDecode {
+    pub error_code: Option<Box<str>>,
+    pub error_text: Option<Box<str>>,
+    pub decoded_at: Box<str>,
 }
 
 /// A batch claimed by a worker.

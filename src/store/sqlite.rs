@@ -231,7 +231,11 @@ pub(super) const CARRIED_TYPES: &str = "SELECT e.key,
         json_group_array(DISTINCT CASE e.type WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number'
                                    WHEN 'true' THEN 'boolean' WHEN 'false' THEN 'boolean'
                                    WHEN 'text' THEN 'string' ELSE e.type END),
-        min(e.type <> 'real')
+        -- An integer of at most 18 digits, as Postgres' scan decides (an
+        -- integer past 64 bits is held as a real).
+        min(CASE e.type WHEN 'real' THEN 0
+                        WHEN 'integer' THEN typeof(e.atom) = 'integer' AND abs(e.atom) < 1000000000000000000
+                        ELSE 1 END)
      FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key";
 
 /// The query every output reads: one row per input row, in source order,
