@@ -532,8 +532,10 @@ fn row_recall_error() -> String {
 }
 
 /// Begins the output's read in transaction `t` (one snapshot: `REPEATABLE
-/// READ`) and fills [`OUTPUT_VINS_TABLE`] for job and mode `args`.
-async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg]) -> Result<(), StoreError> {
+/// READ`) and fills [`OUTPUT_VINS_TABLE`] for job and mode `args`; with
+/// `in_order` (the rows are to be read in source order), sorts are off
+/// from here on. Returns the VINs.
+async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bool) -> Result<u64, StoreError> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *t).await?;
     // The read sorts and hashes the job's rows (its distinct VINs, the rows
     // in source order): with the default 4 MB they spilled to disk at
@@ -543,22 +545,23 @@ async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg]) -> Result<()
     // 1,000,000 rows): the fill's DISTINCT sorted on disk (1.4 s, against
     // 0.6 s hashed), and the rows in source order were joined, then sorted
     // with every column (335 MB on disk), not read by the primary key and
-    // joined to this table's key in that order (write of 1,000,000 rows:
-    // 9.6 s, 8.3 s without sorts; BENCHMARKS.md). Past
-    // OUTPUT_PROBE_VINS VINs the probes would outgrow memory, and the
-    // planner chooses again.
-    sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
-    sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
-    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await? > OUTPUT_PROBE_VINS {
-        sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
+    // joined to this table's key in that order (Parquet write of 1,000,000
+    // rows: 9.2-9.7 s, 7.7-8.1 s without sorts; BENCHMARKS.md). The results
+    // table's write keeps them: it pages through this table by key, which
+    // a sorted fill lays out in order (150,000 rows: 6-10 % faster).
+    if in_order {
+        sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
     }
+    sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
+    let vins = exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await?;
     // The key column only: all the join's plan needs.
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_VINS_TABLE} (vin)"))).execute(&mut *t).await?;
-    Ok(())
+    Ok(vins)
 }
 
 /// Decoded VINs up to which the output's rows probe the per-VIN table's
-/// key in source order rather than being sorted (see [`fill_output_vins`]).
+/// key in source order rather than being sorted (see [`fill_output_vins`]):
+/// past it the probes would outgrow memory, and the planner chooses.
 const OUTPUT_PROBE_VINS: u64 = 1_000_000;
 
 /// `work_mem` of the output's read: one reader per job being written.
@@ -622,7 +625,7 @@ pub(super) async fn results_into(
 ) -> Result<u64, StoreError> {
     let args = [Arg::from(job_id), Arg::from(mode)];
     let mut t = sqlx::Connection::begin(conn).await?;
-    fill_output_vins(&mut t, &args).await?;
+    fill_output_vins(&mut t, &args, false).await?;
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_TYPED_DDL.as_str())).execute(&mut *t).await?;
     let mut after = String::new();
     loop {
@@ -678,7 +681,9 @@ pub(super) fn output_rows(
         let read = async {
             let args = [Arg::from(job_id), Arg::from(mode)];
             let mut t = pool.begin().await?;
-            fill_output_vins(&mut t, &args).await?;
+            if fill_output_vins(&mut t, &args, true).await? > OUTPUT_PROBE_VINS {
+                sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
+            }
             let mut rows = bind(sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())), &args).fetch(&mut *t);
             let mut batch = Vec::with_capacity(OUTPUT_BATCH);
             while let Some(r) = rows.next().await {
