@@ -1033,12 +1033,16 @@ async fn a_file_of_many_chunks_is_planned_by_its_vins(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
     let vins = pattern_vins(1000);
-    for (i, vin) in vins.iter().enumerate().take(120) {
-        let (age_h, code) = match i {
-            0..100 => (1, "NULL"),
-            100..110 => (1, "'VIN_NOT_FOUND'"),
-            _ => (1000, "NULL"),
-        };
+    // Fresh, a fresh error, stale: of VINs first met in chunk 1 and of
+    // VINs first met in chunk 2.
+    let cached = |i: usize| match i % 600 {
+        0..50 => Some((1, "NULL")),
+        100..105 => Some((1, "'VIN_NOT_FOUND'")),
+        110..115 => Some((1000, "NULL")),
+        _ => None,
+    };
+    for (i, vin) in vins.iter().enumerate() {
+        let Some((age_h, code)) = cached(i) else { continue };
         env.sql(
             &store,
             &format!("INSERT INTO vin_cache (vin, decoded_at, error_code, raw) VALUES ('{vin}', now() - make_interval(hours => {age_h}), {code}, '{{}}')"),
@@ -1046,16 +1050,20 @@ async fn a_file_of_many_chunks_is_planned_by_its_vins(backend: Backend) {
         )
         .await;
     }
-    // 12,000 rows, each VIN twelve times, 7 rows apart: rows of one VIN in
-    // every one of the three chunks.
-    let rows: Vec<String> = (0..12_000).map(|i| vins[(i * 7) % 1000].clone()).collect();
+    // 12,000 rows in three chunks: VINs 0-599 ten times each in rows
+    // 1-6,000 (chunks 1 and 2), VINs 600-999 fifteen times each in rows
+    // 6,001-12,000 (first met in chunk 2, and again in chunk 3).
+    let rows: Vec<String> = (0..12_000)
+        .map(|i| if i < 6_000 { vins[(i * 7) % 600].clone() } else { vins[600 + (i * 7) % 400].clone() })
+        .collect();
     assert!(rows.len() > 2 * vinetl::job::plan::CHUNK_ROWS);
     let spec = JobSpec::load(&env.spec(&rows, "http://127.0.0.1:9", "")).unwrap();
     let planned = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
     assert_eq!((planned.rows, planned.batches), (12_000, 45), "890 VINs to call, 20 a batch");
     let n = store.counts(planned.job_id).await.unwrap().unwrap();
     assert_eq!((n.rows, n.valid, n.duplicates, n.cache_hits), (12_000, 12_000, 11_000, 110), "{n:?}");
-    assert_eq!((n.decoded, n.failed, n.pending), (1_200, 120, 10_680), "{n:?}");
+    // Decoded: 50 VINs ten times, 50 fifteen times; failed: 5 and 5.
+    assert_eq!((n.decoded, n.failed, n.pending), (1_250, 125, 10_625), "{n:?}");
     env.cleanup().await;
 }
 
@@ -1083,22 +1091,23 @@ async fn carried_types_are_recorded_as_rows_are_planned(backend: Backend) {
     use serde_json::json;
     // Column by column: int, then float (float); int (int); bool; text; an
     // integer past 64 bits (float); null, then int (int); one of 19 digits
-    // (float: integers of at most 18); never a value (text).
+    // (float: integers of at most 18); the least 64-bit integer (float, and
+    // no overflow in a scan); never a value (text).
     let first = [row(
         1,
         json!({"a": 1, "i": 7, "b": true, "t": "x", "big": 10_000_000_000_000_000_000_u64, "n": null,
-               "d19": -1_000_000_000_000_000_000_i64}),
+               "d19": -1_000_000_000_000_000_000_i64, "min": i64::MIN}),
     )];
     let second = [
-        row(2, json!({"a": 1.5, "i": -8, "b": false, "t": "y", "big": 5, "n": 3, "d19": 1})),
-        row(3, json!({"a": 2, "i": 9, "b": null, "t": "z", "big": 6, "n": null, "d19": 2})),
+        row(2, json!({"a": 1.5, "i": -8, "b": false, "t": "y", "big": 5, "n": 3, "d19": 1, "min": 0})),
+        row(3, json!({"a": 2, "i": 9, "b": null, "t": "z", "big": 6, "n": null, "d19": 2, "min": 1})),
     ];
     store.insert_rows(job, "s", &first, false, 720.0).await.unwrap();
     store.insert_rows(job, "s", &second, true, 720.0).await.unwrap();
-    let carry: Vec<String> = ["a", "i", "b", "t", "big", "n", "d19", "never"].map(String::from).to_vec();
+    let carry: Vec<String> = ["a", "i", "b", "t", "big", "n", "d19", "min", "never"].map(String::from).to_vec();
     let recorded = store.carried_types(job, &carry).await.unwrap();
     let types: Vec<_> = recorded.iter().map(|(_, t)| *t).collect();
-    assert_eq!(types, [Float, Int, Bool, Text, Float, Int, Float, Text], "{recorded:?}");
+    assert_eq!(types, [Float, Int, Bool, Text, Float, Int, Float, Float, Text], "{recorded:?}");
     // A source with no record: every row is read instead, to the same types.
     env.sql(&store, "UPDATE job_sources SET carried_seen = NULL", "UPDATE job_sources SET carried_seen = NULL").await;
     assert_eq!(store.carried_types(job, &carry).await.unwrap(), recorded, "scanned");

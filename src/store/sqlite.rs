@@ -234,7 +234,8 @@ pub(super) const CARRIED_TYPES: &str = "SELECT e.key,
         -- An integer of at most 18 digits, as Postgres' scan decides (an
         -- integer past 64 bits is held as a real).
         min(CASE e.type WHEN 'real' THEN 0
-                        WHEN 'integer' THEN typeof(e.atom) = 'integer' AND abs(e.atom) < 1000000000000000000
+                        WHEN 'integer' THEN typeof(e.atom) = 'integer'
+                                            AND e.atom BETWEEN -999999999999999999 AND 999999999999999999
                         ELSE 1 END)
      FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key";
 
