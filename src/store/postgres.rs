@@ -85,6 +85,9 @@ fn nodelay_to_port(port: u16) {
 #[cfg(not(target_os = "linux"))]
 fn nodelay_to_port(_port: u16) {}
 
+/// `temp_buffers` of every state-store session (see [`connect`]).
+const TEMP_BUFFERS: &str = "128MB";
+
 /// Connects with `schema` first on the search path. Fails fast, naming the
 /// (redacted) URL, when the server cannot be reached.
 pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<PgPool, StoreError> {
@@ -94,7 +97,12 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
     let options = PgConnectOptions::from_str(url)
         .map_err(connect_err)?
         // `public` stays on the path for the extensions apalis installs there.
-        .options([("search_path", format!("{schema}, public"))])
+        // A session's temporary tables (the output's per-VIN tables) live in
+        // its own buffers, 8 MB by default and settable only before its first
+        // one: 50,000 VINs' output columns outgrew them, and the 1,000,000
+        // rows' probes of that table took 3.1 s instead of 2.4 s (EXPLAIN
+        // ANALYZE). The memory is taken only as a session's tables need it.
+        .options([("search_path", format!("{schema}, public")), ("temp_buffers", TEMP_BUFFERS.to_string())])
         .application_name("vinetl");
     pool_options(&options)
         .max_connections(max_connections)
@@ -230,7 +238,8 @@ pub(super) fn chunk(rows: &[PlannedRow]) -> PlannedChunk {
 /// every chunk (90 of 120 ms a chunk with 50,000 cached VINs, EXPLAIN
 /// ANALYZE); `LIMIT 1 OFFSET 0` keeps the earlier-row check a probe too.
 const CHUNK_VINS: &str = "SELECT d.vin,
-        $4 AND EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = d.vin LIMIT 1 OFFSET 0),
+        $4 AND EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = d.vin AND e.plan <> 'duplicate'
+                    LIMIT 1 OFFSET 0),
         c.vin IS NOT NULL, c.error_code, c.error_text, c.decoded_at::text
  FROM unnest($2::text[]) AS d(vin)
  LEFT JOIN LATERAL (SELECT vin, error_code, error_text, decoded_at FROM vin_cache
