@@ -353,10 +353,13 @@ impl CarriedSeen {
             if !seen.types.contains(kind) {
                 seen.types.insert(kind.to_string());
             }
-            if let Value::Number(n) = value {
+            if let Value::Number(n) = value
+                && seen.ints
+            {
                 // An integer of at most 18 digits: what a BIGINT column holds
                 // (as the stores' scan of the rows decides).
-                seen.ints &= (n.is_i64() || n.is_u64()) && n.to_string().trim_start_matches('-').len() <= 18;
+                const MAX: i64 = 999_999_999_999_999_999;
+                seen.ints = n.as_i64().is_some_and(|i| (-MAX..=MAX).contains(&i));
             }
         }
     }
