@@ -15,4 +15,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CORGI_CACHE_DIR");
     println!("cargo:rerun-if-env-changed=HOME");
     println!("cargo:rerun-if-changed=src/build.rs");
+    // sqlx::migrate! embeds the migrations at compile time but cannot tell
+    // cargo to watch them: a migration added alone would not be embedded
+    // by an incremental build.
+    println!("cargo:rerun-if-changed=migrations");
 }

@@ -400,7 +400,7 @@ impl Store {
                         r.carried,
                         CASE WHEN r.vin IS NULL THEN 'invalid'
                              WHEN r.nth > 1 OR EXISTS (SELECT 1 FROM job_inputs e WHERE e.job_id = $1 AND e.vin = r.vin
-                                                          AND e.plan <> 'duplicate' LIMIT 1 OFFSET 0)
+                                                        LIMIT 1 OFFSET 0)
                                  THEN 'duplicate'
                              WHEN c.vin IS NOT NULL THEN 'cache_hit'
                              ELSE 'call' END,
