@@ -323,6 +323,11 @@ impl CarriedType {
 /// types its values have had, and whether its numbers were all integers.
 /// Gathered as rows are planned (the store keeps it per source), so an
 /// output need not scan every row for it.
+/// The largest carried integer typed as an integer (18 digits: what a
+/// BIGINT column holds); a larger one is typed as a float. The record below
+/// and both stores' scans of the rows (`CARRIED_TYPES`) decide by it.
+pub const CARRIED_INT_MAX: i64 = 999_999_999_999_999_999;
+
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CarriedSeen(std::collections::BTreeMap<String, SeenTypes>);
 
@@ -356,10 +361,7 @@ impl CarriedSeen {
             if let Value::Number(n) = value
                 && seen.ints
             {
-                // An integer of at most 18 digits: what a BIGINT column holds
-                // (as the stores' scan of the rows decides).
-                const MAX: i64 = 999_999_999_999_999_999;
-                seen.ints = n.as_i64().is_some_and(|i| (-MAX..=MAX).contains(&i));
+                seen.ints = n.as_i64().is_some_and(|i| (-CARRIED_INT_MAX..=CARRIED_INT_MAX).contains(&i));
             }
         }
     }

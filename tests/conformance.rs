@@ -1092,22 +1092,29 @@ async fn carried_types_are_recorded_as_rows_are_planned(backend: Backend) {
     // Column by column: int, then float (float); int (int); bool; text; an
     // integer past 64 bits (float); null, then int (int); one of 19 digits
     // (float: integers of at most 18); the least 64-bit integer (float, and
-    // no overflow in a scan); never a value (text).
+    // no overflow in a scan); never a value (text); a positive one of 19
+    // digits that fits 64 bits (float); the largest and least of 18 (int).
     let first = [row(
         1,
         json!({"a": 1, "i": 7, "b": true, "t": "x", "big": 10_000_000_000_000_000_000_u64, "n": null,
-               "d19": -1_000_000_000_000_000_000_i64, "min": i64::MIN}),
+               "d19": -1_000_000_000_000_000_000_i64, "min": i64::MIN, "p19": 1_000_000_000_000_000_000_i64,
+               "d18": 999_999_999_999_999_999_i64}),
     )];
     let second = [
-        row(2, json!({"a": 1.5, "i": -8, "b": false, "t": "y", "big": 5, "n": 3, "d19": 1, "min": 0})),
+        row(
+            2,
+            json!({"a": 1.5, "i": -8, "b": false, "t": "y", "big": 5, "n": 3, "d19": 1, "min": 0, "p19": 1,
+                      "d18": -999_999_999_999_999_999_i64}),
+        ),
         row(3, json!({"a": 2, "i": 9, "b": null, "t": "z", "big": 6, "n": null, "d19": 2, "min": 1})),
     ];
     store.insert_rows(job, "s", &first, false, 720.0).await.unwrap();
     store.insert_rows(job, "s", &second, true, 720.0).await.unwrap();
-    let carry: Vec<String> = ["a", "i", "b", "t", "big", "n", "d19", "min", "never"].map(String::from).to_vec();
+    let carry: Vec<String> =
+        ["a", "i", "b", "t", "big", "n", "d19", "min", "never", "p19", "d18"].map(String::from).to_vec();
     let recorded = store.carried_types(job, &carry).await.unwrap();
     let types: Vec<_> = recorded.iter().map(|(_, t)| *t).collect();
-    assert_eq!(types, [Float, Int, Bool, Text, Float, Int, Float, Float, Text], "{recorded:?}");
+    assert_eq!(types, [Float, Int, Bool, Text, Float, Int, Float, Float, Text, Float, Int], "{recorded:?}");
     // A source with no record: every row is read instead, to the same types.
     env.sql(&store, "UPDATE job_sources SET carried_seen = NULL", "UPDATE job_sources SET carried_seen = NULL").await;
     assert_eq!(store.carried_types(job, &carry).await.unwrap(), recorded, "scanned");

@@ -1050,7 +1050,9 @@ impl Store {
         job_id: i64,
         carry: &[String],
     ) -> Result<Vec<(String, CarriedType)>, StoreError> {
-        let seen = self.rows(self.pick(postgres::CARRIED_TYPES, sqlite::CARRIED_TYPES), args![job_id]).await?;
+        let seen = self
+            .rows(self.pick(postgres::CARRIED_TYPES.as_str(), sqlite::CARRIED_TYPES.as_str()), args![job_id])
+            .await?;
         carry
             .iter()
             .map(|name| {

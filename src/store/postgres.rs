@@ -438,12 +438,18 @@ pub(super) static SUMMARISE_RECALLS: LazyLock<String> = LazyLock::new(|| {
 /// are all integers (at most 18 digits, to fit a BIGINT).
 /// Grouped by key and type first: `array_agg(DISTINCT …)` sorted every
 /// value (1.1 s against 0.43 s for 150,000 rows of three columns).
-pub(super) const CARRIED_TYPES: &str = "SELECT key, array_agg(t ORDER BY t), bool_and(ints)
+pub(super) static CARRIED_TYPES: LazyLock<String> = LazyLock::new(|| {
+    // An integer within CARRIED_INT_MAX: no more digits than it has.
+    format!(
+        "SELECT key, array_agg(t ORDER BY t), bool_and(ints)
      FROM (SELECT e.key, jsonb_typeof(e.value) AS t,
                   bool_and(jsonb_typeof(e.value) <> 'number'
-                           OR (e.value::text ~ '^-?[0-9]+$' AND length(ltrim(e.value::text, '-')) <= 18)) AS ints
+                           OR (e.value::text ~ '^-?[0-9]+$' AND length(ltrim(e.value::text, '-')) <= {digits})) AS ints
            FROM job_inputs ji, jsonb_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY 1, 2) g
-     GROUP BY key";
+     GROUP BY key",
+        digits = crate::columns::CARRIED_INT_MAX.to_string().len()
+    )
+});
 
 /// One reservation through `limiter_reserve` (migration 0003), under the
 /// account row's lock and (unless `$4`, Unix seconds, is given) the
@@ -543,8 +549,8 @@ fn row_recall_error() -> String {
 /// Begins the output's read in transaction `t` (one snapshot: `REPEATABLE
 /// READ`) and fills [`OUTPUT_VINS_TABLE`] for job and mode `args`; with
 /// `in_order` (the rows are to be read in source order), sorts are off
-/// from here on. Returns the VINs.
-async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bool) -> Result<u64, StoreError> {
+/// from here on, up to [`OUTPUT_PROBE_VINS`] VINs.
+async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bool) -> Result<(), StoreError> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *t).await?;
     // The read sorts and hashes the job's rows (its distinct VINs, the rows
     // in source order): with the default 4 MB they spilled to disk at
@@ -563,10 +569,12 @@ async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bo
         sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
     }
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
-    let vins = exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await?;
+    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await? > OUTPUT_PROBE_VINS && in_order {
+        sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
+    }
     // The key column only: all the join's plan needs.
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_VINS_TABLE} (vin)"))).execute(&mut *t).await?;
-    Ok(vins)
+    Ok(())
 }
 
 /// Decoded VINs up to which the output's rows probe the per-VIN table's
@@ -691,9 +699,7 @@ pub(super) fn output_rows(
         let read = async {
             let args = [Arg::from(job_id), Arg::from(mode)];
             let mut t = pool.begin().await?;
-            if fill_output_vins(&mut t, &args, true).await? > OUTPUT_PROBE_VINS {
-                sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
-            }
+            fill_output_vins(&mut t, &args, true).await?;
             let mut rows = bind(sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())), &args).fetch(&mut *t);
             let mut batch = Vec::with_capacity(OUTPUT_BATCH);
             while let Some(r) = rows.next().await {

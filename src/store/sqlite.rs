@@ -227,17 +227,21 @@ pub(super) static SUMMARISE_RECALLS: LazyLock<String> = LazyLock::new(|| {
 
 /// Each carried column of job `$1`: its JSON types (in Postgres' names),
 /// and whether its numbers are all integers.
-pub(super) const CARRIED_TYPES: &str = "SELECT e.key,
+pub(super) static CARRIED_TYPES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT e.key,
         json_group_array(DISTINCT CASE e.type WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number'
                                    WHEN 'true' THEN 'boolean' WHEN 'false' THEN 'boolean'
                                    WHEN 'text' THEN 'string' ELSE e.type END),
-        -- An integer of at most 18 digits, as Postgres' scan decides (an
-        -- integer past 64 bits is held as a real).
+        -- An integer within CARRIED_INT_MAX (one past 64 bits is held as a
+        -- real).
         min(CASE e.type WHEN 'real' THEN 0
-                        WHEN 'integer' THEN typeof(e.atom) = 'integer'
-                                            AND e.atom BETWEEN -999999999999999999 AND 999999999999999999
+                        WHEN 'integer' THEN typeof(e.atom) = 'integer' AND e.atom BETWEEN -{max} AND {max}
                         ELSE 1 END)
-     FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key";
+     FROM job_inputs ji, json_each(ji.carried) e WHERE ji.job_id = $1 GROUP BY e.key",
+        max = crate::columns::CARRIED_INT_MAX
+    )
+});
 
 /// The query every output reads: one row per input row, in source order,
 /// with the cached decode (for decoded rows) and the row's recalls.
