@@ -926,6 +926,79 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
 }
 
+/// A call's outcome locks its batch, then counts on its job; failing,
+/// cancelling or resuming the job must take the same locks in the same order. Here an
+/// outcome holds batch 0 while the job fails (a revoked key answered
+/// another worker's call): the failure waits for the outcome, and both
+/// commit. Taken the other way round, Postgres found a deadlock and
+/// aborted one of the two after its deadlock_timeout; an aborted failure
+/// left the job calling with a revoked key. (SQLite has one writer.)
+#[tokio::test(flavor = "multi_thread")]
+async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadlock() {
+    // Failing: the outcome holds a batch in a call. Cancelling and
+    // resuming: one it has just rescheduled (queued again), the batches
+    // those change.
+    for (ending, state) in [("fail", "failed"), ("cancel", "cancelled"), ("resume", "running")] {
+        let env = Env::new(Backend::Pg);
+        let store = env.store().await;
+        let pool = store.pg_pool().expect("Postgres").clone();
+        let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+        let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+        assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_some());
+        if ending == "resume" {
+            assert!(store.pause_job(job).await.unwrap());
+        }
+        let mut outcome = pool.begin().await.unwrap();
+        let xid: String =
+            sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut *outcome).await.unwrap();
+        let batch_state = if ending == "fail" { "running" } else { "queued" };
+        let held =
+            sqlx::query("UPDATE batches SET in_call = false, updated_at = now() WHERE job_id = $1 AND state = $2")
+                .bind(job)
+                .bind(batch_state)
+                .execute(&mut *outcome)
+                .await
+                .unwrap();
+        assert_eq!(held.rows_affected(), 1, "{ending}: one {batch_state} batch");
+        let ended = tokio::spawn({
+            let store = store.clone();
+            async move {
+                match ending {
+                    "fail" => store.fail_job(job, "the API refused the key: revoked").await,
+                    "cancel" => store.cancel_job(job).await,
+                    _ => store.resume_job(job).await,
+                }
+            }
+        });
+        // The failure (cancellation, resumption) now waits for the outcome's lock.
+        let mut waits = 0;
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid' AND transactionid::text = $1",
+        )
+        .bind(&xid)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 0
+        {
+            waits += 1;
+            assert!(waits < 500, "{ending}: never waited for the outcome's batch");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let counted = sqlx::query("UPDATE jobs SET calls_made = calls_made + 1 WHERE job_id = $1")
+            .bind(job)
+            .execute(&mut *outcome)
+            .await;
+        assert!(counted.is_ok(), "{ending}: the outcome's count was aborted: {counted:?}");
+        outcome.commit().await.unwrap();
+        let ended = ended.await.unwrap();
+        assert!(matches!(ended, Ok(true)), "{ending}: {ended:?}");
+        let status = env.status(job).await;
+        assert_eq!((status["state"].as_str(), status["calls_made"].as_i64()), (Some(state), Some(1)), "{status}");
+        env.cleanup().await;
+    }
+}
+
 /// The same job on both stores gives the same output rows (the one query
 /// each dialect writes its own way), in every recall mode, the same carried
 /// types and the same counts: decoded, duplicate, invalid, forgotten and

@@ -166,7 +166,10 @@ async fn every_upstream_fault_ends_complete_and_correct_or_stops_cleanly() {
                 assert_eq!(s["state"], "failed", "{name}: {s}");
                 let reason = s["state_reason"].as_str().unwrap_or_default();
                 assert!(reason.contains("refused the key") && reason.contains("revoked"), "{name}: {reason}");
-                assert!((1..=CONCURRENCY).contains(&refused), "{name}: {refused} calls after the revocation");
+                assert!(
+                    (1..=CONCURRENCY).contains(&refused),
+                    "{name}: {refused} calls after the revocation: {s}\n{stderr}"
+                );
                 assert_eq!(calls.len(), REVOKE_AFTER + refused, "{name}: no call was retried");
                 println!(
                     "RELIABILITY upstream {name}: job failed (\"{reason}\"), calls {} for {BATCHES} batches ({REVOKE_AFTER} answered, {refused} refused after the revocation, concurrency {CONCURRENCY}), retries {retries}, {:.1} s",

@@ -561,7 +561,8 @@ impl Store {
     /// and its job's call counts. A process's calls share one commit and one
     /// update of each job's counters (the worker's result writer). Locks are taken in one
     /// order (cache rows by VIN, campaigns by number, lookups by key, then
-    /// jobs by id), so two processes' groups cannot deadlock.
+    /// batches, then jobs by id), so two processes' groups cannot deadlock,
+    /// nor a group and a job's failure (see [`lock_batches`]).
     pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         store_decodes(&mut tx, answers).await?;
@@ -692,6 +693,7 @@ impl Store {
     /// worker's call got the same answer): nothing is recorded twice.
     pub async fn fail_job(&self, job_id: i64, reason: &str) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
+        lock_batches(&mut tx, job_id, LOCK_UNENDED_BATCHES).await?;
         let failed = tx
             .exec(
                 "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
@@ -730,6 +732,7 @@ impl Store {
     /// are stored, pending rows (but those in flight) end `failed`.
     pub async fn cancel_job(&self, job_id: i64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
+        lock_batches(&mut tx, job_id, LOCK_QUEUED_BATCHES).await?;
         let changed = tx
             .exec(
                 "UPDATE jobs SET state = 'cancelled', state_reason = 'cancelled by an operator', finished_at = now(),
@@ -776,6 +779,7 @@ impl Store {
     /// False if the job is not paused.
     pub async fn resume_job(&self, job_id: i64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
+        lock_batches(&mut tx, job_id, LOCK_QUEUED_BATCHES).await?;
         let changed = tx
             .exec(
                 "UPDATE jobs SET paused_at = NULL, updated_at = now()
@@ -1884,6 +1888,27 @@ async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
     .await?;
     Ok(())
 }
+
+/// Locks job `job_id`'s batches that `sql` selects, by number, before the
+/// caller touches the job's row. Every transaction that writes a batch and
+/// its job takes them in this order: a call's outcome (stored, rescheduled,
+/// dead-lettered, refused) updates its batch, then counts on its job. One
+/// that updated the job first and its batches next (failing, cancelling or
+/// resuming the job) could meet an outcome holding a batch it needs while
+/// that outcome waits for the job's row: Postgres then aborts one of the
+/// two, and an aborted fail_job lets the job go on calling with a revoked
+/// key. (SQLite takes its one write lock at BEGIN, so the order is moot
+/// there and `{for update}` renders as nothing.)
+/// The count keeps a large job's batch numbers on the server.
+async fn lock_batches(tx: &mut Tx, job_id: i64, sql: &'static str) -> Result<(), StoreError> {
+    tx.one(sql, args![job_id]).await?;
+    Ok(())
+}
+
+const LOCK_UNENDED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
+     WHERE job_id = $1 AND state IN ('queued', 'running') ORDER BY batch_no {for update}) l";
+const LOCK_QUEUED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
+     WHERE job_id = $1 AND state = 'queued' ORDER BY batch_no {for update}) l";
 
 /// Counts `n` calls that reached the API and ended alike (`attempt`: each
 /// used one of its batch's attempts). An answered call also ends a wait
