@@ -926,6 +926,27 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
 }
 
+/// Once a job with calls to make is planned, Postgres has statistics on
+/// the columns its calls' statements filter on: without them it read
+/// every row of the job to store each answer (`Store::plan_batches`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planned_job_with_calls_has_postgres_statistics() {
+    let env = Env::new(Backend::Pg);
+    let store = env.store().await;
+    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+    vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
+    let analyzed: Vec<String> =
+        sqlx::query_scalar("SELECT tablename || '.' || attname FROM pg_stats WHERE schemaname = $1 ORDER BY 1")
+            .bind(&env.schema)
+            .fetch_all(store.pg_pool().unwrap())
+            .await
+            .unwrap();
+    for column in ["batches.batch_no", "batches.state", "job_inputs.status", "job_inputs.vin"] {
+        assert!(analyzed.iter().any(|c| c == column), "{column} has no statistics: {analyzed:?}");
+    }
+    env.cleanup().await;
+}
+
 /// A call's outcome locks its batch, then counts on its job; failing,
 /// cancelling or resuming the job must take the same locks in the same order. Here an
 /// outcome holds batch 0 while the job fails (a revoked key answered

@@ -450,7 +450,30 @@ impl Store {
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         tx.exec("UPDATE jobs SET batches_planned = true, updated_at = now() WHERE job_id = $1", args![job_id]).await?;
         tx.commit().await?;
+        if batches > 0 {
+            self.analyze_for_calls().await;
+        }
         Ok(batches)
+    }
+
+    /// Postgres' statistics on the tables every call's statements update,
+    /// taken once a job with calls to make is planned. Without them (new
+    /// tables, or a job whose rows autovacuum has not yet analyzed, which
+    /// it does a minute or more later) the planner guessed a job had ~100
+    /// rows: storing an answer read every row of the job by its key instead
+    /// of the 20 by VIN (8.3 ms against 1.6 ms for 60 VINs of a 50,000-row
+    /// job), and marking batches done read all the job's batches (2.3 ms
+    /// against 0.16 ms), EXPLAIN ANALYZE. Only the columns those statements
+    /// filter on are sampled; `SKIP_LOCKED` leaves a table that autovacuum
+    /// is analyzing to it. A failure costs only speed, so it is logged.
+    /// SQLite's planner prefers the indexes without statistics.
+    async fn analyze_for_calls(&self) {
+        if let Db::Pg(_) = self.db {
+            let sql = "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status), batches (job_id, batch_no, state)";
+            if let Err(e) = self.exec(sql, args![]).await {
+                tracing::warn!(error = %e, "could not analyze the job's tables; its calls may be stored slower");
+            }
+        }
     }
 
     /// Batches whose current generation has no queue task yet.
