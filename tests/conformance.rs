@@ -926,6 +926,75 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
 }
 
+/// Waits until a session is blocked by session `pid` (at most 5 s).
+async fn blocked_by(pool: &sqlx::PgPool, pid: i32, what: &str) {
+    for _ in 0..500 {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                .bind(pid)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what}: never waited for session {pid}");
+}
+
+/// A call's answer (a group of them) and a `forget` lock the batch first,
+/// then its rows, as failing a job does: while another session holds the
+/// batch, neither has taken any of its rows. (A group that settled its rows
+/// first, then waited for its batch, deadlocked with a job's failure
+/// holding that batch and waiting for those rows.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_or_a_forget_takes_its_batch_before_its_rows() {
+    use vinetl::store::{Answer, Answered};
+    for writer in ["answer", "forget"] {
+        let env = Env::new(Backend::Pg);
+        let store = env.store().await;
+        let pool = store.pg_pool().expect("Postgres").clone();
+        let spec = JobSpec::load(&env.spec(&pattern_vins(20), "http://127.0.0.1:9", "")).unwrap();
+        let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+        let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("the batch is claimed");
+        let mut holder = pool.begin().await.unwrap();
+        let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM batches WHERE job_id = $1 AND batch_no = 0 FOR UPDATE")
+            .bind(job)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let vins = claimed.vins.clone();
+        let writing = tokio::spawn({
+            let store = store.clone();
+            async move {
+                match writer {
+                    "answer" => {
+                        let decoded = vins.iter().map(|v| decoded_as(v, "MAKE")).collect();
+                        let answer = Answer::Decoded { asked: vins.clone(), decoded };
+                        store.complete_all(&[Answered { job_id: job, batch_no: 0, answer }]).await.map(drop)
+                    }
+                    _ => store.forget_vin(&vins[0]).await.map(drop),
+                }
+            }
+        });
+        blocked_by(&pool, holder_pid, writer).await;
+        // The batch's rows are free: the writer is waiting before them.
+        let mut other = pool.begin().await.unwrap();
+        let taken = sqlx::query("SELECT 1 FROM job_inputs WHERE job_id = $1 AND vin = ANY($2) FOR UPDATE NOWAIT")
+            .bind(job)
+            .bind(&claimed.vins)
+            .execute(&mut *other)
+            .await;
+        assert!(taken.is_ok(), "{writer}: it took the batch's rows before the batch: {taken:?}");
+        other.rollback().await.unwrap();
+        holder.commit().await.unwrap();
+        writing.await.unwrap().unwrap();
+        env.cleanup().await;
+    }
+}
+
 /// Once a job with calls to make is planned, Postgres has statistics on
 /// the columns its calls' statements filter on: without them it read
 /// every row of the job to store each answer (`Store::plan_batches`).
@@ -957,8 +1026,9 @@ async fn a_planned_job_with_calls_has_postgres_statistics() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadlock() {
     // Failing: the outcome holds a batch in a call. Cancelling and
-    // resuming: one it has just rescheduled (queued again), the batches
-    // those change.
+    // resuming change queued batches: the outcome holds one that is queued
+    // again (a late answer to a call whose batch the sweep took over and
+    // queued after its lease ran out).
     for (ending, state) in [("fail", "failed"), ("cancel", "cancelled"), ("resume", "running")] {
         let env = Env::new(Backend::Pg);
         let store = env.store().await;
@@ -970,8 +1040,7 @@ async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadloc
             assert!(store.pause_job(job).await.unwrap());
         }
         let mut outcome = pool.begin().await.unwrap();
-        let xid: String =
-            sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut *outcome).await.unwrap();
+        let outcome_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *outcome).await.unwrap();
         let batch_state = if ending == "fail" { "running" } else { "queued" };
         let held =
             sqlx::query("UPDATE batches SET in_call = false, updated_at = now() WHERE job_id = $1 AND state = $2")
@@ -992,20 +1061,7 @@ async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadloc
             }
         });
         // The failure (cancellation, resumption) now waits for the outcome's lock.
-        let mut waits = 0;
-        while sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid' AND transactionid::text = $1",
-        )
-        .bind(&xid)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-            == 0
-        {
-            waits += 1;
-            assert!(waits < 500, "{ending}: never waited for the outcome's batch");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        blocked_by(&pool, outcome_pid, ending).await;
         let counted = sqlx::query("UPDATE jobs SET calls_made = calls_made + 1 WHERE job_id = $1")
             .bind(job)
             .execute(&mut *outcome)

@@ -403,13 +403,21 @@ async fn work_until_done(
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a watcher waits before counting again: `every`, or ten times
-/// as long as the count took, whichever is longer. A count scans the job's
-/// rows (27 ms at 50,000 rows, so some 5 s at 10 M): counted every half second,
-/// a large job's progress would keep a database core busy, taking it from
-/// the calls. This way watching costs at most a tenth of one.
+/// as long as the count took, whichever is longer, but never more than
+/// [`COUNT_AT_LEAST_EVERY`] (or `every`, if longer). A count scans the job's
+/// rows (27 ms at 50,000 rows, so some 5 s at 10 M): counted every half
+/// second, a large job's progress would keep a database core busy, taking
+/// it from the calls. This way watching costs about a tenth of one.
 fn poll_pause(every: Duration, count_took: Duration) -> Duration {
-    every.max(count_took * 10)
+    every.max((count_took * 10).min(COUNT_AT_LEAST_EVERY))
 }
+
+/// The longest a watcher goes without counting.
+const COUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+
+/// How often `run`'s watcher reads the job's state (one row) between
+/// counts: the end of a job is seen this soon, however long a count takes.
+const STATE_EVERY: Duration = Duration::from_millis(500);
 
 /// Polls the job's counts until it ends: on a terminal a bar for each
 /// phase as it comes (planning, decode calls, recall calls, the output
@@ -422,7 +430,7 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
     let counts = loop {
         let asked = std::time::Instant::now();
         let counts = store.counts(job_id).await?.context("the job vanished")?;
-        let pause = poll_pause(Duration::from_millis(500), asked.elapsed());
+        let count_again = asked + poll_pause(STATE_EVERY, asked.elapsed());
         let ended = matches!(counts.state.as_str(), "done" | "failed" | "cancelled");
         let settled = counts.batches_done + counts.dead_lettered_batches;
         if let Some(bars) = &mut bars {
@@ -439,10 +447,19 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
         if ended {
             break counts;
         }
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = crate::shutdown_signal() => {
-                anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(STATE_EVERY) => {}
+                () = crate::shutdown_signal() => {
+                    anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
+                }
+            }
+            if std::time::Instant::now() >= count_again {
+                break;
+            }
+            let state = store.job_state(job_id).await?.context("the job vanished")?;
+            if matches!(state.as_str(), "done" | "failed" | "cancelled") {
+                break;
             }
         }
     };
@@ -1153,7 +1170,9 @@ mod tests {
     fn a_slow_count_is_asked_for_less_often() {
         let half = Duration::from_millis(500);
         assert_eq!(poll_pause(half, Duration::from_millis(27)), half);
-        assert_eq!(poll_pause(half, Duration::from_secs(5)), Duration::from_secs(50));
+        assert_eq!(poll_pause(half, Duration::from_secs(2)), Duration::from_secs(20));
+        assert_eq!(poll_pause(half, Duration::from_secs(5)), COUNT_AT_LEAST_EVERY);
+        assert_eq!(poll_pause(Duration::from_secs(60), Duration::from_secs(5)), Duration::from_secs(60));
     }
 
     #[test]

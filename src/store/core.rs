@@ -464,9 +464,12 @@ impl Store {
     /// of the 20 by VIN (8.3 ms against 1.6 ms for 60 VINs of a 50,000-row
     /// job), and marking batches done read all the job's batches (2.3 ms
     /// against 0.16 ms), EXPLAIN ANALYZE. Only the columns those statements
-    /// filter on are sampled; `SKIP_LOCKED` leaves a table that autovacuum
-    /// is analyzing to it. A failure costs only speed, so it is logged.
-    /// SQLite's planner prefers the indexes without statistics.
+    /// filter on are sampled (30,000 rows of each table, whatever its
+    /// size, once per job); `SKIP_LOCKED`
+    /// leaves a table that autovacuum is analyzing to it, and Postgres skips
+    /// a table this role does not own with a warning of its own. An error
+    /// costs only speed, so it is logged. SQLite's planner takes the indexes
+    /// without statistics (`EXPLAIN QUERY PLAN`).
     async fn analyze_for_calls(&self) {
         if let Db::Pg(_) = self.db {
             let sql = "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status), batches (job_id, batch_no, state)";
@@ -584,11 +587,12 @@ impl Store {
     /// and its job's call counts. A process's calls share one commit and one
     /// update of each job's counters (the worker's result writer). Locks are taken in one
     /// order (cache rows by VIN, campaigns by number, lookups by key, then
-    /// batches, then jobs by id), so two processes' groups cannot deadlock,
-    /// nor a group and a job's failure (see [`lock_batches`]).
+    /// batches by job and number, then input rows, then jobs by id), so two
+    /// processes' groups cannot deadlock, nor a group and a job's failure,
+    /// cancellation or resumption, nor a `forget` (see [`lock_batches`]).
     pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        store_decodes(&mut tx, answers).await?;
+        cache_decodes(&mut tx, answers).await?;
         store_recalls(&mut tx, answers).await?;
         let mut jobs: std::collections::BTreeMap<i64, (Vec<Value>, i64, i64)> = Default::default();
         for a in answers {
@@ -599,6 +603,13 @@ impl Store {
                 Answer::Recalls { .. } => *recalls += 1,
             }
         }
+        // The group's batches before any of their rows: failing a job locks
+        // its batches, then its row, then its pending rows, so a group that
+        // settled rows first and waited for a batch could deadlock with it.
+        for (job_id, (batches, _, _)) in &jobs {
+            tx.one(LOCK_GROUP_BATCHES, args![*job_id, Value::Array(batches.clone())]).await?;
+        }
+        settle_decodes(&mut tx, answers).await?;
         for (job_id, (batches, decodes, recalls)) in jobs {
             tx.exec(
                 "UPDATE batches SET state = 'done', in_call = false, updated_at = now()
@@ -1783,14 +1794,20 @@ async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64,
 
 /// The decode answers of a group: the cache (the latest answer per VIN),
 /// then each job's input rows of those VINs.
-async fn store_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
-    let decodes: Vec<(i64, i32, &[String], &[DecodedVin])> = answers
+/// A group's batch decodes: `(job, batch, VINs asked, answer)`.
+fn decodes_of(answers: &[Answered]) -> Vec<(i64, i32, &[String], &[DecodedVin])> {
+    answers
         .iter()
         .filter_map(|a| match &a.answer {
             Answer::Decoded { asked, decoded } => Some((a.job_id, a.batch_no, &asked[..], &decoded[..])),
             Answer::Recalls { .. } => None,
         })
-        .collect();
+        .collect()
+}
+
+/// The cache rows of a group's batch decodes (the latest decode per VIN).
+async fn cache_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
+    let decodes = decodes_of(answers);
     if decodes.is_empty() {
         return Ok(());
     }
@@ -1816,6 +1833,14 @@ async fn store_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
         args![Value::Array(json)],
     )
     .await?;
+    Ok(())
+}
+
+/// Settles the input rows of a group's batch decodes from the cache: every
+/// row of the answered VINs in its job (duplicates included), and the rows
+/// an answer left out.
+async fn settle_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
+    let decodes = decodes_of(answers);
     let mut jobs: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
     for (job_id, _, _, decoded) in &decodes {
         jobs.entry(*job_id).or_default().extend(decoded.iter().map(|d| d.vin.clone()));
@@ -1913,15 +1938,16 @@ async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
 }
 
 /// Locks job `job_id`'s batches that `sql` selects, by number, before the
-/// caller touches the job's row. Every transaction that writes a batch and
-/// its job takes them in this order: a call's outcome (stored, rescheduled,
-/// dead-lettered, refused) updates its batch, then counts on its job. One
-/// that updated the job first and its batches next (failing, cancelling or
-/// resuming the job) could meet an outcome holding a batch it needs while
-/// that outcome waits for the job's row: Postgres then aborts one of the
-/// two, and an aborted fail_job lets the job go on calling with a revoked
-/// key. (SQLite takes its one write lock at BEGIN, so the order is moot
-/// there and `{for update}` renders as nothing.)
+/// caller touches the job's row or its input rows. Every transaction that
+/// writes a batch and its job or rows takes the batch first: a call's
+/// outcome (stored, rescheduled, dead-lettered, refused) locks its batch,
+/// then settles its rows and counts on its job. One that updated the job
+/// first and its batches next (failing, cancelling or resuming the job)
+/// could meet an outcome holding a batch it needs while that outcome waits
+/// for the job's row or rows: Postgres then aborts one of the two, and an
+/// aborted fail_job lets the job go on calling with a revoked key. (SQLite
+/// takes its one write lock at BEGIN, so the order is moot there and
+/// `{for update}` renders as nothing.)
 /// The count keeps a large job's batch numbers on the server.
 async fn lock_batches(tx: &mut Tx, job_id: i64, sql: &'static str) -> Result<(), StoreError> {
     tx.one(sql, args![job_id]).await?;
@@ -1932,6 +1958,9 @@ const LOCK_UNENDED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
      WHERE job_id = $1 AND state IN ('queued', 'running') ORDER BY batch_no {for update}) l";
 const LOCK_QUEUED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
      WHERE job_id = $1 AND state = 'queued' ORDER BY batch_no {for update}) l";
+/// The batches `$2` (`[{"b": n}, ...]`) of job `$1`, in the same order.
+const LOCK_GROUP_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
+     WHERE job_id = $1 AND batch_no IN (SELECT x.b FROM {rows $2: b integer}) ORDER BY batch_no {for update}) l";
 
 /// Counts `n` calls that reached the API and ended alike (`attempt`: each
 /// used one of its batch's attempts). An answered call also ends a wait

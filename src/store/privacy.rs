@@ -58,6 +58,15 @@ impl Store {
             .collect::<Result<_, _>>()?;
         jobs.sort_unstable();
         let cache = tx.exec("DELETE FROM vin_cache WHERE vin = $1", args![vin]).await?;
+        // The batches holding the VIN are locked before its rows, in the
+        // order every writer of both takes (see `Store::complete_all`): a
+        // call's answer storing the VIN holds its batch, then its rows.
+        let holding = tx
+            .rows(
+                "SELECT job_id, batch_no, vins FROM batches WHERE $1 {in vins} ORDER BY job_id, batch_no {for update}",
+                args![vin],
+            )
+            .await?;
         let input_rows = tx
             .exec(
                 "UPDATE job_inputs SET raw_vin = $2, vin = NULL, carried = $3,
@@ -77,7 +86,7 @@ impl Store {
         // Arrays are rewritten here rather than in SQL: Postgres has
         // `array_replace` and SQLite has none, and a forget is rare.
         let mut batches = 0;
-        for r in tx.rows("SELECT job_id, batch_no, vins FROM batches WHERE $1 {in vins}", args![vin]).await? {
+        for r in holding {
             let vins = replaced(r.texts(2)?, vin);
             // A batch still to be called that is left with no VIN is never
             // called: nothing in it can be asked for any more.
