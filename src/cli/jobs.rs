@@ -407,7 +407,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// [`COUNT_AT_LEAST_EVERY`] (or `every`, if longer). A count scans the job's
 /// rows (27 ms at 50,000 rows, so some 5 s at 10 M): counted every half
 /// second, a large job's progress would keep a database core busy, taking
-/// it from the calls. This way watching costs about a tenth of one.
+/// it from the calls. This way watching costs a tenth of one for counts
+/// of up to 3 s, and one count each 30 s beyond.
 fn poll_pause(every: Duration, count_took: Duration) -> Duration {
     every.max((count_took * 10).min(COUNT_AT_LEAST_EVERY))
 }
