@@ -413,6 +413,11 @@ fn poll_pause(every: Duration, count_took: Duration) -> Duration {
     every.max((count_took * 10).min(COUNT_AT_LEAST_EVERY))
 }
 
+/// Whether a job in `state` has ended (nothing of it runs any more).
+fn ended(state: &str) -> bool {
+    matches!(state, "done" | "failed" | "cancelled")
+}
+
 /// The longest a watcher goes without counting.
 const COUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 
@@ -432,20 +437,20 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
         let asked = std::time::Instant::now();
         let counts = store.counts(job_id).await?.context("the job vanished")?;
         let count_again = asked + poll_pause(STATE_EVERY, asked.elapsed());
-        let ended = matches!(counts.state.as_str(), "done" | "failed" | "cancelled");
+        let over = ended(&counts.state);
         let settled = counts.batches_done + counts.dead_lettered_batches;
         if let Some(bars) = &mut bars {
             bars.show(&counts);
-        } else if ended || logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+        } else if over || logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = counts.calls_made as f64 / secs;
-            let eta = counts.eta_secs.filter(|_| !ended).map(span);
+            let eta = counts.eta_secs.filter(|_| !over).map(span);
             tracing::info!(job = job_id, state = %counts.state, rows = counts.rows, pending = counts.pending,
                            calls = counts.calls_made, calls_left = counts.calls_left, batches = counts.batches,
                            batches_done = settled, calls_per_sec = format!("{rate:.1}"), eta, "progress");
             logged = Some(std::time::Instant::now());
         }
-        if ended {
+        if over {
             break counts;
         }
         loop {
@@ -459,7 +464,7 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
                 break;
             }
             let state = store.job_state(job_id).await?.context("the job vanished")?;
-            if matches!(state.as_str(), "done" | "failed" | "cancelled") {
+            if ended(&state) {
                 break;
             }
         }
@@ -774,7 +779,6 @@ pub async fn watch_status(state: &State, job: Option<i64>, limit: i64) -> anyhow
         let asked = std::time::Instant::now();
         let jobs = counts_of(&store, job, limit).await?;
         let every = poll_pause(if terminal { Duration::from_secs(1) } else { PROGRESS_EVERY }, asked.elapsed());
-        let ended = |c: &JobCounts| matches!(c.state.as_str(), "done" | "failed" | "cancelled");
         if terminal {
             for c in &jobs {
                 let bar = bars.entry(c.job_id).or_insert_with(|| {
@@ -798,7 +802,7 @@ pub async fn watch_status(state: &State, job: Option<i64>, limit: i64) -> anyhow
                 println!("{}", list_line(c));
             }
         }
-        if jobs.iter().all(ended) {
+        if jobs.iter().all(|c| ended(&c.state)) {
             for bar in bars.values() {
                 bar.finish();
             }

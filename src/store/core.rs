@@ -464,12 +464,12 @@ impl Store {
     /// of the 20 by VIN (8.3 ms against 1.6 ms for 60 VINs of a 50,000-row
     /// job), and marking batches done read all the job's batches (2.3 ms
     /// against 0.16 ms), EXPLAIN ANALYZE. Only the columns those statements
-    /// filter on are sampled (30,000 rows of each table, whatever its
-    /// size, once per job); `SKIP_LOCKED`
-    /// leaves a table that autovacuum is analyzing to it, and Postgres skips
-    /// a table this role does not own with a warning of its own. An error
-    /// costs only speed, so it is logged. SQLite's planner takes the indexes
-    /// without statistics (`EXPLAIN QUERY PLAN`).
+    /// filter on are sampled (30,000 rows of each table, whatever its size,
+    /// once per job); `SKIP_LOCKED` leaves a table that autovacuum is
+    /// analyzing to it, and Postgres skips a table this role does not own
+    /// with a warning of its own. An error costs only speed, so it is
+    /// logged. SQLite's planner takes the indexes without statistics
+    /// (`EXPLAIN QUERY PLAN`).
     async fn analyze_for_calls(&self) {
         if let Db::Pg(_) = self.db {
             let sql = "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status), batches (job_id, batch_no, state)";
@@ -592,7 +592,8 @@ impl Store {
     /// cancellation or resumption, nor a `forget` (see [`lock_batches`]).
     pub async fn complete_all(&self, answers: &[Answered]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        cache_decodes(&mut tx, answers).await?;
+        let decodes = decodes_of(answers);
+        cache_decodes(&mut tx, &decodes).await?;
         store_recalls(&mut tx, answers).await?;
         let mut jobs: std::collections::BTreeMap<i64, (Vec<Value>, i64, i64)> = Default::default();
         for a in answers {
@@ -603,20 +604,23 @@ impl Store {
                 Answer::Recalls { .. } => *recalls += 1,
             }
         }
-        // The group's batches before any of their rows: failing a job locks
-        // its batches, then its row, then its pending rows, so a group that
-        // settled rows first and waited for a batch could deadlock with it.
+        // The group's batches are done before any of their rows is settled,
+        // and locked in order by number: failing a job locks its batches,
+        // then its row, then its pending rows, so a group that settled rows
+        // first and waited for a batch could deadlock with it.
         for (job_id, (batches, _, _)) in &jobs {
-            tx.one(LOCK_GROUP_BATCHES, args![*job_id, Value::Array(batches.clone())]).await?;
-        }
-        settle_decodes(&mut tx, answers).await?;
-        for (job_id, (batches, decodes, recalls)) in jobs {
             tx.exec(
                 "UPDATE batches SET state = 'done', in_call = false, updated_at = now()
-                     WHERE job_id = $1 AND batch_no IN (SELECT x.b FROM {rows $2: b integer})",
-                args![job_id, Value::Array(batches)],
+                     WHERE job_id = $1 AND batch_no IN (
+                         SELECT b.batch_no FROM batches b
+                         WHERE b.job_id = $1 AND b.batch_no IN (SELECT x.b FROM {rows $2: b integer})
+                         ORDER BY b.batch_no {for update})",
+                args![*job_id, Value::Array(batches.clone())],
             )
             .await?;
+        }
+        settle_decodes(&mut tx, &decodes).await?;
+        for (job_id, (_, decodes, recalls)) in jobs {
             for (n, recall) in [(decodes, false), (recalls, true)] {
                 if n > 0 {
                     count_calls(&mut tx, job_id, n, recall, CallEnd::Answered, false).await?;
@@ -727,7 +731,7 @@ impl Store {
     /// worker's call got the same answer): nothing is recorded twice.
     pub async fn fail_job(&self, job_id: i64, reason: &str) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
-        lock_batches(&mut tx, job_id, LOCK_UNENDED_BATCHES).await?;
+        lock_batches(&mut tx, job_id, &["queued", "running"]).await?;
         let failed = tx
             .exec(
                 "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
@@ -766,7 +770,7 @@ impl Store {
     /// are stored, pending rows (but those in flight) end `failed`.
     pub async fn cancel_job(&self, job_id: i64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
-        lock_batches(&mut tx, job_id, LOCK_QUEUED_BATCHES).await?;
+        lock_batches(&mut tx, job_id, &["queued"]).await?;
         let changed = tx
             .exec(
                 "UPDATE jobs SET state = 'cancelled', state_reason = 'cancelled by an operator', finished_at = now(),
@@ -813,7 +817,7 @@ impl Store {
     /// False if the job is not paused.
     pub async fn resume_job(&self, job_id: i64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
-        lock_batches(&mut tx, job_id, LOCK_QUEUED_BATCHES).await?;
+        lock_batches(&mut tx, job_id, &["queued"]).await?;
         let changed = tx
             .exec(
                 "UPDATE jobs SET paused_at = NULL, updated_at = now()
@@ -1792,10 +1796,11 @@ async fn batch_pending(tx: &mut Tx, job_id: i64, batch_size: i32) -> Result<i64,
     Ok(tx.exec(sql, args![job_id, batch_size]).await? as i64)
 }
 
-/// The decode answers of a group: the cache (the latest answer per VIN),
-/// then each job's input rows of those VINs.
 /// A group's batch decodes: `(job, batch, VINs asked, answer)`.
-fn decodes_of(answers: &[Answered]) -> Vec<(i64, i32, &[String], &[DecodedVin])> {
+type Decodes<'a> = Vec<(i64, i32, &'a [String], &'a [DecodedVin])>;
+
+/// The batch decodes among a group's answers.
+fn decodes_of(answers: &[Answered]) -> Decodes<'_> {
     answers
         .iter()
         .filter_map(|a| match &a.answer {
@@ -1806,8 +1811,7 @@ fn decodes_of(answers: &[Answered]) -> Vec<(i64, i32, &[String], &[DecodedVin])>
 }
 
 /// The cache rows of a group's batch decodes (the latest decode per VIN).
-async fn cache_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
-    let decodes = decodes_of(answers);
+async fn cache_decodes(tx: &mut Tx, decodes: &Decodes<'_>) -> Result<(), StoreError> {
     if decodes.is_empty() {
         return Ok(());
     }
@@ -1839,10 +1843,9 @@ async fn cache_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
 /// Settles the input rows of a group's batch decodes from the cache: every
 /// row of the answered VINs in its job (duplicates included), and the rows
 /// an answer left out.
-async fn settle_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreError> {
-    let decodes = decodes_of(answers);
+async fn settle_decodes(tx: &mut Tx, decodes: &Decodes<'_>) -> Result<(), StoreError> {
     let mut jobs: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
-    for (job_id, _, _, decoded) in &decodes {
+    for (job_id, _, _, decoded) in decodes {
         jobs.entry(*job_id).or_default().extend(decoded.iter().map(|d| d.vin.clone()));
     }
     for (job_id, vins) in jobs {
@@ -1856,7 +1859,7 @@ async fn settle_decodes(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreEr
         )
         .await?;
     }
-    for (job_id, batch_no, asked, decoded) in decodes {
+    for &(job_id, batch_no, asked, decoded) in decodes {
         // The client refuses an answer that leaves a VIN out, but the store
         // does not rely on it: a row of this batch still pending would never
         // be settled (its batch is done), so it fails, saying why. The
@@ -1948,19 +1951,18 @@ async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
 /// aborted fail_job lets the job go on calling with a revoked key. (SQLite
 /// takes its one write lock at BEGIN, so the order is moot there and
 /// `{for update}` renders as nothing.)
-/// The count keeps a large job's batch numbers on the server.
-async fn lock_batches(tx: &mut Tx, job_id: i64, sql: &'static str) -> Result<(), StoreError> {
-    tx.one(sql, args![job_id]).await?;
+/// Only the count comes back, so a large job's batch numbers stay on the
+/// server.
+async fn lock_batches(tx: &mut Tx, job_id: i64, states: &[&str]) -> Result<(), StoreError> {
+    let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+    tx.one(
+        "SELECT count(*) FROM (SELECT 1 FROM batches WHERE job_id = $1 AND state {in $2}
+             ORDER BY batch_no {for update}) l",
+        args![job_id, states],
+    )
+    .await?;
     Ok(())
 }
-
-const LOCK_UNENDED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
-     WHERE job_id = $1 AND state IN ('queued', 'running') ORDER BY batch_no {for update}) l";
-const LOCK_QUEUED_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
-     WHERE job_id = $1 AND state = 'queued' ORDER BY batch_no {for update}) l";
-/// The batches `$2` (`[{"b": n}, ...]`) of job `$1`, in the same order.
-const LOCK_GROUP_BATCHES: &str = "SELECT count(*) FROM (SELECT 1 FROM batches
-     WHERE job_id = $1 AND batch_no IN (SELECT x.b FROM {rows $2: b integer}) ORDER BY batch_no {for update}) l";
 
 /// Counts `n` calls that reached the API and ended alike (`attempt`: each
 /// used one of its batch's attempts). An answered call also ends a wait
