@@ -926,23 +926,6 @@ async fn a_dead_planners_sqlite_lease_expires_so_the_job_resumes() {
     assert_eq!((resumed.job_id, resumed.resumed, resumed.batches), (job, true, 2));
 }
 
-/// Waits until a session is blocked by session `pid` (at most 5 s).
-async fn blocked_by(pool: &sqlx::PgPool, pid: i32, what: &str) {
-    for _ in 0..500 {
-        let waiting: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
-                .bind(pid)
-                .fetch_one(pool)
-                .await
-                .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: never waited for session {pid}");
-}
-
 /// A call's answer (a group of them) and a `forget` lock the batch first,
 /// then its rows, as failing a job does: while another session holds the
 /// batch, neither has taken any of its rows. (A group that settled its rows
@@ -979,7 +962,7 @@ async fn an_answer_or_a_forget_takes_its_batch_before_its_rows() {
                 }
             }
         });
-        blocked_by(&pool, holder_pid, writer).await;
+        common::blocked_by(&pool, holder_pid, writer).await;
         // The batch's rows are free: the writer is waiting before them.
         let mut other = pool.begin().await.unwrap();
         let taken = sqlx::query("SELECT 1 FROM job_inputs WHERE job_id = $1 AND vin = ANY($2) FOR UPDATE NOWAIT")
@@ -1061,7 +1044,7 @@ async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadloc
             }
         });
         // The failure (cancellation, resumption) now waits for the outcome's lock.
-        blocked_by(&pool, outcome_pid, ending).await;
+        common::blocked_by(&pool, outcome_pid, ending).await;
         let counted = sqlx::query("UPDATE jobs SET calls_made = calls_made + 1 WHERE job_id = $1")
             .bind(job)
             .execute(&mut *outcome)

@@ -418,6 +418,8 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("on the server"), "the run loaded its one table on the server: {log}");
+    // Its pool had connections free: two sessions loaded a share each.
+    assert!(log.contains("loading in 2 sessions"), "{log}");
 
     // The same job's rows, streamed, into tables of their own.
     let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
@@ -710,5 +712,73 @@ async fn the_vehicles_table_keeps_each_vins_latest_decode() {
         assert_eq!(vehicles, expected, "{layout}");
     }
     drop(db);
+    cleanup(&schema).await;
+}
+
+/// Rewriting a job's partition keeps the results table readable while the
+/// vehicles upsert runs: the upsert comes before the swap, whose lock on
+/// the results table (a detach) is held only until the commit. A session
+/// holds one of the job's vehicles so the rewrite's upsert waits on it;
+/// meanwhile a reader with a short lock timeout still reads the job's old
+/// rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_results_table_stays_readable_while_a_rewrite_upserts_vehicles() {
+    use sqlx::types::chrono::{TimeZone, Utc};
+    use vinetl::columns::{OutputRow, VEHICLE_COLUMNS};
+    use vinetl::io::output::{Rows, tables};
+    let schema = unique_schema("readable");
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = vinetl_async_env(&schema, KEY, &["migrate"], &[]).await;
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    let db = pool(&schema).await;
+    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
+    let store = state.open(4).await.unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
+    let body = std::fs::read_to_string(&spec).unwrap();
+    let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
+    std::fs::write(&spec, out).unwrap();
+    let output = vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0);
+    let vins = ["1HGCM82633A004352", "JTDBT923291344240", "WVWJF7CD8TW190545"];
+    let rows: Vec<OutputRow> = (0..3)
+        .map(|i| OutputRow {
+            source: "fleet.csv".into(),
+            source_row: i as i64 + 1,
+            raw_vin: vins[i].into(),
+            vin: Some(vins[i].into()),
+            status: "decoded".into(),
+            error_code: None,
+            error_text: None,
+            decoded_at: Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap()),
+            check_digit_valid: Some(true),
+            vehicle: vec![Some("HONDA".to_string()); VEHICLE_COLUMNS.len()],
+            recall_campaigns: None,
+            recall_error: None,
+            carried: Default::default(),
+        })
+        .collect();
+    let write = |store: vinetl::store::Store| {
+        let (output, rows) = (output.clone(), rows.clone());
+        tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(Rows::Chunk(std::sync::Arc::new(rows))).await.unwrap();
+            tx.send(Rows::End).await.unwrap();
+            tables::write(&store, &output, 1, rx).await
+        })
+    };
+    write(store.clone()).await.unwrap().unwrap();
+
+    let mut holder = db.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM vehicles WHERE vin = $1 FOR UPDATE").bind(vins[0]).execute(&mut *holder).await.unwrap();
+    let rewrite = write(store.clone());
+    common::blocked_by(&db, holder_pid, "the rewrite's vehicles upsert").await;
+    let mut reader = db.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '1s'").execute(&mut *reader).await.unwrap();
+    let read =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM results WHERE job_id = 1").fetch_one(&mut *reader).await;
+    holder.rollback().await.unwrap();
+    assert_eq!(read.expect("the results table is readable while the vehicles are upserted"), 3);
+    assert_eq!(rewrite.await.unwrap().unwrap().0, 3);
+    drop((reader, db));
     cleanup(&schema).await;
 }

@@ -1047,18 +1047,22 @@ impl Store {
     /// store's own Postgres database (`table (columns)`, the columns in the
     /// order `postgres::RESULTS_INSERT` gives), on the server: the rows never
     /// reach this process. `conn` is a connection of this store's pool (the
-    /// output's own, so a write holds one connection, as a streamed one
-    /// does); the write is one transaction on it. Returns the rows written;
-    /// `None` on SQLite.
+    /// output's own); up to `sessions` less one free connections of the
+    /// pool load a share of the rows beside it from the same snapshot, each
+    /// share committing on its own (so with more than one, `into` must be a
+    /// table that other sessions can see and readers do not see yet).
+    /// Returns the rows written; `None` on SQLite.
     pub async fn results_into(
         &self,
         conn: &mut sqlx::PgConnection,
-        job_id: i64,
-        mode: RecallMode,
+        (job_id, mode): (i64, RecallMode),
         into: &str,
+        sessions: usize,
     ) -> Result<Option<u64>, StoreError> {
         match &self.db {
-            Db::Pg(_) => Ok(Some(postgres::results_into(conn, job_id, mode.as_str(), into).await?)),
+            Db::Pg(pool) => {
+                Ok(Some(postgres::results_into(pool, conn, (job_id, mode.as_str()), into, sessions).await?))
+            }
             Db::Lite { .. } => Ok(None),
         }
     }

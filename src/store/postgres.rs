@@ -485,8 +485,17 @@ static OUTPUT_VINS_DDL: LazyLock<String> = LazyLock::new(|| {
 /// recalls up by (nor, by VIN, a VIN: one `vinetl forget` blanked).
 const NO_RECALL_KEY: &str = "no make, model and model year to look recalls up by";
 
-/// Fills [`OUTPUT_VINS_TABLE`]: every decoded VIN of the job, with or
-/// without a cache row (then its columns are null, as a row's would be).
+/// Fills [`OUTPUT_VINS_TABLE`]: every VIN of the job in part `$3` of `$4`
+/// ([`vin_part`]), with or without a cache row (then its columns are null,
+/// as a row's would be).
+///
+/// The VINs are read from the rows that are not duplicates: each VIN's
+/// first row in the job is one (planning makes it so; `forget` blanks a
+/// VIN on all its rows at once), and the partial VIN index holds just
+/// those, so a job of 10,000,000 rows over 50,000 VINs reads 50,000 index
+/// entries (0.08 s) instead of every row (11.8 s, EXPLAIN ANALYZE). That
+/// takes in VINs whose rows failed too: harmless, as only a decoded row
+/// is joined to its VIN's columns.
 static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
     // jsonb_to_record reads each cached document once (twenty `->>` would
     // detoast it twenty times).
@@ -505,7 +514,8 @@ static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
                      WHEN k.key IS NULL THEN '{NO_RECALL_KEY}'
                      ELSE 'recalls were not looked up' END,
                 {}
-         FROM (SELECT DISTINCT vin FROM job_inputs WHERE job_id = $1 AND status = 'decoded' AND vin IS NOT NULL) d
+         FROM (SELECT DISTINCT vin FROM job_inputs
+               WHERE job_id = $1 AND vin IS NOT NULL AND plan <> 'duplicate' AND {part}) d
          LEFT JOIN vin_cache c ON c.vin = d.vin
          LEFT JOIN LATERAL jsonb_to_record(c.raw) AS v({}) ON true
          LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || d.vin
@@ -513,9 +523,17 @@ static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
                 ON true
          LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key",
         vehicle.join(", "),
-        record.join(", ")
+        record.join(", "),
+        part = vin_part("vin"),
     )
 });
+
+/// Whether the VIN in `column` (null counts as empty) falls in part `$3` of
+/// `$4`: how [`results_into`] splits a job between sessions. `hashtext` is
+/// the server's own string hash, the same in every session.
+fn vin_part(column: &str) -> String {
+    format!("(hashtext(coalesce({column}, '')) & 2147483647) % $4 = $3")
+}
 
 /// Every output row of job `$1` (recall mode `$2`), in source order: the
 /// input row, and for a decoded one its VIN's columns from
@@ -546,12 +564,36 @@ fn row_recall_error() -> String {
     )
 }
 
-/// Begins the output's read in transaction `t` (one snapshot: `REPEATABLE
-/// READ`) and fills [`OUTPUT_VINS_TABLE`] for job and mode `args`; with
-/// `in_order` (the rows are to be read in source order), sorts are off
-/// from here on, up to [`OUTPUT_PROBE_VINS`] VINs.
-async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bool) -> Result<(), StoreError> {
+/// Begins the output's read on `conn`: one snapshot (`REPEATABLE READ`),
+/// its own or, with `import`, one exported by another session's read
+/// (`pg_export_snapshot`), so that both see the same rows.
+async fn begin_read<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    import: Option<&str>,
+) -> Result<sqlx::Transaction<'c, Postgres>, StoreError> {
+    let mut t = sqlx::Connection::begin(conn).await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *t).await?;
+    if let Some(id) = import {
+        // Not a bind parameter: SET takes a literal. The server made the
+        // id; it is checked to be the hex digits and dashes it always is.
+        if !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(StoreError::Decode(format!("an exported snapshot id {id:?}")));
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET TRANSACTION SNAPSHOT '{id}'"))).execute(&mut *t).await?;
+    }
+    Ok(t)
+}
+
+/// Fills [`OUTPUT_VINS_TABLE`] in the read `t` (see [`begin_read`]) for job
+/// `job_id`, recall mode `mode` and the VINs of `part` (number, of how
+/// many: [`vin_part`]); with `in_order` (the rows are to be read in source
+/// order), sorts are off from here on, up to [`OUTPUT_PROBE_VINS`] VINs.
+async fn fill_output_vins(
+    t: &mut sqlx::PgConnection,
+    (job_id, mode): (i64, &'static str),
+    (part, parts): (i64, i64),
+    in_order: bool,
+) -> Result<(), StoreError> {
     // The read sorts and hashes the job's rows (its distinct VINs, the rows
     // in source order): with the default 4 MB they spilled to disk at
     // 150,000 rows (the VIN table's fill took 351 ms, 240 ms in memory).
@@ -569,7 +611,8 @@ async fn fill_output_vins(t: &mut sqlx::PgConnection, args: &[Arg], in_order: bo
         sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
     }
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
-    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), args).await? > OUTPUT_PROBE_VINS && in_order {
+    let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];
+    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), &args).await? > OUTPUT_PROBE_VINS && in_order {
         sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
     }
     // The key column only: all the join's plan needs.
@@ -621,11 +664,15 @@ static RESULTS_INSERT: LazyLock<String> = LazyLock::new(|| {
                 {}, CASE WHEN jsonb_typeof(ji.carried) = 'object' THEN ji.carried ELSE '{{}}' END
          FROM job_inputs ji
          LEFT JOIN {OUTPUT_TYPED_TABLE} o ON o.vin = ji.vin AND ji.status = 'decoded'
-         WHERE ji.job_id = $1",
+         WHERE ji.job_id = $1 AND {part}",
         vehicle.join(", "),
-        row_recall_error()
+        row_recall_error(),
+        part = vin_part("ji.vin"),
     )
 });
+
+/// How long [`results_into`] waits for each more connection.
+const SHARE_WAIT: Duration = Duration::from_secs(1);
 
 /// Writes every output row of a job into a table of the store's own
 /// database (`into`: see [`RESULTS_INSERT`]) without the rows leaving the
@@ -634,16 +681,58 @@ static RESULTS_INSERT: LazyLock<String> = LazyLock::new(|| {
 /// [`copy_text::vehicle`]) and copied back, then one `INSERT … SELECT`
 /// joins the job's rows to them. A warm job of 150,000 rows over 20,000
 /// VINs moves 20,000 rows each way instead of 150,000 (BENCHMARKS.md).
-/// Returns the rows written.
+///
+/// `conn` loads the first share of the VINs ([`vin_part`]); up to
+/// `sessions` less one more connections that `pool` has free load the
+/// others, each in a read that imports `conn`'s snapshot, so every share
+/// sees the same rows. Each commits on its own: `into` must be a table no
+/// reader sees until the write succeeds (a load table, attached after), as
+/// a failed share leaves the others' rows in it. Returns the rows written.
 pub(super) async fn results_into(
+    pool: &PgPool,
     conn: &mut sqlx::PgConnection,
-    job_id: i64,
-    mode: &'static str,
+    (job_id, mode): (i64, &'static str),
+    into: &str,
+    sessions: usize,
+) -> Result<u64, StoreError> {
+    let mut more = Vec::new();
+    while more.len() + 1 < sessions {
+        // A pool with none free leaves the write to fewer sessions rather
+        // than waiting on the job's other work (`try_acquire` would not
+        // open a connection the pool has room for).
+        match tokio::time::timeout(SHARE_WAIT, pool.acquire()).await {
+            Ok(Ok(c)) => more.push(c),
+            _ => break,
+        }
+    }
+    let parts = more.len() as i64 + 1;
+    tracing::info!(job = job_id, "loading in {parts} sessions from one snapshot");
+    let mut first = begin_read(conn, None).await?;
+    let mut reads = Vec::with_capacity(more.len() + 1);
+    if !more.is_empty() {
+        let id: String = sqlx::query_scalar("SELECT pg_export_snapshot()").fetch_one(&mut *first).await?;
+        for c in &mut more {
+            reads.push(begin_read(c, Some(&id)).await?);
+        }
+    }
+    reads.insert(0, first);
+    let loads = reads.iter_mut().zip(0..).map(|(t, part)| load_share(t, (job_id, mode), (part, parts), into));
+    let written: u64 = futures_util::future::try_join_all(loads).await?.into_iter().sum();
+    for t in reads {
+        t.commit().await?;
+    }
+    Ok(written)
+}
+
+/// One share of [`results_into`], in the read `t`: its VINs' columns typed
+/// and copied back, then its rows inserted into `into`. Returns its rows.
+async fn load_share(
+    t: &mut sqlx::PgConnection,
+    (job_id, mode): (i64, &'static str),
+    (part, parts): (i64, i64),
     into: &str,
 ) -> Result<u64, StoreError> {
-    let args = [Arg::from(job_id), Arg::from(mode)];
-    let mut t = sqlx::Connection::begin(conn).await?;
-    fill_output_vins(&mut t, &args, false).await?;
+    fill_output_vins(&mut *t, (job_id, mode), (part, parts), false).await?;
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_TYPED_DDL.as_str())).execute(&mut *t).await?;
     let mut after = String::new();
     loop {
@@ -675,9 +764,8 @@ pub(super) async fn results_into(
     }
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_TYPED_TABLE} (vin)"))).execute(&mut *t).await?;
     let insert = format!("INSERT INTO {into} {}", RESULTS_INSERT.as_str());
-    let written = bind(sqlx::query(sqlx::AssertSqlSafe(insert)), &args).execute(&mut *t).await?.rows_affected();
-    t.commit().await?;
-    Ok(written)
+    let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];
+    Ok(bind(sqlx::query(sqlx::AssertSqlSafe(insert)), &args).execute(&mut *t).await?.rows_affected())
 }
 
 /// Rows sent from the reading task to the stream at once.
@@ -697,9 +785,10 @@ pub(super) fn output_rows(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<Row>, StoreError>>(4);
     tokio::spawn(async move {
         let read = async {
+            let mut conn = pool.acquire().await?;
+            let mut t = begin_read(&mut conn, None).await?;
+            fill_output_vins(&mut t, (job_id, mode), (0, 1), true).await?;
             let args = [Arg::from(job_id), Arg::from(mode)];
-            let mut t = pool.begin().await?;
-            fill_output_vins(&mut t, &args, true).await?;
             let mut rows = bind(sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())), &args).fetch(&mut *t);
             let mut batch = Vec::with_capacity(OUTPUT_BATCH);
             while let Some(r) = rows.next().await {

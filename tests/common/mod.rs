@@ -397,3 +397,20 @@ macro_rules! both_stores {
 }
 #[allow(unused_imports)]
 pub(crate) use both_stores;
+
+/// Waits until a session is blocked by session `pid` (at most 5 s).
+pub async fn blocked_by(pool: &sqlx::PgPool, pid: i32, what: &str) {
+    for _ in 0..500 {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                .bind(pid)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{what}: never waited for session {pid}");
+}
