@@ -1050,13 +1050,15 @@ impl Store {
     /// output's own); up to `sessions` less one free connections of the
     /// pool load a share of the rows beside it from the same snapshot, each
     /// share committing on its own (so with more than one, `into` must be a
-    /// table that other sessions can see and readers do not see yet).
+    /// table that other sessions can see and readers do not see yet). With
+    /// a second table (like the results table), each decoded VIN's latest
+    /// decode goes there too, one row per VIN, for the vehicles upsert.
     /// Returns the rows written; `None` on SQLite.
     pub async fn results_into(
         &self,
         conn: &mut sqlx::PgConnection,
         (job_id, mode): (i64, RecallMode),
-        into: &str,
+        into: (&str, Option<&str>),
         sessions: usize,
     ) -> Result<Option<u64>, StoreError> {
         match &self.db {

@@ -391,7 +391,7 @@ fn retry_later(e: &sqlx::Error) -> bool {
 /// A fresh table like `results`, marked with [`load_mark`] (a killed
 /// writer's are dropped first), holding the job's rows; returns its name
 /// (unqualified) and the rows loaded.
-async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<(String, u64), Failed> {
+async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<Loaded, Failed> {
     let Target { job_id, schema, results, .. } = *t;
     let mark = load_mark(schema, results, job_id);
     let orphans: Vec<String> = sqlx::query_scalar(
@@ -420,9 +420,28 @@ async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_
         ),
     )
     .await?;
-    run(conn, format!("COMMENT ON TABLE {schema}.{load} IS '{}'", mark.replace('\'', "''"))).await?;
-    let total = fill(conn, rows, t, &format!("{schema}.{load}"), LOAD_SESSIONS).await?;
-    Ok((load, total))
+    let comment = |table: &str| format!("COMMENT ON TABLE {schema}.{table} IS '{}'", mark.replace('\'', "''"));
+    run(conn, comment(&load)).await?;
+    // Loaded on the server, each VIN's latest decode is kept aside as the
+    // rows go in, for the vehicles upsert (`Store::results_into`).
+    let latest = if matches!(rows, Feed::OnServer(_)) {
+        let latest = format!("{load}_v");
+        run(conn, format!("CREATE TABLE {schema}.{latest} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
+        run(conn, comment(&latest)).await?;
+        Some(format!("{schema}.{latest}"))
+    } else {
+        None
+    };
+    let total = fill(conn, rows, t, (&format!("{schema}.{load}"), latest.as_deref()), LOAD_SESSIONS).await?;
+    Ok(Loaded { load, latest, total })
+}
+
+/// A filled load table (unqualified), the table of its VINs' latest
+/// decodes (qualified) where the load made one, and the rows loaded.
+struct Loaded {
+    load: String,
+    latest: Option<String>,
+    total: u64,
 }
 
 /// Sessions that load a job's partition on the server at once, each the
@@ -436,7 +455,8 @@ const LOAD_SESSIONS: usize = 2;
 /// Fills `table` (like the results table) with the job's rows: streamed
 /// rows with one COPY, or on the server, in up to `sessions` transactions
 /// (`table` must then be visible to other sessions: not a temporary
-/// table, unless `sessions` is 1). On the server, an error in the data or the table (a results
+/// table, unless `sessions` is 1), and with `latest`, each decoded VIN's
+/// latest decode into that table too. On the server, an error in the data or the table (a results
 /// table altered by hand, a missing privilege) is the output's and fails
 /// the write, as it would in a COPY; a lost connection, a server shutting
 /// down or out of resources is the store's, and the write is tried again
@@ -445,7 +465,7 @@ async fn fill(
     conn: &mut sqlx::PgConnection,
     rows: Feed,
     t: &Target<'_>,
-    table: &str,
+    (table, latest): (&str, Option<&str>),
     sessions: usize,
 ) -> Result<u64, Failed> {
     let Target { store, job_id, hasher, .. } = *t;
@@ -454,7 +474,7 @@ async fn fill(
         Feed::OnServer(mode) => {
             tracing::info!(job = job_id, "loading {table} on the server: the rows stay in the database");
             let into = format!("{table} ({})", result_columns(false));
-            match store.results_into(conn, (job_id, mode), &into, sessions).await {
+            match store.results_into(conn, (job_id, mode), (&into, latest), sessions).await {
                 Ok(Some(n)) => Ok(n),
                 Ok(None) => Err(Failed::Rows(OutputError::write(table, "the state store is not Postgres"))),
                 Err(crate::store::StoreError::Sql(e)) if !retry_later(&e) => Err(Failed::Sql(e)),
@@ -468,7 +488,7 @@ async fn fill(
 /// partition.
 async fn write_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) -> Result<u64, Failed> {
     let Target { job_id, schema, results, .. } = *t;
-    let (load, total) = load_partition(conn, rows, t).await?;
+    let Loaded { load, latest, total } = load_partition(conn, rows, t).await?;
     // Indexed once loaded (cheaper than index upkeep per row). ANALYZE
     // reads only the columns the keys, the indexes and the vehicles upsert
     // use (0.23 s against 0.84–1.2 s for all 40 at 150,000 rows);
@@ -497,7 +517,13 @@ async fn write_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'
     // locks the results table against its readers until the commit, so
     // they wait for the swap alone. No deadlock between two writers: one
     // that holds the results table's lock has done its upsert.
-    upsert_vehicles(&mut tx, t, &format!("{schema}.{load}"), total >= PICK_BY_INDEX_ROWS).await?;
+    match &latest {
+        Some(latest) => {
+            upsert_vehicles(&mut tx, t, latest, false).await?;
+            run(&mut tx, format!("DROP TABLE {latest}")).await?;
+        }
+        None => upsert_vehicles(&mut tx, t, &format!("{schema}.{load}"), total >= PICK_BY_INDEX_ROWS).await?,
+    }
     if let Some(old) = old {
         run(&mut tx, format!("ALTER TABLE {schema}.{results} DETACH PARTITION {schema}.\"{old}\"")).await?;
         run(&mut tx, format!("DROP TABLE {schema}.\"{old}\"")).await?;
@@ -530,7 +556,7 @@ async fn write_plain(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_>) 
     run(conn, "DROP TABLE IF EXISTS pg_temp.vinetl_load".into()).await?;
     run(conn, format!("CREATE TEMP TABLE vinetl_load (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
     // One session: the temporary table is this connection's alone.
-    let total = fill(conn, rows, t, "pg_temp.vinetl_load", 1).await?;
+    let total = fill(conn, rows, t, ("pg_temp.vinetl_load", None), 1).await?;
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {schema}.{results} WHERE job_id = $1")))
         .bind(job_id)
