@@ -633,35 +633,16 @@ async fn a_table_the_database_refuses_fails_the_server_load_with_the_reason() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_vehicles_table_keeps_each_vins_latest_decode() {
     use sqlx::types::chrono::{TimeZone, Utc};
-    use vinetl::columns::{OutputRow, VEHICLE_COLUMNS};
     use vinetl::io::output::{Rows, tables};
     let schema = unique_schema("latest");
     let dir = tempfile::tempdir().unwrap();
-    let migrated = vinetl_async_env(&schema, KEY, &["migrate"], &[]).await;
-    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
-    let db = pool(&schema).await;
-    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
-    let store = state.open(4).await.unwrap();
+    let (db, store) = common::migrated_store(&schema).await;
     let at = |day: u32| Some(Utc.with_ymd_and_hms(2026, 11, day, 12, 0, 0).unwrap());
     let row = |n: i64, vin: &str, status: &str, decoded_at, model: &str| {
-        let mut vehicle = vec![None; VEHICLE_COLUMNS.len()];
-        vehicle[0] = Some("HONDA".to_string());
-        vehicle[1] = Some(model.to_string());
-        OutputRow {
-            source: "fleet.csv".into(),
-            source_row: n,
-            raw_vin: vin.into(),
-            vin: Some(vin.into()),
-            status: status.into(),
-            error_code: None,
-            error_text: None,
-            decoded_at,
-            check_digit_valid: Some(true),
-            vehicle,
-            recall_campaigns: None,
-            recall_error: None,
-            carried: Default::default(),
-        }
+        let mut row = common::decoded_row(n, vin, decoded_at, "HONDA", model);
+        row.status = status.into();
+        row.vehicle[2..].fill(None);
+        row
     };
     let (a, b, c, d) = ("1HGCM82633A004352", "JTDBT923291344240", "WVWJF7CD8TW190545", "1FTFW1ET5DFC10312");
     let first = vec![
@@ -724,38 +705,18 @@ async fn the_vehicles_table_keeps_each_vins_latest_decode() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_results_table_stays_readable_while_a_rewrite_upserts_vehicles() {
     use sqlx::types::chrono::{TimeZone, Utc};
-    use vinetl::columns::{OutputRow, VEHICLE_COLUMNS};
     use vinetl::io::output::{Rows, tables};
     let schema = unique_schema("readable");
     let dir = tempfile::tempdir().unwrap();
-    let migrated = vinetl_async_env(&schema, KEY, &["migrate"], &[]).await;
-    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
-    let db = pool(&schema).await;
-    let state = vinetl::cli::jobs::State::new(Some(&common::pg_url()), &schema).unwrap();
-    let store = state.open(4).await.unwrap();
+    let (db, store) = common::migrated_store(&schema).await;
     let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
     let body = std::fs::read_to_string(&spec).unwrap();
     let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
     std::fs::write(&spec, out).unwrap();
     let output = vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0);
     let vins = ["1HGCM82633A004352", "JTDBT923291344240", "WVWJF7CD8TW190545"];
-    let rows: Vec<OutputRow> = (0..3)
-        .map(|i| OutputRow {
-            source: "fleet.csv".into(),
-            source_row: i as i64 + 1,
-            raw_vin: vins[i].into(),
-            vin: Some(vins[i].into()),
-            status: "decoded".into(),
-            error_code: None,
-            error_text: None,
-            decoded_at: Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap()),
-            check_digit_valid: Some(true),
-            vehicle: vec![Some("HONDA".to_string()); VEHICLE_COLUMNS.len()],
-            recall_campaigns: None,
-            recall_error: None,
-            carried: Default::default(),
-        })
-        .collect();
+    let at = Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap());
+    let rows: Vec<_> = (0..3).map(|i| common::decoded_row(i as i64 + 1, vins[i], at, "HONDA", "HONDA")).collect();
     let write = |store: vinetl::store::Store| {
         let (output, rows) = (output.clone(), rows.clone());
         tokio::spawn(async move {

@@ -414,3 +414,41 @@ pub async fn blocked_by(pool: &sqlx::PgPool, pid: i32, what: &str) {
     }
     panic!("{what}: never waited for session {pid}");
 }
+
+/// A migrated schema of its own for a test that drives the store directly:
+/// a pool on it and the state store opened on it.
+pub async fn migrated_store(schema: &str) -> (sqlx::PgPool, vinetl::store::Store) {
+    let migrated = vinetl_async_env(schema, "unused", &["migrate"], &[]).await;
+    assert!(migrated.status.success(), "{}", String::from_utf8_lossy(&migrated.stderr));
+    let db = pool(schema).await;
+    let state = vinetl::cli::jobs::State::new(Some(&pg_url()), schema).unwrap();
+    (db, state.open(4).await.unwrap())
+}
+
+/// A decoded output row of `vin` at `source_row`: every vehicle column `make`
+/// but the model, which is `model`.
+pub fn decoded_row(
+    source_row: i64,
+    vin: &str,
+    decoded_at: Option<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>>,
+    make: &str,
+    model: &str,
+) -> vinetl::columns::OutputRow {
+    let mut vehicle = vec![Some(make.to_string()); vinetl::columns::VEHICLE_COLUMNS.len()];
+    vehicle[1] = Some(model.to_string());
+    vinetl::columns::OutputRow {
+        source: "fleet.csv".into(),
+        source_row,
+        raw_vin: vin.into(),
+        vin: Some(vin.into()),
+        status: "decoded".into(),
+        error_code: None,
+        error_text: None,
+        decoded_at,
+        check_digit_valid: Some(true),
+        vehicle,
+        recall_campaigns: None,
+        recall_error: None,
+        carried: Default::default(),
+    }
+}
