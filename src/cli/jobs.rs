@@ -428,27 +428,35 @@ const STATE_EVERY: Duration = Duration::from_millis(500);
 /// Polls the job's counts until it ends: on a terminal a bar for each
 /// phase as it comes (planning, decode calls, recall calls, the output
 /// write), each with its rate and ETA; otherwise a log line every few
-/// seconds (and when it ends).
+/// seconds (and when it ends). The job's rows are counted only when the
+/// count is shown: every half second for the bars, when a log line is due
+/// for the log, and with neither (no terminal, and the log quieter than
+/// `info`) only once the job has ended. Between counts the watcher reads
+/// the job's state alone, one row. (Counting for nothing cost a cold
+/// 50,000-VIN run 0.7 s of the database's CPU: 20 counts at 35 ms.)
 async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<JobCounts> {
     let mut bars = progress.then(PhaseBars::default);
+    let every = match (&bars, tracing::enabled!(target: "vinetl::cli::jobs", tracing::Level::INFO)) {
+        (Some(_), _) => Some(STATE_EVERY),
+        (None, true) => Some(PROGRESS_EVERY),
+        (None, false) => None,
+    };
     let started = std::time::Instant::now();
-    let mut logged: Option<std::time::Instant> = None;
     let counts = loop {
         let asked = std::time::Instant::now();
         let counts = store.counts(job_id).await?.context("the job vanished")?;
-        let count_again = asked + poll_pause(STATE_EVERY, asked.elapsed());
+        let count_again = every.map(|every| asked + poll_pause(every, asked.elapsed()));
         let over = ended(&counts.state);
         let settled = counts.batches_done + counts.dead_lettered_batches;
         if let Some(bars) = &mut bars {
             bars.show(&counts);
-        } else if over || logged.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+        } else if over || every.is_some() {
             let secs = started.elapsed().as_secs_f64().max(1e-3);
             let rate = counts.calls_made as f64 / secs;
             let eta = counts.eta_secs.filter(|_| !over).map(span);
             tracing::info!(job = job_id, state = %counts.state, rows = counts.rows, pending = counts.pending,
                            calls = counts.calls_made, calls_left = counts.calls_left, batches = counts.batches,
                            batches_done = settled, calls_per_sec = format!("{rate:.1}"), eta, "progress");
-            logged = Some(std::time::Instant::now());
         }
         if over {
             break counts;
@@ -460,7 +468,7 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
                     anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
                 }
             }
-            if std::time::Instant::now() >= count_again {
+            if count_again.is_some_and(|at| std::time::Instant::now() >= at) {
                 break;
             }
             let state = store.job_state(job_id).await?.context("the job vanished")?;
