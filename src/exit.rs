@@ -47,6 +47,7 @@ pub fn code_for(e: &anyhow::Error) -> u8 {
                         | StoreError::SqliteOpen { .. }
                         | StoreError::NoState(_)
                         | StoreError::NoJob(_)
+                        | StoreError::Planning(_)
                 )
             )
     });

@@ -223,6 +223,21 @@ async fn audit_retention_and_forget(backend: Backend) {
     // dataset is named as not reached, and `vinetl write` rewrites it.
     assert!(parquet_text(&out_dir).contains(&target), "the VIN is in the Parquet first");
     assert!(!env.tables_holding(&target).await.is_empty());
+    // Refused, touching nothing, while a job is planning: its later rows
+    // could hold the VIN again.
+    let held = env.tables_holding(&target).await;
+    env.exec(
+        "UPDATE jobs SET state = 'planning' WHERE job_id = 1",
+        "UPDATE jobs SET state = 'planning' WHERE job_id = 1",
+    )
+    .await;
+    let refused = env.vinetl(&["forget", &target]).await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("job 1 is still planning") && said.contains("vinetl cancel 1"), "{said}");
+    assert_eq!(env.tables_holding(&target).await, held);
+    env.exec("UPDATE jobs SET state = 'done' WHERE job_id = 1", "UPDATE jobs SET state = 'done' WHERE job_id = 1")
+        .await;
     let forgot = env.vinetl(&["forget", &format!(" {} ", target.to_lowercase()), "--json"]).await;
     assert_eq!(forgot.status.code(), Some(1), "not everything reachable: {}", String::from_utf8_lossy(&forgot.stderr));
     let report: Value = serde_json::from_slice(&forgot.stdout).unwrap();

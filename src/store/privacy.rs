@@ -8,7 +8,7 @@
 //! request its place in the trail), and deleted where nothing depends on it
 //! (the cache). A VIN forgotten while its job runs is not called: its row
 //! still pending ends `failed` (`forgotten`), and a queued batch left with
-//! no VIN is cancelled.
+//! no VIN is cancelled. A forget is refused while a job is planning.
 
 use super::core::Store;
 use super::records::{AuditFilter, AuditedCall, Forgotten, StoreError};
@@ -44,8 +44,19 @@ impl Store {
     /// Stored input rows are matched by their normalised VIN and by their
     /// raw text, so a row rejected at planning (lower case, a dash) goes too
     /// when its text is the VIN.
+    /// Refused while any job is planning: its planner remembers the VINs
+    /// of the rows it has stored, so a later row of this VIN would be
+    /// planned as a duplicate of a row blanked here, and would end with
+    /// no vehicle columns. (The check is in the forget's transaction; a
+    /// job whose planning starts after it commits plans the VIN afresh, as
+    /// a job submitted later would.)
     pub async fn forget_vin(&self, vin: &str) -> Result<Forgotten, StoreError> {
         let mut tx = self.write().await?;
+        if let Some(r) =
+            tx.rows("SELECT job_id FROM jobs WHERE state = 'planning' ORDER BY job_id LIMIT 1", args![]).await?.first()
+        {
+            return Err(StoreError::Planning(r.int(0)?));
+        }
         let mut jobs: Vec<i64> = tx
             .rows(
                 "SELECT DISTINCT job_id FROM job_inputs WHERE vin = $1 OR upper(trim(raw_vin)) = $1
