@@ -235,6 +235,7 @@ async fn audit_retention_and_forget(backend: Backend) {
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{said}");
     assert!(said.contains("job 1 is still planning") && said.contains("vinetl cancel 1"), "{said}");
+    assert!(!said.contains("  "), "one line, single-spaced: {said}");
     assert_eq!(env.tables_holding(&target).await, held);
     env.exec("UPDATE jobs SET state = 'done' WHERE job_id = 1", "UPDATE jobs SET state = 'done' WHERE job_id = 1")
         .await;

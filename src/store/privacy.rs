@@ -44,6 +44,7 @@ impl Store {
     /// Stored input rows are matched by their normalised VIN and by their
     /// raw text, so a row rejected at planning (lower case, a dash) goes too
     /// when its text is the VIN.
+    ///
     /// Refused while any job is planning: its planner remembers the VINs
     /// of the rows it has stored, so a later row of this VIN would be
     /// planned as a duplicate of a row blanked here, and would end with

@@ -592,7 +592,8 @@ pub enum StoreError {
     /// `forget` met a job still planning its rows: the VIN could come back
     /// in rows planned after it, as duplicates of a row it had blanked.
     #[error(
-        "job {0} is still planning its input rows, which may hold the VIN again after it is forgotten: run          `vinetl forget` once the job has planned (`vinetl status {0}`), or cancel it (`vinetl cancel {0}`)"
+        "job {0} is still planning its input rows, which may hold the VIN again after it is forgotten: run \
+         `vinetl forget` once the job has planned (`vinetl status {0}`), or cancel it (`vinetl cancel {0}`)"
     )]
     Planning(i64),
     #[error("migrating schema {schema} failed: {source}")]
