@@ -999,6 +999,29 @@ async fn a_planned_job_with_calls_has_postgres_statistics() {
     env.cleanup().await;
 }
 
+/// A job with no call to make (here every row is invalid; a warm nightly,
+/// every VIN cached, is the same) gets statistics on its rows too: its
+/// outputs are written right after planning, and without them Postgres
+/// joined the results table's rows to their VINs by one probe per row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_planned_job_without_calls_has_postgres_statistics() {
+    let env = Env::new(Backend::Pg);
+    let store = env.store().await;
+    let invalid: Vec<String> = (0..40).map(|i| format!("NOT-A-VIN-{i}")).collect();
+    let spec = JobSpec::load(&env.spec(&invalid, "http://127.0.0.1:9", "")).unwrap();
+    vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
+    let analyzed: Vec<String> =
+        sqlx::query_scalar("SELECT tablename || '.' || attname FROM pg_stats WHERE schemaname = $1 ORDER BY 1")
+            .bind(&env.schema)
+            .fetch_all(store.pg_pool().unwrap())
+            .await
+            .unwrap();
+    for column in ["job_inputs.job_id", "job_inputs.status", "job_inputs.vin"] {
+        assert!(analyzed.iter().any(|c| c == column), "{column} has no statistics: {analyzed:?}");
+    }
+    env.cleanup().await;
+}
+
 /// A call's outcome locks its batch, then counts on its job; failing,
 /// cancelling or resuming the job must take the same locks in the same order. Here an
 /// outcome holds batch 0 while the job fails (a revoked key answered

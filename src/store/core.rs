@@ -450,29 +450,37 @@ impl Store {
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;
         tx.exec("UPDATE jobs SET batches_planned = true, updated_at = now() WHERE job_id = $1", args![job_id]).await?;
         tx.commit().await?;
-        if batches > 0 {
-            self.analyze_for_calls().await;
-        }
+        self.analyze_planned(batches > 0).await;
         Ok(batches)
     }
 
-    /// Postgres' statistics on the tables every call's statements update,
-    /// taken once a job with calls to make is planned. Without them (new
-    /// tables, or a job whose rows autovacuum has not yet analyzed, which
-    /// it does a minute or more later) the planner guessed a job had ~100
-    /// rows: storing an answer read every row of the job by its key instead
-    /// of the 20 by VIN (8.3 ms against 1.6 ms for 60 VINs of a 50,000-row
-    /// job), and marking batches done read all the job's batches (2.3 ms
-    /// against 0.16 ms), EXPLAIN ANALYZE. Only the columns those statements
+    /// Postgres' statistics on the job's rows, and with `calls`, on its
+    /// batches, taken once the job is planned. Without them (new tables, or
+    /// a job whose rows autovacuum has not yet analyzed, which it does a
+    /// minute or more later) the planner guessed a job had ~100 rows:
+    /// - storing an answer read every row of the job by its key instead of
+    ///   the 20 by VIN (8.3 ms against 1.6 ms for 60 VINs of a 50,000-row
+    ///   job), and marking batches done read all the job's batches (2.3 ms
+    ///   against 0.16 ms);
+    /// - a job with no call to make (a warm nightly) had its rows joined to
+    ///   their VINs' columns for the results table by one index probe per
+    ///   row: 17.9 s for one load session's 5,000,000 rows, against 3.5 s
+    ///   hashed once the rows were analyzed.
+    ///
+    /// (EXPLAIN ANALYZE, BENCHMARKS.md.) Only the columns those statements
     /// filter on are sampled (30,000 rows of each table, whatever its size,
-    /// once per job); `SKIP_LOCKED` leaves a table that autovacuum is
-    /// analyzing to it, and Postgres skips a table this role does not own
-    /// with a warning of its own. An error costs only speed, so it is
-    /// logged. SQLite's planner takes the indexes without statistics
-    /// (`EXPLAIN QUERY PLAN`).
-    async fn analyze_for_calls(&self) {
+    /// once per job: 0.3 s at 10,000,000 rows); `SKIP_LOCKED` leaves a table
+    /// that autovacuum is analyzing to it, and Postgres skips a table this
+    /// role does not own with a warning of its own. An error costs only
+    /// speed, so it is logged. SQLite's planner takes the indexes without
+    /// statistics (`EXPLAIN QUERY PLAN`).
+    async fn analyze_planned(&self, calls: bool) {
         if let Db::Pg(_) = self.db {
-            let sql = "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status), batches (job_id, batch_no, state)";
+            let sql = if calls {
+                "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status), batches (job_id, batch_no, state)"
+            } else {
+                "ANALYZE (SKIP_LOCKED) job_inputs (job_id, vin, plan, status)"
+            };
             if let Err(e) = self.exec(sql, args![]).await {
                 tracing::warn!(error = %e, "could not analyze the job's tables; its calls may be stored slower");
             }

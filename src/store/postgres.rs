@@ -766,6 +766,14 @@ async fn load_share(
         }
     }
     sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {OUTPUT_TYPED_TABLE} (vin)"))).execute(&mut *t).await?;
+    // Every row of the share meets its VIN's columns: one hash of the typed
+    // table, never an index probe per row, which is what the planner picks
+    // when the job's rows have no statistics yet (a job planned moments ago
+    // that autovacuum has not analyzed, and planning's own ANALYZE skipped):
+    // 5,000,000 rows joined in 17.9 s probed, 7.3 s hashed even then
+    // (EXPLAIN ANALYZE, BENCHMARKS.md). The statement's other join, each
+    // VIN's latest decode to its columns, is hashed too.
+    sqlx::query("SET LOCAL enable_nestloop = off").execute(&mut *t).await?;
     let insert = format!("INSERT INTO {into} {}", RESULTS_INSERT.as_str());
     let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];
     let Some(vehicles) = vehicles_into else {
