@@ -1366,6 +1366,34 @@ async fn retention_prunes_old_jobs_only(backend: Backend) {
     env.cleanup().await;
 }
 
+/// `vinetl write` restarts the writing phase and leaves the calls phase as
+/// it ended: `status` does not count the time a job sat written as calling.
+async fn a_rewrite_keeps_the_calls_phase(backend: Backend) {
+    let env = Env::new(backend);
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let out_dir = env.dir.path().join("out");
+    let spec = env.spec(
+        &pattern_vins(60),
+        &server.url(),
+        &format!("[[outputs]]\nkind = \"parquet\"\npath = \"{}\"", out_dir.display()),
+    );
+    let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = env.status(1).await["times"].clone();
+    assert!(first["calls_secs"].is_f64() && first["writing_secs"].is_f64(), "{first}");
+    // The job sits written for a while, then is written again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = env.vinetl("unused", &["write", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = env.status(1).await["times"].clone();
+    assert_eq!(again["calls_secs"], first["calls_secs"], "the calls ended when they did: {first} then {again}");
+    assert_ne!(again["write_started_at"], first["write_started_at"], "writing restarted: {again}");
+    assert!(again["writing_secs"].as_f64().unwrap() < 1.5, "the rewrite's own time: {again}");
+    assert_eq!(again["planning_secs"], first["planning_secs"]);
+    server.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 common::both_stores!(
     enqueue_is_idempotent,
     a_recreated_install_queues_its_jobs_again,
@@ -1383,4 +1411,5 @@ common::both_stores!(
     a_file_of_many_chunks_is_planned_by_its_vins,
     carried_types_are_recorded_as_rows_are_planned,
     retention_prunes_old_jobs_only,
+    a_rewrite_keeps_the_calls_phase,
 );

@@ -15,7 +15,7 @@ use sqlx::types::chrono::{DateTime, NaiveDate};
 use super::records::{
     Answer, Answered, CallCounts, CallEnd, CallSent, ChunkForm, ClaimedBatch, DeadBatch, DecodedVin, FailedRow,
     Failures, JobCounts, JobError, JobTimes, Lookup, Next, PlanMemo, PlannedChunk, PlannedRow, Prunable, QuotaToday,
-    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns,
+    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns, rfc3339,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -940,7 +940,7 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
-        let at = |s: Option<f64>| JobTimes::from_epochs([s, None, None, None, None]).created_at;
+        let at = rfc3339;
         Ok(Some(Failures {
             job_id,
             name: job.text(0)?,
@@ -1206,7 +1206,8 @@ impl Store {
         tx.exec(
             "UPDATE jobs SET state = $2, updated_at = now(), state_reason = NULL, resume_at = NULL,
                      finished_at = CASE WHEN $2 = 'done' THEN now() ELSE finished_at END,
-                     write_started_at = CASE WHEN $2 = 'writing' THEN now() ELSE write_started_at END
+                     write_started_at = CASE WHEN $2 = 'writing' THEN now() ELSE write_started_at END,
+                     calls_ended_at = now()
                  WHERE job_id = $1",
             args![job_id, state],
         )
@@ -1237,11 +1238,14 @@ impl Store {
     }
 
     /// Puts an ended job into `writing` to write its outputs again from the
-    /// stored results. False if it has not ended (or has no calls planned).
+    /// stored results; when its calls ended is kept (for a job that failed or
+    /// was cancelled, or ran before vinetl recorded it: when it last started
+    /// writing, or ended). False if it has not ended (or has no calls planned).
     pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
         let n = self
             .exec(
-                "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now()
+                "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now(),
+                     calls_ended_at = coalesce(calls_ended_at, write_started_at, finished_at)
                  WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
                    AND pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
                 args![job_id],
@@ -1377,7 +1381,8 @@ impl Store {
         // within a transaction), which is how `failures` tells them apart.
         tx.exec(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
-                     started_at = now(), planned_at = now(), write_started_at = NULL, recalls_planned = false,
+                     started_at = now(), planned_at = now(), write_started_at = NULL, calls_ended_at = NULL,
+                     recalls_planned = false,
                      outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
                      campaigns_found = NULL, run_no = run_no + 1, run_how = $2, updated_at = now()
                  WHERE job_id = $1",
@@ -1582,7 +1587,7 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
                     {epoch created_at}, {epoch started_at}, {epoch planned_at}, {epoch write_started_at},
                     {epoch finished_at}, {epoch pruned_at}, summary,
                     calls_answered, calls_server_error, calls_timed_out, spec, {epoch paused_at}, run_no, run_how,
-                    {epoch resume_at}
+                    {epoch resume_at}, {epoch calls_ended_at}
              FROM jobs WHERE job_id = $1",
             args![job_id],
         )
@@ -1593,7 +1598,7 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
     if !job.is_null(21) {
         let mut frozen: JobCounts = serde_json::from_value(job.json(21)?)
             .map_err(|e| StoreError::Decode(format!("job {job_id}'s frozen counts: {e}")))?;
-        frozen.pruned_at = JobTimes::from_epochs([job.opt_real(20)?, None, None, None, None]).created_at;
+        frozen.pruned_at = rfc3339(job.opt_real(20)?);
         return Ok(Some(frozen));
     }
     let rows = tx
@@ -1667,8 +1672,7 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
     });
     let earlier_runs = earlier_runs(tx, job_id).await?;
     let (mut state, mut state_reason) = (job.text(1)?, job.opt_text(2)?);
-    let resume_at =
-        JobTimes::from_epochs([job.opt_real(29)?, None, None, None, None]).created_at.filter(|_| state == "waiting");
+    let resume_at = rfc3339(job.opt_real(29)?).filter(|_| state == "waiting");
     let active = matches!(state.as_str(), "running" | "waiting") && job.is_null(26);
     let eta_secs = eta_secs(calls_left, quota.as_ref()).filter(|_| active).map(|s| s.round());
     let paused_at = job.opt_real(26)?.and_then(|s| DateTime::from_timestamp(s as i64, 0));
@@ -1716,6 +1720,7 @@ async fn job_counts(tx: &mut Tx, job_id: i64) -> Result<Option<JobCounts>, Store
             job.opt_real(17)?,
             job.opt_real(18)?,
             job.opt_real(19)?,
+            job.opt_real(30)?,
         ]),
     }))
 }
@@ -1731,7 +1736,7 @@ async fn earlier_runs(tx: &mut Tx, job_id: i64) -> Result<Vec<RunSummary>, Store
         .await?;
     runs.iter()
         .map(|r| {
-            let times = JobTimes::from_epochs([r.opt_real(3)?, None, None, None, r.opt_real(4)?]);
+            let (started_at, finished_at) = (rfc3339(r.opt_real(3)?), rfc3339(r.opt_real(4)?));
             let outcome = r.json(5)?;
             let n = |k: &str| outcome[k].as_i64().unwrap_or(0);
             Ok(RunSummary {
@@ -1739,8 +1744,8 @@ async fn earlier_runs(tx: &mut Tx, job_id: i64) -> Result<Vec<RunSummary>, Store
                 how: r.text(1)?,
                 state: r.text(2)?,
                 state_reason: outcome["state_reason"].as_str().map(str::to_string),
-                started_at: times.created_at,
-                finished_at: times.finished_at,
+                started_at,
+                finished_at,
                 rows: n("rows"),
                 decoded: n("decoded"),
                 failed: n("failed"),
@@ -1765,7 +1770,7 @@ async fn quota_today(tx: &mut Tx, account: &str) -> Result<Option<QuotaToday>, S
     // The same quota day as the limiter's (store/bucket.rs).
     let day_start = ((t - reset) / 86_400.0).floor() * 86_400.0 + reset;
     let used = if r.opt_real(2)?.unwrap_or(f64::NEG_INFINITY) < day_start { 0 } else { r.int(0)? };
-    let at = |secs: f64| JobTimes::from_epochs([Some(secs), None, None, None, None]).created_at;
+    let at = |secs: f64| rfc3339(Some(secs));
     Ok(Some(QuotaToday {
         account: account.to_string(),
         used_today: used,

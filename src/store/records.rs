@@ -472,7 +472,7 @@ pub struct Prunable {
 /// or the latest `reprocess`), when each phase ended (RFC 3339, UTC), and how
 /// long each took in seconds: planning (read, parse, dedupe, batch), calls
 /// (decodes and recall lookups), writing (the outputs). A phase not reached
-/// yet is null; `vinetl write` restarts writing.
+/// yet is null; `vinetl write` restarts writing, and leaves the calls as they ended.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct JobTimes {
     pub created_at: Option<String>,
@@ -486,23 +486,28 @@ pub struct JobTimes {
     pub total_secs: Option<f64>,
 }
 
+/// Unix seconds as RFC 3339 (UTC), to the microsecond.
+pub(crate) fn rfc3339(secs: Option<f64>) -> Option<String> {
+    secs.and_then(|s| sqlx::types::chrono::DateTime::from_timestamp_micros((s * 1e6).round() as i64))
+        .map(|d| d.to_rfc3339())
+}
+
 impl JobTimes {
-    /// From Unix seconds: created, started, planned, writing started, finished.
-    pub(crate) fn from_epochs(t: [Option<f64>; 5]) -> JobTimes {
-        let at = |s: Option<f64>| {
-            s.and_then(|s| sqlx::types::chrono::DateTime::from_timestamp_micros((s * 1e6).round() as i64))
-                .map(|d| d.to_rfc3339())
-        };
+    /// From Unix seconds: created, started, planned, writing started,
+    /// finished, and calls ended (the job left its calls for its outputs or
+    /// its end; null for a job run before vinetl recorded it).
+    pub(crate) fn from_epochs(t: [Option<f64>; 6]) -> JobTimes {
         let span = |a: Option<f64>, b: Option<f64>| Some(((b? - a?) * 1000.0).round() / 1000.0).filter(|d| *d >= 0.0);
-        let [created, started, planned, writing, finished] = t;
-        // Without outputs, the calls end when the job does.
-        let calls_end = writing.or(finished);
+        let [created, started, planned, writing, finished, calls_ended] = t;
+        // Without that record, the calls end when writing starts (which a
+        // `vinetl write` moves on), or with no outputs, when the job does.
+        let calls_end = calls_ended.or(writing).or(finished);
         JobTimes {
-            created_at: at(created),
-            started_at: at(started),
-            planned_at: at(planned),
-            write_started_at: at(writing),
-            finished_at: at(finished),
+            created_at: rfc3339(created),
+            started_at: rfc3339(started),
+            planned_at: rfc3339(planned),
+            write_started_at: rfc3339(writing),
+            finished_at: rfc3339(finished),
             planning_secs: span(started, planned),
             calls_secs: span(planned, calls_end),
             writing_secs: span(writing, finished),
