@@ -568,7 +568,7 @@ pub fn stderr_is_terminal() -> bool {
 /// not given.
 async fn ended_job_spec(store: &Store, job_id: i64, force: bool) -> anyhow::Result<JobSpec> {
     let spec = store.job_spec(job_id).await?.map_err(|e| anyhow::anyhow!(e))?;
-    let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
+    let counts = store.standing(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
     if let Some(at) = &counts.pruned_at {
         return Err(Usage(format!(
             "job {job_id} was pruned at {at} (retention): its rows are gone, so it can be neither redone nor \

@@ -15,7 +15,7 @@ use sqlx::types::chrono::{DateTime, NaiveDate};
 use super::records::{
     Answer, Answered, CallCounts, CallEnd, CallSent, ChunkForm, ClaimedBatch, DeadBatch, DecodedVin, FailedRow,
     Failures, JobCounts, JobError, JobTimes, Lookup, Next, PlanMemo, PlannedChunk, PlannedRow, Prunable, QuotaToday,
-    RecallCounts, Redo, Reschedule, RunSummary, StoreError, distinct_campaigns, rfc3339,
+    RecallCounts, Redo, Reschedule, RunSummary, Standing, StoreError, distinct_campaigns, rfc3339,
 };
 use super::sql::{Arg, Dialect, Row, args};
 use super::{postgres, sqlite};
@@ -1276,6 +1276,27 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// A job's state, reason, pruning and outputs, from its row alone: what
+    /// `write` and `reprocess` check before they start, without the counts'
+    /// read of every row of the job (5.6 s at 10,000,000 rows).
+    pub async fn standing(&self, job_id: i64) -> Result<Option<Standing>, StoreError> {
+        let row = self
+            .row(
+                "SELECT state, state_reason, {epoch pruned_at}, outputs_written FROM jobs WHERE job_id = $1",
+                args![job_id],
+            )
+            .await?;
+        row.map(|r| {
+            Ok(Standing {
+                state: r.text(0)?,
+                state_reason: r.opt_text(1)?,
+                pruned_at: rfc3339(r.opt_real(2)?),
+                outputs: r.texts(3)?,
+            })
+        })
+        .transpose()
     }
 
     /// Where a job's outputs went (`None`: no such job).

@@ -234,6 +234,18 @@ pub struct DecodedVin {
     pub raw: serde_json::Value,
 }
 
+/// What `write` and `reprocess` check of an ended job before touching it,
+/// read from its row alone ([`crate::store::Store::standing`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standing {
+    pub state: String,
+    pub state_reason: Option<String>,
+    /// When retention pruned it (RFC 3339), if it did.
+    pub pruned_at: Option<String>,
+    /// Where its outputs went, each marked if a later job has taken it over.
+    pub outputs: Vec<String>,
+}
+
 /// The counts `status` shows (and, frozen as JSON, a pruned job keeps).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct JobCounts {
