@@ -983,9 +983,16 @@ async fn an_answer_or_a_forget_takes_its_batch_before_its_rows() {
 /// every row of the job to store each answer (`Store::plan_batches`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_planned_job_with_calls_has_postgres_statistics() {
+    let columns = ["batches.batch_no", "batches.state", "job_inputs.status", "job_inputs.vin"];
+    planning_leaves_statistics_on(&pattern_vins(40), &columns).await;
+}
+
+/// Plans a Postgres job over `vins` (no call is made) and checks every one
+/// of `columns` (`table.column`) has statistics.
+async fn planning_leaves_statistics_on(vins: &[String], columns: &[&str]) {
     let env = Env::new(Backend::Pg);
     let store = env.store().await;
-    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+    let spec = JobSpec::load(&env.spec(vins, "http://127.0.0.1:9", "")).unwrap();
     vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
     let analyzed: Vec<String> =
         sqlx::query_scalar("SELECT tablename || '.' || attname FROM pg_stats WHERE schemaname = $1 ORDER BY 1")
@@ -993,7 +1000,7 @@ async fn a_planned_job_with_calls_has_postgres_statistics() {
             .fetch_all(store.pg_pool().unwrap())
             .await
             .unwrap();
-    for column in ["batches.batch_no", "batches.state", "job_inputs.status", "job_inputs.vin"] {
+    for column in columns {
         assert!(analyzed.iter().any(|c| c == column), "{column} has no statistics: {analyzed:?}");
     }
     env.cleanup().await;
@@ -1005,21 +1012,8 @@ async fn a_planned_job_with_calls_has_postgres_statistics() {
 /// joined the results table's rows to their VINs by one probe per row.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_planned_job_without_calls_has_postgres_statistics() {
-    let env = Env::new(Backend::Pg);
-    let store = env.store().await;
     let invalid: Vec<String> = (0..40).map(|i| format!("NOT-A-VIN-{i}")).collect();
-    let spec = JobSpec::load(&env.spec(&invalid, "http://127.0.0.1:9", "")).unwrap();
-    vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap();
-    let analyzed: Vec<String> =
-        sqlx::query_scalar("SELECT tablename || '.' || attname FROM pg_stats WHERE schemaname = $1 ORDER BY 1")
-            .bind(&env.schema)
-            .fetch_all(store.pg_pool().unwrap())
-            .await
-            .unwrap();
-    for column in ["job_inputs.job_id", "job_inputs.status", "job_inputs.vin"] {
-        assert!(analyzed.iter().any(|c| c == column), "{column} has no statistics: {analyzed:?}");
-    }
-    env.cleanup().await;
+    planning_leaves_statistics_on(&invalid, &["job_inputs.job_id", "job_inputs.status", "job_inputs.vin"]).await;
 }
 
 /// A call's outcome locks its batch, then counts on its job; failing,
