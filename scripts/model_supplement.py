@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vpic_db import query
+from vpic_db import query, tsv_line
 
 ROOT = Path(__file__).resolve().parent.parent
 # Three-character WMIs with no make of their own and several makes;
@@ -36,8 +36,7 @@ rows = query("""
     HAVING count(DISTINCT mk.Id) = 1
     ORDER BY w.Wmi, ws.YearFrom, p.Keys, m.Name""")
 
-clean = lambda s: " ".join(str(s).split()).replace("\t", " ")
-text = "wmi\tyear_from\tyear_to\tkeys\tmake\tmodel\n" + "".join("\t".join(clean(x) for x in r) + "\n" for r in rows)
+text = "wmi\tyear_from\tyear_to\tkeys\tmake\tmodel\n" + "".join(tsv_line(r) for r in rows)
 out = ROOT / "src/local/model-supplement.tsv.zst"
 subprocess.run(["zstd", "-19", "-q", "-f", "-o", str(out)], input=text.encode(), check=True)
 print(f"{len(rows)} model patterns of shared WMIs, {out.stat().st_size:,} bytes", file=sys.stderr)

@@ -20,3 +20,9 @@ def query(sql):
             return db.execute(sql).fetchall()
         finally:
             db.close()
+
+
+def tsv_line(row):
+    """One row of a supplement table: its fields on one line, tab-separated,
+    each with its runs of white space (tabs included) made one space."""
+    return "\t".join(" ".join(str(x).split()) for x in row) + "\n"

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vpic_db import query
+from vpic_db import query, tsv_line
 
 ROOT = Path(__file__).resolve().parent.parent
 binary = Path(os.environ["CARGO_TARGET_DIR"]) / "release" / "vinetl"
@@ -51,9 +51,8 @@ for line, r in zip(out.splitlines(), rows):
     if "7" in answer.get("ErrorCode", "").split(",") or SUPPLEMENTED in answer.get("ErrorText", ""):
         lacking.add(r[0])
 kept = [r for r in rows if r[0] in lacking]
-clean = lambda s: " ".join(s.split()).replace("\t", " ")
 with open(ROOT / "src/local/wmi-supplement.tsv", "w") as f:
     f.write("wmi\tmake\tmanufacturer\tcountry\tvehicle_type\n")
     for r in kept:
-        f.write("\t".join(clean(x) for x in r) + "\n")
+        f.write(tsv_line(r))
 print(f"{len(kept)} of {len(rows)} WMIs (no trailers) are not in the embedded tables", file=sys.stderr)
