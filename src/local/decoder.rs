@@ -185,8 +185,11 @@ impl Decoder {
             // WMI's fields stay.
             let other = if year == later { earlier } else { later };
             if let Some(found) = newer_model(&probe, Some(other)) {
+                // One sentence for the year: it replaces the note on how the
+                // embedded patterns chose between the two cycles.
+                notes.retain(|n| !n.starts_with("model year "));
                 notes.push(format!(
-                    "vPIC's newer patterns name a model for {other} and none for {year}, so {other} is stated and the embedded tables' {year} fields are left out"
+                    "model year {later} or {earlier} by position 10; the embedded patterns fit {year} best but name no model, and vPIC's newer patterns name one for {other}, so {other} is stated and the embedded tables' {year} fields are left out"
                 ));
                 vehicle = Vehicle { model_year: other.to_string(), ..wmi.as_ref().map(from_wmi).unwrap_or_default() };
                 named = Some(found);
@@ -506,7 +509,14 @@ mod tests {
         assert_eq!((v.make.as_str(), v.model.as_str(), v.model_year.as_str()), ("FRONTLINE", "Tractor", "2024"));
         assert_eq!(v.manufacturer, "OSHKOSH CORPORATION");
         assert_eq!((v.series.as_str(), v.drive_type.as_str()), ("", ""), "the 1994 decode's fields are left out");
-        assert!(v.error_text.contains("so 2024 is stated"), "{}", v.error_text);
+        assert!(
+            v.error_text.contains(
+                "model year 2024 or 1994 by position 10; the embedded patterns fit 1994 best but name no model, and vPIC's newer patterns name one for 2024, so 2024 is stated"
+            ),
+            "{}",
+            v.error_text
+        );
+        assert_eq!(v.error_text.matches("model year").count(), 1, "one sentence for the year: {}", v.error_text);
         assert_eq!(v.error_code, "8");
     }
 
