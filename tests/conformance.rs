@@ -379,7 +379,7 @@ async fn a_stale_task_makes_no_call_and_uses_no_quota(backend: Backend) {
     // The account exists, as once any worker has used it: its quota is read below.
     SharedLimiter::register(&store, &spec.provider).await.unwrap();
     let allow = vinetl::call::allow::ApiAllow::from_env();
-    let state = vinetl::job::worker::WorkerState::new(env.store().await, &env.schema, Some(nowhere.into()), allow);
+    let state = vinetl::job::worker::WorkerState::new(env.store().await, &env.schema, 1, Some(nowhere.into()), allow);
     let stale = BatchTask { job_id: job, batch_no: 0, generation: 0 };
     vinetl::job::worker::handle(stale, apalis::prelude::Data::new(state)).await.unwrap();
     let status = env.status(job).await;

@@ -185,3 +185,65 @@ async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
     drop(worker);
     cleanup(&schema).await;
 }
+
+/// A worker told to stop while its calls are in flight, and while more of
+/// its tasks wait for a place in flight, finishes them and exits; another
+/// worker then ends the job, and the server saw one call per batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
+    let faults = Faults { fault_latency_ms: Some((150, 150)), ..Faults::default() };
+    let (server, _keys) = common::serve(faults).await;
+    let schema = unique_schema("stopbusy");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("tests/fixtures/pattern-vins.txt", dir.path().join("vins.txt")).unwrap();
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    let text =
+        std::fs::read_to_string(&spec).unwrap().replace("requests_per_second = 200", "requests_per_second = 1000");
+    std::fs::write(&spec, text).unwrap();
+    let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let worker = |concurrency: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+            .args(["worker", "--concurrency", concurrency])
+            .env("DATABASE_URL", pg_url())
+            .env("VINETL_SCHEMA", &schema)
+            .env("CARVIN_API_KEY", "pro-counted-key")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    // 50 batches at 8 in flight and 150 ms a call: about a second of calls,
+    // with every task slot of the worker (four per call) taken.
+    let mut busy = worker("8");
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..300 {
+        seen = status(&schema, 1).await;
+        if seen["calls_made"].as_i64().unwrap_or(0) >= 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen["calls_made"].as_i64().unwrap_or(0) < 50, "the job ended before the stop: {seen}");
+    let pid = busy.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let Ok(exit) = tokio::time::timeout(Duration::from_secs(30), busy.wait()).await else {
+        panic!("a stopped worker with calls in flight never exited: {}", status(&schema, 1).await);
+    };
+    let exit = exit.unwrap();
+    assert!(exit.success(), "worker exit: {exit:?}");
+    let stopped = status(&schema, 1).await;
+    assert_eq!(stopped["calls"]["in_flight"], 0, "every call in flight was stored: {stopped}");
+    assert_eq!(stopped["calls"]["answer_lost"], 0, "{stopped}");
+
+    let mut rest = worker("2");
+    let s = common::wait_for_state(&schema, 1, "done").await;
+    let pid = rest.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), rest.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "worker exit: {exit:?}");
+    assert_eq!(s["decoded"], 1000, "{s}");
+    assert_eq!(s["calls_made"], 50, "{s}");
+    assert_eq!(requests_seen(&server.url(), "pro-counted-key", 100_000).await, 50);
+    cleanup(&schema).await;
+}

@@ -101,15 +101,19 @@ pub fn storage(pool: &PgPool, schema: &str, lane: Lane) -> PostgresStorage<Batch
     worker_storage(pool, schema, lane, 4)
 }
 
-/// The queue for a worker running `concurrency` calls: a fetch claims at
-/// most that many tasks, so work stays spread across workers and little is
+/// The queue for a worker running `tasks` tasks at once: a fetch claims at
+/// most that many, so work stays spread across workers and little is
 /// claimed but not started (apalis counts those as attempts at shutdown).
-pub fn worker_storage(pool: &PgPool, schema: &str, lane: Lane, concurrency: usize) -> PostgresStorage<BatchTask> {
+/// It must be at least the worker's task count: apalis sizes the channel of
+/// its task events (a lock and an acknowledgement per task) at four times
+/// this, and a stopping worker stops draining it, so a smaller channel
+/// filled by running tasks would leave the stop waiting on them forever.
+pub fn worker_storage(pool: &PgPool, schema: &str, lane: Lane, tasks: usize) -> PostgresStorage<BatchTask> {
     let config = Config::default()
         .queue(lane.queue(schema))
         .heartbeat_interval(HEARTBEAT)
         .missed_heartbeats(MISSED_HEARTBEATS)
-        .batch_size(concurrency.max(1));
+        .batch_size(tasks.max(1));
     PostgresStorage::new(pool).with_config(config)
 }
 
@@ -136,12 +140,12 @@ async fn setup_sqlite(pool: &SqlitePool) -> Result<(), StoreError> {
 }
 
 /// The SQLite queue (one file per install, so one queue name per lane).
-pub fn sqlite_storage(pool: &SqlitePool, lane: Lane, concurrency: usize) -> apalis_sqlite::SqliteStorage<BatchTask> {
+pub fn sqlite_storage(pool: &SqlitePool, lane: Lane, tasks: usize) -> apalis_sqlite::SqliteStorage<BatchTask> {
     let config = apalis_sqlite::Config::default()
         .queue(lane.sqlite_queue())
         .heartbeat_interval(HEARTBEAT)
         .missed_heartbeats(MISSED_HEARTBEATS)
-        .batch_size(concurrency.max(1));
+        .batch_size(tasks.max(1));
     apalis_sqlite::SqliteStorage::new(pool).with_config(config)
 }
 

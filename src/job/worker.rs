@@ -40,7 +40,19 @@ pub struct WorkerState {
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
     limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
+    /// `--concurrency`: the calls this process has in flight, from the
+    /// batch's claim to the end of its request. A task whose answer is only
+    /// waiting to be stored holds none, so the next call starts meanwhile.
+    calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// Queue tasks a worker runs at once per call it may have in flight. A call
+/// takes about 15 ms on loopback (claim, limiter, mark, request) and then
+/// waits about 25 ms for its answer's group to commit (BENCHMARKS.md); a
+/// task that held its call's place through that wait left the API and the
+/// cores idle. Four tasks per call keep the calls busy; the extra ones only
+/// wait for the result writer, holding no database connection.
+pub const TASKS_PER_CALL: usize = 4;
 
 /// An answer waiting to be stored.
 type PendingAnswer = (Answered, Waiter);
@@ -158,8 +170,15 @@ async fn settle(store: &Store, waiters: Vec<Waiter>) {
 }
 
 impl WorkerState {
-    pub fn new(store: Store, schema: &str, embedded: Option<String>, allow: ApiAllow) -> Arc<WorkerState> {
+    pub fn new(
+        store: Store,
+        schema: &str,
+        concurrency: usize,
+        embedded: Option<String>,
+        allow: ApiAllow,
+    ) -> Arc<WorkerState> {
         Arc::new(WorkerState {
+            calls: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             schema: schema.to_string(),
             embedded,
             allow,
@@ -260,6 +279,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             return Ok(());
         }
     };
+    // The call's place in flight, up to the end of its request.
+    let call = Arc::clone(&state.calls).acquire_owned().await.expect("the semaphore is never closed");
     let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
     else {
         // Stale (an older generation), finished, or the job stopped.
@@ -324,6 +345,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
     };
     limiter.release(slot).await?;
+    drop(call);
     match call_end(&outcome) {
         Some(end) => prometheus::call(kind, end),
         None => prometheus::unreachable(kind),
@@ -575,7 +597,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let name = queue::worker_name();
     let lane = if embedded.is_some() { Lane::Embedded } else { Lane::Shared };
-    let state = WorkerState::new(store.clone(), schema, embedded, allow);
+    let state = WorkerState::new(store.clone(), schema, concurrency, embedded, allow);
+    let tasks = concurrency.max(1) * TASKS_PER_CALL;
     let ctx = WorkerContext::new(&name);
     // One builder for either backend (their types differ, the wiring does not).
     macro_rules! build {
@@ -583,7 +606,7 @@ pub async fn run(
             WorkerBuilder::new(&ctx)
                 .backend($backend.poll_with_strategy(queue::SteadyInterval::new(queue::POLL_INTERVAL)))
                 .data(state)
-                .concurrency(concurrency.max(1))
+                .concurrency(tasks)
                 // Each call on its own tokio task, so calls use every core.
                 .parallelize(|f| tokio::spawn(f))
                 .on_event(|ctx, ev| {
@@ -619,8 +642,8 @@ pub async fn run(
     };
     tracing::info!(worker = %name, concurrency, "worker started");
     let result = match (store.pg_pool(), store.sqlite_pools()) {
-        (Some(pool), _) => build!(queue::worker_storage(pool, schema, lane, concurrency)).run().await,
-        (None, Some((_, queue))) => build!(queue::sqlite_storage(queue, lane, concurrency)).run().await,
+        (Some(pool), _) => build!(queue::worker_storage(pool, schema, lane, tasks)).run().await,
+        (None, Some((_, queue))) => build!(queue::sqlite_storage(queue, lane, tasks)).run().await,
         (None, None) => unreachable!("a store is Postgres or SQLite"),
     };
     sweeper.abort();
