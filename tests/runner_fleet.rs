@@ -203,19 +203,9 @@ async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
     let out = vinetl_async(&schema, "pro-counted-key", &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let worker = |concurrency: &str| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
-            .args(["worker", "--concurrency", concurrency])
-            .env("DATABASE_URL", pg_url())
-            .env("VINETL_SCHEMA", &schema)
-            .env("CARVIN_API_KEY", "pro-counted-key")
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
     // 50 batches at 8 in flight and 150 ms a call: about a second of calls,
     // with every task slot of the worker (four per call) taken.
-    let mut busy = worker("8");
+    let mut busy = common::spawn_worker_with(&schema, "pro-counted-key", 8);
     let mut seen = serde_json::Value::Null;
     for _ in 0..300 {
         seen = status(&schema, 1).await;
@@ -236,7 +226,7 @@ async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
     assert_eq!(stopped["calls"]["in_flight"], 0, "every call in flight was stored: {stopped}");
     assert_eq!(stopped["calls"]["answer_lost"], 0, "{stopped}");
 
-    let mut rest = worker("2");
+    let mut rest = common::spawn_worker(&schema, "pro-counted-key");
     let s = common::wait_for_state(&schema, 1, "done").await;
     let pid = rest.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());

@@ -259,8 +259,13 @@ impl Drop for S3Server {
 
 /// A `vinetl worker --concurrency 2` process on `schema`, killed on drop.
 pub fn spawn_worker(schema: &str, key: &str) -> tokio::process::Child {
+    spawn_worker_with(schema, key, 2)
+}
+
+/// [`spawn_worker`] with `concurrency` calls in flight.
+pub fn spawn_worker_with(schema: &str, key: &str, concurrency: usize) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
-        .args(["worker", "--concurrency", "2"])
+        .args(["worker", "--concurrency", &concurrency.to_string()])
         .env("DATABASE_URL", pg_url())
         .env("VINETL_SCHEMA", schema)
         .env("CARVIN_API_KEY", key)
