@@ -41,8 +41,9 @@ pub struct WorkerState {
     limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
     /// `--concurrency`: the calls this process has in flight, from the
-    /// batch's claim to the end of its request. A task whose answer is only
-    /// waiting to be stored holds none, so the next call starts meanwhile.
+    /// batch's claim to the end of its request (to the stored outcome, for
+    /// any outcome but an answer). A task whose answer is only waiting to be
+    /// stored holds none, so the next call starts meanwhile.
     calls: Arc<tokio::sync::Semaphore>,
 }
 
@@ -345,13 +346,18 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
     };
     limiter.release(slot).await?;
-    drop(call);
     match call_end(&outcome) {
         Some(end) => prometheus::call(kind, end),
         None => prometheus::unreachable(kind),
     }
     match outcome {
         Outcome::Done(reply) => {
+            // An answer cannot stop the job or slow the account, so the next
+            // call may start while it waits for its group's commit. Every
+            // other outcome keeps the place until it is stored: a refused
+            // key fails the job, and a 429 pushes every worker back, before
+            // this worker's next call can begin.
+            drop(call);
             let answer = match reply {
                 Reply::Decoded(entries) => {
                     prometheus::vins_decoded(entries.iter().filter(|e| matches!(e, BatchEntry::Decoded(_))).count());
