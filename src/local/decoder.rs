@@ -124,6 +124,9 @@ impl Decoder {
             .and_then(|w| vin.year_reading(is_car_mpv_lt(w.vehicle_type_id, w.truck_type_id), self.latest_year));
         let mut codes = Vec::new();
         let mut notes = Vec::new();
+        // How the year was chosen; first among the notes, once the newer
+        // patterns below have had their say on it.
+        let mut year_note = None;
         if !vin.check_digit_valid() {
             codes.push(vpic_error::CHECK_DIGIT);
         }
@@ -140,7 +143,7 @@ impl Decoder {
                 let mut vehicle = from_info(info);
                 if let Some(reading) = reading {
                     let (year, note) = settle_year(reading, patterns_year, decisive);
-                    notes.extend(note);
+                    year_note = note;
                     vehicle.model_year = year.to_string();
                 }
                 vehicle
@@ -187,13 +190,15 @@ impl Decoder {
             if let Some(found) = newer_model(&probe, Some(other)) {
                 // One sentence for the year: it replaces the note on how the
                 // embedded patterns chose between the two cycles.
-                notes.retain(|n| !n.starts_with("model year "));
-                notes.push(format!(
+                year_note = Some(format!(
                     "model year {later} or {earlier} by position 10; the embedded patterns fit {year} best but name no model, and vPIC's newer patterns name one for {other}, so {other} is stated and the embedded tables' {year} fields are left out"
                 ));
                 vehicle = Vehicle { model_year: other.to_string(), ..wmi.as_ref().map(from_wmi).unwrap_or_default() };
                 named = Some(found);
             }
+        }
+        if let Some(note) = year_note {
+            notes.insert(0, note);
         }
         if let Some(found) = named {
             vehicle.make = found.make.to_uppercase();
