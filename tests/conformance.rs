@@ -364,6 +364,35 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     env.cleanup().await;
 }
 
+/// A stopping worker gives back the batches it took but did not call: the
+/// batch gets a new generation, so the old task is stale and only the new
+/// one claims it; a stale task, or a batch already claimed, has nothing to
+/// give back; and a batch given back but never pushed again (a crash in
+/// between) is found by the sweep.
+async fn a_batch_given_back_is_claimed_once_under_a_new_generation(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
+    let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    assert_eq!(store.give_back(job, 0, 0).await.unwrap(), Some(1));
+    assert_eq!(store.give_back(job, 0, 0).await.unwrap(), None, "a stale task gives nothing back");
+    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "the old task is stale");
+    let claimed = store.claim(job, 0, 1, 60.0).await.unwrap().expect("the new generation claims");
+    assert_eq!(claimed.attempts, 0, "giving back is not an attempt");
+    assert_eq!(store.give_back(job, 0, 1).await.unwrap(), None, "a claimed batch is not given back");
+    // Batch 1 given back, and the process dies before pushing its task.
+    assert_eq!(store.give_back(job, 1, 0).await.unwrap(), Some(1));
+    assert!(store.lost_tasks().await.unwrap().is_empty(), "the sweep leaves a fresh give-back to its worker");
+    env.sql(
+        &store,
+        "UPDATE batches SET updated_at = now() - interval '1 minute' WHERE batch_no = 1",
+        "UPDATE batches SET updated_at = unixepoch('subsec') - 60 WHERE batch_no = 1",
+    )
+    .await;
+    assert_eq!(store.lost_tasks().await.unwrap(), vec![(job, 1, 1)]);
+    env.cleanup().await;
+}
+
 /// A task of an older generation makes no call and uses none of the day's
 /// quota: it is turned away by the claim, before the limiter. (A claim run
 /// beside the limiter's wait was tried and dropped: a stale task could take
@@ -1392,6 +1421,7 @@ common::both_stores!(
     enqueue_is_idempotent,
     a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,
+    a_batch_given_back_is_claimed_once_under_a_new_generation,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

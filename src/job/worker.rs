@@ -45,6 +45,9 @@ pub struct WorkerState {
     /// any outcome but an answer). A task whose answer is only waiting to be
     /// stored holds none, so the next call starts meanwhile.
     calls: Arc<tokio::sync::Semaphore>,
+    /// Set once the worker is told to stop: a task still waiting for its
+    /// place then gives its batch back instead of calling (see [`place`]).
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Queue tasks a worker runs at once per call it may have in flight. A call
@@ -53,7 +56,7 @@ pub struct WorkerState {
 /// task that held its call's place through that wait left the API and the
 /// cores idle. Four tasks per call keep the calls busy; the extra ones only
 /// wait for the result writer, holding no database connection.
-pub const TASKS_PER_CALL: usize = 4;
+const TASKS_PER_CALL: usize = 4;
 
 /// An answer waiting to be stored.
 type PendingAnswer = (Answered, Waiter);
@@ -180,6 +183,7 @@ impl WorkerState {
     ) -> Arc<WorkerState> {
         Arc::new(WorkerState {
             calls: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            stopping: tokio::sync::watch::Sender::new(false),
             schema: schema.to_string(),
             embedded,
             allow,
@@ -188,6 +192,24 @@ impl WorkerState {
             results: ResultWriter::start(store.clone()),
             store,
         })
+    }
+
+    /// A call's place in flight, or `None` once the worker is stopping.
+    /// A worker runs [`TASKS_PER_CALL`] tasks per place; without this, the
+    /// tasks waiting for a place when SIGTERM came would each still make
+    /// their call, up to three more rounds of calls after the stop.
+    async fn place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let mut stopping = self.stopping.subscribe();
+        tokio::select! {
+            biased;
+            _ = stopping.wait_for(|stop| *stop) => None,
+            place = Arc::clone(&self.calls).acquire_owned() => Some(place.expect("the semaphore is never closed")),
+        }
+    }
+
+    /// From now on, no task of this worker starts a call.
+    fn stop_calls(&self) {
+        self.stopping.send_replace(true);
     }
 
     async fn runtime(&self, job_id: i64) -> Result<Result<Arc<JobRuntime>, String>, StoreError> {
@@ -281,7 +303,15 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         }
     };
     // The call's place in flight, up to the end of its request.
-    let call = Arc::clone(&state.calls).acquire_owned().await.expect("the semaphore is never closed");
+    let Some(call) = state.place().await else {
+        // The worker is stopping: the batch goes back to the queue
+        // unclaimed, for another worker or this one restarted.
+        if let Some(generation) = state.store.give_back(task.job_id, task.batch_no, task.generation).await? {
+            tracing::info!("stopping: the batch goes back to the queue uncalled");
+            push_again(state, &rt, BatchTask { generation, ..task }, None).await?;
+        }
+        return Ok(());
+    };
     let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
     else {
         // Stale (an older generation), finished, or the job stopped.
@@ -525,9 +555,19 @@ async fn reschedule(
     why: &str,
 ) -> Result<(), StoreError> {
     let generation = state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), kind, why).await?;
-    let next = BatchTask { generation, ..task };
-    queue::push_tasks(&state.store, &state.schema, Lane::of(&rt.spec.provider), &[(next, Some(delay))]).await?;
-    state.store.mark_enqueued(task.job_id, &[(task.batch_no, generation)]).await
+    push_again(state, rt, BatchTask { generation, ..task }, Some(delay)).await
+}
+
+/// Pushes the task of a batch's new generation, then marks it enqueued (a
+/// crash between the two leaves it to the sweep).
+async fn push_again(
+    state: &WorkerState,
+    rt: &JobRuntime,
+    next: BatchTask,
+    delay: Option<Duration>,
+) -> Result<(), StoreError> {
+    queue::push_tasks(&state.store, &state.schema, Lane::of(&rt.spec.provider), &[(next, delay)]).await?;
+    state.store.mark_enqueued(next.job_id, &[(next.batch_no, next.generation)]).await
 }
 
 fn decoded_vin(entry: BatchEntry) -> DecodedVin {
@@ -590,7 +630,8 @@ pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
     Ok(all.len())
 }
 
-/// Runs a worker until `stop` resolves, then drains in-flight calls. With
+/// Runs a worker until `stop` resolves, then drains in-flight calls; its
+/// tasks still waiting for a place give their batches back. With
 /// `embedded` (the address of this process's in-process API) it works the
 /// embedded lane, calling that address; otherwise the shared lane.
 pub async fn run(
@@ -604,6 +645,7 @@ pub async fn run(
     let name = queue::worker_name();
     let lane = if embedded.is_some() { Lane::Embedded } else { Lane::Shared };
     let state = WorkerState::new(store.clone(), schema, concurrency, embedded, allow);
+    let stopping = Arc::clone(&state);
     let tasks = concurrency.max(1) * TASKS_PER_CALL;
     let ctx = WorkerContext::new(&name);
     // One builder for either backend (their types differ, the wiring does not).
@@ -641,6 +683,7 @@ pub async fn run(
         tokio::spawn(async move {
             stop.await;
             tracing::info!("stopping: draining in-flight calls");
+            stopping.stop_calls();
             while ctx.stop().is_err() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

@@ -537,6 +537,23 @@ impl Store {
             .transpose()
     }
 
+    /// A queued batch whose task a stopping worker took but will not call:
+    /// a new generation, so the old task is stale and a new one (the
+    /// caller pushes it) takes the batch. `None` when the task was already
+    /// stale or the batch is no longer queued: then there is nothing to
+    /// give back. Left unpushed (a crash), the sweep finds it.
+    pub async fn give_back(&self, job_id: i64, batch_no: i32, generation: i32) -> Result<Option<i32>, StoreError> {
+        let row = self
+            .row(
+                "UPDATE batches SET enqueued = false, generation = generation + 1, updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3 AND state = 'queued'
+                 RETURNING generation",
+                args![job_id, batch_no, generation],
+            )
+            .await?;
+        row.map(|r| r.int32(0)).transpose()
+    }
+
     /// A claimed batch's request is about to go out. Set before the request
     /// and cleared by the statement that stores its outcome, the mark is
     /// how a call whose answer never came back is still counted: a batch
