@@ -496,7 +496,17 @@ const NO_RECALL_KEY: &str = "no make, model and model year to look recalls up by
 /// entries (0.08 s) instead of every row (11.8 s, EXPLAIN ANALYZE). That
 /// takes in VINs whose rows failed too: harmless, as only a decoded row
 /// is joined to its VIN's columns.
-static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
+///
+/// A whole job's fill names no part: the planner cannot tell that a part
+/// of one is every VIN, and with `hashtext`'s default selectivity it
+/// expected 277 of a job's 50,000 VINs and probed the cache's key once per
+/// VIN (BENCHMARKS.md).
+static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| output_vins_fill(false));
+
+/// [`OUTPUT_VINS_FILL`] for the VINs of part `$3` of `$4` alone.
+static OUTPUT_VINS_FILL_PART: LazyLock<String> = LazyLock::new(|| output_vins_fill(true));
+
+fn output_vins_fill(part: bool) -> String {
     // jsonb_to_record reads each cached document once (twenty `->>` would
     // detoast it twenty times).
     let vehicle: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("v.\"{field}\"")).collect();
@@ -515,7 +525,7 @@ static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
                      ELSE 'recalls were not looked up' END,
                 {}
          FROM (SELECT DISTINCT vin FROM job_inputs
-               WHERE job_id = $1 AND vin IS NOT NULL AND plan <> 'duplicate' AND {part}) d
+               WHERE job_id = $1 AND vin IS NOT NULL AND plan <> 'duplicate'{part}) d
          LEFT JOIN vin_cache c ON c.vin = d.vin
          LEFT JOIN LATERAL jsonb_to_record(c.raw) AS v({}) ON true
          LEFT JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || d.vin
@@ -524,9 +534,9 @@ static OUTPUT_VINS_FILL: LazyLock<String> = LazyLock::new(|| {
          LEFT JOIN recall_lookups rl ON rl.lookup_key = k.key",
         vehicle.join(", "),
         record.join(", "),
-        part = vin_part("vin"),
+        part = if part { format!(" AND {}", vin_part("vin")) } else { String::new() },
     )
-});
+}
 
 /// Whether the VIN in `column` (null counts as empty) falls in part `$3` of
 /// `$4`: how [`results_into`] splits a job between sessions. `hashtext` is
@@ -612,7 +622,16 @@ async fn fill_output_vins(
     }
     sqlx::query(sqlx::AssertSqlSafe(OUTPUT_VINS_DDL.as_str())).execute(&mut *t).await?;
     let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];
-    if exec(&mut *t, OUTPUT_VINS_FILL.as_str(), &args).await? > OUTPUT_PROBE_VINS && in_order {
+    let (fill, args) =
+        if parts > 1 { (OUTPUT_VINS_FILL_PART.as_str(), &args[..]) } else { (OUTPUT_VINS_FILL.as_str(), &args[..2]) };
+    // Without JIT: estimated right, the fill's cost (its recall subquery is
+    // costed per VIN) passes the server's JIT thresholds, and compiling with
+    // optimization took 300 ms of a 650 ms fill of 50,000 VINs, most of
+    // whose time is in `jsonb_to_record`, which JIT does not speed up.
+    sqlx::query("SET LOCAL jit = off").execute(&mut *t).await?;
+    let filled = exec(&mut *t, fill, args).await?;
+    sqlx::query("RESET jit").execute(&mut *t).await?;
+    if filled > OUTPUT_PROBE_VINS && in_order {
         sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
     }
     // The key column only: all the join's plan needs.
