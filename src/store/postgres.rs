@@ -162,21 +162,70 @@ runners!(PgExecutor);
 
 /// A row, with times as Unix seconds.
 fn row(r: &PgRow) -> Result<Row, StoreError> {
-    let mut vals = Vec::with_capacity(r.len());
-    for (i, col) in r.columns().iter().enumerate() {
-        let v = match col.type_info().name() {
-            "INT8" => r.try_get::<Option<i64>, _>(i)?.map(Val::Int),
-            "INT4" => r.try_get::<Option<i32>, _>(i)?.map(|n| Val::Int(n.into())),
-            "INT2" => r.try_get::<Option<i16>, _>(i)?.map(|n| Val::Int(n.into())),
-            "FLOAT8" => r.try_get::<Option<f64>, _>(i)?.map(Val::Real),
-            "FLOAT4" => r.try_get::<Option<f32>, _>(i)?.map(|n| Val::Real(n.into())),
-            "BOOL" => r.try_get::<Option<bool>, _>(i)?.map(Val::Bool),
-            "JSONB" | "JSON" => r.try_get::<Option<Value>, _>(i)?.map(Val::Json),
-            "TEXT[]" | "VARCHAR[]" => r.try_get::<Option<Vec<String>>, _>(i)?.map(Val::Texts),
-            "TIMESTAMPTZ" => r
-                .try_get::<Option<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>>, _>(i)?
+    row_of(r, &kinds(r))
+}
+
+/// How a column is read into a [`Val`], by its Postgres type.
+#[derive(Clone, Copy)]
+enum Kind {
+    Int8,
+    Int4,
+    Int2,
+    Float8,
+    Float4,
+    Bool,
+    Json,
+    Texts,
+    Time,
+    Text,
+    /// Any other type, read as text if sqlx can (checked per value).
+    Other,
+}
+
+/// The columns' kinds: read once per statement by a stream of many rows
+/// (the output's read), not once per row and column: matching the type
+/// names and checking each value's type against them was a fifth of the
+/// runner's CPU in a 1,000,000-row Parquet write (perf, BENCHMARKS.md).
+fn kinds(r: &PgRow) -> Vec<Kind> {
+    r.columns()
+        .iter()
+        .map(|col| match col.type_info().name() {
+            "INT8" => Kind::Int8,
+            "INT4" => Kind::Int4,
+            "INT2" => Kind::Int2,
+            "FLOAT8" => Kind::Float8,
+            "FLOAT4" => Kind::Float4,
+            "BOOL" => Kind::Bool,
+            "JSONB" | "JSON" => Kind::Json,
+            "TEXT[]" | "VARCHAR[]" => Kind::Texts,
+            "TIMESTAMPTZ" => Kind::Time,
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => Kind::Text,
+            _ => Kind::Other,
+        })
+        .collect()
+}
+
+/// A row read by its columns' `kinds` (from [`kinds`] of a row of the
+/// same statement). Decoding still checks each value; only the check of
+/// the column's type against the Rust type is skipped, as `kinds` chose
+/// that type from the column's.
+fn row_of(r: &PgRow, kinds: &[Kind]) -> Result<Row, StoreError> {
+    let mut vals = Vec::with_capacity(kinds.len());
+    for (i, kind) in kinds.iter().enumerate() {
+        let v = match kind {
+            Kind::Int8 => r.try_get_unchecked::<Option<i64>, _>(i)?.map(Val::Int),
+            Kind::Int4 => r.try_get_unchecked::<Option<i32>, _>(i)?.map(|n| Val::Int(n.into())),
+            Kind::Int2 => r.try_get_unchecked::<Option<i16>, _>(i)?.map(|n| Val::Int(n.into())),
+            Kind::Float8 => r.try_get_unchecked::<Option<f64>, _>(i)?.map(Val::Real),
+            Kind::Float4 => r.try_get_unchecked::<Option<f32>, _>(i)?.map(|n| Val::Real(n.into())),
+            Kind::Bool => r.try_get_unchecked::<Option<bool>, _>(i)?.map(Val::Bool),
+            Kind::Json => r.try_get::<Option<Value>, _>(i)?.map(Val::Json),
+            Kind::Texts => r.try_get_unchecked::<Option<Vec<String>>, _>(i)?.map(Val::Texts),
+            Kind::Time => r
+                .try_get_unchecked::<Option<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>>, _>(i)?
                 .map(|t| Val::Real(t.timestamp_micros() as f64 / 1e6)),
-            _ => r.try_get::<Option<String>, _>(i)?.map(Val::Text),
+            Kind::Text => r.try_get_unchecked::<Option<String>, _>(i)?.map(Val::Text),
+            Kind::Other => r.try_get::<Option<String>, _>(i)?.map(Val::Text),
         };
         vals.push(v.unwrap_or(Val::Null));
     }
@@ -855,8 +904,10 @@ pub(super) fn output_rows(
             let args = [Arg::from(job_id), Arg::from(mode)];
             let mut rows = bind(sqlx::query(sqlx::AssertSqlSafe(OUTPUT_SQL.as_str())), &args).fetch(&mut *t);
             let mut batch = Vec::with_capacity(OUTPUT_BATCH);
+            let mut columns = None;
             while let Some(r) = rows.next().await {
-                batch.push(row(&r?)?);
+                let r = r?;
+                batch.push(row_of(&r, columns.get_or_insert_with(|| kinds(&r)))?);
                 if batch.len() == OUTPUT_BATCH && tx.send(Ok(std::mem::take(&mut batch))).await.is_err() {
                     return Ok(()); // the reader is gone
                 }
