@@ -359,7 +359,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // The last word before the request leaves: the batch is still ours. A
     // job failed or cancelled while this worker waited for the limiter
     // (another worker's call met a revoked key) takes no call, and the
-    // quota unit goes back.
+    // quota unit goes back; so does a job paused meanwhile, whose batch is
+    // queued again for its resume.
     let sent = CallSent {
         provider: &rt.client.origin(),
         endpoint: if lookup.is_some() { crate::api::RECALLS_PATH } else { crate::api::BATCH_DECODE_PATH },
@@ -369,6 +370,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     if !store.begin_call(job, batch_no, &sent).await? {
         limiter.release(slot).await?;
         limiter.refund(1, now_secs()).await?;
+        store.unclaim(job, batch_no).await?;
         return Ok(());
     }
     let outcome = match lookup {

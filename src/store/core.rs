@@ -147,7 +147,9 @@ pub enum PlanLock {
 pub(super) const MARK_CALL: &str =
     "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
          updated_at = now()
-     WHERE job_id = $1 AND batch_no = $2 AND state = 'running'";
+     WHERE job_id = $1 AND batch_no = $2 AND state = 'running'
+       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.paused_at IS NOT NULL
+                         AND j.state IN ('planning', 'running', 'waiting'))";
 
 /// Records the request of batch `$2` of job `$1` in the audit trail.
 pub(super) const AUDIT_CALL: &str =
@@ -559,7 +561,7 @@ impl Store {
     /// how a call whose answer never came back is still counted: a batch
     /// still marked when its next call begins lost that answer.
     /// False if the batch is no longer running (its job failed or was
-    /// cancelled meanwhile): then no call may be made.
+    /// cancelled meanwhile) or its job is paused: then no call may be made.
     /// The request is recorded in the audit trail in the same transaction:
     /// whatever went out is on record, answered or not.
     pub async fn begin_call(&self, job_id: i64, batch_no: i32, sent: &CallSent<'_>) -> Result<bool, StoreError> {
@@ -578,6 +580,21 @@ impl Store {
         tx.exec(AUDIT_CALL, args).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// A claimed batch whose call may not begin because its job was paused
+    /// while it waited for the limiter: queued again under a new
+    /// generation, for `resume` to push (or, resumed meanwhile, the sweep).
+    /// A batch of an ended job, or no longer running, is left as it is.
+    pub async fn unclaim(&self, job_id: i64, batch_no: i32) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
+             WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
+               AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.state IN ('planning', 'running', 'waiting'))",
+            args![job_id, batch_no],
+        )
+        .await?;
+        Ok(())
     }
 
     /// The request never reached the API (refused connection, DNS, TLS):
