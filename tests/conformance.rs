@@ -393,6 +393,57 @@ async fn a_batch_given_back_is_claimed_once_under_a_new_generation(backend: Back
     env.cleanup().await;
 }
 
+/// A batch claimed before its job was cancelled or paused, still waiting
+/// for the limiter when that happened, makes no call: the mark before the
+/// request refuses it. Unclaimed, a cancelled job's batch ends cancelled
+/// with its rows failed as the cancel's others (none left pending), and a
+/// paused job's batch is queued again under a new generation for the
+/// resume; a batch in a call is left alone.
+async fn a_batch_claimed_before_a_cancel_or_a_pause_makes_no_call(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let sent = |vins: &'static [String]| vinetl::store::CallSent {
+        provider: "http://127.0.0.1:9",
+        endpoint: "/api/v1/batch-decode",
+        vins,
+        lookup: None,
+    };
+    let vins: &'static [String] = pattern_vins(80).leak();
+    let spec = JobSpec::load(&env.spec(&vins[..40], "http://127.0.0.1:9", "")).unwrap();
+    let cancelled = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    store.claim(cancelled, 0, 0, 60.0).await.unwrap().expect("claimed");
+    assert!(store.cancel_job(cancelled).await.unwrap());
+    assert!(
+        !store.begin_call(cancelled, 0, &sent(&vins[..20])).await.unwrap(),
+        "a cancelled job's batch takes no call"
+    );
+    assert_eq!(store.unclaim(cancelled, 0).await.unwrap(), None, "a cancelled job's batch is not queued again");
+    let s = env.status(cancelled).await;
+    assert_eq!(
+        (s["state"].as_str(), &s["pending"], &s["calls_made"]),
+        (Some("cancelled"), &0.into(), &0.into()),
+        "{s}"
+    );
+    assert_eq!(s["failed"], 40, "{s}");
+    // Rows affected counts them, in either dialect.
+    let count = "UPDATE batches SET state = state WHERE job_id = 1 AND state = 'cancelled'";
+    assert_eq!(env.sql(&store, count, count).await, 2, "both batches end cancelled");
+
+    let spec = JobSpec::load(&env.spec(&vins[40..], "http://127.0.0.1:9", "")).unwrap();
+    let paused = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    store.claim(paused, 0, 0, 60.0).await.unwrap().expect("claimed");
+    store.claim(paused, 1, 0, 60.0).await.unwrap().expect("claimed");
+    assert!(store.begin_call(paused, 1, &sent(&vins[60..])).await.unwrap(), "batch 1's call begins");
+    assert!(store.pause_job(paused).await.unwrap());
+    assert!(!store.begin_call(paused, 0, &sent(&vins[40..60])).await.unwrap(), "a paused job's batch takes no call");
+    assert_eq!(store.unclaim(paused, 0).await.unwrap(), Some(1), "queued again under a new generation");
+    assert_eq!(store.unclaim(paused, 1).await.unwrap(), None, "a batch in a call is left alone");
+    assert!(store.resume_job(paused).await.unwrap());
+    assert!(store.claim(paused, 0, 1, 60.0).await.unwrap().is_none(), "resume gave it a newer generation");
+    assert!(store.claim(paused, 0, 2, 60.0).await.unwrap().is_some());
+    env.cleanup().await;
+}
+
 /// A task of an older generation makes no call and uses none of the day's
 /// quota: it is turned away by the claim, before the limiter. (A claim run
 /// beside the limiter's wait was tried and dropped: a stale task could take
@@ -1427,6 +1478,7 @@ common::both_stores!(
     a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,
     a_batch_given_back_is_claimed_once_under_a_new_generation,
+    a_batch_claimed_before_a_cancel_or_a_pause_makes_no_call,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

@@ -208,10 +208,28 @@ impl SharedLimiter {
     /// big push-back, or the quota) comes back as `Denied` for the caller to
     /// reschedule. The permit holds an in-flight place until dropped.
     pub async fn acquire(&self) -> Result<Result<Slot, Denied>, StoreError> {
-        let permit = Arc::clone(&self.in_flight).acquire_owned().await.expect("the semaphore is never closed");
+        let never = std::future::pending::<()>();
+        Ok(self.acquire_unless(never).await?.expect("a pending future never stops the wait"))
+    }
+
+    /// [`acquire`](Self::acquire), unless `stop` completes first: then
+    /// `None`, and nothing was granted. The wait ends only where it waits
+    /// (for an in-flight place, for this process's turn to reserve, or
+    /// for the time the database named), never mid-reservation, so a stop
+    /// leaves no slot reserved and no flight row behind.
+    pub async fn acquire_unless(
+        &self,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Option<Result<Slot, Denied>>, StoreError> {
+        let mut stop = std::pin::pin!(stop);
+        let permit = tokio::select! {
+            biased;
+            () = &mut stop => return Ok(None),
+            permit = Arc::clone(&self.in_flight).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
         let local = &self.shared;
         local.waiting.fetch_add(1, Ordering::SeqCst);
-        let outcome = self.reserve_one().await;
+        let outcome = self.reserve_one(stop).await;
         if local.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
             // Nobody else waits here. A reservation may have counted a
             // caller that a banked slot served meanwhile: slots left over
@@ -224,7 +242,7 @@ impl SharedLimiter {
                 tracing::warn!(error = %e, slots = left.slots, "could not give unused slots back to the quota");
             }
         }
-        Ok(outcome?.map(|flight| Slot { _permit: permit, flight }))
+        Ok(outcome?.map(|granted| granted.map(|flight| Slot { _permit: permit, flight })))
     }
 
     /// A banked slot if one is fresh; expired ones go back to the quota.
@@ -239,17 +257,26 @@ impl SharedLimiter {
         }
     }
 
-    async fn reserve_one(&self) -> Result<Result<Option<i64>, Denied>, StoreError> {
+    /// One slot (with its flight row, under a shared in-flight cap), or
+    /// `None` once `stop` completes while this waits.
+    async fn reserve_one(
+        &self,
+        mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Option<Result<Option<i64>, Denied>>, StoreError> {
         let local = &self.shared;
         if self.take_banked().await? {
-            return Ok(Ok(None));
+            return Ok(Some(Ok(None)));
         }
         // One caller at a time talks to the database, for everyone waiting;
         // the others queue here (fairly) and take banked slots.
-        let _turn = local.reserving.lock().await;
+        let _turn = tokio::select! {
+            biased;
+            () = &mut stop => return Ok(None),
+            turn = local.reserving.lock() => turn,
+        };
         loop {
             if self.take_banked().await? {
-                return Ok(Ok(None));
+                return Ok(Some(Ok(None)));
             }
             let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
             match self.try_reserve(want).await? {
@@ -258,15 +285,17 @@ impl SharedLimiter {
                         *local.bank.lock().expect("bank lock") =
                             Bank { slots: granted.n - 1, at: Some(Instant::now()), granted_at: granted.at };
                     }
-                    return Ok(Ok(granted.flights.first().copied()));
+                    return Ok(Some(Ok(granted.flights.first().copied())));
                 }
                 // Sleep holding the turn: nobody else here would get another
                 // answer from the database before then. The millisecond's
                 // margin keeps a rounding refusal from costing a round trip.
-                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => {
-                    tokio::time::sleep(wait + Duration::from_millis(1)).await
-                }
-                Err(denied) => return Ok(Err(denied)),
+                Err(Denied::Later { wait, .. }) if wait <= MAX_INLINE_WAIT => tokio::select! {
+                    biased;
+                    () = &mut stop => return Ok(None),
+                    () = tokio::time::sleep(wait + Duration::from_millis(1)) => {}
+                },
+                Err(denied) => return Ok(Some(Err(denied))),
             }
         }
     }

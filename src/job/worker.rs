@@ -199,11 +199,21 @@ impl WorkerState {
     /// tasks waiting for a place when SIGTERM came would each still make
     /// their call, up to three more rounds of calls after the stop.
     async fn place(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let mut stopping = self.stopping.subscribe();
         tokio::select! {
             biased;
-            _ = stopping.wait_for(|stop| *stop) => None,
+            () = self.stopped() => None,
             place = Arc::clone(&self.calls).acquire_owned() => Some(place.expect("the semaphore is never closed")),
+        }
+    }
+
+    /// Completes once the worker is told to stop.
+    fn stopped(&self) -> impl Future<Output = ()> + use<> {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            if stopping.wait_for(|stop| *stop).await.is_err() {
+                // The worker's state is gone, and with it every task.
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -322,7 +332,16 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
     let waiting = std::time::Instant::now();
-    let granted = limiter.acquire().await?;
+    let Some(granted) = limiter.acquire_unless(state.stopped()).await? else {
+        // The worker is stopping while this call waits for the limiter: the
+        // claimed batch goes back uncalled, as one still waiting for its
+        // place does (a cancelled job's ends cancelled instead).
+        if let Some(generation) = store.unclaim(task.job_id, task.batch_no).await? {
+            tracing::info!("stopping: the claimed batch goes back to the queue uncalled");
+            push_again(state, &rt, BatchTask { generation, ..task }, None).await?;
+        }
+        return Ok(());
+    };
     prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
     let slot = match granted {
         Ok(slot) => slot,
@@ -357,10 +376,10 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         None => None,
     };
     // The last word before the request leaves: the batch is still ours. A
-    // job failed or cancelled while this worker waited for the limiter
-    // (another worker's call met a revoked key) takes no call, and the
-    // quota unit goes back; so does a job paused meanwhile, whose batch is
-    // queued again for its resume.
+    // job failed, cancelled or paused while this worker waited for the
+    // limiter (another worker's call met a revoked key; an operator) takes
+    // no call, and the quota unit goes back. A paused job's batch is queued
+    // again for its resume to push; a cancelled job's ends cancelled.
     let sent = CallSent {
         provider: &rt.client.origin(),
         endpoint: if lookup.is_some() { crate::api::RECALLS_PATH } else { crate::api::BATCH_DECODE_PATH },

@@ -143,13 +143,16 @@ pub enum PlanLock {
 }
 
 /// Marks batch `$2` of job `$1` as in a call, if it is still running (a
-/// mark still set is a call whose answer was lost).
+/// mark still set is a call whose answer was lost) and its job is neither
+/// paused nor cancelled (a cancel leaves running batches running, so that
+/// calls already in flight land).
 pub(super) const MARK_CALL: &str =
     "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
          updated_at = now()
      WHERE job_id = $1 AND batch_no = $2 AND state = 'running'
-       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.paused_at IS NOT NULL
-                         AND j.state IN ('planning', 'running', 'waiting'))";
+       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1
+                         AND (j.state = 'cancelled'
+                              OR (j.paused_at IS NOT NULL AND j.state IN ('planning', 'running', 'waiting'))))";
 
 /// Records the request of batch `$2` of job `$1` in the audit trail.
 pub(super) const AUDIT_CALL: &str =
@@ -582,19 +585,50 @@ impl Store {
         Ok(true)
     }
 
-    /// A claimed batch whose call may not begin because its job was paused
-    /// while it waited for the limiter: queued again under a new
-    /// generation, for `resume` to push (or, resumed meanwhile, the sweep).
-    /// A batch of an ended job, or no longer running, is left as it is.
-    pub async fn unclaim(&self, job_id: i64, batch_no: i32) -> Result<(), StoreError> {
-        self.exec(
-            "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
-             WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
-               AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.state IN ('planning', 'running', 'waiting'))",
-            args![job_id, batch_no],
-        )
-        .await?;
-        Ok(())
+    /// A claimed batch whose call may not begin ([`Store::begin_call`]
+    /// refused it): its job was paused or cancelled while it waited for the
+    /// limiter, or its worker is stopping. Of a job that has not ended, it
+    /// is queued again under a new generation, which is returned: the
+    /// caller pushes its task, or `resume` does for a paused job (the
+    /// sweep, if neither does). Of a cancelled job, it ends `cancelled` and
+    /// its rows still pending fail as the cancel failed the job's other
+    /// rows. A batch that is no longer running, or is in a call, is left as
+    /// it is.
+    pub async fn unclaim(&self, job_id: i64, batch_no: i32) -> Result<Option<i32>, StoreError> {
+        let mut tx = self.write().await?;
+        let queued = tx
+            .row(
+                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
+                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1
+                                 AND j.state IN ('planning', 'running', 'waiting'))
+                 RETURNING generation",
+                args![job_id, batch_no],
+            )
+            .await?
+            .map(|r| r.int32(0))
+            .transpose()?;
+        if queued.is_none() {
+            let cancelled = tx
+                .exec(
+                    "UPDATE batches SET state = 'cancelled', updated_at = now()
+                     WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
+                       AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.state = 'cancelled')",
+                    args![job_id, batch_no],
+                )
+                .await?;
+            if cancelled > 0 {
+                tx.exec(
+                    "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
+                     WHERE job_id = $1 AND status = 'pending'
+                       AND vin IN (SELECT e.value FROM batches b, {each b.vins} WHERE b.job_id = $1 AND b.batch_no = $2)",
+                    args![job_id, batch_no],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(queued)
     }
 
     /// The request never reached the API (refused connection, DNS, TLS):
