@@ -1063,6 +1063,31 @@ async fn an_answer_or_a_forget_takes_its_batch_before_its_rows() {
     }
 }
 
+/// The state store's connections to a Postgres on loopback, whose URL
+/// chooses no `sslmode`, go without TLS (`connect_options`); one that
+/// asks for `sslmode=prefer` gets it (the test server offers TLS).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loopback_state_store_goes_without_tls_unless_asked() {
+    const SSL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let env = Env::new(Backend::Pg);
+    let store = env.store().await;
+    let pool = store.pg_pool().unwrap();
+    if !env.url.contains("@127.0.0.1") || env.url.contains('?') {
+        eprintln!("skipped: VINETL_TEST_DATABASE_URL is not a plain loopback URL ({})", env.url);
+        return env.cleanup().await;
+    }
+    let ssl: bool = sqlx::query_scalar(SSL).fetch_one(pool).await.unwrap();
+    assert!(!ssl, "a loopback connection with no sslmode is plain");
+    let offered: bool = sqlx::query_scalar("SELECT current_setting('ssl') = 'on'").fetch_one(pool).await.unwrap();
+    if offered {
+        let url = format!("{}?sslmode=prefer", env.url);
+        let asked = vinetl::store::postgres::connect(&url, &env.schema, 1).await.unwrap();
+        assert!(sqlx::query_scalar::<_, bool>(SSL).fetch_one(&asked).await.unwrap(), "sslmode=prefer is kept");
+        asked.close().await;
+    }
+    env.cleanup().await;
+}
+
 /// Once a job with calls to make is planned, Postgres has statistics on
 /// the columns its calls' statements filter on: without them it read
 /// every row of the job to store each answer (`Store::plan_batches`).

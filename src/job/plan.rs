@@ -384,7 +384,7 @@ pub(crate) async fn source_pool(url_env: &str) -> Result<sqlx::PgPool, PlanError
         PlanError::Config(format!("{url_env} is not set (source.url_env names the source database URL variable)"))
     })?;
     let cannot = |e| PlanError::Config(format!("cannot connect to the source database ({url_env}): {e}"));
-    let options = url.parse::<sqlx::postgres::PgConnectOptions>().map_err(cannot)?;
+    let options = crate::store::postgres::connect_options(&url).map_err(cannot)?;
     crate::store::postgres::pool_options(&options)
         .max_connections(1)
         .acquire_timeout(std::time::Duration::from_secs(5))

@@ -240,7 +240,7 @@ pub async fn setup(store: &Store, database_url: &str) -> Result<(), StoreError> 
         Some((_, queue)) => setup_sqlite(queue).await,
         None => {
             let connect_err = |error| StoreError::Connect { url: crate::store::redact(database_url), error };
-            let options = database_url.parse::<sqlx::postgres::PgConnectOptions>().map_err(connect_err)?;
+            let options = crate::store::postgres::connect_options(database_url).map_err(connect_err)?;
             let plain = crate::store::postgres::pool_options(&options)
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(5))

@@ -30,6 +30,41 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/post
 /// long enough for a busy server, short enough to fail fast on a wrong URL.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Parses a Postgres URL as sqlx does (its `PG*` variables included), with
+/// one default of ours: a server on the loopback interface (`localhost`,
+/// `127.0.0.0/8`, `::1`) is reached without TLS unless the URL's `sslmode`
+/// (or `PGSSLMODE`) asks for it. sqlx's default, like libpq's, is `prefer`:
+/// encrypt if the server offers it, without verifying who it is. On
+/// loopback the bytes never leave the kernel, so that encryption protects
+/// nothing, and it cost a cold run about a tenth of its wall time (every
+/// statement and answer encrypted on both sides; 11.2-11.8 s against
+/// 11.5-13.3 s for 50,000 VINs, BENCHMARKS.md). Every pool vinetl opens
+/// (state, queue, sources, outputs) is configured here.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?;
+    Ok(match plain_on_loopback(url, &options, std::env::var_os("PGSSLMODE").is_some()) {
+        true => options.ssl_mode(sqlx::postgres::PgSslMode::Disable),
+        false => options,
+    })
+}
+
+/// Whether [`connect_options`] turns TLS off: a loopback TCP host, and no
+/// `sslmode` chosen in the URL or (`env_sslmode`) the environment.
+fn plain_on_loopback(url: &str, options: &PgConnectOptions, env_sslmode: bool) -> bool {
+    let chosen = match url::Url::parse(url) {
+        Ok(u) => u.query_pairs().any(|(k, _)| k == "sslmode" || k == "ssl-mode"),
+        Err(_) => true, // not a URL sqlx reads as one: left as sqlx made it
+    };
+    let host = options.get_host();
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    !chosen && !env_sslmode && options.get_socket().is_none() && loopback
+}
+
 /// Pool options for every Postgres pool vinetl opens (state, queue setup,
 /// sources, output databases): each new connection gets TCP_NODELAY.
 pub fn pool_options(options: &PgConnectOptions) -> PgPoolOptions {
@@ -94,7 +129,7 @@ pub async fn connect(url: &str, schema: &str, max_connections: u32) -> Result<Pg
     let schema = check_schema(schema)?;
     let shown = redact(url);
     let connect_err = |error| StoreError::Connect { url: shown.clone(), error };
-    let options = PgConnectOptions::from_str(url)
+    let options = connect_options(url)
         .map_err(connect_err)?
         // `public` stays on the path for the extensions apalis installs there.
         // A session's temporary tables (the output's per-VIN tables) live in
@@ -930,4 +965,47 @@ pub(super) fn output_rows(
             futures_util::stream::iter(rows)
         })
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(url: &str, env_sslmode: bool) -> bool {
+        plain_on_loopback(url, &PgConnectOptions::from_str(url).unwrap(), env_sslmode)
+    }
+
+    #[test]
+    fn loopback_without_a_chosen_sslmode_goes_without_tls() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgres://u:p@localhost/db",
+            "postgres://u@LOCALHOST:5433/db?application_name=x",
+            "postgres://u@127.0.0.2/db",
+            "postgres://u@[::1]:5432/db",
+        ] {
+            assert!(plain(url, false), "{url}");
+            assert!(
+                matches!(connect_options(url).unwrap().get_ssl_mode(), sqlx::postgres::PgSslMode::Disable),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_chosen_sslmode_or_another_host_keeps_sqlx_s_choice() {
+        for url in [
+            "postgres://u@127.0.0.1/db?sslmode=require",
+            "postgres://u@localhost/db?sslmode=prefer",
+            "postgres://u@localhost/db?ssl-mode=verify-full",
+            "postgres://u@db.example.com/db",
+            "postgres://u@10.0.0.5:5432/db",
+            "postgres://u@[2001:db8::1]/db",
+        ] {
+            assert!(!plain(url, false), "{url}");
+        }
+        assert!(!plain("postgres://u@127.0.0.1/db", true), "PGSSLMODE chooses too");
+        let kept = connect_options("postgres://u@127.0.0.1/db?sslmode=require").unwrap();
+        assert!(matches!(kept.get_ssl_mode(), sqlx::postgres::PgSslMode::Require));
+    }
 }

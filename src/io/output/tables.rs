@@ -214,7 +214,7 @@ async fn connect(
                 .map_err(|_| OutputError::write(place, format!("the variable {var} (outputs.url_env) is not set")))?;
             let cannot =
                 |e| OutputError::write(place, format!("cannot connect to {}: {e}", crate::store::redact(&url)));
-            let options = url.parse::<sqlx::postgres::PgConnectOptions>().map_err(cannot)?;
+            let options = crate::store::postgres::connect_options(&url).map_err(cannot)?;
             crate::store::postgres::pool_options(&options)
                 .max_connections(2)
                 .acquire_timeout(std::time::Duration::from_secs(5))
