@@ -36,10 +36,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// (or `PGSSLMODE`) asks for it. sqlx's default, like libpq's, is `prefer`:
 /// encrypt if the server offers it, without verifying who it is. On
 /// loopback the bytes never leave the kernel, so that encryption protects
-/// nothing, and it cost a cold run about a tenth of its wall time (every
-/// statement and answer encrypted on both sides; 11.2-11.8 s against
-/// 11.5-13.3 s for 50,000 VINs, BENCHMARKS.md). Every pool vinetl opens
-/// (state, queue, sources, outputs) is configured here.
+/// nothing, and it cost every statement and answer their encryption on both
+/// sides and every connection a handshake: a cold job of 50,000 VINs took a
+/// median 10.51 s plain against 11.02 s (five interleaved pairs, each
+/// faster plain), a 5,000-VIN one 2.23 s against 3.13 s (BENCHMARKS.md).
+/// Every pool vinetl opens (state, queue, sources, outputs) is configured
+/// here.
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?;
     Ok(match plain_on_loopback(url, &options, std::env::var_os("PGSSLMODE").is_some()) {
