@@ -186,12 +186,15 @@ pub async fn pool(schema: &str) -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(opts).await.unwrap()
 }
 
-/// Drops a test's schema and its queue tasks.
+/// Drops a test's schema and its queue tasks, on both lanes (an embedded
+/// job's tasks were left behind before).
 pub async fn cleanup(schema: &str) {
+    use vinetl::job::queue::Lane;
     let pool = pool("public").await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&pool).await.unwrap();
-    let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
-        .bind(vinetl::job::queue::queue_name(schema))
+    let _ = sqlx::query("DELETE FROM apalis.jobs WHERE job_type IN ($1, $2)")
+        .bind(Lane::Shared.queue(schema))
+        .bind(Lane::Embedded.queue(schema))
         .execute(&pool)
         .await;
 }
