@@ -144,12 +144,7 @@ async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
         probes += 1;
         requests_seen(&server.url(), key, 100_000).await - (probes - 1)
     };
-    for _ in 0..600 {
-        if status(&schema, 1).await["calls_made"].as_i64().unwrap() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_calls(&schema, 2).await;
     let out = vinetl_async(&schema, key, &["cancel", "1"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let at_cancel = seen().await;
@@ -205,14 +200,7 @@ async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
     // 50 batches at 8 in flight and 150 ms a call: about a second of calls,
     // with every task slot of the worker (four per call) taken.
     let mut busy = common::spawn_worker_with(&schema, "pro-counted-key", 8);
-    let mut seen = serde_json::Value::Null;
-    for _ in 0..300 {
-        seen = status(&schema, 1).await;
-        if seen["calls_made"].as_i64().unwrap_or(0) >= 8 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let seen = wait_for_calls(&schema, 8).await;
     assert!(seen["calls_made"].as_i64().unwrap_or(0) < 50, "the job ended before the stop: {seen}");
     // The requests the server has seen just before the stop (this probe is
     // one more).
@@ -272,14 +260,7 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     submit_slowly(&schema, dir.path(), &server.url(), key).await;
 
     let mut worker = common::spawn_worker(&schema, key);
-    let mut first = serde_json::Value::Null;
-    for _ in 0..600 {
-        first = status(&schema, 1).await;
-        if first["calls_made"].as_i64().unwrap_or(0) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = wait_for_calls(&schema, 1).await;
     assert_eq!(first["calls_made"], 1, "{first}");
     let before_stop = requests_seen(&server.url(), key, 100_000).await;
     let exited = stop_worker(&mut worker).await;
@@ -337,4 +318,18 @@ async fn stop_worker(worker: &mut tokio::process::Child) -> Duration {
     let exit = exit.unwrap();
     assert!(exit.success(), "worker exit: {exit:?}");
     stop.elapsed()
+}
+
+/// Job 1's status once it has made at least `n` calls (polled every 20 ms,
+/// for up to about 12 s; the caller asserts on what it got).
+async fn wait_for_calls(schema: &str, n: i64) -> serde_json::Value {
+    let mut seen = status(schema, 1).await;
+    for _ in 0..600 {
+        if seen["calls_made"].as_i64().unwrap_or(0) >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        seen = status(schema, 1).await;
+    }
+    seen
 }

@@ -316,11 +316,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     let Some(call) = state.place().await else {
         // The worker is stopping: the batch goes back to the queue
         // unclaimed, for another worker or this one restarted.
-        if let Some(generation) = state.store.give_back(task.job_id, task.batch_no, task.generation).await? {
-            tracing::info!("stopping: the batch goes back to the queue uncalled");
-            push_again(state, &rt, BatchTask { generation, ..task }, None).await?;
-        }
-        return Ok(());
+        let given_back = state.store.give_back(task.job_id, task.batch_no, task.generation).await?;
+        return requeued_on_stop(state, &rt, task, given_back).await;
     };
     let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
     else {
@@ -336,11 +333,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         // The worker is stopping while this call waits for the limiter: the
         // claimed batch goes back uncalled, as one still waiting for its
         // place does (a cancelled job's ends cancelled instead).
-        if let Some(generation) = store.unclaim(task.job_id, task.batch_no).await? {
-            tracing::info!("stopping: the claimed batch goes back to the queue uncalled");
-            push_again(state, &rt, BatchTask { generation, ..task }, None).await?;
-        }
-        return Ok(());
+        let unclaimed = store.unclaim(task.job_id, task.batch_no).await?;
+        return requeued_on_stop(state, &rt, task, unclaimed).await;
     };
     prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
     let slot = match granted {
@@ -581,6 +575,22 @@ async fn reschedule(
 
 /// Pushes the task of a batch's new generation, then marks it enqueued (a
 /// crash between the two leaves it to the sweep).
+/// A stopping worker's batch that went back to the queue uncalled under
+/// `generation` (`None`: there was nothing to give back): its task is
+/// pushed again at once, for another worker or this one restarted.
+async fn requeued_on_stop(
+    state: &WorkerState,
+    rt: &JobRuntime,
+    task: BatchTask,
+    generation: Option<i32>,
+) -> Result<(), BoxDynError> {
+    if let Some(generation) = generation {
+        tracing::info!("stopping: the batch goes back to the queue uncalled");
+        push_again(state, rt, BatchTask { generation, ..task }, None).await?;
+    }
+    Ok(())
+}
+
 async fn push_again(
     state: &WorkerState,
     rt: &JobRuntime,
