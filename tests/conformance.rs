@@ -13,7 +13,12 @@ use vinetl::cli::jobs::State;
 use vinetl::job::queue::{BatchTask, queue_name};
 use vinetl::serve::faults::Faults;
 use vinetl::spec::JobSpec;
-use vinetl::store::{Reschedule, Store};
+use vinetl::store::{Answer, Answered, CallTo, Reschedule, Store};
+
+/// Where the tests' claimed batches' requests would go, as a worker claims
+/// them (marked in a call, recorded in the audit trail).
+const CALL: Option<&CallTo> =
+    Some(&CallTo { provider: "http://127.0.0.1:9", decode: "/api/v1/batch-decode", recalls: "/api/v1/recalls" });
 
 type Env = common::StoreEnv;
 
@@ -242,7 +247,7 @@ async fn a_stored_answer_missing_a_vin_fails_that_row(backend: Backend) {
     let store = env.store().await;
     let spec = JobSpec::load(&env.spec(&pattern_vins(20), "http://127.0.0.1:9", "")).unwrap();
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-    let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("the batch is claimed");
+    let claimed = store.claim(job, 0, 0, 60.0, CALL).await.unwrap().expect("the batch is claimed");
     let answered: Vec<vinetl::store::DecodedVin> = claimed.vins[1..].iter().map(|v| decoded_as(v, "MAKE")).collect();
     let answer = vinetl::store::Answer::Decoded { asked: claimed.vins.clone(), decoded: answered };
     store.complete_all(&[vinetl::store::Answered { job_id: job, batch_no: 0, answer }]).await.unwrap();
@@ -273,7 +278,7 @@ async fn a_group_of_answers_of_two_jobs_is_stored_as_each_alone(backend: Backend
     let mut answers = Vec::new();
     for (job, make) in [(a, "FIRST"), (b, "SECOND")] {
         for batch_no in 0..2 {
-            let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
+            let claimed = store.claim(job, batch_no, 0, 60.0, CALL).await.unwrap().expect("the batch is claimed");
             // Job a's second batch answers all but its first VIN.
             let skip = usize::from(job == a && batch_no == 1);
             let decoded = claimed.vins[skip..].iter().map(|v| decoded_as(v, make)).collect();
@@ -316,7 +321,7 @@ async fn the_sweep_moves_on_a_job_nobody_advanced(backend: Backend) {
         async move { vinetl::job::plan::submit(&store, &schema, &spec).await.unwrap().job_id }
     };
     let answer = |store: Store, job: i64, batch_no: i32| async move {
-        let claimed = store.claim(job, batch_no, 0, 60.0).await.unwrap().expect("the batch is claimed");
+        let claimed = store.claim(job, batch_no, 0, 60.0, CALL).await.unwrap().expect("the batch is claimed");
         let decoded = claimed.vins.iter().map(|v| decoded_as(v, "MAKE")).collect();
         let answer = Answer::Decoded { asked: claimed.vins, decoded };
         store.complete_all(&[Answered { job_id: job, batch_no, answer }]).await.unwrap();
@@ -344,15 +349,15 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     let store = env.store().await;
     let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "timeout_secs = 1")).unwrap();
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-    let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("a queued batch is claimed");
+    let claimed = store.claim(job, 0, 0, 60.0, CALL).await.unwrap().expect("a queued batch is claimed");
     assert_eq!(claimed.vins.len(), 20);
-    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "no second call while the lease runs");
+    assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_none(), "no second call while the lease runs");
     // Rescheduled: the old generation's task is stale.
     let generation =
         store.reschedule(job, 0, 0.0, Reschedule::Failed(vinetl::store::CallEnd::ServerError), "503").await.unwrap();
     assert_eq!(generation, 1);
-    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "a stale generation never claims");
-    let retry = store.claim(job, 0, 1, 60.0).await.unwrap().expect("the current generation claims");
+    assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_none(), "a stale generation never claims");
+    let retry = store.claim(job, 0, 1, 60.0, CALL).await.unwrap().expect("the current generation claims");
     assert_eq!(retry.attempts, 1);
     // The worker dies mid-call: after its lease (2 × 1 s + 30 s) the sweep
     // finds the batch and queues it under a new generation, exactly once.
@@ -360,7 +365,7 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     let lost = store.lost_tasks().await.unwrap();
     assert_eq!(lost, vec![(job, 0, 2)]);
     assert!(store.lost_tasks().await.unwrap().is_empty(), "taken over once");
-    assert!(store.claim(job, 0, 2, 60.0).await.unwrap().is_some());
+    assert!(store.claim(job, 0, 2, 60.0, CALL).await.unwrap().is_some());
     env.cleanup().await;
 }
 
@@ -376,8 +381,8 @@ async fn a_batch_given_back_is_claimed_once_under_a_new_generation(backend: Back
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
     assert_eq!(store.give_back(job, 0, 0).await.unwrap(), Some(1));
     assert_eq!(store.give_back(job, 0, 0).await.unwrap(), None, "a stale task gives nothing back");
-    assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_none(), "the old task is stale");
-    let claimed = store.claim(job, 0, 1, 60.0).await.unwrap().expect("the new generation claims");
+    assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_none(), "the old task is stale");
+    let claimed = store.claim(job, 0, 1, 60.0, CALL).await.unwrap().expect("the new generation claims");
     assert_eq!(claimed.attempts, 0, "giving back is not an attempt");
     assert_eq!(store.give_back(job, 0, 1).await.unwrap(), None, "a claimed batch is not given back");
     // Batch 1 given back, and the process dies before pushing its task.
@@ -393,31 +398,20 @@ async fn a_batch_given_back_is_claimed_once_under_a_new_generation(backend: Back
     env.cleanup().await;
 }
 
-/// A batch claimed before its job was cancelled or paused, still waiting
-/// for the limiter when that happened, makes no call: the mark before the
-/// request refuses it. Unclaimed, a cancelled job's batch ends cancelled
-/// with its rows failed as the cancel's others (none left pending), and a
-/// paused job's batch is queued again under a new generation for the
-/// resume; a batch in a call is left alone.
-async fn a_batch_claimed_before_a_cancel_or_a_pause_makes_no_call(backend: Backend) {
+/// A batch whose job was cancelled or paused while its task waited for
+/// the limiter makes no call: the claim, which marks the call and records
+/// its request, refuses it and changes nothing. The cancel ended the batch
+/// cancelled with its rows failed (none left pending); the pause left it
+/// queued for the resume, whose new generation turns the old task away. A
+/// batch already in a call when the pause came is left to land.
+async fn a_batch_whose_job_was_cancelled_or_paused_makes_no_call(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
-    let sent = |vins: &'static [String]| vinetl::store::CallSent {
-        provider: "http://127.0.0.1:9",
-        endpoint: "/api/v1/batch-decode",
-        vins,
-        lookup: None,
-    };
-    let vins: &'static [String] = pattern_vins(80).leak();
+    let vins = pattern_vins(80);
     let spec = JobSpec::load(&env.spec(&vins[..40], "http://127.0.0.1:9", "")).unwrap();
     let cancelled = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-    store.claim(cancelled, 0, 0, 60.0).await.unwrap().expect("claimed");
     assert!(store.cancel_job(cancelled).await.unwrap());
-    assert!(
-        !store.begin_call(cancelled, 0, &sent(&vins[..20])).await.unwrap(),
-        "a cancelled job's batch takes no call"
-    );
-    assert_eq!(store.unclaim(cancelled, 0).await.unwrap(), None, "a cancelled job's batch is not queued again");
+    assert!(store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().is_none(), "a cancelled job's batch takes no call");
     let s = env.status(cancelled).await;
     assert_eq!(
         (s["state"].as_str(), &s["pending"], &s["calls_made"]),
@@ -428,27 +422,36 @@ async fn a_batch_claimed_before_a_cancel_or_a_pause_makes_no_call(backend: Backe
     // Rows affected counts them, in either dialect.
     let count = "UPDATE batches SET state = state WHERE job_id = 1 AND state = 'cancelled'";
     assert_eq!(env.sql(&store, count, count).await, 2, "both batches end cancelled");
+    let audited = |job: i64| format!("UPDATE call_audit SET batch_no = batch_no WHERE job_id = {job}");
+    let n = audited(cancelled);
+    assert_eq!(env.sql(&store, &n, &n).await, 0, "no request recorded");
 
     let spec = JobSpec::load(&env.spec(&vins[40..], "http://127.0.0.1:9", "")).unwrap();
     let paused = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-    store.claim(paused, 0, 0, 60.0).await.unwrap().expect("claimed");
-    store.claim(paused, 1, 0, 60.0).await.unwrap().expect("claimed");
-    assert!(store.begin_call(paused, 1, &sent(&vins[60..])).await.unwrap(), "batch 1's call begins");
+    let in_call = store.claim(paused, 1, 0, 60.0, CALL).await.unwrap().expect("batch 1's call begins");
     assert!(store.pause_job(paused).await.unwrap());
-    assert!(!store.begin_call(paused, 0, &sent(&vins[40..60])).await.unwrap(), "a paused job's batch takes no call");
-    assert_eq!(store.unclaim(paused, 0).await.unwrap(), Some(1), "queued again under a new generation");
-    assert_eq!(store.unclaim(paused, 1).await.unwrap(), None, "a batch in a call is left alone");
+    assert!(store.claim(paused, 0, 0, 60.0, CALL).await.unwrap().is_none(), "a paused job's batch takes no call");
     assert!(store.resume_job(paused).await.unwrap());
-    assert!(store.claim(paused, 0, 1, 60.0).await.unwrap().is_none(), "resume gave it a newer generation");
-    assert!(store.claim(paused, 0, 2, 60.0).await.unwrap().is_some());
+    assert!(store.claim(paused, 0, 0, 60.0, CALL).await.unwrap().is_none(), "resume gave it a newer generation");
+    assert!(store.claim(paused, 0, 1, 60.0, CALL).await.unwrap().is_some());
+    let n = audited(paused);
+    assert_eq!(env.sql(&store, &n, &n).await, 2, "one request recorded per call made");
+    // The batch in a call when the pause came lands.
+    let answer = Answered {
+        job_id: paused,
+        batch_no: 1,
+        answer: Answer::Decoded { asked: in_call.vins.clone(), decoded: vec![] },
+    };
+    store.complete_all(&[answer]).await.unwrap();
+    let s = env.status(paused).await;
+    assert_eq!(s["pending"], 20, "batch 1's rows settled, batch 0's in its call: {s}");
     env.cleanup().await;
 }
 
 /// A task of an older generation makes no call and uses none of the day's
-/// quota: it is turned away by the claim, before the limiter. (A claim run
-/// beside the limiter's wait was tried and dropped: a stale task could take
-/// the open circuit's one probe grant and give it back unused, moving the
-/// next probe a lease later.)
+/// quota: the claim after the limiter turns it away, and its grant goes
+/// back. (A probe through an open circuit given back so lets the next probe
+/// go at once: see the limiter's test.)
 async fn a_stale_task_makes_no_call_and_uses_no_quota(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
@@ -554,11 +557,16 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     };
     assert!(wait <= Duration::from_secs(1), "{wait:?}");
     tokio::time::sleep(wait + Duration::from_millis(20)).await;
-    assert_eq!(other.try_reserve(5).await.unwrap().map(|g| g.n), Ok(1), "one probe, alone");
+    let probe = other.try_reserve(5).await.unwrap().expect("a probe");
+    assert_eq!(probe.n, 1, "one probe, alone");
     assert!(matches!(c.try_reserve(1).await.unwrap(), Err(Denied::Circuit { .. })), "while the probe is out");
-    other.answered(true).await.unwrap();
+    // A probe given back unused (a stale task's) lets the next go at once.
+    other.refund(1, probe.at).await.unwrap();
+    assert_eq!(c.try_reserve(1).await.unwrap().map(|g| g.n), Ok(1), "the probe given back goes to the next caller");
+    assert!(matches!(other.try_reserve(1).await.unwrap(), Err(Denied::Circuit { .. })), "while that probe is out");
+    c.answered(true).await.unwrap();
     assert!(c.circuit().await.unwrap().is_none(), "an answer closes it");
-    // 10 a day: 1 refused (given back) and 1 probe used 1 unit: 9 left.
+    // 10 a day: 1 refused and 1 probe given back, 1 probe used: 9 left.
     assert_eq!(c.try_reserve(10).await.unwrap().map(|g| g.n), Ok(9));
     for _ in 0..vinetl::call::limiter::SERVER_ERRORS_TO_OPEN - 1 {
         assert!(!c.server_error("500").await.unwrap());
@@ -1025,7 +1033,7 @@ async fn an_answer_or_a_forget_takes_its_batch_before_its_rows() {
         let pool = store.pg_pool().expect("Postgres").clone();
         let spec = JobSpec::load(&env.spec(&pattern_vins(20), "http://127.0.0.1:9", "")).unwrap();
         let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-        let claimed = store.claim(job, 0, 0, 60.0).await.unwrap().expect("the batch is claimed");
+        let claimed = store.claim(job, 0, 0, 60.0, CALL).await.unwrap().expect("the batch is claimed");
         let mut holder = pool.begin().await.unwrap();
         let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *holder).await.unwrap();
         sqlx::query("SELECT 1 FROM batches WHERE job_id = $1 AND batch_no = 0 FOR UPDATE")
@@ -1145,7 +1153,7 @@ async fn ending_or_resuming_a_job_waits_for_an_outcome_in_flight_without_deadloc
         let pool = store.pg_pool().expect("Postgres").clone();
         let spec = JobSpec::load(&env.spec(&pattern_vins(40), "http://127.0.0.1:9", "")).unwrap();
         let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-        assert!(store.claim(job, 0, 0, 60.0).await.unwrap().is_some());
+        assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_some());
         if ending == "resume" {
             assert!(store.pause_job(job).await.unwrap());
         }
@@ -1503,7 +1511,7 @@ common::both_stores!(
     a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,
     a_batch_given_back_is_claimed_once_under_a_new_generation,
-    a_batch_claimed_before_a_cancel_or_a_pause_makes_no_call,
+    a_batch_whose_job_was_cancelled_or_paused_makes_no_call,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

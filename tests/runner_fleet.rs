@@ -151,8 +151,8 @@ async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
     assert!((2..50).contains(&at_cancel), "cancelled mid-job, after {at_cancel} calls");
     // A call takes milliseconds and the next may start two seconds after
     // the last: none is in flight at the cancel, and the batch waiting for
-    // the limiter makes no call once it is granted (the mark before the
-    // request refuses a cancelled job's batch). Before that check, it
+    // the limiter makes no call once it is granted (the claim after the
+    // limiter refuses a cancelled job's batch). Before such a check, it
     // went out after the cancel.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let settled = seen().await;
@@ -255,7 +255,7 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
         .collect();
     std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
     // Once the first call is made, the worker's other place holds a
-    // claimed batch waiting for the limiter for about two seconds.
+    // batch waiting for the limiter for about two seconds.
     let key = "pro-counted-key";
     submit_slowly(&schema, dir.path(), &server.url(), key).await;
 
@@ -274,7 +274,7 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     let db = pool(&schema).await;
     let running: i64 =
         sqlx::query_scalar("SELECT count(*) FROM batches WHERE state = 'running'").fetch_one(&db).await.unwrap();
-    assert_eq!(running, 0, "the claimed batches went back to the queue");
+    assert_eq!(running, 0, "no batch was left claimed");
 
     let restarted = std::time::Instant::now();
     let mut rest = common::spawn_worker(&schema, key);
@@ -285,8 +285,8 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     // Three calls, each batch once, and the two probes above.
     assert_eq!(requests_seen(&server.url(), key, 100_000).await, 5);
     println!(
-        "RELIABILITY worker-stopped-in-limiter: SIGTERM at 0.5 calls/s after 1 of 3 calls, its next batches claimed \
-         and waiting for the limiter; exited in {:.1} s; {after_stop} calls after the stop; rows lost 0, duplicated 0; \
+        "RELIABILITY worker-stopped-in-limiter: SIGTERM at 0.5 calls/s after 1 of 3 calls, its next batches \
+         waiting for the limiter; exited in {:.1} s; {after_stop} calls after the stop; rows lost 0, duplicated 0; \
          calls 3 for 3 batches; another worker ended the job in {:.1} s",
         exited.as_secs_f64(),
         recovered.as_secs_f64()

@@ -191,7 +191,8 @@ impl SharedLimiter {
 
     /// Gives `n` reserved but unused calls back to the day's quota (not to
     /// the rate: a call made later than its slot never breaks the rate).
-    /// Nothing is given back once the quota day granted in has ended.
+    /// Nothing is given back once the quota day granted in has ended. An
+    /// open circuit's probe given back lets the next probe go at once.
     pub async fn refund(&self, n: usize, granted_at: f64) -> Result<(), StoreError> {
         self.store.limiter_refund(&self.account, n as i64, granted_at).await
     }

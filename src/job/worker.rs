@@ -17,7 +17,7 @@ use crate::job::queue::{self, BatchTask, Lane};
 use crate::prometheus::{self, CallKind};
 use crate::spec::JobSpec;
 use crate::store::StoreError;
-use crate::store::{Answer, Answered, CallEnd, CallSent, DecodedVin, Reschedule, Store};
+use crate::store::{Answer, Answered, CallEnd, CallTo, DecodedVin, Reschedule, Store};
 use crate::vin::Vin;
 
 /// What one job needs to call the API, built once per process.
@@ -41,7 +41,7 @@ pub struct WorkerState {
     limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
     /// `--concurrency`: the calls this process has in flight, from the
-    /// batch's claim to the end of its request (to the stored outcome, for
+    /// limiter's wait to the end of its request (to the stored outcome, for
     /// any outcome but an answer). A task whose answer is only waiting to be
     /// stored holds none, so the next call starts meanwhile.
     calls: Arc<tokio::sync::Semaphore>,
@@ -51,7 +51,7 @@ pub struct WorkerState {
 }
 
 /// Queue tasks a worker runs at once per call it may have in flight. A call
-/// takes about 15 ms on loopback (claim, limiter, mark, request) and then
+/// takes about 15 ms on loopback (limiter, claim, request) and then
 /// waits about 25 ms for its answer's group to commit (BENCHMARKS.md); a
 /// task that held its call's place through that wait left the API and the
 /// cores idle. Four tasks per call keep the calls busy; the extra ones only
@@ -316,79 +316,54 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     let Some(call) = state.place().await else {
         // The worker is stopping: the batch goes back to the queue
         // unclaimed, for another worker or this one restarted.
-        let given_back = state.store.give_back(task.job_id, task.batch_no, task.generation).await?;
-        return requeued_on_stop(state, &rt, task, given_back).await;
+        return give_back(state, &rt, task).await;
     };
-    let Some(batch) = state.store.claim(task.job_id, task.batch_no, task.generation, lease_secs(&rt.spec)).await?
-    else {
-        // Stale (an older generation), finished, or the job stopped.
-        return Ok(());
-    };
-    let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
-    let kind = if batch.lookup_key.is_some() { CallKind::Recall } else { CallKind::Decode };
+    // The limiter first, the claim after: a batch waiting for its turn is
+    // still queued, so a cancel, a pause or a stop meanwhile leaves nothing
+    // claimed to undo, and the claim, the mark and the audit row are one
+    // transaction before the request.
     let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
+    let (job, batch_no, lease) = (task.job_id, task.batch_no, lease_secs(&rt.spec));
     let waiting = std::time::Instant::now();
     let Some(granted) = limiter.acquire_unless(state.stopped()).await? else {
         // The worker is stopping while this call waits for the limiter: the
-        // claimed batch goes back uncalled, as one still waiting for its
-        // place does (a cancelled job's ends cancelled instead).
-        let unclaimed = store.unclaim(task.job_id, task.batch_no).await?;
-        return requeued_on_stop(state, &rt, task, unclaimed).await;
+        // batch goes back, as one still waiting for its place does.
+        return give_back(state, &rt, task).await;
     };
     prometheus::limiter_wait(&rt.spec.provider.account(), waiting.elapsed());
     let slot = match granted {
         Ok(slot) => slot,
-        Err(Denied::Quota { wait }) => {
-            // Not a failure: the job waits for the quota to reset, then goes on.
-            let resume = format!("the daily quota is used up; resumes in {} s at the quota reset", wait.as_secs());
-            store.set_waiting(task.job_id, wait.as_secs_f64(), &resume).await?;
-            reschedule(state, &rt, task, wait, Reschedule::NotCalled, &resume).await?;
-            return Ok(());
-        }
-        Err(Denied::Circuit { wait }) => {
-            wait_for_the_api(state, &rt, &limiter, task, wait).await?;
-            return Ok(());
-        }
-        Err(Denied::Later { wait, reason }) => {
-            reschedule(state, &rt, task, wait, Reschedule::NotCalled, &format!("limiter: {reason}")).await?;
-            return Ok(());
-        }
-    };
-    let (job, batch_no) = (task.job_id, task.batch_no);
-    let lookup = match &batch.lookup_key {
-        Some(key) => match store.lookup(key).await? {
-            Some(lookup) => Some(lookup),
-            None => {
-                limiter.release(slot).await?;
-                let reason = format!("recall lookup {key} is not registered");
-                store.dead_letter(job, batch_no, &reason, None).await?;
-                crate::job::advance::advance(store, &state.schema, job, &rt.spec).await?;
-                return Ok(());
+        Err(denied) => {
+            // Not now: the batch (if this task still holds it) waits.
+            if store.claim(job, batch_no, task.generation, lease, None).await?.is_some() {
+                not_now(state, &rt, &limiter, task, denied).await?;
             }
-        },
-        None => None,
+            return Ok(());
+        }
     };
-    // The last word before the request leaves: the batch is still ours. A
-    // job failed, cancelled or paused while this worker waited for the
-    // limiter (another worker's call met a revoked key; an operator) takes
-    // no call, and the quota unit goes back. A paused job's batch is queued
-    // again for its resume to push; a cancelled job's ends cancelled.
-    let sent = CallSent {
-        provider: &rt.client.origin(),
-        endpoint: if lookup.is_some() { crate::api::RECALLS_PATH } else { crate::api::BATCH_DECODE_PATH },
-        vins: if lookup.is_some() { &[] } else { &batch.vins },
-        lookup: batch.lookup_key.as_deref(),
-    };
-    if !store.begin_call(job, batch_no, &sent).await? {
+    let origin = rt.client.origin();
+    let to = CallTo { provider: &origin, decode: crate::api::BATCH_DECODE_PATH, recalls: crate::api::RECALLS_PATH };
+    let Some(batch) = store.claim(job, batch_no, task.generation, lease, Some(&to)).await? else {
+        // Stale (an older generation), finished, or its job was paused,
+        // cancelled or ended while this task waited: no call, and the
+        // quota unit goes back.
         limiter.release(slot).await?;
         limiter.refund(1, now_secs()).await?;
-        store.unclaim(job, batch_no).await?;
+        return Ok(());
+    };
+    let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
+    let kind = if batch.lookup_key.is_some() { CallKind::Recall } else { CallKind::Decode };
+    if let (Some(key), None) = (&batch.lookup_key, &batch.lookup) {
+        limiter.release(slot).await?;
+        let reason = format!("recall lookup {key} is not registered");
+        store.dead_letter(job, batch_no, &reason, None).await?;
+        crate::job::advance::advance(store, &state.schema, job, &rt.spec).await?;
         return Ok(());
     }
-    let outcome = match lookup {
+    let outcome = match &batch.lookup {
         None => rt.client.batch_decode(&vins).await.map_done(Reply::Decoded),
-        Some(lookup) => rt.client.recalls(&recall_request(&lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
+        Some(lookup) => rt.client.recalls(&recall_request(lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
     };
     limiter.release(slot).await?;
     match call_end(&outcome) {
@@ -499,6 +474,30 @@ async fn retry_or_dead_letter(
     }
 }
 
+/// The limiter said not now to a batch this task claimed: the job waits
+/// for the quota to reset, or the batch for the API to come back or for
+/// its turn.
+async fn not_now(
+    state: &WorkerState,
+    rt: &JobRuntime,
+    limiter: &SharedLimiter,
+    task: BatchTask,
+    denied: Denied,
+) -> Result<(), StoreError> {
+    match denied {
+        Denied::Quota { wait } => {
+            // Not a failure: the job waits for the quota to reset, then goes on.
+            let resume = format!("the daily quota is used up; resumes in {} s at the quota reset", wait.as_secs());
+            state.store.set_waiting(task.job_id, wait.as_secs_f64(), &resume).await?;
+            reschedule(state, rt, task, wait, Reschedule::NotCalled, &resume).await
+        }
+        Denied::Circuit { wait } => wait_for_the_api(state, rt, limiter, task, wait).await,
+        Denied::Later { wait, reason } => {
+            reschedule(state, rt, task, wait, Reschedule::NotCalled, &format!("limiter: {reason}")).await
+        }
+    }
+}
+
 /// The account's circuit is open: the job waits, saying why and until
 /// when, and the batch goes back without using an attempt; or, once the API
 /// has been unreachable for longer than `give_up_after`, the job fails.
@@ -575,16 +574,11 @@ async fn reschedule(
 
 /// Pushes the task of a batch's new generation, then marks it enqueued (a
 /// crash between the two leaves it to the sweep).
-/// A stopping worker's batch that went back to the queue uncalled under
-/// `generation` (`None`: there was nothing to give back): its task is
-/// pushed again at once, for another worker or this one restarted.
-async fn requeued_on_stop(
-    state: &WorkerState,
-    rt: &JobRuntime,
-    task: BatchTask,
-    generation: Option<i32>,
-) -> Result<(), BoxDynError> {
-    if let Some(generation) = generation {
+/// A stopping worker's batch goes back to the queue uncalled under a new
+/// generation (if this task still holds it), and its task is pushed again
+/// at once, for another worker or this one restarted.
+async fn give_back(state: &WorkerState, rt: &JobRuntime, task: BatchTask) -> Result<(), BoxDynError> {
+    if let Some(generation) = state.store.give_back(task.job_id, task.batch_no, task.generation).await? {
         tracing::info!("stopping: the batch goes back to the queue uncalled");
         push_again(state, rt, BatchTask { generation, ..task }, None).await?;
     }

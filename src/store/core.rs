@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use sqlx::types::chrono::{DateTime, NaiveDate};
 
 use super::records::{
-    Answer, Answered, CallCounts, CallEnd, CallSent, ChunkForm, ClaimedBatch, DeadBatch, DecodedVin, FailedRow,
-    Failures, JobCounts, JobError, JobTimes, Lookup, Next, PlanMemo, PlannedChunk, PlannedRow, Prunable, QuotaToday,
+    Answer, Answered, CallCounts, CallEnd, CallTo, ChunkForm, ClaimedBatch, DeadBatch, DecodedVin, FailedRow, Failures,
+    JobCounts, JobError, JobTimes, Lookup, Next, PlanMemo, PlannedChunk, PlannedRow, Prunable, QuotaToday,
     RecallCounts, Redo, Reschedule, RunSummary, Standing, StoreError, distinct_campaigns, rfc3339,
 };
 use super::sql::{Arg, Dialect, Row, args};
@@ -142,17 +142,27 @@ pub enum PlanLock {
     Lite(i64),
 }
 
-/// Marks batch `$2` of job `$1` as in a call, if it is still running (a
-/// mark still set is a call whose answer was lost) and its job is neither
-/// paused nor cancelled (a cancel leaves running batches running, so that
-/// calls already in flight land).
-pub(super) const MARK_CALL: &str =
-    "UPDATE batches SET calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END, in_call = true,
+/// Takes batch `$2` of job `$1` (one queue task's batch) for one call.
+/// Only the task of the batch's current generation (`$3`) may, only when
+/// the batch is queued, or running but abandoned for longer than `$4`
+/// seconds (its worker died mid-call), and only while its job is planned,
+/// running or waiting, and not paused. A mark still set on a batch taken
+/// again is a call whose answer was lost, counted here. With `$5` the
+/// request goes out now and the batch is marked in a call, unless it is a
+/// recall lookup whose key is not registered (it takes no call).
+pub(super) const CLAIM: &str = "UPDATE batches SET state = 'running',
+         calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END,
+         in_call = $5 AND (lookup_key IS NULL
+                           OR EXISTS (SELECT 1 FROM recall_lookups l WHERE l.lookup_key = batches.lookup_key)),
          updated_at = now()
-     WHERE job_id = $1 AND batch_no = $2 AND state = 'running'
-       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1
-                         AND (j.state = 'cancelled'
-                              OR (j.paused_at IS NOT NULL AND j.state IN ('planning', 'running', 'waiting'))))";
+     WHERE job_id = $1 AND batch_no = $2 AND generation = $3
+       AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
+       AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
+                     AND j.state IN ('planning', 'running', 'waiting') AND j.paused_at IS NULL)
+     RETURNING vins, attempts, lookup_key, in_call";
+
+/// A recall lookup's request: make, model, year and VIN of key `$1`.
+const LOOKUP: &str = "SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1";
 
 /// Records the request of batch `$2` of job `$1` in the audit trail.
 pub(super) const AUDIT_CALL: &str =
@@ -517,29 +527,43 @@ impl Store {
         Ok(())
     }
 
-    /// Takes a batch for one call. Only the task of the batch's current
-    /// generation may, and only when the batch is queued, or running but
-    /// abandoned for longer than `lease_secs` (its worker died mid-call).
+    /// Takes a batch for one call ([`CLAIM`]). With `call`, its request goes
+    /// out now: the batch is marked in a call and the request is recorded in
+    /// the audit trail, in the claim's own transaction, so whatever goes out
+    /// is on record, answered or not. Without, the caller only reschedules
+    /// it (the limiter said not now). `None` if the task is stale, the batch
+    /// finished, or its job was paused, cancelled or ended.
     pub async fn claim(
         &self,
         job_id: i64,
         batch_no: i32,
         generation: i32,
         lease_secs: f64,
+        call: Option<&CallTo<'_>>,
     ) -> Result<Option<ClaimedBatch>, StoreError> {
-        let row = self
-            .row(
-                "UPDATE batches SET state = 'running', updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3
-                   AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
-                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
-                                 AND j.state IN ('planning', 'running', 'waiting') AND j.paused_at IS NULL)
-                 RETURNING vins, attempts, lookup_key",
-                args![job_id, batch_no, generation, lease_secs],
-            )
-            .await?;
-        row.map(|r| Ok(ClaimedBatch { vins: r.texts(0)?, attempts: r.int32(1)?, lookup_key: r.opt_text(2)? }))
-            .transpose()
+        let to = call.copied().unwrap_or_default();
+        let args = args![job_id, batch_no, generation, lease_secs, call.is_some(), to.provider, to.decode, to.recalls];
+        if let Db::Pg(_) = self.db {
+            // One statement: one round trip and one commit before the request.
+            let row = self.row(&postgres::CLAIM_CALL, args).await?;
+            return row.map(|r| claimed(&r, r.bool(4)?.then_some((&r, 5)))).transpose();
+        }
+        // SQLite allows no UPDATE in a WITH: the same in one transaction.
+        let mut tx = self.write().await?;
+        let Some(r) = tx.row(CLAIM, &args[..5]).await? else {
+            return Ok(None);
+        };
+        let key = r.opt_text(2)?;
+        let lookup = match &key {
+            Some(key) => tx.row(LOOKUP, args![key.as_str()]).await?,
+            None => None,
+        };
+        if r.bool(3)? {
+            let (endpoint, vins) = if key.is_some() { (to.recalls, vec![]) } else { (to.decode, r.texts(0)?) };
+            tx.exec(AUDIT_CALL, args![job_id, batch_no, to.provider, endpoint, vins, key.as_deref()]).await?;
+        }
+        tx.commit().await?;
+        claimed(&r, lookup.as_ref().map(|l| (l, 0))).map(Some)
     }
 
     /// A queued batch whose task a stopping worker took but will not call:
@@ -557,78 +581,6 @@ impl Store {
             )
             .await?;
         row.map(|r| r.int32(0)).transpose()
-    }
-
-    /// A claimed batch's request is about to go out. Set before the request
-    /// and cleared by the statement that stores its outcome, the mark is
-    /// how a call whose answer never came back is still counted: a batch
-    /// still marked when its next call begins lost that answer.
-    /// False if the batch is no longer running (its job failed or was
-    /// cancelled meanwhile) or its job is paused: then no call may be made.
-    /// The request is recorded in the audit trail in the same transaction:
-    /// whatever went out is on record, answered or not.
-    pub async fn begin_call(&self, job_id: i64, batch_no: i32, sent: &CallSent<'_>) -> Result<bool, StoreError> {
-        let args = args![job_id, batch_no, sent.provider, sent.endpoint, sent.vins, sent.lookup];
-        if let Db::Pg(_) = self.db {
-            // One statement, so one round trip in the call's path: the
-            // mark and the audit row commit together or not at all.
-            return Ok(self.exec(&postgres::BEGIN_CALL, args).await? == 1);
-        }
-        // SQLite allows no UPDATE in a WITH: the same two in one transaction.
-        let mut tx = self.write().await?;
-        let marked = tx.exec(MARK_CALL, &args[..2]).await?;
-        if marked == 0 {
-            return Ok(false);
-        }
-        tx.exec(AUDIT_CALL, args).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    /// A claimed batch whose call may not begin ([`Store::begin_call`]
-    /// refused it): its job was paused or cancelled while it waited for the
-    /// limiter, or its worker is stopping. Of a job that has not ended, it
-    /// is queued again under a new generation, which is returned: the
-    /// caller pushes its task, or `resume` does for a paused job (the
-    /// sweep, if neither does). Of a cancelled job, it ends `cancelled` and
-    /// its rows still pending fail as the cancel failed the job's other
-    /// rows. A batch that is no longer running, or is in a call, is left as
-    /// it is.
-    pub async fn unclaim(&self, job_id: i64, batch_no: i32) -> Result<Option<i32>, StoreError> {
-        let mut tx = self.write().await?;
-        let queued = tx
-            .row(
-                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
-                   AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1
-                                 AND j.state IN ('planning', 'running', 'waiting'))
-                 RETURNING generation",
-                args![job_id, batch_no],
-            )
-            .await?
-            .map(|r| r.int32(0))
-            .transpose()?;
-        if queued.is_none() {
-            let cancelled = tx
-                .exec(
-                    "UPDATE batches SET state = 'cancelled', updated_at = now()
-                     WHERE job_id = $1 AND batch_no = $2 AND state = 'running' AND NOT in_call
-                       AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = $1 AND j.state = 'cancelled')",
-                    args![job_id, batch_no],
-                )
-                .await?;
-            if cancelled > 0 {
-                tx.exec(
-                    "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
-                     WHERE job_id = $1 AND status = 'pending'
-                       AND vin IN (SELECT e.value FROM batches b, {each b.vins} WHERE b.job_id = $1 AND b.batch_no = $2)",
-                    args![job_id, batch_no],
-                )
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(queued)
     }
 
     /// The request never reached the API (refused connection, DNS, TLS):
@@ -1393,23 +1345,6 @@ impl Store {
         tx.commit().await
     }
 
-    /// What a recall lookup asks for.
-    pub async fn lookup(&self, key: &str) -> Result<Option<Lookup>, StoreError> {
-        let row = self
-            .row("SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1", args![key])
-            .await?;
-        row.map(|r| {
-            Ok(Lookup {
-                key: key.to_string(),
-                make: r.opt_text(0)?,
-                model: r.opt_text(1)?,
-                model_year: r.opt_int(2)?.map(|y| y as i32),
-                vin: r.opt_text(3)?,
-            })
-        })
-        .transpose()
-    }
-
     /// Puts an ended job back to work as its next run (the run that ended
     /// is kept in `job_runs`): the rows `redo` selects (every valid row, its
     /// failed rows, those of some VINs) go back to pending; rows whose VIN
@@ -1559,13 +1494,19 @@ impl Store {
     }
 
     /// Gives `n` reserved but unused calls back to the quota day they were
-    /// granted in (never to an ended day).
+    /// granted in (never to an ended day). A grant made while the circuit
+    /// was open was its probe: given back unused, the next probe may go at
+    /// once instead of a lease later.
     pub async fn limiter_refund(&self, account: &str, n: i64, granted_at: f64) -> Result<(), StoreError> {
         self.exec(
-                "UPDATE limiter SET day_used = greatest(0, day_used - $2) WHERE account = $1 AND quota_day_start <= {ts $3}",
-                args![account, n, granted_at],
-            )
-            .await?;
+            "UPDATE limiter SET
+                 day_used = CASE WHEN quota_day_start <= {ts $3} THEN greatest(0, day_used - $2) ELSE day_used END,
+                 circuit_probe_at = CASE WHEN circuit_since <= {ts $3} AND circuit_probe_at > {ts $3} THEN {ts $3}
+                                         ELSE circuit_probe_at END
+             WHERE account = $1",
+            args![account, n, granted_at],
+        )
+        .await?;
         Ok(())
     }
 
@@ -2109,6 +2050,23 @@ async fn count_calls(
 }
 
 /// One row of the output query (both dialects' columns, in one order).
+/// A claimed batch from [`CLAIM`]'s row, with its recall lookup from the
+/// columns of `lookup` that start at the given one.
+fn claimed(r: &Row, lookup: Option<(&Row, usize)>) -> Result<ClaimedBatch, StoreError> {
+    let lookup_key = r.opt_text(2)?;
+    let lookup = match (lookup, &lookup_key) {
+        (Some((l, at)), Some(key)) => Some(Lookup {
+            key: key.clone(),
+            make: l.opt_text(at)?,
+            model: l.opt_text(at + 1)?,
+            model_year: l.opt_int(at + 2)?.map(|y| y as i32),
+            vin: l.opt_text(at + 3)?,
+        }),
+        _ => None,
+    };
+    Ok(ClaimedBatch { vins: r.texts(0)?, attempts: r.int32(1)?, lookup_key, lookup })
+}
+
 fn output_row(mut r: Row) -> Result<OutputRow, StoreError> {
     let carried = match r.take_json(9)? {
         Value::Object(m) => m,

@@ -459,15 +459,23 @@ pub(super) const BATCH_PENDING: &str = "INSERT INTO batches (job_id, batch_no, v
 const KEY: &str = "CROSS JOIN LATERAL (SELECT CASE WHEN $2 = 'vin' THEN 'vin:' || ji.vin
                                                   ELSE recall_key(c.make, c.model, c.model_year) END AS key) k";
 
-/// The call of batch `$2` of job `$1` begins: its mark and its audit row
-/// (`$3`..`$6`, as [`super::core::AUDIT_CALL`]) in one statement. One row
-/// is inserted if the batch was still running, none otherwise.
-pub(super) static BEGIN_CALL: LazyLock<String> = LazyLock::new(|| {
+/// [`super::core::CLAIM`] with its audit row (`$6`: the provider, `$7`
+/// and `$8`: the paths of a decode and a recall lookup) for a batch it
+/// marked in a call, and the lookup's request for a recall batch, in one
+/// statement. Columns: `CLAIM`'s, whether the lookup is registered, then
+/// its make, model, year and VIN.
+pub(super) static CLAIM_CALL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH marked AS ({} RETURNING 1)
-         INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup)
-         SELECT $1, $2, $3, $4, $5, $6 FROM marked",
-        super::core::MARK_CALL
+        "WITH claimed AS ({}),
+         audit AS (
+             INSERT INTO call_audit (job_id, batch_no, provider, endpoint, vins, lookup)
+             SELECT $1, $2, $6, CASE WHEN lookup_key IS NULL THEN $7 ELSE $8 END,
+                    CASE WHEN lookup_key IS NULL THEN vins ELSE ARRAY[]::text[] END, lookup_key
+             FROM claimed WHERE in_call)
+         SELECT c.vins, c.attempts, c.lookup_key, c.in_call, l.lookup_key IS NOT NULL,
+                l.make, l.model, l.model_year, l.vin
+         FROM claimed c LEFT JOIN recall_lookups l ON l.lookup_key = c.lookup_key",
+        super::core::CLAIM
     )
 });
 

@@ -131,6 +131,9 @@ pub struct ClaimedBatch {
     pub attempts: i32,
     /// Set for a recall lookup; `None` for a batch decode.
     pub lookup_key: Option<String>,
+    /// A recall lookup's request; `None` for a batch decode, or for a key
+    /// that is not registered (then no call was marked).
+    pub lookup: Option<Lookup>,
 }
 
 /// How a call that reached the API ended, as each job counts it.
@@ -415,16 +418,14 @@ pub struct JobError {
     pub at: Option<String>,
 }
 
-/// A request about to go out, as the audit trail records it.
-#[derive(Debug, Clone, Copy)]
-pub struct CallSent<'a> {
-    /// The API's origin: scheme, host and port (never a key or a path).
+/// Where a claimed batch's request goes, for the audit trail: the API's
+/// origin (scheme, host and port; never a key or a path) and the path of
+/// each kind of call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallTo<'a> {
     pub provider: &'a str,
-    pub endpoint: &'a str,
-    /// The VINs it carries (none for a recall lookup).
-    pub vins: &'a [String],
-    /// A recall lookup's key (make, model, year).
-    pub lookup: Option<&'a str>,
+    pub decode: &'a str,
+    pub recalls: &'a str,
 }
 
 /// One request from the audit trail.
