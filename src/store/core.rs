@@ -40,6 +40,8 @@ pub(super) enum Db {
     Lite {
         pool: sqlx::SqlitePool,
         queue: sqlx::SqlitePool,
+        /// This process's turn to write: see [`Store::write`].
+        writer: std::sync::Arc<tokio::sync::Mutex<()>>,
     },
 }
 
@@ -47,7 +49,8 @@ pub(super) enum Db {
 pub(super) enum Conn<'a> {
     Pg(&'a sqlx::PgPool),
     PgTx(&'a mut sqlx::PgConnection),
-    Lite(&'a sqlx::SqlitePool),
+    /// The pool, and this process's turn to write.
+    Lite(&'a sqlx::SqlitePool, &'a tokio::sync::Mutex<()>),
     LiteTx(&'a mut sqlx::SqliteConnection),
 }
 
@@ -56,7 +59,10 @@ impl Conn<'_> {
         match self {
             Conn::Pg(p) => postgres::exec(p, Dialect::Postgres.sql(sql), args).await,
             Conn::PgTx(c) => postgres::exec(c, Dialect::Postgres.sql(sql), args).await,
-            Conn::Lite(p) => sqlite::exec(p, Dialect::Sqlite.sql(sql), args).await,
+            Conn::Lite(p, writer) => {
+                let _turn = writer.lock().await;
+                sqlite::exec(p, Dialect::Sqlite.sql(sql), args).await
+            }
             Conn::LiteTx(c) => sqlite::exec(c, Dialect::Sqlite.sql(sql), args).await,
         }
     }
@@ -65,7 +71,12 @@ impl Conn<'_> {
         match self {
             Conn::Pg(p) => postgres::rows(p, Dialect::Postgres.sql(sql), args).await,
             Conn::PgTx(c) => postgres::rows(c, Dialect::Postgres.sql(sql), args).await,
-            Conn::Lite(p) => sqlite::rows(p, Dialect::Sqlite.sql(sql), args).await,
+            Conn::Lite(p, writer) => {
+                // A statement that may write (an `UPDATE … RETURNING`)
+                // takes the process's turn, as `exec` does.
+                let _turn = if reads(sql) { None } else { Some(writer.lock().await) };
+                sqlite::rows(p, Dialect::Sqlite.sql(sql), args).await
+            }
             Conn::LiteTx(c) => sqlite::rows(c, Dialect::Sqlite.sql(sql), args).await,
         }
     }
@@ -73,9 +84,14 @@ impl Conn<'_> {
     fn dialect(&self) -> Dialect {
         match self {
             Conn::Pg(_) | Conn::PgTx(_) => Dialect::Postgres,
-            Conn::Lite(_) | Conn::LiteTx(_) => Dialect::Sqlite,
+            Conn::Lite(..) | Conn::LiteTx(_) => Dialect::Sqlite,
         }
     }
+}
+
+/// Whether a statement only reads (it starts with `SELECT`).
+fn reads(sql: &str) -> bool {
+    sql.trim_start().get(..6).is_some_and(|w| w.eq_ignore_ascii_case("SELECT"))
 }
 
 /// A statement's runners, through `self.conn()`, for the store (`&self`)
@@ -112,14 +128,16 @@ macro_rules! runners_via_conn {
 /// An open transaction of either dialect.
 pub(super) enum Tx {
     Pg(sqlx::Transaction<'static, sqlx::Postgres>),
-    Lite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    /// The transaction, then this process's turn to write (dropped after
+    /// the transaction ends).
+    Lite(sqlx::Transaction<'static, sqlx::Sqlite>, Option<tokio::sync::OwnedMutexGuard<()>>),
 }
 
 impl Tx {
     fn conn(&mut self) -> Conn<'_> {
         match self {
             Tx::Pg(t) => Conn::PgTx(t),
-            Tx::Lite(t) => Conn::LiteTx(t),
+            Tx::Lite(t, _) => Conn::LiteTx(t),
         }
     }
 
@@ -128,7 +146,7 @@ impl Tx {
     pub(super) async fn commit(self) -> Result<(), StoreError> {
         match self {
             Tx::Pg(t) => t.commit().await?,
-            Tx::Lite(t) => t.commit().await?,
+            Tx::Lite(t, _turn) => t.commit().await?,
         }
         Ok(())
     }
@@ -190,7 +208,7 @@ impl Store {
     fn conn(&self) -> Conn<'_> {
         match &self.db {
             Db::Pg(p) => Conn::Pg(p),
-            Db::Lite { pool, .. } => Conn::Lite(pool),
+            Db::Lite { pool, writer, .. } => Conn::Lite(pool, writer),
         }
     }
 
@@ -198,11 +216,19 @@ impl Store {
 
     /// A write transaction: SQLite takes its write lock at the start
     /// (`BEGIN IMMEDIATE`), so concurrent writers queue instead of failing
-    /// to upgrade a read lock.
+    /// to upgrade a read lock. On SQLite a process's writers first take
+    /// their turn here, in the order they came: SQLite has one writer at a
+    /// time anyway, and a writer that finds the file locked sleeps in
+    /// SQLite's busy handler (1 ms, then 2, 5, 10 … up to 100 ms) however
+    /// soon the lock is free. Written by hand, not a crate: it is one async
+    /// mutex. Other processes on the file still meet the busy handler.
     pub(super) async fn write(&self) -> Result<Tx, StoreError> {
         Ok(match &self.db {
             Db::Pg(p) => Tx::Pg(p.begin().await?),
-            Db::Lite { pool, .. } => Tx::Lite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Lite { pool, writer, .. } => {
+                let turn = std::sync::Arc::clone(writer).lock_owned().await;
+                Tx::Lite(pool.begin_with("BEGIN IMMEDIATE").await?, Some(turn))
+            }
         })
     }
 
@@ -215,7 +241,7 @@ impl Store {
                 Tx::Pg(t)
             }
             // A WAL read transaction is a snapshot already.
-            Db::Lite { pool, .. } => Tx::Lite(pool.begin().await?),
+            Db::Lite { pool, .. } => Tx::Lite(pool.begin().await?, None),
         })
     }
 
@@ -231,7 +257,7 @@ impl Store {
     pub fn sqlite_pools(&self) -> Option<(&sqlx::SqlitePool, &sqlx::SqlitePool)> {
         match &self.db {
             Db::Pg(_) => None,
-            Db::Lite { pool, queue } => Some((pool, queue)),
+            Db::Lite { pool, queue, .. } => Some((pool, queue)),
         }
     }
 
@@ -397,7 +423,7 @@ impl Store {
             (ChunkForm::Copy(rows), Tx::Pg(t)) => {
                 postgres::insert_chunk(t, job_id, (source, done), &rows, cache_ttl_hours, memo).await?
             }
-            (ChunkForm::Copy(_), Tx::Lite(_)) => {
+            (ChunkForm::Copy(_), Tx::Lite(..)) => {
                 return Err(StoreError::Decode("a chunk built for Postgres given to SQLite".into()));
             }
             (ChunkForm::Json(_), _) if chunk.len == 0 => {}
@@ -1204,7 +1230,7 @@ impl Store {
                     let r = tx.one(&postgres::PLAN_RECALLS, args![job_id, mode.as_str(), recall_ttl_hours]).await?;
                     (r.int(0)?, r.int(1)?)
                 }
-                Tx::Lite(t) => sqlite::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
+                Tx::Lite(t, _) => sqlite::plan_recalls(t, job_id, mode, recall_ttl_hours).await?,
             };
             tx.exec(
                 "UPDATE jobs SET recalls_planned = true, recall_lookups = $2, recall_cache_hits = $3,
@@ -1479,7 +1505,7 @@ impl Store {
         lease_secs: f64,
         now: Option<f64>,
     ) -> Result<(i64, f64, Option<String>, f64, Vec<i64>), StoreError> {
-        let Db::Lite { pool, .. } = &self.db else {
+        let Db::Lite { .. } = &self.db else {
             let r = self.one(postgres::LIMITER_RESERVE, args![account, k, lease_secs, now]).await?;
             let flights = serde_json::from_value(r.json(4)?).map_err(|e| StoreError::Decode(e.to_string()))?;
             return Ok((
@@ -1490,7 +1516,11 @@ impl Store {
                 flights,
             ));
         };
-        sqlite::limiter_reserve(pool, account, k, lease_secs, now).await
+        let mut tx = self.write().await?;
+        let Tx::Lite(t, _) = &mut tx else { unreachable!("a SQLite store's transactions are SQLite's") };
+        let reserved = sqlite::limiter_reserve(t, account, k, lease_secs, now).await?;
+        tx.commit().await?;
+        Ok(reserved)
     }
 
     /// Gives `n` reserved but unused calls back to the quota day they were

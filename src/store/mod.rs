@@ -36,7 +36,7 @@ impl Store {
             DatabaseUrl::Postgres(u) => (core::Db::Pg(postgres::open(u, schema, connections).await?), None),
             DatabaseUrl::Sqlite(u) => {
                 let (pool, queue, lock) = sqlite::open(u, connections).await?;
-                (core::Db::Lite { pool, queue }, Some(lock))
+                (core::Db::Lite { pool, queue, writer: Default::default() }, Some(lock))
             }
         };
         Ok((Store::with_install(db).await?, lock))

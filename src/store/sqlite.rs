@@ -1,7 +1,8 @@
 //! The SQLite dialect: one machine, one file, no service (the demo's
 //! default). What differs from Postgres: arrays and JSON travel as JSON
 //! text, times are Unix seconds from SQLite's clock, writes take the
-//! database's lock up front (`BEGIN IMMEDIATE`), planning holds a lease on
+//! database's lock up front (`BEGIN IMMEDIATE`, after the process's own
+//! turn: `super::core::Store::write`), planning holds a lease on
 //! the job's row, the limiter's arithmetic runs in Rust ([`super::bucket`])
 //! inside one write transaction, and a few statements take SQLite's shape.
 //! Everything else is the core's (`super::core`), which calls in here;
@@ -274,13 +275,12 @@ pub(super) static OUTPUT_SQL: LazyLock<String> = LazyLock::new(|| {
 /// one write transaction: the decision, the time it was made at, and the
 /// flight ids under an in-flight cap.
 pub(super) async fn limiter_reserve(
-    pool: &SqlitePool,
+    tx: &mut sqlx::SqliteConnection,
     account: &str,
     k: i64,
     lease_secs: f64,
     now: Option<f64>,
 ) -> Result<(i64, f64, Option<String>, f64, Vec<i64>), StoreError> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let r = rows(
         &mut *tx,
         "SELECT rate, burst, scale, tat, blocked_until, daily_quota, quota_reset, quota_day_start, day_used,
@@ -335,6 +335,5 @@ pub(super) async fn limiter_reserve(
             flights.push(id[0].int(0)?);
         }
     }
-    tx.commit().await?;
     Ok((d.granted, d.wait, d.reason.map(str::to_string), t, flights))
 }
