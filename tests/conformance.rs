@@ -448,27 +448,39 @@ async fn a_batch_whose_job_was_cancelled_or_paused_makes_no_call(backend: Backen
     env.cleanup().await;
 }
 
-/// A task of an older generation makes no call and uses none of the day's
-/// quota: the claim after the limiter turns it away, and its grant goes
-/// back. (A probe through an open circuit given back so lets the next probe
-/// go at once: see the limiter's test.)
+/// A task of an older generation makes no call and takes nothing from the
+/// limiter: neither the day's quota nor its place in the rate. It is turned
+/// away before it waits for the limiter; one that got past that in a race
+/// is refused by the claim after it, and its grant goes back (a probe
+/// through an open circuit given back so lets the next probe go at once:
+/// see the limiter's test).
 async fn a_stale_task_makes_no_call_and_uses_no_quota(backend: Backend) {
     let env = Env::new(backend);
     let store = env.store().await;
     let nowhere = "http://127.0.0.1:9";
-    let spec = JobSpec::load(&env.spec(&pattern_vins(20), nowhere, "embedded = true\ndaily_quota = 10")).unwrap();
+    let mut spec = JobSpec::load(&env.spec(&pattern_vins(40), nowhere, "embedded = true\ndaily_quota = 10")).unwrap();
+    // One call per 10 s: a grant taken would hold the next back.
+    spec.provider.requests_per_second = 0.1;
+    spec.provider.burst = Some(1.0);
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
     store.reschedule(job, 0, 3600.0, Reschedule::NotCalled, "later").await.unwrap();
     // The account exists, as once any worker has used it: its quota is read below.
-    SharedLimiter::register(&store, &spec.provider).await.unwrap();
+    let limiter = SharedLimiter::register(&store, &spec.provider).await.unwrap();
     let allow = vinetl::call::allow::ApiAllow::from_env();
     let state = vinetl::job::worker::WorkerState::new(env.store().await, &env.schema, 1, Some(nowhere.into()), allow);
+    let state = apalis::prelude::Data::new(state);
     let stale = BatchTask { job_id: job, batch_no: 0, generation: 0 };
-    vinetl::job::worker::handle(stale, apalis::prelude::Data::new(state)).await.unwrap();
+    vinetl::job::worker::handle(stale, state.clone()).await.unwrap();
+    // A paused job's task is dropped the same way.
+    assert!(store.pause_job(job).await.unwrap());
+    let paused = BatchTask { job_id: job, batch_no: 1, generation: 0 };
+    vinetl::job::worker::handle(paused, state).await.unwrap();
     let status = env.status(job).await;
     assert_eq!(status["calls_made"], 0, "{status}");
     assert_eq!(status["quota"]["used_today"], 0, "no quota used: {status}");
     assert_eq!(status["quota"]["daily_quota"], 10, "{status}");
+    let next = limiter.try_reserve(1).await.unwrap();
+    assert!(next.is_ok(), "the rate's next place is still free: {next:?}");
     env.cleanup().await;
 }
 

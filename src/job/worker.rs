@@ -321,10 +321,15 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // The limiter first, the claim after: a batch waiting for its turn is
     // still queued, so a cancel, a pause or a stop meanwhile leaves nothing
     // claimed to undo, and the claim, the mark and the audit row are one
-    // transaction before the request.
+    // transaction before the request. A read first turns away the tasks
+    // that could not claim, before they take a grant.
     let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
     let (job, batch_no, lease) = (task.job_id, task.batch_no, lease_secs(&rt.spec));
+    if !store.claimable(job, batch_no, task.generation, lease).await? {
+        // Stale, finished, or its job paused or ended: no grant taken.
+        return Ok(());
+    }
     let waiting = std::time::Instant::now();
     let Some(granted) = limiter.acquire_unless(state.stopped()).await? else {
         // The worker is stopping while this call waits for the limiter: the

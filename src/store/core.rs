@@ -160,24 +160,40 @@ pub enum PlanLock {
     Lite(i64),
 }
 
-/// Takes batch `$2` of job `$1` (one queue task's batch) for one call.
-/// Only the task of the batch's current generation (`$3`) may, only when
-/// the batch is queued, or running but abandoned for longer than `$4`
-/// seconds (its worker died mid-call), and only while its job is planned,
-/// running or waiting, and not paused. A mark still set on a batch taken
-/// again is a call whose answer was lost, counted here. With `$5` the
-/// request goes out now and the batch is marked in a call, unless it is a
-/// recall lookup whose key is not registered (it takes no call).
-pub(super) const CLAIM: &str = "UPDATE batches SET state = 'running',
+/// Which batch a queue task may take: batch `$2` of job `$1`, only for
+/// the task of its current generation (`$3`), only when it is queued, or
+/// running but abandoned for longer than `$4` seconds (its worker died
+/// mid-call), and only while its job is planned, running or waiting, and
+/// not paused. A macro, so that [`CLAIMABLE`] and [`CLAIM`] share its text.
+macro_rules! claimable {
+    () => {
+        "job_id = $1 AND batch_no = $2 AND generation = $3
+       AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
+       AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
+                     AND j.state IN ('planning', 'running', 'waiting') AND j.paused_at IS NULL)"
+    };
+}
+
+/// Whether the task may take its batch ([`claimable!`]): a read, before
+/// the task waits for the limiter, so that the tasks of a paused or
+/// cancelled job, or stale ones, take no grant (a grant given back returns
+/// its quota unit, not its place in the rate).
+const CLAIMABLE: &str = concat!("SELECT EXISTS (SELECT 1 FROM batches WHERE ", claimable!(), ")");
+
+/// Takes the batch ([`claimable!`]) for one call. A mark still set on a
+/// batch taken again is a call whose answer was lost, counted here. With
+/// `$5` the request goes out now and the batch is marked in a call, unless
+/// it is a recall lookup whose key is not registered (it takes no call).
+pub(super) const CLAIM: &str = concat!(
+    "UPDATE batches SET state = 'running',
          calls_lost = calls_lost + CASE WHEN in_call THEN 1 ELSE 0 END,
          in_call = $5 AND (lookup_key IS NULL
                            OR EXISTS (SELECT 1 FROM recall_lookups l WHERE l.lookup_key = batches.lookup_key)),
          updated_at = now()
-     WHERE job_id = $1 AND batch_no = $2 AND generation = $3
-       AND (state = 'queued' OR (state = 'running' AND updated_at < now() - {secs $4}))
-       AND EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.batches_planned
-                     AND j.state IN ('planning', 'running', 'waiting') AND j.paused_at IS NULL)
-     RETURNING vins, attempts, lookup_key, in_call";
+     WHERE ",
+    claimable!(),
+    " RETURNING vins, attempts, lookup_key, in_call"
+);
 
 /// A recall lookup's request: make, model, year and VIN of key `$1`.
 const LOOKUP: &str = "SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1";
@@ -551,6 +567,19 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// Whether the task of `generation` may take its batch now: a read,
+    /// for the worker to ask before it waits for the limiter. The claim
+    /// after the wait decides.
+    pub async fn claimable(
+        &self,
+        job_id: i64,
+        batch_no: i32,
+        generation: i32,
+        lease_secs: f64,
+    ) -> Result<bool, StoreError> {
+        self.one(CLAIMABLE, args![job_id, batch_no, generation, lease_secs]).await?.bool(0)
     }
 
     /// Takes a batch for one call ([`CLAIM`]). With `call`, its request goes
