@@ -560,9 +560,13 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(c.try_reserve(1).await.unwrap().map(|g| g.n), Ok(1));
+    // A call granted before the circuit opens, and not made.
+    let unused = c.acquire().await.unwrap().expect("granted");
     c.unreachable("connection refused").await.unwrap();
     let open = c.circuit().await.unwrap().expect("open");
     assert_eq!(open.reason, "connection refused");
+    // Given back, it was no probe: the next probe stays where the circuit put it.
+    c.give_back(unused).await.unwrap();
     let wait = match other.try_reserve(1).await.unwrap() {
         Err(Denied::Circuit { wait }) => wait,
         got => panic!("another process may not call while it is open: {got:?}"),

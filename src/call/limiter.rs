@@ -62,6 +62,8 @@ pub struct Granted {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     flight: Option<i64>,
+    /// The store's time of the grant, to give its quota unit back.
+    granted_at: f64,
 }
 
 /// The shared limiter of one account, plus this process's in-flight cap.
@@ -104,7 +106,8 @@ struct Bank {
 
 /// What the bank had for a caller.
 enum Banked {
-    Took,
+    /// A slot, granted at this store time.
+    Took(f64),
     Empty,
     /// `n` slots were never used in time: their quota goes back.
     Expired {
@@ -119,7 +122,7 @@ impl Local {
         match bank.at {
             Some(at) if bank.slots > 0 && at.elapsed() < BANKED_SLOT_TTL => {
                 bank.slots -= 1;
-                Banked::Took
+                Banked::Took(bank.granted_at)
             }
             _ => {
                 let expired = std::mem::take(&mut *bank);
@@ -197,6 +200,15 @@ impl SharedLimiter {
         self.store.limiter_refund(&self.account, n as i64, granted_at).await
     }
 
+    /// A granted call that will not be made: its place is freed and its
+    /// quota unit (an open circuit's probe, if it was one) goes back to the
+    /// day it was granted in.
+    pub async fn give_back(&self, slot: Slot) -> Result<(), StoreError> {
+        let granted_at = slot.granted_at;
+        self.release(slot).await?;
+        self.refund(1, granted_at).await
+    }
+
     /// Ends a call: frees its place under the shared in-flight cap.
     pub async fn release(&self, slot: Slot) -> Result<(), StoreError> {
         match slot.flight {
@@ -243,17 +255,18 @@ impl SharedLimiter {
                 tracing::warn!(error = %e, slots = left.slots, "could not give unused slots back to the quota");
             }
         }
-        Ok(outcome?.map(|granted| granted.map(|flight| Slot { _permit: permit, flight })))
+        Ok(outcome?.map(|granted| granted.map(|(flight, granted_at)| Slot { _permit: permit, flight, granted_at })))
     }
 
-    /// A banked slot if one is fresh; expired ones go back to the quota.
-    async fn take_banked(&self) -> Result<bool, StoreError> {
+    /// A banked slot's grant time if one is fresh; expired ones go back to
+    /// the quota.
+    async fn take_banked(&self) -> Result<Option<f64>, StoreError> {
         match self.shared.take_banked() {
-            Banked::Took => Ok(true),
-            Banked::Empty => Ok(false),
+            Banked::Took(at) => Ok(Some(at)),
+            Banked::Empty => Ok(None),
             Banked::Expired { n, granted_at } => {
                 self.refund(n, granted_at).await?;
-                Ok(false)
+                Ok(None)
             }
         }
     }
@@ -263,10 +276,10 @@ impl SharedLimiter {
     async fn reserve_one(
         &self,
         mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Result<Option<Result<Option<i64>, Denied>>, StoreError> {
+    ) -> Result<Option<Result<(Option<i64>, f64), Denied>>, StoreError> {
         let local = &self.shared;
-        if self.take_banked().await? {
-            return Ok(Some(Ok(None)));
+        if let Some(at) = self.take_banked().await? {
+            return Ok(Some(Ok((None, at))));
         }
         // One caller at a time talks to the database, for everyone waiting;
         // the others queue here (fairly) and take banked slots.
@@ -276,8 +289,8 @@ impl SharedLimiter {
             turn = local.reserving.lock() => turn,
         };
         loop {
-            if self.take_banked().await? {
-                return Ok(Some(Ok(None)));
+            if let Some(at) = self.take_banked().await? {
+                return Ok(Some(Ok((None, at))));
             }
             let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
             match self.try_reserve(want).await? {
@@ -286,7 +299,7 @@ impl SharedLimiter {
                         *local.bank.lock().expect("bank lock") =
                             Bank { slots: granted.n - 1, at: Some(Instant::now()), granted_at: granted.at };
                     }
-                    return Ok(Some(Ok(granted.flights.first().copied())));
+                    return Ok(Some(Ok((granted.flights.first().copied(), granted.at))));
                 }
                 // Sleep holding the turn: nobody else here would get another
                 // answer from the database before then. The millisecond's

@@ -353,14 +353,14 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         // Stale (an older generation), finished, or its job was paused,
         // cancelled or ended while this task waited: no call, and the
         // quota unit goes back.
-        limiter.release(slot).await?;
-        limiter.refund(1, now_secs()).await?;
+        limiter.give_back(slot).await?;
         return Ok(());
     };
     let vins: Vec<Vin> = batch.vins.iter().filter_map(|v| Vin::parse(v).ok()).collect();
     let kind = if batch.lookup_key.is_some() { CallKind::Recall } else { CallKind::Decode };
     if let (Some(key), None) = (&batch.lookup_key, &batch.lookup) {
-        limiter.release(slot).await?;
+        // No call: the grant goes back.
+        limiter.give_back(slot).await?;
         let reason = format!("recall lookup {key} is not registered");
         store.dead_letter(job, batch_no, &reason, None).await?;
         crate::job::advance::advance(store, &state.schema, job, &rt.spec).await?;
@@ -577,8 +577,6 @@ async fn reschedule(
     push_again(state, rt, BatchTask { generation, ..task }, Some(delay)).await
 }
 
-/// Pushes the task of a batch's new generation, then marks it enqueued (a
-/// crash between the two leaves it to the sweep).
 /// A stopping worker's batch goes back to the queue uncalled under a new
 /// generation (if this task still holds it), and its task is pushed again
 /// at once, for another worker or this one restarted.
@@ -590,6 +588,8 @@ async fn give_back(state: &WorkerState, rt: &JobRuntime, task: BatchTask) -> Res
     Ok(())
 }
 
+/// Pushes the task of a batch's new generation, then marks it enqueued (a
+/// crash between the two leaves it to the sweep).
 async fn push_again(
     state: &WorkerState,
     rt: &JobRuntime,

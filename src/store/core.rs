@@ -2108,7 +2108,6 @@ async fn count_calls(
     Ok(())
 }
 
-/// One row of the output query (both dialects' columns, in one order).
 /// A claimed batch from [`CLAIM`]'s row, with its recall lookup from the
 /// columns of `lookup` that start at the given one.
 fn claimed(r: &Row, lookup: Option<(&Row, usize)>) -> Result<ClaimedBatch, StoreError> {
@@ -2126,6 +2125,7 @@ fn claimed(r: &Row, lookup: Option<(&Row, usize)>) -> Result<ClaimedBatch, Store
     Ok(ClaimedBatch { vins: r.texts(0)?, attempts: r.int32(1)?, lookup_key, lookup })
 }
 
+/// One row of the output query (both dialects' columns, in one order).
 fn output_row(mut r: Row) -> Result<OutputRow, StoreError> {
     let carried = match r.take_json(9)? {
         Value::Object(m) => m,
