@@ -565,12 +565,14 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     c.unreachable("connection refused").await.unwrap();
     let open = c.circuit().await.unwrap().expect("open");
     assert_eq!(open.reason, "connection refused");
-    // Given back, it was no probe: the next probe stays where the circuit put it.
-    c.give_back(unused).await.unwrap();
     let wait = match other.try_reserve(1).await.unwrap() {
         Err(Denied::Circuit { wait }) => wait,
         got => panic!("another process may not call while it is open: {got:?}"),
     };
+    // Given back, it was no probe: the next probe stays where the circuit put it.
+    c.give_back(unused).await.unwrap();
+    let after = c.circuit().await.unwrap().expect("still open");
+    assert_eq!(after.probe_at, open.probe_at, "a call granted before the circuit opened is no probe");
     assert!(wait <= Duration::from_secs(1), "{wait:?}");
     tokio::time::sleep(wait + Duration::from_millis(20)).await;
     let probe = other.try_reserve(5).await.unwrap().expect("a probe");

@@ -1554,13 +1554,14 @@ impl Store {
 
     /// Gives `n` reserved but unused calls back to the quota day they were
     /// granted in (never to an ended day). A grant made while the circuit
-    /// was open was its probe: given back unused, the next probe may go at
-    /// once instead of a lease later.
+    /// was open (strictly after it opened: a probe is due a second later at
+    /// the soonest) was its probe: given back unused, the next probe may go
+    /// at once instead of a lease later.
     pub async fn limiter_refund(&self, account: &str, n: i64, granted_at: f64) -> Result<(), StoreError> {
         self.exec(
             "UPDATE limiter SET
                  day_used = CASE WHEN quota_day_start <= {ts $3} THEN greatest(0, day_used - $2) ELSE day_used END,
-                 circuit_probe_at = CASE WHEN circuit_since <= {ts $3} AND circuit_probe_at > {ts $3} THEN {ts $3}
+                 circuit_probe_at = CASE WHEN circuit_since < {ts $3} AND circuit_probe_at > {ts $3} THEN {ts $3}
                                          ELSE circuit_probe_at END
              WHERE account = $1",
             args![account, n, granted_at],
