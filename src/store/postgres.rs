@@ -841,7 +841,7 @@ pub(super) async fn results_into(
 /// One share of [`results_into`], in the read `t`: its VINs' columns typed
 /// and copied back, then its rows inserted into `into`, and with
 /// `vehicles_into`, each of its decoded VINs' latest decode there (see
-/// [`VEHICLES_FROM_INSERT`]). Returns its rows.
+/// [`VEHICLES_OF_SHARE`]). Returns its rows.
 async fn load_share(
     t: &mut sqlx::PgConnection,
     (job_id, mode): (i64, &'static str),
@@ -889,27 +889,30 @@ async fn load_share(
     sqlx::query("SET LOCAL enable_nestloop = off").execute(&mut *t).await?;
     let insert = format!("INSERT INTO {into} {}", RESULTS_INSERT.as_str());
     let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];
-    let Some(vehicles) = vehicles_into else {
-        return Ok(bind(sqlx::query(sqlx::AssertSqlSafe(insert)), &args).execute(&mut *t).await?.rows_affected());
-    };
-    let sql = format!(
-        "WITH ins AS ({insert} RETURNING vin, decoded_at, status),
-              latest AS (INSERT INTO {vehicles} {})
-         SELECT count(*) FROM ins",
-        VEHICLES_FROM_INSERT.as_str()
-    );
-    let n: i64 = bind(sqlx::query(sqlx::AssertSqlSafe(sql)), &args).fetch_one(&mut *t).await?.try_get(0)?;
-    Ok(n as u64)
+    let written = bind(sqlx::query(sqlx::AssertSqlSafe(insert)), &args).execute(&mut *t).await?.rows_affected();
+    if let Some(vehicles) = vehicles_into {
+        // A hash of the share's VINs, never a sort of its rows: with the
+        // `vin_part` filter the planner expects a hundredth of them, and
+        // sorted 5,000,000 rows on disk (8.9 s against 3.7 s, EXPLAIN
+        // ANALYZE, BENCHMARKS.md).
+        sqlx::query("SET LOCAL enable_sort = off").execute(&mut *t).await?;
+        let sql = format!("INSERT INTO {vehicles} {}", VEHICLES_OF_SHARE.as_str());
+        bind(sqlx::query(sqlx::AssertSqlSafe(sql)), &args).execute(&mut *t).await?;
+    }
+    Ok(written)
 }
 
-/// Each decoded VIN of a share's inserted rows (`ins`: vin, decoded_at,
-/// status) with its latest decode time and its columns from
+/// Each decoded VIN of a share (job `$1`, recall mode `$2`, the VINs of
+/// [`vin_part`]) with its latest decode time and its columns from
 /// [`OUTPUT_TYPED_TABLE`], as a results row (an empty source, row 0) that
 /// the vehicles upsert reads: the same values it would pick from the
-/// share's rows (a job's rows of one VIN carry that VIN's columns), found
-/// while the rows are in hand instead of in a scan of the whole load
-/// table before the swap (7.0 s at 10,000,000 rows, EXPLAIN ANALYZE).
-static VEHICLES_FROM_INSERT: LazyLock<String> = LazyLock::new(|| {
+/// share's loaded rows (a job's rows of one VIN carry that VIN's columns),
+/// read in the share's own snapshot instead of in a scan of the whole load
+/// table before the swap (7.0 s at 10,000,000 rows, EXPLAIN ANALYZE). Its
+/// own scan of the job's rows, after the load: the load's `RETURNING` into
+/// a `WITH` kept every row of the share aside first (10,000,000 rows: 8-11 s
+/// more per share, against 3.7 s for this, by hand, BENCHMARKS.md).
+static VEHICLES_OF_SHARE: LazyLock<String> = LazyLock::new(|| {
     let names: Vec<&str> = VEHICLE_COLUMNS.iter().map(|(name, _, _)| *name).collect();
     let vehicle: Vec<String> = names.iter().map(|name| format!("o.{name}")).collect();
     format!(
@@ -917,12 +920,14 @@ static VEHICLES_FROM_INSERT: LazyLock<String> = LazyLock::new(|| {
           recall_campaigns, recall_error)
          SELECT $1, '', 0, ji.vin, ji.vin, ji.status, ji.decoded_at, {}, o.recall_count, o.has_recalls,
                 o.recall_campaigns, {}
-         FROM (SELECT vin, max(decoded_at) AS decoded_at, 'decoded' AS status FROM ins
-               WHERE status = 'decoded' AND vin IS NOT NULL AND decoded_at IS NOT NULL GROUP BY vin) ji
+         FROM (SELECT vin, max(decoded_at) AS decoded_at, 'decoded' AS status FROM job_inputs
+               WHERE job_id = $1 AND {part} AND status = 'decoded' AND vin IS NOT NULL AND decoded_at IS NOT NULL
+               GROUP BY vin) ji
          LEFT JOIN {OUTPUT_TYPED_TABLE} o ON o.vin = ji.vin",
         names.join(", "),
         vehicle.join(", "),
-        row_recall_error()
+        row_recall_error(),
+        part = vin_part("vin"),
     )
 });
 

@@ -422,8 +422,9 @@ async fn load_partition(conn: &mut sqlx::PgConnection, rows: Feed, t: &Target<'_
     .await?;
     let comment = |table: &str| format!("COMMENT ON TABLE {schema}.{table} IS '{}'", mark.replace('\'', "''"));
     run(conn, comment(&load)).await?;
-    // Loaded on the server, each VIN's latest decode is kept aside as the
-    // rows go in, for the vehicles upsert (`Store::results_into`).
+    // Loaded on the server, each VIN's latest decode is kept aside by the
+    // share that loads its rows, for the vehicles upsert
+    // (`Store::results_into`).
     let latest = if matches!(rows, Feed::OnServer(_)) {
         let latest = format!("{load}_v");
         run(conn, format!("CREATE TABLE {schema}.{latest} (LIKE {schema}.{results} INCLUDING DEFAULTS)")).await?;
