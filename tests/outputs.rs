@@ -466,6 +466,36 @@ async fn a_table_written_on_the_server_holds_what_the_streamed_rows_write() {
     }
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM results_server").fetch_one(&db).await.unwrap();
     assert_eq!(total as usize, csv.lines().count() - 1);
+    // `vin` compares bytes in both tables (its index builds faster), and
+    // still joins a table of the database's own collation, by hash or merge.
+    let collations: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT table_name::text, collation_name::text FROM information_schema.columns
+         WHERE table_schema = current_schema() AND column_name = 'vin'
+           AND table_name IN ('results_server', 'vehicles_server') ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let c = Some("C".to_string());
+    assert_eq!(collations, [("results_server".into(), c.clone()), ("vehicles_server".into(), c)]);
+    for join in ["enable_mergejoin = off", "enable_hashjoin = off"] {
+        let mut tx = db.begin().await.unwrap();
+        for sql in ["SET LOCAL enable_nestloop = off".to_string(), format!("SET LOCAL {join}")] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.unwrap();
+        }
+        let joined: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM results_server r JOIN (SELECT DISTINCT upper(raw_vin) AS vin FROM job_inputs) f
+             ON f.vin = r.vin",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let decoded: i64 = sqlx::query_scalar("SELECT count(*) FROM results_server WHERE vin IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(joined, decoded, "{join}");
+    }
 
     // A results table made before partitioning (a plain table): written on
     // the server twice, then from streamed rows, it holds the job's rows

@@ -46,6 +46,14 @@ fn result_columns(hashed: bool) -> String {
 }
 
 /// The tables, created if missing. Names were checked by the spec.
+///
+/// `vin` is compared byte by byte (`COLLATE "C"`): a VIN is an ASCII code,
+/// so every collation orders it alike, but a locale's collation (the
+/// database's default, `C.UTF-8` here) compares by `strcoll` and sorts
+/// without abbreviated keys: the `vin` index of a 10,000,000-row load built
+/// in 7.2 s against 13.9 s (BENCHMARKS.md). Equality and joins with other
+/// `text` columns work as before. Tables made by an earlier vinetl keep
+/// their collation.
 fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
     let columns = vehicle_and_recall_ddl();
     vec![
@@ -56,7 +64,7 @@ fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
     source TEXT NOT NULL,
     source_row BIGINT NOT NULL,
     raw_vin TEXT NOT NULL,
-    vin TEXT,
+    vin TEXT COLLATE \"C\",
     status TEXT NOT NULL,
     error_code TEXT,
     error_text TEXT,
@@ -71,7 +79,7 @@ fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
         format!("CREATE INDEX IF NOT EXISTS {results}_status_idx ON {schema}.{results} (job_id, status)"),
         format!(
             "CREATE TABLE IF NOT EXISTS {schema}.{vehicles} (
-    vin TEXT PRIMARY KEY,
+    vin TEXT COLLATE \"C\" PRIMARY KEY,
     decoded_at TIMESTAMPTZ NOT NULL,
     {columns},
     job_id BIGINT NOT NULL,
