@@ -884,8 +884,9 @@ async fn load_share(
     // when the job's rows have no statistics yet (a job planned moments ago
     // that autovacuum has not analyzed, and planning's own ANALYZE skipped):
     // 5,000,000 rows joined in 17.9 s probed, 7.3 s hashed even then
-    // (EXPLAIN ANALYZE, BENCHMARKS.md). The statement's other join, each
-    // VIN's latest decode to its columns, is hashed too.
+    // (EXPLAIN ANALYZE, BENCHMARKS.md). The later statement's join, each
+    // VIN's latest decode to its columns, is hashed too (`SET LOCAL` holds
+    // to the share's commit).
     sqlx::query("SET LOCAL enable_nestloop = off").execute(&mut *t).await?;
     let insert = format!("INSERT INTO {into} {}", RESULTS_INSERT.as_str());
     let args = [Arg::from(job_id), Arg::from(mode), Arg::from(part), Arg::from(parts)];

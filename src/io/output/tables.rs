@@ -47,13 +47,15 @@ fn result_columns(hashed: bool) -> String {
 
 /// The tables, created if missing. Names were checked by the spec.
 ///
-/// `vin` is compared byte by byte (`COLLATE "C"`): a VIN is an ASCII code,
-/// so every collation orders it alike, but a locale's collation (the
-/// database's default, `C.UTF-8` here) compares by `strcoll` and sorts
-/// without abbreviated keys: the `vin` index of a 10,000,000-row load built
-/// in 7.2 s against 13.9 s (BENCHMARKS.md). Equality and joins with other
-/// `text` columns work as before. Tables made by an earlier vinetl keep
-/// their collation.
+/// `vin` is compared and sorted byte by byte (`COLLATE "C"`): a VIN is
+/// an ASCII code, and a locale's collation compares text by `strcoll` and
+/// sorts it without abbreviated keys (Postgres 15): the `vin` index of a
+/// 10,000,000-row load built in 7.2 s against 13.9 s under `C.UTF-8`
+/// (BENCHMARKS.md). `ORDER BY vin` is then ASCII order, which a locale that
+/// sorts letters its own way (Danish `AA`, Lithuanian `Y`) does not follow.
+/// Equality with a column of the database's default collation works as
+/// before; one with an explicit collation needs a `COLLATE` to compare.
+/// Tables made by an earlier vinetl keep their collation.
 fn ddl(schema: &str, results: &str, vehicles: &str) -> Vec<String> {
     let columns = vehicle_and_recall_ddl();
     vec![
@@ -130,7 +132,8 @@ const PICK_BY_INDEX_ROWS: u64 = 500_000;
 /// The latest decode of each VIN in `from` (loaded results of job `$1`)
 /// into the vehicles table; an older decode never overwrites a newer one.
 /// With `hashed`, `vin_hmac` too (else a row's `vin_hmac` is left as it is).
-/// Rows go in in VIN order, so two writers lock shared vehicles in one order.
+/// Rows go in in VIN byte order, so two writers lock shared vehicles in
+/// one order, whatever the collation of the results tables they load from.
 ///
 /// One row per VIN is picked one of two ways, with the same result up to
 /// rows tied on `decoded_at` (a job's rows of one VIN carry that VIN's one
@@ -177,7 +180,7 @@ fn upsert_vehicles_sql(schema: &str, vehicles: &str, from: &str, hashed: bool, b
          SELECT l.vin, l.decoded_at, {picked}, l.recall_count, l.recall_count > 0, l.recall_campaigns,
                 l.recall_error, $1
          FROM {rows}
-         ORDER BY l.vin
+         ORDER BY l.vin COLLATE \"C\"
          ON CONFLICT (vin) DO UPDATE SET {set}, updated_at = now()
          WHERE {vehicles}.decoded_at <= EXCLUDED.decoded_at",
         cols = cols.join(", "),
