@@ -146,8 +146,9 @@ pub const VEHICLE_FIELDS: &[&str] = &[
 
 /// Decoded vehicle data, vPIC style. The guide's fields come first and are
 /// always present (empty when unknown); everything else vPIC holds for the
-/// VIN follows in `other`, keyed by its vPIC variable name.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+/// VIN follows in `other`, keyed by its vPIC variable name. Read by
+/// [`EntryVisitor`], not serde's `flatten`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "PascalCase")]
 pub struct Vehicle {
     #[serde(rename = "VIN")]
@@ -231,6 +232,188 @@ impl Vehicle {
             other => self.other.get(other).map_or("", String::as_str),
         }
     }
+
+    /// The named field called `name`, if it is one (the inverse of
+    /// [`Vehicle::field`] for them); every other name goes in `other`.
+    fn named_mut(&mut self, name: &str) -> Option<&mut String> {
+        Some(match name {
+            "VIN" => &mut self.vin,
+            "Make" => &mut self.make,
+            "Model" => &mut self.model,
+            "ModelYear" => &mut self.model_year,
+            "BodyClass" => &mut self.body_class,
+            "DriveType" => &mut self.drive_type,
+            "FuelTypePrimary" => &mut self.fuel_type_primary,
+            "EngineConfiguration" => &mut self.engine_configuration,
+            "EngineCylinders" => &mut self.engine_cylinders,
+            "DisplacementL" => &mut self.displacement_l,
+            "TransmissionStyle" => &mut self.transmission_style,
+            "PlantCity" => &mut self.plant_city,
+            "PlantState" => &mut self.plant_state,
+            "PlantCountry" => &mut self.plant_country,
+            "Manufacturer" => &mut self.manufacturer,
+            "Series" => &mut self.series,
+            "Trim" => &mut self.trim,
+            "Doors" => &mut self.doors,
+            "VehicleType" => &mut self.vehicle_type,
+            "GVWR" => &mut self.gvwr,
+            "ErrorCode" => &mut self.error_code,
+            "ErrorText" => &mut self.error_text,
+            _ => return None,
+        })
+    }
+}
+
+/// Reads a vehicle object, or a batch entry's failure, in one pass.
+///
+/// Hand-written because serde's `flatten` (for `other`) and `untagged` (for
+/// [`BatchEntry`]) first copy every entry into an intermediate tree of
+/// owned keys and values and then read that tree: on the runner, which
+/// reads 20 such objects per call, this was most of an answer's reading and
+/// its allocations. Here each key is matched as it is read, and only the
+/// values kept are allocated.
+struct EntryVisitor;
+
+/// What [`EntryVisitor`] read: the vehicle's fields, the entry's `error`,
+/// whether `VIN` came, and the first key whose value was not a string.
+struct Entry {
+    vehicle: Vehicle,
+    error: Option<ApiError>,
+    vin: bool,
+    not_text: Option<String>,
+}
+
+impl<'de> serde::de::Visitor<'de> for EntryVisitor {
+    type Value = Entry;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a vehicle object, every value a string")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entry, A::Error> {
+        let mut e = Entry { vehicle: Vehicle::default(), error: None, vin: false, not_text: None };
+        while let Some(key) = map.next_key::<Key>()? {
+            if let Key::Error = key {
+                e.error = Some(map.next_value()?);
+                continue;
+            }
+            let Text(value) = map.next_value()?;
+            match (key, value) {
+                (Key::Named(name), Some(value)) => {
+                    e.vin |= name == "VIN";
+                    *e.vehicle.named_mut(name).expect("a named field") = value;
+                }
+                (Key::Other(name), Some(value)) => {
+                    e.vehicle.other.insert(name, value);
+                }
+                (Key::Named(name), None) => {
+                    e.not_text.get_or_insert_with(|| name.to_string());
+                }
+                (Key::Other(name), None) => {
+                    e.not_text.get_or_insert(name);
+                }
+                (Key::Error, _) => unreachable!("read above"),
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// An entry's key: `error`, a field [`Vehicle`] names (not allocated), or
+/// another vPIC variable.
+enum Key {
+    Error,
+    Named(&'static str),
+    Other(String),
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key, E> {
+                let named = ["VIN", "ErrorCode", "ErrorText"].iter().chain(VEHICLE_FIELDS).find(|f| **f == s);
+                Ok(match named {
+                    _ if s == "error" => Key::Error,
+                    Some(f) => Key::Named(f),
+                    None => Key::Other(s.to_string()),
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A value that is kept if it is a string and skipped (whatever it holds)
+/// if not: a failure's entry may carry anything beside its `error`.
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(Some(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Text, E> {
+                Ok(Text(Some(s)))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_unit<E>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Text, A::Error> {
+                while a.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Entry {
+    /// The entry as a vehicle: `VIN` and every value a string, no `error`.
+    fn vehicle<E: serde::de::Error>(self) -> Result<Vehicle, E> {
+        if let Some(key) = self.not_text {
+            return Err(E::custom(format!("the value of {key:?} is not a string")));
+        }
+        if self.error.is_some() {
+            return Err(E::custom("a vehicle carries an `error`"));
+        }
+        if !self.vin {
+            return Err(E::missing_field("VIN"));
+        }
+        Ok(self.vehicle)
+    }
+}
+
+impl<'de> Deserialize<'de> for Vehicle {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(EntryVisitor)?.vehicle()
+    }
 }
 
 /// vPIC's error codes, with its wording, for the cases the embedded decoder
@@ -248,16 +431,26 @@ pub mod vpic_error {
 
 /// One entry of a batch-decode answer, in request order: the vehicle, or the
 /// reason this one VIN could not be decoded.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum BatchEntry {
-    /// Tried first when reading: only failures carry `error`.
+    /// Only failures carry `error` (with `VIN`, and anything else beside).
     Failed {
         #[serde(rename = "VIN")]
         vin: String,
         error: ApiError,
     },
     Decoded(Box<Vehicle>),
+}
+
+impl<'de> Deserialize<'de> for BatchEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let e = d.deserialize_map(EntryVisitor)?;
+        match e.error {
+            Some(error) if e.vin => Ok(BatchEntry::Failed { vin: e.vehicle.vin, error }),
+            _ => Ok(BatchEntry::Decoded(Box::new(e.vehicle()?))),
+        }
+    }
 }
 
 /// A safety recall, in the shape of NHTSA's recallsByVehicle results.
@@ -337,6 +530,36 @@ mod tests {
         assert!(matches!(serde_json::from_value(failed).unwrap(), BatchEntry::Failed { .. }));
         let decoded = json!({"VIN": "1HGCM82633A004352", "Make": "HONDA"});
         assert!(matches!(serde_json::from_value(decoded).unwrap(), BatchEntry::Decoded(_)));
+    }
+
+    /// The hand-written reader (no `flatten`, no `untagged`) reads what the
+    /// derived one read, from text as the client gets it, and refuses what
+    /// it refused.
+    #[test]
+    fn entries_read_in_one_pass_as_the_derived_reader_read_them() {
+        let text = r#"[{"VIN": "1HGCM82633A004352", "Make": "HON\u0044A", "ModelYear": "2003", "EngineHP": "160",
+                        "Doors": "4", "ErrorCode": "0", "Note": "a \"quoted\" word"},
+                       {"VIN": "BAD", "error": {"code": "INVALID_VIN", "message": "wrong length"}, "Make": 7, "x": [1, {"y": null}]}]"#;
+        let got: Vec<BatchEntry> = serde_json::from_str(text).unwrap();
+        let BatchEntry::Decoded(v) = &got[0] else { panic!("{got:?}") };
+        assert_eq!((v.vin.as_str(), v.make.as_str(), v.model_year.as_str()), ("1HGCM82633A004352", "HONDA", "2003"));
+        assert_eq!((v.doors.as_str(), v.error_code.as_str(), v.model.as_str()), ("4", "0", ""));
+        let other: Vec<(&str, &str)> = v.other.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(other, [("EngineHP", "160"), ("Note", "a \"quoted\" word")]);
+        // A failure may carry anything beside its error.
+        let BatchEntry::Failed { vin, error } = &got[1] else { panic!("{got:?}") };
+        assert_eq!((vin.as_str(), error.code.as_str()), ("BAD", "INVALID_VIN"));
+        // Written and read back, a vehicle is itself.
+        let again: Vehicle = serde_json::from_str(&serde_json::to_string(v).unwrap()).unwrap();
+        assert_eq!(&again, &**v);
+        // A vehicle's values are strings, and it names its VIN.
+        for bad in [r#"{"VIN": "X", "Make": 7}"#, r#"{"VIN": "X", "EngineHP": null}"#, r#"{"Make": "HONDA"}"#, "[]"] {
+            assert!(serde_json::from_str::<BatchEntry>(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<Vehicle>(bad).is_err(), "{bad}");
+        }
+        // An error with no VIN is no failure, and no vehicle.
+        assert!(serde_json::from_str::<BatchEntry>(r#"{"error": {"code": "X", "message": "y"}}"#).is_err());
+        assert!(serde_json::from_str::<Vehicle>(r#"{"VIN": "X", "error": {"code": "X", "message": "y"}}"#).is_err());
     }
 
     #[test]

@@ -171,7 +171,7 @@ fn decoded_as(vin: &str, make: &str) -> vinetl::store::DecodedVin {
         model: None,
         model_year: None,
         error: None,
-        raw: serde_json::json!({}),
+        raw: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
     }
 }
 

@@ -603,7 +603,7 @@ async fn push_again(
 fn decoded_vin(entry: BatchEntry) -> DecodedVin {
     match entry {
         BatchEntry::Decoded(v) => {
-            let raw = serde_json::to_value(&*v).unwrap_or_default();
+            let raw = serde_json::value::to_raw_value(&*v).expect("a vehicle serializes");
             let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
             DecodedVin {
                 vin: v.vin.to_ascii_uppercase(),
@@ -619,7 +619,10 @@ fn decoded_vin(entry: BatchEntry) -> DecodedVin {
             make: None,
             model: None,
             model_year: None,
-            raw: serde_json::json!({"VIN": vin, "error": {"code": error.code, "message": error.message}}),
+            raw: serde_json::value::to_raw_value(
+                &serde_json::json!({"VIN": vin, "error": {"code": error.code, "message": error.message}}),
+            )
+            .expect("JSON serializes"),
             error: Some((error.code, error.message)),
         },
     }

@@ -1928,13 +1928,32 @@ async fn cache_decodes(tx: &mut Tx, decodes: &Decodes<'_>) -> Result<(), StoreEr
     // in one statement.
     let latest: std::collections::BTreeMap<&str, &DecodedVin> =
         decodes.iter().flat_map(|d| d.3).map(|d| (d.vin.as_str(), d)).collect();
-    let json: Vec<Value> = latest
+    // Written as JSON text straight from the answers (each `raw` as it
+    // came): a `Value` tree of the group would copy every document twice
+    // more. Bound as text, the dialects read it as they read JSON.
+    #[derive(serde::Serialize)]
+    struct CacheRow<'a> {
+        vin: &'a str,
+        make: Option<&'a str>,
+        model: Option<&'a str>,
+        year: Option<i32>,
+        code: Option<&'a str>,
+        text: Option<&'a str>,
+        raw: &'a serde_json::value::RawValue,
+    }
+    let rows: Vec<CacheRow> = latest
         .values()
-        .map(|d| {
-            json!({"vin": d.vin, "make": d.make, "model": d.model, "year": d.model_year,
-                   "code": d.error.as_ref().map(|e| &e.0), "text": d.error.as_ref().map(|e| &e.1), "raw": d.raw})
+        .map(|d| CacheRow {
+            vin: &d.vin,
+            make: d.make.as_deref(),
+            model: d.model.as_deref(),
+            year: d.model_year,
+            code: d.error.as_ref().map(|e| e.0.as_str()),
+            text: d.error.as_ref().map(|e| e.1.as_str()),
+            raw: &d.raw,
         })
         .collect();
+    let json = serde_json::to_string(&rows).expect("strings and JSON text serialize");
     tx.exec(
         "INSERT INTO vin_cache (vin, decoded_at, make, model, model_year, error_code, error_text, raw)
              SELECT x.vin, now(), x.make, x.model, x.year, x.code, x.text, x.raw
@@ -1943,7 +1962,7 @@ async fn cache_decodes(tx: &mut Tx, decodes: &Decodes<'_>) -> Result<(), StoreEr
              ON CONFLICT (vin) DO UPDATE SET decoded_at = excluded.decoded_at, make = excluded.make,
                  model = excluded.model, model_year = excluded.model_year, error_code = excluded.error_code,
                  error_text = excluded.error_text, raw = excluded.raw",
-        args![Value::Array(json)],
+        args![json],
     )
     .await?;
     Ok(())

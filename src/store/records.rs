@@ -234,7 +234,9 @@ pub struct DecodedVin {
     pub model_year: Option<i32>,
     /// A per-VIN error inside a 200 answer.
     pub error: Option<(String, String)>,
-    pub raw: serde_json::Value,
+    /// The API's answer for the VIN, as JSON text: it goes to the cache as
+    /// it is, without a tree of values built and copied on the way.
+    pub raw: Box<serde_json::value::RawValue>,
 }
 
 /// What `write` and `reprocess` check of an ended job before touching it,
