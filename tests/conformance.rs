@@ -354,8 +354,8 @@ async fn a_dead_workers_batch_is_taken_over_once(backend: Backend) {
     assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_none(), "no second call while the lease runs");
     // Rescheduled: the old generation's task is stale.
     let generation =
-        store.reschedule(job, 0, 0.0, Reschedule::Failed(vinetl::store::CallEnd::ServerError), "503").await.unwrap();
-    assert_eq!(generation, 1);
+        store.reschedule(job, 0, 0, 0.0, Reschedule::Failed(vinetl::store::CallEnd::ServerError), "503").await.unwrap();
+    assert_eq!(generation, Some(1));
     assert!(store.claim(job, 0, 0, 60.0, CALL).await.unwrap().is_none(), "a stale generation never claims");
     let retry = store.claim(job, 0, 1, 60.0, CALL).await.unwrap().expect("the current generation claims");
     assert_eq!(retry.attempts, 1);
@@ -448,6 +448,55 @@ async fn a_batch_whose_job_was_cancelled_or_paused_makes_no_call(backend: Backen
     env.cleanup().await;
 }
 
+/// A batch is put back on the queue only by the task that holds it, and
+/// only while its job runs. A cancel leaves a batch in a call to land and
+/// fails every other pending row: when that call fails instead, the batch
+/// ends cancelled and its rows fail the same way (queued again, it would
+/// wait forever in an ended job, its rows pending). A failed job's batch
+/// stays dead. A stale task reschedules nothing. A call made is counted
+/// whichever way.
+async fn a_batch_is_requeued_only_by_its_task_while_its_job_runs(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(120);
+    let server_error = Reschedule::Failed(vinetl::store::CallEnd::ServerError);
+    let submit = |vins: &[String]| {
+        let spec = JobSpec::load(&env.spec(vins, "http://127.0.0.1:9", "")).unwrap();
+        let store = &store;
+        let schema = env.schema.clone();
+        async move { vinetl::job::plan::submit(store, &schema, &spec).await.unwrap().job_id }
+    };
+
+    let cancelled = submit(&vins[..40]).await;
+    store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
+    assert!(store.cancel_job(cancelled).await.unwrap());
+    assert_eq!(store.reschedule(cancelled, 0, 0, 1.0, server_error, "503").await.unwrap(), None, "nothing to push");
+    let s = env.status(cancelled).await;
+    assert_eq!((&s["pending"], &s["failed"], &s["calls_made"]), (&0.into(), &40.into(), &1.into()), "{s}");
+    let n = "UPDATE batches SET state = state WHERE job_id = 1 AND state = 'cancelled' AND NOT in_call";
+    assert_eq!(env.sql(&store, n, n).await, 2, "both batches end cancelled, no call out");
+
+    let failed = submit(&vins[40..80]).await;
+    store.claim(failed, 0, 0, 60.0, None).await.unwrap().expect("claimed; the limiter then said not now");
+    store.claim(failed, 1, 0, 60.0, CALL).await.unwrap().expect("batch 1's call begins");
+    assert!(store.fail_job(failed, "the API refused the key").await.unwrap());
+    assert_eq!(store.reschedule(failed, 0, 0, 1.0, Reschedule::NotCalled, "limiter: later").await.unwrap(), None);
+    assert_eq!(store.reschedule(failed, 1, 0, 1.0, server_error, "503").await.unwrap(), None);
+    let s = env.status(failed).await;
+    assert_eq!((&s["pending"], &s["calls_made"]), (&0.into(), &1.into()), "{s}");
+    let n = "UPDATE batches SET state = state WHERE job_id = 2 AND state = 'dead' AND NOT in_call";
+    assert_eq!(env.sql(&store, n, n).await, 2, "both batches stay dead, the call's outcome stored");
+
+    let running = submit(&vins[80..]).await;
+    store.claim(running, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
+    assert_eq!(store.reschedule(running, 0, 0, 1.0, server_error, "503").await.unwrap(), Some(1));
+    assert_eq!(store.reschedule(running, 0, 0, 1.0, server_error, "503").await.unwrap(), None, "a stale task");
+    let retry = store.claim(running, 0, 1, 0.0, CALL).await.unwrap().expect("generation 1 claims, when its time comes");
+    assert_eq!(retry.attempts, 1, "the stale task's call counted, not as another attempt");
+    assert!(store.lost_tasks().await.unwrap().is_empty(), "nothing lost in the three jobs");
+    env.cleanup().await;
+}
+
 /// A task of an older generation makes no call and takes nothing from the
 /// limiter: neither the day's quota nor its place in the rate. It is turned
 /// away before it waits for the limiter; one that got past that in a race
@@ -463,7 +512,9 @@ async fn a_stale_task_makes_no_call_and_uses_no_quota(backend: Backend) {
     spec.provider.requests_per_second = 0.1;
     spec.provider.burst = Some(1.0);
     let job = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
-    store.reschedule(job, 0, 3600.0, Reschedule::NotCalled, "later").await.unwrap();
+    // Batch 0 waits an hour, as a task the limiter turned away leaves it.
+    store.claim(job, 0, 0, 60.0, None).await.unwrap().expect("claimed without a call");
+    assert_eq!(store.reschedule(job, 0, 0, 3600.0, Reschedule::NotCalled, "later").await.unwrap(), Some(1));
     // The account exists, as once any worker has used it: its quota is read below.
     let limiter = SharedLimiter::register(&store, &spec.provider).await.unwrap();
     let allow = vinetl::call::allow::ApiAllow::from_env();
@@ -1541,6 +1592,7 @@ common::both_stores!(
     a_dead_workers_batch_is_taken_over_once,
     a_batch_given_back_is_claimed_once_under_a_new_generation,
     a_batch_whose_job_was_cancelled_or_paused_makes_no_call,
+    a_batch_is_requeued_only_by_its_task_while_its_job_runs,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

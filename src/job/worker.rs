@@ -573,8 +573,12 @@ async fn reschedule(
     kind: Reschedule,
     why: &str,
 ) -> Result<(), StoreError> {
-    let generation = state.store.reschedule(task.job_id, task.batch_no, delay.as_secs_f64(), kind, why).await?;
-    push_again(state, rt, BatchTask { generation, ..task }, Some(delay)).await
+    let (job, batch_no, held) = (task.job_id, task.batch_no, task.generation);
+    match state.store.reschedule(job, batch_no, held, delay.as_secs_f64(), kind, why).await? {
+        Some(generation) => push_again(state, rt, BatchTask { generation, ..task }, Some(delay)).await,
+        // Not this task's any more, or its job was cancelled: nothing to push.
+        None => Ok(()),
+    }
 }
 
 /// A stopping worker's batch goes back to the queue uncalled under a new

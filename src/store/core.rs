@@ -725,37 +725,95 @@ impl Store {
         Ok(())
     }
 
-    /// Schedules the batch again: bumps the generation (so a duplicate task
-    /// of the old one is stale) and counts what happened. Returns the new
-    /// generation.
+    /// Schedules a batch again that this task holds (claimed under
+    /// `generation`): a new generation (so a duplicate task of the old one
+    /// is stale), the delay, and what happened counted. Returns the new
+    /// generation, for the caller to push.
+    ///
+    /// `None`, with nothing rescheduled (a call made is still counted),
+    /// when the task no longer holds the batch, or its job was cancelled
+    /// meanwhile. A failed job made its batches dead and a newer task may
+    /// have taken it over: either way it is not this task's to queue. A
+    /// cancel leaves a batch in a call to land, and fails every other
+    /// pending row: this one did not land, so it ends cancelled and its
+    /// rows fail as the cancel failed the others. Queued again instead, it
+    /// would wait forever in an ended job, its rows pending.
     pub async fn reschedule(
         &self,
         job_id: i64,
         batch_no: i32,
+        generation: i32,
         delay_secs: f64,
         kind: Reschedule,
         error: &str,
-    ) -> Result<i32, StoreError> {
+    ) -> Result<Option<i32>, StoreError> {
         let attempt = matches!(kind, Reschedule::Failed(_));
-        let mut tx = self.write().await?;
-        let row = tx
-            .one(
-                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, in_call = false,
-                     attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5, updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 RETURNING generation, kind = 'recall'",
-                args![job_id, batch_no, i64::from(attempt), delay_secs, error],
-            )
-            .await?;
         let end = match kind {
             Reschedule::Failed(end) => Some(end),
             Reschedule::RateLimited => Some(CallEnd::RateLimited),
             Reschedule::NotCalled => None,
         };
+        let mut tx = self.write().await?;
+        let held = tx
+            .row(
+                "UPDATE batches SET in_call = false, updated_at = now()
+                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3 AND state = 'running'
+                 RETURNING kind = 'recall', vins",
+                args![job_id, batch_no, generation],
+            )
+            .await?;
+        let mut next = None;
+        if let Some(held) = &held {
+            // The job's row after the batch, in the lock order; locked, so a
+            // cancel committing meanwhile is seen.
+            let state =
+                tx.one("SELECT state FROM jobs WHERE job_id = $1 {for update}", args![job_id]).await?.text(0)?;
+            if state == "cancelled" {
+                tx.exec(
+                    "UPDATE batches SET state = 'cancelled', attempts = attempts + $3, last_error = $4
+                     WHERE job_id = $1 AND batch_no = $2",
+                    args![job_id, batch_no, i64::from(attempt), error],
+                )
+                .await?;
+                // This batch's rows, which this transaction holds: no other
+                // one settles them, so taking them after the job's row
+                // cannot deadlock.
+                tx.exec(
+                    "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
+                     WHERE job_id = $1 AND vin {in $2} AND status = 'pending'",
+                    args![job_id, held.texts(1)?],
+                )
+                .await?;
+            } else {
+                let row = tx
+                    .one(
+                        "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1,
+                             attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5
+                         WHERE job_id = $1 AND batch_no = $2 RETURNING generation",
+                        args![job_id, batch_no, i64::from(attempt), delay_secs, error],
+                    )
+                    .await?;
+                next = Some(row.int32(0)?);
+            }
+        }
         if let Some(end) = end {
-            count_calls(&mut tx, job_id, 1, row.bool(1)?, end, attempt).await?;
+            let recall = match &held {
+                Some(held) => held.bool(0)?,
+                // The call's outcome is stored here, so its mark goes, unless
+                // a newer call of the batch is out now.
+                None => tx
+                    .one(
+                        "UPDATE batches SET in_call = in_call AND state = 'running' WHERE job_id = $1 AND batch_no = $2
+                         RETURNING kind = 'recall'",
+                        args![job_id, batch_no],
+                    )
+                    .await?
+                    .bool(0)?,
+            };
+            count_calls(&mut tx, job_id, 1, recall, end, attempt).await?;
         }
         tx.commit().await?;
-        row.int32(0)
+        Ok(next)
     }
 
     /// Gives up on a batch: a decode's rows end `failed` with the last
