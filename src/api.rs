@@ -291,23 +291,40 @@ impl<'de> serde::de::Visitor<'de> for EntryVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entry, A::Error> {
+        use serde::de::Error;
         let mut e = Entry { vehicle: Vehicle::default(), error: None, vin: false, not_text: None };
+        // The named fields seen, by their place in [`Key::named`]: a second
+        // one is refused, as the derived reader refused it.
+        let mut seen = 0u32;
         while let Some(key) = map.next_key::<Key>()? {
-            if let Key::Error = key {
-                e.error = Some(map.next_value()?);
-                continue;
-            }
-            let Text(value) = map.next_value()?;
+            let (key, value) = match key {
+                Key::Error => match map.next_value()? {
+                    ErrorValue::Api(error) if e.error.is_none() => {
+                        e.error = Some(error);
+                        continue;
+                    }
+                    ErrorValue::Api(_) => return Err(A::Error::duplicate_field("error")),
+                    // Not an error object: on a vehicle, one more variable.
+                    ErrorValue::Text(text) => (Key::Other("error".to_string()), Some(text)),
+                },
+                key => (key, map.next_value::<Text>()?.0),
+            };
             match (key, value) {
-                (Key::Named(name), Some(value)) => {
+                (Key::Named(i, name), value) => {
+                    if seen & (1 << i) != 0 {
+                        return Err(A::Error::duplicate_field(name));
+                    }
+                    seen |= 1 << i;
+                    match value {
+                        Some(value) => *e.vehicle.named_mut(name).expect("a named field") = value,
+                        None => {
+                            e.not_text.get_or_insert_with(|| name.to_string());
+                        }
+                    }
                     e.vin |= name == "VIN";
-                    *e.vehicle.named_mut(name).expect("a named field") = value;
                 }
                 (Key::Other(name), Some(value)) => {
                     e.vehicle.other.insert(name, value);
-                }
-                (Key::Named(name), None) => {
-                    e.not_text.get_or_insert_with(|| name.to_string());
                 }
                 (Key::Other(name), None) => {
                     e.not_text.get_or_insert(name);
@@ -319,12 +336,29 @@ impl<'de> serde::de::Visitor<'de> for EntryVisitor {
     }
 }
 
-/// An entry's key: `error`, a field [`Vehicle`] names (not allocated), or
-/// another vPIC variable.
+/// An entry's `error`: the failure's object, or (on a vehicle) a string
+/// like any other variable's. Rare enough to be read through `untagged`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorValue {
+    Api(ApiError),
+    Text(String),
+}
+
+/// An entry's key: `error`, a field [`Vehicle`] names (its place in
+/// [`Key::named`] and its name, not allocated), or another vPIC variable.
 enum Key {
     Error,
-    Named(&'static str),
+    Named(usize, &'static str),
     Other(String),
+}
+
+impl Key {
+    /// The fields [`Vehicle`] names: `VIN`, the error pair, then
+    /// [`VEHICLE_FIELDS`] (22, within the reader's 32-bit set).
+    fn named() -> impl Iterator<Item = &'static str> {
+        ["VIN", "ErrorCode", "ErrorText"].into_iter().chain(VEHICLE_FIELDS.iter().copied())
+    }
 }
 
 impl<'de> Deserialize<'de> for Key {
@@ -336,10 +370,9 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, s: &str) -> Result<Key, E> {
-                let named = ["VIN", "ErrorCode", "ErrorText"].iter().chain(VEHICLE_FIELDS).find(|f| **f == s);
-                Ok(match named {
+                Ok(match Key::named().enumerate().find(|(_, f)| *f == s) {
                     _ if s == "error" => Key::Error,
-                    Some(f) => Key::Named(f),
+                    Some((i, f)) => Key::Named(i, f),
                     None => Key::Other(s.to_string()),
                 })
             }
@@ -557,6 +590,19 @@ mod tests {
             assert!(serde_json::from_str::<BatchEntry>(bad).is_err(), "{bad}");
             assert!(serde_json::from_str::<Vehicle>(bad).is_err(), "{bad}");
         }
+        // A named field twice is refused, as the derived reader refused it
+        // (another variable twice keeps the last).
+        for bad in [r#"{"VIN": "A", "VIN": "B"}"#, r#"{"VIN": "A", "Make": "X", "Make": "Y"}"#] {
+            assert!(serde_json::from_str::<BatchEntry>(bad).is_err(), "{bad}");
+        }
+        let twice = r#"{"VIN": "A", "error": {"code": "X", "message": "y"}, "error": {"code": "X", "message": "y"}}"#;
+        assert!(serde_json::from_str::<BatchEntry>(twice).is_err());
+        let v: Vehicle = serde_json::from_str(r#"{"VIN": "A", "EngineHP": "1", "EngineHP": "2"}"#).unwrap();
+        assert_eq!(v.other["EngineHP"], "2");
+        // A string `error` on a vehicle is one more variable.
+        let v: BatchEntry = serde_json::from_str(r#"{"VIN": "A", "error": ""}"#).unwrap();
+        let BatchEntry::Decoded(v) = v else { panic!("{v:?}") };
+        assert_eq!(v.other["error"], "");
         // An error with no VIN is no failure, and no vehicle.
         assert!(serde_json::from_str::<BatchEntry>(r#"{"error": {"code": "X", "message": "y"}}"#).is_err());
         assert!(serde_json::from_str::<Vehicle>(r#"{"VIN": "X", "error": {"code": "X", "message": "y"}}"#).is_err());

@@ -234,8 +234,9 @@ pub struct DecodedVin {
     pub model_year: Option<i32>,
     /// A per-VIN error inside a 200 answer.
     pub error: Option<(String, String)>,
-    /// The API's answer for the VIN, as JSON text: it goes to the cache as
-    /// it is, without a tree of values built and copied on the way.
+    /// The VIN's answer as JSON text (the vehicle as read, written out
+    /// again; or the failure's VIN and error): it goes to the cache as it
+    /// is, without a tree of values built and copied on the way.
     pub raw: Box<serde_json::value::RawValue>,
 }
 
