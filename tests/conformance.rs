@@ -492,8 +492,55 @@ async fn a_batch_is_requeued_only_by_its_task_while_its_job_runs(backend: Backen
     assert_eq!(store.reschedule(running, 0, 0, 1.0, server_error, "503").await.unwrap(), Some(1));
     assert_eq!(store.reschedule(running, 0, 0, 1.0, server_error, "503").await.unwrap(), None, "a stale task");
     let retry = store.claim(running, 0, 1, 0.0, CALL).await.unwrap().expect("generation 1 claims, when its time comes");
-    assert_eq!(retry.attempts, 1, "the stale task's call counted, not as another attempt");
+    assert_eq!(retry.attempts, 1, "the stale task's outcome changed nothing");
+    assert_eq!(env.status(running).await["calls_made"], 2, "the first call counted once, the second out");
     assert!(store.lost_tasks().await.unwrap().is_empty(), "nothing lost in the three jobs");
+    env.cleanup().await;
+}
+
+/// A cancelled job's batch whose worker died mid-call is ended by the
+/// sweep after the lease: cancelled, its rows failed, its call counted as
+/// lost. Until then the job is not reprocessed (its rows would be cut into
+/// a second batch and called twice). A call that a newer claim took over
+/// is counted once when its stale task's failure lands late.
+async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(80);
+    let submit = |vins: &[String]| {
+        let spec = JobSpec::load(&env.spec(vins, "http://127.0.0.1:9", "")).unwrap();
+        let store = &store;
+        let schema = env.schema.clone();
+        async move { vinetl::job::plan::submit(store, &schema, &spec).await.unwrap().job_id }
+    };
+    let redo = vinetl::store::Redo { failed_only: false, vins: None, refresh: false };
+
+    let cancelled = submit(&vins[..40]).await;
+    store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
+    assert!(store.cancel_job(cancelled).await.unwrap());
+    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0).await.unwrap(), None, "a call of it is still out");
+    assert!(store.lost_tasks().await.unwrap().is_empty(), "the lease runs");
+    assert_eq!(env.status(cancelled).await["pending"], 20);
+    env.backdate_running(&store, 120.0).await;
+    assert!(store.lost_tasks().await.unwrap().is_empty(), "nothing to push for a cancelled job");
+    let s = env.status(cancelled).await;
+    let got = (&s["pending"], &s["failed"], &s["calls_made"], &s["calls"]["answer_lost"]);
+    assert_eq!(got, (&0.into(), &40.into(), &1.into(), &1.into()), "{s}");
+
+    let running = submit(&vins[40..]).await;
+    store.claim(running, 0, 0, 60.0, CALL).await.unwrap().expect("the first call begins");
+    env.backdate_running(&store, 120.0).await;
+    assert_eq!(store.lost_tasks().await.unwrap(), vec![(running, 0, 1)], "its worker died, it seems");
+    store.claim(running, 0, 1, 60.0, CALL).await.unwrap().expect("the second call begins");
+    // The first call's failure lands late: its stale task queues nothing
+    // and counts nothing more (the claim counted the call as lost).
+    let server_error = Reschedule::Failed(vinetl::store::CallEnd::ServerError);
+    assert_eq!(store.reschedule(running, 0, 0, 1.0, server_error, "503").await.unwrap(), None);
+    let s = env.status(running).await;
+    let got = (&s["calls_made"], &s["calls"]["answer_lost"], &s["calls"]["in_flight"]);
+    assert_eq!(got, (&2.into(), &1.into(), &1.into()), "{s}");
+
+    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0).await.unwrap(), Some(2), "no call out any more");
     env.cleanup().await;
 }
 
@@ -1593,6 +1640,7 @@ common::both_stores!(
     a_batch_given_back_is_claimed_once_under_a_new_generation,
     a_batch_whose_job_was_cancelled_or_paused_makes_no_call,
     a_batch_is_requeued_only_by_its_task_while_its_job_runs,
+    a_call_that_never_lands_is_ended_and_counted_once,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

@@ -621,7 +621,9 @@ pub async fn reprocess(
     let batches = store
         .reprocess(job_id, redo, spec.provider.batch_size as i32, spec.cache.ttl_hours)
         .await?
-        .with_context(|| format!("job {job_id} has not ended: wait for it, or `vinetl cancel {job_id}` first"))
+        .with_context(|| {
+            format!("job {job_id} has not ended, or a call of it is still out: wait for it, or `vinetl cancel {job_id}` first")
+        })
         .map_err(|e| Usage(e.to_string()))?;
     tracing::info!(job = job_id, batches, how = %redo.describe(), "reprocessing");
     crate::job::queue::enqueue(&store, &state.schema, crate::job::queue::Lane::of(&spec.provider), job_id).await?;

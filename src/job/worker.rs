@@ -405,7 +405,8 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             if store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await? {
                 tracing::error!(%reason, "the API refused the key; the job failed");
             } else {
-                tracing::debug!(%reason, "the API refused the key; the job had failed already");
+                tracing::debug!(%reason, "the API refused the key; the job had ended already");
+                ended_under_call(state, &rt, task, &reason).await?;
             }
         }
         Outcome::RateLimited { retry_after } => {
@@ -524,6 +525,8 @@ async fn wait_for_the_api(
         );
         if state.store.fail_job(task.job_id, &why).await? {
             tracing::error!(reason = %why, "the job failed");
+        } else {
+            ended_under_call(state, rt, task, &why).await?;
         }
         return Ok(());
     }
@@ -579,6 +582,14 @@ async fn reschedule(
         // Not this task's any more, or its job was cancelled: nothing to push.
         None => Ok(()),
     }
+}
+
+/// The job of the batch this task holds ended before the task could fail
+/// it: failed by another call (its batches are dead, nothing to do), or
+/// cancelled, whose cancel left this batch to its call. The store ends the
+/// batch as [`Store::reschedule`] ends a cancelled job's.
+async fn ended_under_call(state: &WorkerState, rt: &JobRuntime, task: BatchTask, why: &str) -> Result<(), StoreError> {
+    reschedule(state, rt, task, Duration::ZERO, Reschedule::NotCalled, why).await
 }
 
 /// A stopping worker's batch goes back to the queue uncalled under a new

@@ -195,6 +195,12 @@ pub(super) const CLAIM: &str = concat!(
     " RETURNING vins, attempts, lookup_key, in_call"
 );
 
+/// Fails the pending rows of VINs `$2` of cancelled job `$1`, as the
+/// cancel failed its other rows: those of a batch whose call was out then.
+const CANCEL_ROWS: &str = "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled',
+         error_text = 'the job was cancelled'
+     WHERE job_id = $1 AND vin {in $2} AND status = 'pending'";
+
 /// A recall lookup's request: make, model, year and VIN of key `$1`.
 const LOOKUP: &str = "SELECT make, model, model_year, vin FROM recall_lookups WHERE lookup_key = $1";
 
@@ -730,7 +736,7 @@ impl Store {
     /// is stale), the delay, and what happened counted. Returns the new
     /// generation, for the caller to push.
     ///
-    /// `None`, with nothing rescheduled (a call made is still counted),
+    /// `None`, with nothing rescheduled (a call made is still counted, once),
     /// when the task no longer holds the batch, or its job was cancelled
     /// meanwhile. A failed job made its batches dead and a newer task may
     /// have taken it over: either way it is not this task's to queue. A
@@ -775,15 +781,12 @@ impl Store {
                     args![job_id, batch_no, i64::from(attempt), error],
                 )
                 .await?;
-                // This batch's rows, which this transaction holds: no other
-                // one settles them, so taking them after the job's row
-                // cannot deadlock.
-                tx.exec(
-                    "UPDATE job_inputs SET status = 'failed', error_code = 'cancelled', error_text = 'the job was cancelled'
-                     WHERE job_id = $1 AND vin {in $2} AND status = 'pending'",
-                    args![job_id, held.texts(1)?],
-                )
-                .await?;
+                // This batch's rows, after the job's row. No other writer
+                // takes them and then waits for this job's row: a group
+                // settles only the rows of batches it holds (this one is
+                // held here, and `reprocess` cuts no batch while one runs),
+                // and failing or cancelling the job takes its batches first.
+                tx.exec(CANCEL_ROWS, args![job_id, held.texts(1)?]).await?;
             } else {
                 let row = tx
                     .one(
@@ -798,19 +801,24 @@ impl Store {
         }
         if let Some(end) = end {
             let recall = match &held {
-                Some(held) => held.bool(0)?,
-                // The call's outcome is stored here, so its mark goes, unless
-                // a newer call of the batch is out now.
+                Some(held) => Some(held.bool(0)?),
+                // Counted here only while the batch still bears this call's
+                // mark (a failed job's dead batch, or one the sweep queued
+                // again): a claim since then counted it as lost already.
                 None => tx
-                    .one(
-                        "UPDATE batches SET in_call = in_call AND state = 'running' WHERE job_id = $1 AND batch_no = $2
+                    .row(
+                        "UPDATE batches SET in_call = false
+                         WHERE job_id = $1 AND batch_no = $2 AND in_call AND state <> 'running'
                          RETURNING kind = 'recall'",
                         args![job_id, batch_no],
                     )
                     .await?
-                    .bool(0)?,
+                    .map(|r| r.bool(0))
+                    .transpose()?,
             };
-            count_calls(&mut tx, job_id, 1, recall, end, attempt).await?;
+            if let Some(recall) = recall {
+                count_calls(&mut tx, job_id, 1, recall, end, attempt).await?;
+            }
         }
         tx.commit().await?;
         Ok(next)
@@ -1150,6 +1158,9 @@ impl Store {
     /// deleted. False if it has not ended, or was pruned already.
     pub async fn prune_job(&self, job_id: i64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
+        // Batches first, in the lock order: a cancelled job's call may still
+        // be landing.
+        lock_batches(&mut tx, job_id, &["queued", "running"]).await?;
         let ended = tx
             .row(
                 "SELECT 1 FROM jobs WHERE job_id = $1 AND pruned_at IS NULL AND state IN ('done', 'failed', 'cancelled')
@@ -1464,7 +1475,8 @@ impl Store {
     /// has a fresh, successful decode in the cache take it at no cost
     /// (unless `redo.refresh`); the rest get new batches. Recall lookups are planned again (the cache answers fresh
     /// ones) and the outputs are rewritten. Returns the new batch count, or
-    /// `None` if the job is still running (or does not exist).
+    /// `None` if the job is still running, a call of it is still out, or it
+    /// does not exist.
     pub async fn reprocess(
         &self,
         job_id: i64,
@@ -1473,6 +1485,19 @@ impl Store {
         cache_ttl_hours: f64,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.write().await?;
+        // A cancelled job's call still out lands (or fails) on its own
+        // batch: its rows are not cut into a second batch and called twice.
+        // The batches are locked first, in the lock order.
+        let out = tx
+            .one(
+                "SELECT count(*) FROM (SELECT 1 FROM batches WHERE job_id = $1 AND state = 'running'
+                     ORDER BY batch_no {for update}) l",
+                args![job_id],
+            )
+            .await?;
+        if out.int(0)? > 0 {
+            return Ok(None);
+        }
         let ended = tx
             .row(
                 "SELECT state IN ('done', 'failed', 'cancelled') AND pruned_at IS NULL FROM jobs WHERE job_id = $1
@@ -1533,8 +1558,24 @@ impl Store {
 
     /// Batches whose queue task was lost: claimed by a worker that died
     /// mid-call (taken back after the lease), or rescheduled but never pushed.
+    /// A cancelled job's batch whose worker died mid-call ends here too,
+    /// after the lease: cancelled, its rows failed as the cancel failed the
+    /// others (its call stays counted as lost).
     pub async fn lost_tasks(&self) -> Result<Vec<(i64, i32, i32)>, StoreError> {
         let mut tx = self.write().await?;
+        let abandoned = tx
+            .rows(
+                "UPDATE batches SET state = 'cancelled', updated_at = now()
+                 WHERE state = 'running' AND EXISTS (
+                     SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.state = 'cancelled'
+                       AND batches.updated_at < now() - {secs 2 * {jsonf j.spec provider.timeout_secs} + 30})
+                 RETURNING job_id, vins",
+                args![],
+            )
+            .await?;
+        for b in &abandoned {
+            tx.exec(CANCEL_ROWS, args![b.int(0)?, b.texts(1)?]).await?;
+        }
         let mut lost = tx
             .rows(
                 "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
@@ -1986,9 +2027,9 @@ async fn cache_decodes(tx: &mut Tx, decodes: &Decodes<'_>) -> Result<(), StoreEr
     // in one statement.
     let latest: std::collections::BTreeMap<&str, &DecodedVin> =
         decodes.iter().flat_map(|d| d.3).map(|d| (d.vin.as_str(), d)).collect();
-    // Written as JSON text straight from the answers (each `raw` as it
-    // came): a `Value` tree of the group would copy every document twice
-    // more. Bound as text, the dialects read it as they read JSON.
+    // Written as JSON text straight from each decode's `raw` text: a
+    // `Value` tree of the group would copy every document twice more.
+    // Bound as text, the dialects read it as they read JSON.
     #[derive(serde::Serialize)]
     struct CacheRow<'a> {
         vin: &'a str,
