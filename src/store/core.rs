@@ -762,9 +762,8 @@ impl Store {
         let mut tx = self.write().await?;
         let held = tx
             .row(
-                "UPDATE batches SET in_call = false, updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3 AND state = 'running'
-                 RETURNING kind = 'recall', vins",
+                "SELECT kind = 'recall', vins FROM batches
+                 WHERE job_id = $1 AND batch_no = $2 AND generation = $3 AND state = 'running' {for update}",
                 args![job_id, batch_no, generation],
             )
             .await?;
@@ -776,7 +775,8 @@ impl Store {
                 tx.one("SELECT state FROM jobs WHERE job_id = $1 {for update}", args![job_id]).await?.text(0)?;
             if state == "cancelled" {
                 tx.exec(
-                    "UPDATE batches SET state = 'cancelled', attempts = attempts + $3, last_error = $4
+                    "UPDATE batches SET state = 'cancelled', in_call = false, attempts = attempts + $3, last_error = $4,
+                         updated_at = now()
                      WHERE job_id = $1 AND batch_no = $2",
                     args![job_id, batch_no, i64::from(attempt), error],
                 )
@@ -790,8 +790,8 @@ impl Store {
             } else {
                 let row = tx
                     .one(
-                        "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1,
-                             attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5
+                        "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, in_call = false,
+                             attempts = attempts + $3, next_run_at = now() + {secs $4}, last_error = $5, updated_at = now()
                          WHERE job_id = $1 AND batch_no = $2 RETURNING generation",
                         args![job_id, batch_no, i64::from(attempt), delay_secs, error],
                     )
@@ -1488,14 +1488,7 @@ impl Store {
         // A cancelled job's call still out lands (or fails) on its own
         // batch: its rows are not cut into a second batch and called twice.
         // The batches are locked first, in the lock order.
-        let out = tx
-            .one(
-                "SELECT count(*) FROM (SELECT 1 FROM batches WHERE job_id = $1 AND state = 'running'
-                     ORDER BY batch_no {for update}) l",
-                args![job_id],
-            )
-            .await?;
-        if out.int(0)? > 0 {
+        if lock_batches(&mut tx, job_id, &["running"]).await? > 0 {
             return Ok(None);
         }
         let ended = tx
@@ -2178,17 +2171,17 @@ async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
 /// aborted fail_job lets the job go on calling with a revoked key. (SQLite
 /// takes its one write lock at BEGIN, so the order is moot there and
 /// `{for update}` renders as nothing.)
-/// Only the count comes back, so a large job's batch numbers stay on the
-/// server.
-async fn lock_batches(tx: &mut Tx, job_id: i64, states: &[&str]) -> Result<(), StoreError> {
+/// Only the count comes back (how many it locked), so a large job's batch
+/// numbers stay on the server.
+async fn lock_batches(tx: &mut Tx, job_id: i64, states: &[&str]) -> Result<i64, StoreError> {
     let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
     tx.one(
         "SELECT count(*) FROM (SELECT 1 FROM batches WHERE job_id = $1 AND state {in $2}
              ORDER BY batch_no {for update}) l",
         args![job_id, states],
     )
-    .await?;
-    Ok(())
+    .await?
+    .int(0)
 }
 
 /// Counts `n` calls that reached the API and ended alike (`attempt`: each
