@@ -442,6 +442,7 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
         (None, false) => None,
     };
     let started = std::time::Instant::now();
+    let mut moves = crate::job::advance::moves();
     let counts = loop {
         let asked = std::time::Instant::now();
         let counts = store.counts(job_id).await?.context("the job vanished")?;
@@ -464,6 +465,8 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
         loop {
             tokio::select! {
                 () = tokio::time::sleep(STATE_EVERY) => {}
+                // A job moved on in this process: perhaps this one ended.
+                _ = moves.changed() => {}
                 () = crate::shutdown_signal() => {
                     anyhow::bail!("interrupted; job {job_id} goes on with any running `vinetl worker`, or `vinetl run` again");
                 }

@@ -569,7 +569,7 @@ const OUTPUT_VINS_TABLE: &str = "output_vins";
 static OUTPUT_VINS_DDL: LazyLock<String> = LazyLock::new(|| {
     let record: Vec<String> = VEHICLE_COLUMNS.iter().map(|(_, field, _)| format!("\"{field}\" text")).collect();
     format!(
-        "CREATE TEMP TABLE {OUTPUT_VINS_TABLE} (vin text PRIMARY KEY, campaigns text[], recall_error text, {})
+        "CREATE TEMP TABLE {OUTPUT_VINS_TABLE} (vin text NOT NULL, campaigns text[], recall_error text, {})
          ON COMMIT DROP",
         record.join(", ")
     )
@@ -725,6 +725,12 @@ async fn fill_output_vins(
     sqlx::query("SET LOCAL jit = off").execute(&mut *t).await?;
     let filled = exec(&mut *t, fill, args).await?;
     sqlx::query("RESET jit").execute(&mut *t).await?;
+    // Its key built once it is full, by one sort, rather than entry by entry
+    // in the fill's hash order: a fill of 50,000 VINs took 130-140 ms so,
+    // 185-218 ms keyed as it filled (psql, 2026-12-07).
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE {OUTPUT_VINS_TABLE} ADD PRIMARY KEY (vin)")))
+        .execute(&mut *t)
+        .await?;
     if filled > OUTPUT_PROBE_VINS && in_order {
         sqlx::query("SET LOCAL enable_sort = on").execute(&mut *t).await?;
     }
