@@ -180,6 +180,79 @@ async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
     cleanup(&schema).await;
 }
 
+/// A call out when its job is cancelled, which the API then refuses (a key
+/// revoked meanwhile): the refusal cannot fail the ended job, so the worker
+/// ends the batch as the cancel ended the others, its rows failed
+/// `cancelled` at once. Left running, they would stay pending until the
+/// sweep took the batch over after its lease (90 s here), or forever before
+/// the sweep ended a cancelled job's batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_refused_after_its_job_was_cancelled_ends_its_batch_at_once() {
+    let faults = Faults {
+        fault_path: Some(vinetl::api::BATCH_DECODE_PATH.into()),
+        fault_latency_ms: Some((5000, 5000)),
+        fault_revoke_after: Some(0),
+        ..Faults::default()
+    };
+    let (server, _keys) = common::serve(faults).await;
+    let schema = unique_schema("cancelrefused");
+    let dir = tempfile::tempdir().unwrap();
+    let vins: Vec<&str> = include_str!("fixtures/pattern-vins.txt").lines().take(40).collect();
+    std::fs::write(dir.path().join("vins.txt"), vins.join("\n")).unwrap();
+    let key = "pro-counted-key";
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url(), "");
+    let out = vinetl_async(&schema, key, &["submit", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut worker = common::spawn_worker(&schema, key);
+    let db = pool(&schema).await;
+    // Both batches' calls are out (the server holds each for 5 s).
+    let mut out_now = 0i64;
+    for _ in 0..500 {
+        out_now = sqlx::query_scalar("SELECT count(*) FROM batches WHERE job_id = 1 AND in_call")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        if out_now == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(out_now, 2, "both calls out");
+    let out = vinetl_async(&schema, key, &["cancel", "1"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(status(&schema, 1).await["pending"], 40, "the cancel leaves the rows of calls out to their calls");
+    // The refusals come 5 s after the calls; the sweep could take the
+    // batches over only after their 90 s lease.
+    let mut s = status(&schema, 1).await;
+    for _ in 0..150 {
+        if s["pending"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = status(&schema, 1).await;
+    }
+    assert_eq!((s["state"].as_str(), s["pending"].as_i64()), (Some("cancelled"), Some(0)), "{s}");
+    assert_eq!(s["failed"], 40, "{s}");
+    assert_eq!(s["calls_made"], 2, "both calls counted: {s}");
+    let ended: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, last_error FROM batches WHERE job_id = 1 ORDER BY batch_no")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    for (state, error) in &ended {
+        assert_eq!(state, "cancelled");
+        assert!(error.as_deref().is_some_and(|e| e.contains("revoked")), "{error:?}");
+    }
+    let cancelled: i64 = sqlx::query_scalar("SELECT count(*) FROM job_inputs WHERE error_code = 'cancelled'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 40);
+    assert!(worker.try_wait().unwrap().is_none(), "the worker stays up");
+    drop(worker);
+    cleanup(&schema).await;
+}
+
 /// A worker told to stop while its calls are in flight, and while more of
 /// its tasks wait for a place in flight, finishes them and exits; another
 /// worker then ends the job, and the server saw one call per batch.

@@ -117,17 +117,18 @@ pub async fn inject(State(injector): State<std::sync::Arc<Injector>>, req: Reque
     if faults.fault_path.as_deref().is_some_and(|p| !req.uri().path().starts_with(p)) {
         return next.run(req).await;
     }
+    // The latency first: a refusal takes its time too.
+    if let Some((lo, hi)) = faults.fault_latency_ms
+        && fastrand::f64() < faults.fault_latency_share.unwrap_or(1.0)
+    {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
+    }
     if let Some(after) = faults.fault_revoke_after
         && req.headers().contains_key(header::AUTHORIZATION)
         && injector.keyed.fetch_add(1, Ordering::Relaxed) >= after
     {
         return ApiFailure::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, "this API key has been revoked")
             .into_response();
-    }
-    if let Some((lo, hi)) = faults.fault_latency_ms
-        && fastrand::f64() < faults.fault_latency_share.unwrap_or(1.0)
-    {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(lo..=hi))).await;
     }
     if fastrand::f64() < faults.fault_500 {
         return ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL_ERROR, "injected fault")
