@@ -14,8 +14,8 @@ static MOVES: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
     std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
 
 /// Changes each time this process moves a job on (its recall lookups
-/// queued, its outputs written or failed, or it is done), after the step
-/// has committed: `vinetl run` reads its job's state then, instead of at
+/// queued, its outputs written or failed, it is done, or a worker here
+/// failed it), after the step has committed: `vinetl run` reads its job's state then, instead of at
 /// its next poll up to half a second later (a cold 50,000-VIN job took 9.6 to
 /// 10.5 s; 0.3 s of it went by between its end and the poll that saw it).
 /// Another process's steps are still seen by polling.
@@ -23,7 +23,7 @@ pub fn moves() -> tokio::sync::watch::Receiver<u64> {
     MOVES.subscribe()
 }
 
-fn moved() {
+pub(crate) fn moved() {
     MOVES.send_modify(|n| *n = n.wrapping_add(1));
 }
 
@@ -93,7 +93,10 @@ pub async fn resume_orphaned_writes(store: &Store, schema: &str) -> Result<usize
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {
             Ok(spec) => write(store, schema, job_id, &spec, false).await?,
-            Err(reason) => store.fail_writing(job_id, &reason).await?,
+            Err(reason) => {
+                store.fail_writing(job_id, &reason).await?;
+                moved();
+            }
         }
     }
     Ok(jobs.len())
