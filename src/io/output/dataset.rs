@@ -165,7 +165,9 @@ impl Dest {
                 let tmp = to.with_extension("tmp");
                 std::fs::create_dir_all(to.parent().unwrap_or(root))
                     .and_then(|()| std::fs::write(&tmp, body))
+                    .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
                     .and_then(|()| std::fs::rename(&tmp, &to))
+                    .and_then(|()| sync_dirs(root, &to))
                     .map_err(|e| self.err(format!("writing {rel}: {e}")))
             }
             Dest::S3 { s3, root } => s3.put_bytes(&Dest::url(root, rel), body).await.map_err(|e| self.err(e)),
@@ -189,7 +191,12 @@ impl Dest {
         match self {
             Dest::Local(root) => {
                 let target = root.join(to);
-                std::fs::create_dir_all(target.parent().unwrap_or(root))
+                // Its bytes on disk before its name: the directory's sync
+                // in the `put`s of the manifest and the marker after it
+                // makes the name durable.
+                std::fs::File::open(root.join(from))
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::create_dir_all(target.parent().unwrap_or(root)))
                     .and_then(|()| std::fs::rename(root.join(from), &target))
                     .map_err(|e| self.err(format!("moving {from} to {to}: {e}")))
             }
@@ -414,6 +421,24 @@ fn properties() -> WriterProperties {
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_created_by(concat!("vinetl ", env!("CARGO_PKG_VERSION")).to_string())
         .build()
+}
+
+/// Syncs every directory from `file`'s up to `root`, so that a renamed file's
+/// name, and the partition directories made for it, survive a crash of the
+/// machine: `_SUCCESS` on disk means the files it vouches for are too. (A
+/// rename alone is ordered by no file system's promise; an output written
+/// without any sync could come back after a power loss with its marker and
+/// an empty data file.)
+fn sync_dirs(root: &Path, file: &Path) -> std::io::Result<()> {
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        std::fs::File::open(d)?.sync_all()?;
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 /// A finished data file, written locally.
