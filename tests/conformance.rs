@@ -216,6 +216,13 @@ async fn a_recreated_install_queues_its_jobs_again(backend: Backend) {
     let done = format!("UPDATE apalis.jobs SET status = 'Done' WHERE job_type = '{}'", queue_name(&env.schema));
     env.queue_sql(&store, &done, "UPDATE Jobs SET status = 'Done'").await;
     let old_install = store.install().to_string();
+    // Closed, and waited for, before its files go: a SQLite connection
+    // still open on a deleted file made the new store's first read fail
+    // with a disk I/O error (once, in a CI run).
+    if let Some((state, queue)) = store.sqlite_pools() {
+        state.close().await;
+        queue.close().await;
+    }
     drop(store);
     match backend {
         Backend::Pg => {
