@@ -341,7 +341,10 @@ async fn the_sweep_moves_on_a_job_nobody_advanced(backend: Backend) {
     store.pause_job(stalled).await.unwrap();
     assert!(store.stalled_jobs().await.unwrap().is_empty(), "a paused job waits for its resume");
     env.sql(&store, "UPDATE jobs SET paused_at = NULL", "UPDATE jobs SET paused_at = NULL").await;
+    let mut moves = store.moves();
     vinetl::job::worker::sweep(&store, &env.schema).await.unwrap();
+    assert!(moves.has_changed().unwrap(), "the job's end woke the watcher");
+    moves.mark_unchanged();
     assert_eq!(store.counts(stalled).await.unwrap().unwrap().state, "done");
     assert_eq!(store.counts(busy).await.unwrap().unwrap().state, "running");
     assert!(store.stalled_jobs().await.unwrap().is_empty());
@@ -417,7 +420,14 @@ async fn a_batch_whose_job_was_cancelled_or_paused_makes_no_call(backend: Backen
     let vins = pattern_vins(80);
     let spec = JobSpec::load(&env.spec(&vins[..40], "http://127.0.0.1:9", "")).unwrap();
     let cancelled = vinetl::job::plan::submit(&store, &env.schema, &spec).await.unwrap().job_id;
+    // A watcher on any clone of the store is woken by the change of state,
+    // and only by one that happened.
+    let mut moves = store.clone().moves();
     assert!(store.cancel_job(cancelled).await.unwrap());
+    assert!(moves.has_changed().unwrap(), "the cancel woke the watcher");
+    moves.mark_unchanged();
+    assert!(!store.cancel_job(cancelled).await.unwrap());
+    assert!(!moves.has_changed().unwrap(), "a cancel that changed nothing wakes nobody");
     assert!(store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().is_none(), "a cancelled job's batch takes no call");
     let s = env.status(cancelled).await;
     assert_eq!(

@@ -442,7 +442,7 @@ async fn watch(store: &Store, job_id: i64, progress: bool) -> anyhow::Result<Job
         (None, false) => None,
     };
     let started = std::time::Instant::now();
-    let mut moves = crate::job::advance::moves();
+    let mut moves = store.moves();
     let counts = loop {
         let asked = std::time::Instant::now();
         let counts = store.counts(job_id).await?.context("the job vanished")?;

@@ -9,24 +9,6 @@ use crate::spec::JobSpec;
 use crate::store::StoreError;
 use crate::store::{Next, Store};
 
-/// Counts the steps jobs took in this process (see [`moves`]).
-static MOVES: std::sync::LazyLock<tokio::sync::watch::Sender<u64>> =
-    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(0));
-
-/// Changes each time this process moves a job on (its recall lookups
-/// queued, its outputs written or failed, it is done, or a worker here
-/// failed it), after the step has committed: `vinetl run` reads its job's state then, instead of at
-/// its next poll up to half a second later (a cold 50,000-VIN job took 9.6 to
-/// 10.5 s; 0.3 s of it went by between its end and the poll that saw it).
-/// Another process's steps are still seen by polling.
-pub fn moves() -> tokio::sync::watch::Receiver<u64> {
-    MOVES.subscribe()
-}
-
-pub(crate) fn moved() {
-    MOVES.send_modify(|n| *n = n.wrapping_add(1));
-}
-
 /// A writer that has not beaten for this long is presumed dead and replaced.
 pub const WRITE_LEASE_SECS: f64 = 120.0;
 
@@ -39,14 +21,8 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
             queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
         }
         Next::Write => write(store, schema, job_id, spec, false).await?,
-        Next::Done => {
-            moved();
-            retain(store, schema, job_id, spec).await
-        }
+        Next::Done => retain(store, schema, job_id, spec).await,
         Next::Nothing => {}
-    }
-    if next == Next::Enqueue {
-        moved();
     }
     Ok(next)
 }
@@ -69,7 +45,6 @@ pub async fn write(
     match written {
         Ok(written) => {
             store.finish_writing(job_id, &written.outputs).await?;
-            moved();
             retain(store, schema, job_id, spec).await;
             Ok(())
         }
@@ -81,7 +56,6 @@ pub async fn write(
                  (`vinetl reprocess {job_id}` works too)"
             );
             store.fail_writing(job_id, &reason).await?;
-            moved();
             Ok(())
         }
     }
@@ -93,10 +67,7 @@ pub async fn resume_orphaned_writes(store: &Store, schema: &str) -> Result<usize
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {
             Ok(spec) => write(store, schema, job_id, &spec, false).await?,
-            Err(reason) => {
-                store.fail_writing(job_id, &reason).await?;
-                moved();
-            }
+            Err(reason) => store.fail_writing(job_id, &reason).await?,
         }
     }
     Ok(jobs.len())

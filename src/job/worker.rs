@@ -307,7 +307,6 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Ok(rt) => rt,
         Err(reason) => {
             if state.store.fail_job(task.job_id, &reason).await? {
-                crate::job::advance::moved();
                 tracing::error!(%reason, "the job cannot run; failed");
             }
             return Ok(());
@@ -404,7 +403,6 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             // Every call in flight gets the same answer: the one that
             // fails the job says so; the others only add to the count.
             if store.fail_job(task.job_id, &format!("the API refused the key: {reason}")).await? {
-                crate::job::advance::moved();
                 tracing::error!(%reason, "the API refused the key; the job failed");
             } else {
                 tracing::debug!(%reason, "the API refused the key; the job had ended already");
@@ -526,7 +524,6 @@ async fn wait_for_the_api(
             humantime::format_duration(Duration::from_secs(give_up as u64))
         );
         if state.store.fail_job(task.job_id, &why).await? {
-            crate::job::advance::moved();
             tracing::error!(reason = %why, "the job failed");
         } else {
             ended_under_call(state, rt, task, &why).await?;
@@ -675,7 +672,6 @@ pub async fn sweep(store: &Store, schema: &str) -> Result<usize, StoreError> {
             }
             Err(reason) => {
                 store.fail_job(job_id, &reason).await?;
-                crate::job::advance::moved();
             }
         }
     }

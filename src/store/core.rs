@@ -30,6 +30,8 @@ pub struct Store {
     pub(super) db: Db,
     /// This install's random name (migration `install_id`): see [`Store::install`].
     install: std::sync::Arc<str>,
+    /// Counts the job state changes this store has committed: see [`Store::moves`].
+    moves: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -214,7 +216,7 @@ const BUSY: &str = "SELECT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND s
 impl Store {
     /// The store over `db`, migrated, with its install's name read.
     pub(super) async fn with_install(db: Db) -> Result<Store, StoreError> {
-        let mut store = Store { db, install: "".into() };
+        let mut store = Store { db, install: "".into(), moves: Default::default() };
         store.install = store.one("SELECT id FROM install", args![]).await?.text(0)?.into();
         Ok(store)
     }
@@ -225,6 +227,22 @@ impl Store {
     /// deleted), whose job numbers it reuses while the queue keeps its tasks.
     pub fn install(&self) -> &str {
         &self.install
+    }
+
+    /// Changes each time this store (or a clone of it) commits a change of
+    /// a job's state: moved on ([`Store::advance`]), done or failed writing,
+    /// failed, cancelled. `vinetl run`'s watcher wakes on it to read its job
+    /// then, instead of at its next poll up to half a second later (a cold
+    /// 50,000-VIN job took 9.6 to 10.5 s; 0.3 s of it went by between its
+    /// end and the poll that saw it). Another process's changes are still
+    /// seen by polling.
+    pub fn moves(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.moves.subscribe()
+    }
+
+    /// Called after a job's state change has committed.
+    fn moved(&self) {
+        self.moves.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn conn(&self) -> Conn<'_> {
@@ -901,6 +919,7 @@ impl Store {
             tx.exec(sql, args![job_id, reason]).await?;
         }
         tx.commit().await?;
+        self.moved();
         Ok(true)
     }
 
@@ -940,6 +959,7 @@ impl Store {
             tx.exec(sql, args![job_id]).await?;
         }
         tx.commit().await?;
+        self.moved();
         Ok(true)
     }
 
@@ -1339,6 +1359,7 @@ impl Store {
             .await?;
             if made > 0 {
                 tx.commit().await?;
+                self.moved();
                 return Ok(Next::Enqueue);
             }
         }
@@ -1357,6 +1378,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.moved();
         Ok(next)
     }
 
@@ -1419,6 +1441,7 @@ impl Store {
             args![job_id, outputs],
         )
         .await?;
+        self.moved();
         Ok(())
     }
 
@@ -1466,7 +1489,9 @@ impl Store {
         ] {
             tx.exec(sql, args![job_id, reason]).await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        self.moved();
+        Ok(())
     }
 
     /// Puts an ended job back to work as its next run (the run that ended
