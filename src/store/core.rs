@@ -1581,29 +1581,31 @@ impl Store {
     /// others (its call stays counted as lost).
     pub async fn lost_tasks(&self) -> Result<Vec<(i64, i32, i32)>, StoreError> {
         let mut tx = self.write().await?;
-        let abandoned = tx
+        // One pass over the running batches of the jobs that can have them,
+        // found from the jobs (few) through `(job_id, state)`: a cancelled
+        // job's batch ends cancelled, another's is queued again.
+        let taken = tx
             .rows(
-                "UPDATE batches SET state = 'cancelled', updated_at = now()
-                 WHERE state = 'running' AND EXISTS (
-                     SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.state = 'cancelled'
-                       AND batches.updated_at < now() - {secs 2 * {jsonf j.spec provider.timeout_secs} + 30})
-                 RETURNING job_id, vins",
+                "UPDATE batches SET state = CASE WHEN j.state = 'cancelled' THEN 'cancelled' ELSE 'queued' END,
+                     enqueued = CASE WHEN j.state = 'cancelled' THEN batches.enqueued ELSE false END,
+                     generation = CASE WHEN j.state = 'cancelled' THEN batches.generation ELSE batches.generation + 1 END,
+                     updated_at = now()
+                 FROM jobs j
+                 WHERE j.job_id = batches.job_id AND j.state IN ('running', 'waiting', 'cancelled')
+                   AND batches.state = 'running'
+                   AND batches.updated_at < now() - {secs 2 * {jsonf j.spec provider.timeout_secs} + 30}
+                 RETURNING batches.job_id, batches.batch_no, batches.generation, batches.state, batches.vins",
                 args![],
             )
             .await?;
-        for b in &abandoned {
-            tx.exec(CANCEL_ROWS, args![b.int(0)?, b.texts(1)?]).await?;
+        let mut lost = Vec::with_capacity(taken.len());
+        for b in taken {
+            if b.text(3)? == "cancelled" {
+                tx.exec(CANCEL_ROWS, args![b.int(0)?, b.texts(4)?]).await?;
+            } else {
+                lost.push(b);
+            }
         }
-        let mut lost = tx
-            .rows(
-                "UPDATE batches SET state = 'queued', enqueued = false, generation = generation + 1, updated_at = now()
-                 WHERE state = 'running' AND EXISTS (
-                     SELECT 1 FROM jobs j WHERE j.job_id = batches.job_id AND j.state IN ('running', 'waiting')
-                       AND batches.updated_at < now() - {secs 2 * {jsonf j.spec provider.timeout_secs} + 30})
-                 RETURNING job_id, batch_no, generation",
-                args![],
-            )
-            .await?;
         lost.extend(
             tx.rows(
                 "SELECT b.job_id, b.batch_no, b.generation FROM batches b JOIN jobs j ON j.job_id = b.job_id
