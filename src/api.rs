@@ -202,65 +202,64 @@ pub struct Vehicle {
     pub other: BTreeMap<String, String>,
 }
 
+/// The vehicle's named fields by their vPIC names, written once for the
+/// reader ([`Vehicle::field`]) and the writer ([`Vehicle::named_mut`]).
+macro_rules! named_fields {
+    ($($name:literal => $field:ident),* $(,)?) => {
+        impl Vehicle {
+            /// Their names.
+            const NAMED: &[&str] = &[$($name),*];
+
+            /// The named field called `name`, if it is one.
+            fn named(&self, name: &str) -> Option<&String> {
+                match name {
+                    $($name => Some(&self.$field),)*
+                    _ => None,
+                }
+            }
+
+            /// The named field called `name`, to set, if it is one; every
+            /// other name goes in `other`.
+            fn named_mut(&mut self, name: &str) -> Option<&mut String> {
+                match name {
+                    $($name => Some(&mut self.$field),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+named_fields! {
+    "VIN" => vin,
+    "Make" => make,
+    "Model" => model,
+    "ModelYear" => model_year,
+    "BodyClass" => body_class,
+    "DriveType" => drive_type,
+    "FuelTypePrimary" => fuel_type_primary,
+    "EngineConfiguration" => engine_configuration,
+    "EngineCylinders" => engine_cylinders,
+    "DisplacementL" => displacement_l,
+    "TransmissionStyle" => transmission_style,
+    "PlantCity" => plant_city,
+    "PlantState" => plant_state,
+    "PlantCountry" => plant_country,
+    "Manufacturer" => manufacturer,
+    "Series" => series,
+    "Trim" => trim,
+    "Doors" => doors,
+    "VehicleType" => vehicle_type,
+    "GVWR" => gvwr,
+    "ErrorCode" => error_code,
+    "ErrorText" => error_text,
+}
+
 impl Vehicle {
     /// A field by its vPIC name (`"Make"`, `"ModelYear"`, any of `other`);
     /// empty when the decode has no value.
     pub fn field(&self, name: &str) -> &str {
-        match name {
-            "VIN" => &self.vin,
-            "Make" => &self.make,
-            "Model" => &self.model,
-            "ModelYear" => &self.model_year,
-            "BodyClass" => &self.body_class,
-            "DriveType" => &self.drive_type,
-            "FuelTypePrimary" => &self.fuel_type_primary,
-            "EngineConfiguration" => &self.engine_configuration,
-            "EngineCylinders" => &self.engine_cylinders,
-            "DisplacementL" => &self.displacement_l,
-            "TransmissionStyle" => &self.transmission_style,
-            "PlantCity" => &self.plant_city,
-            "PlantState" => &self.plant_state,
-            "PlantCountry" => &self.plant_country,
-            "Manufacturer" => &self.manufacturer,
-            "Series" => &self.series,
-            "Trim" => &self.trim,
-            "Doors" => &self.doors,
-            "VehicleType" => &self.vehicle_type,
-            "GVWR" => &self.gvwr,
-            "ErrorCode" => &self.error_code,
-            "ErrorText" => &self.error_text,
-            other => self.other.get(other).map_or("", String::as_str),
-        }
-    }
-
-    /// The named field called `name`, if it is one (the inverse of
-    /// [`Vehicle::field`] for them); every other name goes in `other`.
-    fn named_mut(&mut self, name: &str) -> Option<&mut String> {
-        Some(match name {
-            "VIN" => &mut self.vin,
-            "Make" => &mut self.make,
-            "Model" => &mut self.model,
-            "ModelYear" => &mut self.model_year,
-            "BodyClass" => &mut self.body_class,
-            "DriveType" => &mut self.drive_type,
-            "FuelTypePrimary" => &mut self.fuel_type_primary,
-            "EngineConfiguration" => &mut self.engine_configuration,
-            "EngineCylinders" => &mut self.engine_cylinders,
-            "DisplacementL" => &mut self.displacement_l,
-            "TransmissionStyle" => &mut self.transmission_style,
-            "PlantCity" => &mut self.plant_city,
-            "PlantState" => &mut self.plant_state,
-            "PlantCountry" => &mut self.plant_country,
-            "Manufacturer" => &mut self.manufacturer,
-            "Series" => &mut self.series,
-            "Trim" => &mut self.trim,
-            "Doors" => &mut self.doors,
-            "VehicleType" => &mut self.vehicle_type,
-            "GVWR" => &mut self.gvwr,
-            "ErrorCode" => &mut self.error_code,
-            "ErrorText" => &mut self.error_text,
-            _ => return None,
-        })
+        self.named(name).or_else(|| self.other.get(name)).map_or("", String::as_str)
     }
 }
 
@@ -354,10 +353,9 @@ enum Key {
 }
 
 impl Key {
-    /// The fields [`Vehicle`] names: `VIN`, the error pair, then
-    /// [`VEHICLE_FIELDS`] (22, within the reader's 32-bit set).
+    /// The fields [`Vehicle`] names (22, within the reader's 32-bit set).
     fn named() -> impl Iterator<Item = &'static str> {
-        ["VIN", "ErrorCode", "ErrorText"].into_iter().chain(VEHICLE_FIELDS.iter().copied())
+        Vehicle::NAMED.iter().copied()
     }
 }
 
@@ -555,6 +553,21 @@ mod tests {
         let named = j.as_object().unwrap().keys().filter(|k| *k != "EngineHP").count();
         assert_eq!(named, VEHICLE_FIELDS.len() + 3);
         assert!(VEHICLE_FIELDS.iter().all(|f| j.get(*f).is_some()));
+        // The reader's table names the same fields, each its own.
+        let mut listed: Vec<&str> =
+            ["VIN", "ErrorCode", "ErrorText"].into_iter().chain(VEHICLE_FIELDS.to_vec()).collect();
+        let mut named = Vehicle::NAMED.to_vec();
+        listed.sort();
+        named.sort();
+        assert_eq!(named, listed);
+        let mut v = Vehicle::default();
+        for (i, name) in Vehicle::NAMED.iter().enumerate() {
+            *v.named_mut(name).unwrap() = i.to_string();
+        }
+        for (i, name) in Vehicle::NAMED.iter().enumerate() {
+            assert_eq!(v.field(name), i.to_string(), "{name}");
+            assert_eq!(serde_json::to_value(&v).unwrap()[name], i.to_string(), "{name}");
+        }
     }
 
     #[test]
