@@ -1434,14 +1434,17 @@ impl Store {
 
     /// The outputs are written: the job is done.
     pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
-        self.exec(
-            "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),
+        let done = self
+            .exec(
+                "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),
                      state_reason = NULL
                  WHERE job_id = $1 AND state = 'writing'",
-            args![job_id, outputs],
-        )
-        .await?;
-        self.moved();
+                args![job_id, outputs],
+            )
+            .await?;
+        if done > 0 {
+            self.moved();
+        }
         Ok(())
     }
 
@@ -1482,15 +1485,22 @@ impl Store {
     /// is kept, so `vinetl reprocess` writes again without calling.
     pub async fn fail_writing(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        for sql in [
-            "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
-             WHERE job_id = $1 AND state = 'writing'",
+        let failed = tx
+            .exec(
+                "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
+                 WHERE job_id = $1 AND state = 'writing'",
+                args![job_id, reason],
+            )
+            .await?;
+        tx.exec(
             "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'output_failed', $2)",
-        ] {
-            tx.exec(sql, args![job_id, reason]).await?;
-        }
+            args![job_id, reason],
+        )
+        .await?;
         tx.commit().await?;
-        self.moved();
+        if failed > 0 {
+            self.moved();
+        }
         Ok(())
     }
 
