@@ -556,8 +556,59 @@ async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
     let s = env.status(running).await;
     let got = (&s["calls_made"], &s["calls"]["answer_lost"], &s["calls"]["in_flight"]);
     assert_eq!(got, (&2.into(), &1.into(), &1.into()), "{s}");
+    // So does its giving up: the batch stays with the second call, its rows
+    // pending, and nothing more is counted.
+    store
+        .dead_letter(running, 0, 0, "gave up after 3 attempts: 503", Some(vinetl::store::CallEnd::ServerError))
+        .await
+        .unwrap();
+    let s = env.status(running).await;
+    let got = (&s["pending"], &s["failed"], &s["calls_made"], &s["calls"]["in_flight"]);
+    assert_eq!(got, (&40.into(), &0.into(), &2.into(), &1.into()), "{s}");
+    assert!(store.stalled_jobs().await.unwrap().is_empty(), "the job does not end under the second call");
 
     assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0).await.unwrap(), Some(2), "no call out any more");
+    env.cleanup().await;
+}
+
+/// A failed job whose call is still out (another worker's call got the
+/// refusal that failed it) is not reprocessed until that call lands or its
+/// lease runs out: its rows would be cut into a second batch and called
+/// twice. A job cancelled while paused is reprocessed unpaused.
+async fn a_failed_or_paused_job_is_reprocessed_once_its_calls_are_in(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let vins = pattern_vins(80);
+    // Two specs apart (a reprocessed job runs, and the same spec would resume it).
+    let submit = |vins: &[String], extra: &'static str| {
+        let spec = JobSpec::load(&env.spec(vins, "http://127.0.0.1:9", extra)).unwrap();
+        let store = &store;
+        let schema = env.schema.clone();
+        async move { vinetl::job::plan::submit(store, &schema, &spec).await.unwrap().job_id }
+    };
+    let redo = vinetl::store::Redo { failed_only: true, vins: None, refresh: false };
+
+    let failed = submit(&vins[..40], "").await;
+    store.claim(failed, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
+    assert!(store.fail_job(failed, "the API refused the key: revoked").await.unwrap());
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), None, "a call of it is still out");
+    let backdate = "UPDATE batches SET updated_at = updated_at - {} WHERE state = 'dead'";
+    env.sql(&store, &backdate.replace("{}", "interval '50 seconds'"), &backdate.replace("{}", "50")).await;
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), None, "within its lease (60 s + 30 s)");
+    env.sql(&store, &backdate.replace("{}", "interval '50 seconds'"), &backdate.replace("{}", "50")).await;
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), Some(2), "its lease ran out: lost");
+
+    let paused = submit(&vins[40..], "timeout_secs = 20").await;
+    assert!(store.pause_job(paused).await.unwrap());
+    assert!(store.cancel_job(paused).await.unwrap());
+    assert_eq!(store.reprocess(paused, &redo, 20, 24.0).await.unwrap(), Some(2));
+    let s = env.status(paused).await;
+    assert_eq!(s["state"], "running", "not paused: {s}");
+    // Its new batches are numbered after the earlier run's.
+    let generation =
+        |b: i32| format!("UPDATE batches SET generation = generation WHERE job_id = {paused} AND batch_no = {b}");
+    assert_eq!(env.sql(&store, &generation(2), &generation(2)).await, 1);
+    assert!(store.claim(paused, 2, 0, 60.0, CALL).await.unwrap().is_some(), "its batches are called");
     env.cleanup().await;
 }
 
@@ -1658,6 +1709,7 @@ common::both_stores!(
     a_batch_whose_job_was_cancelled_or_paused_makes_no_call,
     a_batch_is_requeued_only_by_its_task_while_its_job_runs,
     a_call_that_never_lands_is_ended_and_counted_once,
+    a_failed_or_paused_job_is_reprocessed_once_its_calls_are_in,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

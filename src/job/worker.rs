@@ -362,7 +362,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         // No call: the grant goes back.
         limiter.give_back(slot).await?;
         let reason = format!("recall lookup {key} is not registered");
-        store.dead_letter(job, batch_no, &reason, None).await?;
+        store.dead_letter(job, batch_no, task.generation, &reason, None).await?;
         crate::job::advance::advance(store, &state.schema, job, &rt.spec).await?;
         return Ok(());
     }
@@ -439,7 +439,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         }
         Outcome::GiveUp(reason) => {
             limiter.answered(false).await?;
-            store.dead_letter(task.job_id, task.batch_no, &reason, Some(CallEnd::OtherError)).await?;
+            store.dead_letter(task.job_id, task.batch_no, task.generation, &reason, Some(CallEnd::OtherError)).await?;
         }
     }
     crate::job::advance::advance(store, &state.schema, task.job_id, &rt.spec).await?;
@@ -473,7 +473,7 @@ async fn retry_or_dead_letter(
     let attempt = attempts as u32 + 1;
     if attempt >= rt.spec.provider.max_attempts {
         let why = format!("gave up after {attempt} attempts: {reason}");
-        state.store.dead_letter(task.job_id, task.batch_no, &why, Some(end)).await
+        state.store.dead_letter(task.job_id, task.batch_no, task.generation, &why, Some(end)).await
     } else {
         prometheus::retry(kind);
         reschedule(state, rt, task, backoff(attempt), Reschedule::Failed(end), &reason).await

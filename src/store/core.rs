@@ -820,19 +820,7 @@ impl Store {
         if let Some(end) = end {
             let recall = match &held {
                 Some(held) => Some(held.bool(0)?),
-                // Counted here only while the batch still bears this call's
-                // mark (a failed job's dead batch, or one the sweep queued
-                // again): a claim since then counted it as lost already.
-                None => tx
-                    .row(
-                        "UPDATE batches SET in_call = false
-                         WHERE job_id = $1 AND batch_no = $2 AND in_call AND state <> 'running'
-                         RETURNING kind = 'recall'",
-                        args![job_id, batch_no],
-                    )
-                    .await?
-                    .map(|r| r.bool(0))
-                    .transpose()?,
+                None => unmark_stale_call(&mut tx, job_id, batch_no).await?,
             };
             if let Some(recall) = recall {
                 count_calls(&mut tx, job_id, 1, recall, end, attempt).await?;
@@ -851,18 +839,33 @@ impl Store {
         &self,
         job_id: i64,
         batch_no: i32,
+        generation: i32,
         error: &str,
         called: Option<CallEnd>,
     ) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
+        // Only the task that holds the batch gives up on it. A task whose
+        // batch the sweep took over (its call outlived the lease) would
+        // otherwise fail the rows of a batch whose next call is out, and
+        // let the job end under it; its call is counted as a stale one.
+        let attempt = i64::from(called.is_some_and(|e| e != CallEnd::RateLimited));
         let row = tx
-            .one(
+            .row(
                 "UPDATE batches SET state = 'dead', in_call = false, last_error = $3, attempts = attempts + $4,
                      updated_at = now()
-                 WHERE job_id = $1 AND batch_no = $2 RETURNING vins, lookup_key",
-                args![job_id, batch_no, error, i64::from(called.is_some_and(|e| e != CallEnd::RateLimited))],
+                 WHERE job_id = $1 AND batch_no = $2 AND generation = $5 AND state = 'running'
+                 RETURNING vins, lookup_key",
+                args![job_id, batch_no, error, attempt, generation],
             )
             .await?;
+        let Some(row) = row else {
+            if let Some(end) = called
+                && let Some(recall) = unmark_stale_call(&mut tx, job_id, batch_no).await?
+            {
+                count_calls(&mut tx, job_id, 1, recall, end, false).await?;
+            }
+            return tx.commit().await;
+        };
         let lookup_key = row.opt_text(1)?;
         match &lookup_key {
             Some(key) => {
@@ -1526,6 +1529,25 @@ impl Store {
         if lock_batches(&mut tx, job_id, &["running"]).await? > 0 {
             return Ok(None);
         }
+        // So does a failed job's: failing a job ends its batches `dead`, a
+        // call out keeping its mark until it lands. Within its lease (the
+        // sweep's, twice the call's timeout and 30 s) it may still land;
+        // after that it is counted as lost. Locked, so an answer landing
+        // meanwhile waits for this decision and is seen by the next one.
+        let out = tx
+            .one(
+                "SELECT count(*) FROM (SELECT 1 FROM batches b
+                     WHERE b.job_id = $1 AND b.state = 'dead' AND b.in_call
+                       AND b.updated_at > now() - {secs 2 * (SELECT {jsonf j.spec provider.timeout_secs} FROM jobs j
+                                                              WHERE j.job_id = $1) + 30}
+                     ORDER BY b.batch_no {for update}) l",
+                args![job_id],
+            )
+            .await?
+            .int(0)?;
+        if out > 0 {
+            return Ok(None);
+        }
         let ended = tx
             .row(
                 "SELECT state IN ('done', 'failed', 'cancelled') AND pruned_at IS NULL FROM jobs WHERE job_id = $1
@@ -1571,6 +1593,7 @@ impl Store {
         // within a transaction), which is how `failures` tells them apart.
         tx.exec(
             "UPDATE jobs SET state = 'running', state_reason = NULL, resume_at = NULL, finished_at = NULL,
+                     paused_at = NULL,
                      started_at = now(), planned_at = now(), write_started_at = NULL, calls_ended_at = NULL,
                      recalls_planned = false,
                      outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
@@ -2201,6 +2224,22 @@ async fn store_recalls(tx: &mut Tx, answers: &[Answered]) -> Result<(), StoreErr
     )
     .await?;
     Ok(())
+}
+
+/// A call whose task no longer holds its batch ended: it is counted only
+/// while the batch still bears its mark (a failed job's dead batch, or one
+/// the sweep queued again), which is cleared; a claim since then counted it
+/// as lost already. Whether it was a recall lookup, if it is to be counted.
+async fn unmark_stale_call(tx: &mut Tx, job_id: i64, batch_no: i32) -> Result<Option<bool>, StoreError> {
+    tx.row(
+        "UPDATE batches SET in_call = false
+         WHERE job_id = $1 AND batch_no = $2 AND in_call AND state <> 'running'
+         RETURNING kind = 'recall'",
+        args![job_id, batch_no],
+    )
+    .await?
+    .map(|r| r.bool(0))
+    .transpose()
 }
 
 /// Locks job `job_id`'s batches that `sql` selects, by number, before the
