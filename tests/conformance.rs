@@ -530,7 +530,7 @@ async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
         let schema = env.schema.clone();
         async move { vinetl::job::plan::submit(store, &schema, &spec).await.unwrap().job_id }
     };
-    let redo = vinetl::store::Redo { failed_only: false, vins: None, refresh: false };
+    let redo = vinetl::store::Redo { failed_only: false, vins: None, refresh: false, replace_newer: false };
 
     let cancelled = submit(&vins[..40]).await;
     store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
@@ -586,7 +586,7 @@ async fn a_failed_or_paused_job_is_reprocessed_once_its_calls_are_in(backend: Ba
         let schema = env.schema.clone();
         async move { vinetl::job::plan::submit(store, &schema, &spec).await.unwrap().job_id }
     };
-    let redo = vinetl::store::Redo { failed_only: true, vins: None, refresh: false };
+    let redo = vinetl::store::Redo { failed_only: true, vins: None, refresh: false, replace_newer: false };
 
     let failed = submit(&vins[..40], "").await;
     store.claim(failed, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");

@@ -349,7 +349,8 @@ async fn check_dry_run_prints_the_plan_and_stores_nothing() {
 
 /// Case 5: two runs of one spec on one day. The second replaces the
 /// partition and the first job's status says its output was superseded; a
-/// rewrite of the first refuses to overwrite the second's without --force.
+/// rewrite of the first refuses to overwrite the second's without --force;
+/// so does a reprocess, and its --force reaches the write at its end.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_run_on_the_same_day_supersedes_the_first_and_an_old_rewrite_needs_force() {
     let server = ServeProcess::start(&[]);
@@ -383,10 +384,22 @@ async fn a_second_run_on_the_same_day_supersedes_the_first_and_an_old_rewrite_ne
     assert_eq!(status(&schema, 1).await["state"], "done", "a refused rewrite changes nothing");
     let out = vinetl_async(&schema, "YOUR_API_KEY", &["write", "1", "--force"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
-    let manifest = std::fs::read_dir(&out_dir).unwrap().next().unwrap().unwrap().path().join("_manifest.json");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let manifest_path = std::fs::read_dir(&out_dir).unwrap().next().unwrap().unwrap().path().join("_manifest.json");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
     assert_eq!(manifest["job_id"], 1);
     assert!(status(&schema, 2).await["outputs"][0].as_str().unwrap().ends_with("(superseded by job 1)"));
+    // A third run takes the partition; a reprocess of the first refuses,
+    // and its --force reaches the write at its end (the worker that writes
+    // reads it from the job).
+    let out = vinetl_async(&schema, "YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = vinetl_async(&schema, "YOUR_API_KEY", &["reprocess", "1"]).await;
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    let out = vinetl_async(&schema, "YOUR_API_KEY", &["reprocess", "1", "--force"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["job_id"], 1);
+    assert!(status(&schema, 3).await["outputs"][0].as_str().unwrap().ends_with("(superseded by job 1)"));
     cleanup(&schema).await;
 }
 

@@ -607,10 +607,9 @@ pub async fn reprocess(
     detach: bool,
     concurrency: usize,
     progress: bool,
-    force: bool,
 ) -> anyhow::Result<Ended> {
     let store = state.open_existing(concurrency as u32 + 4).await?;
-    let mut spec = ended_job_spec(&store, job_id, force).await?;
+    let mut spec = ended_job_spec(&store, job_id, redo.replace_newer).await?;
     if spec.provider.embedded && detach {
         return Err(Usage(format!(
             "job {job_id} calls an embedded API, which only this command can host: run it without --detach"
@@ -687,13 +686,13 @@ pub async fn write(state: &State, job_id: i64, force: bool) -> anyhow::Result<En
     if spec.outputs.is_empty() {
         return Err(Usage(format!("job {job_id}'s spec names no [[outputs]]: there is nothing to write")).into());
     }
-    if !store.begin_rewrite(job_id).await? {
+    if !store.begin_rewrite(job_id, force).await? {
         return Err(Usage(format!(
             "job {job_id} has not ended (or is being written): wait for it, or `vinetl cancel {job_id}` first"
         ))
         .into());
     }
-    crate::job::advance::write(&store, &state.schema, job_id, &spec, force).await?;
+    crate::job::advance::write(&store, &state.schema, job_id, &spec).await?;
     let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
     Ok(Ended { counts, max_failed_share: spec.max_failed_share })
 }

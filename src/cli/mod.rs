@@ -680,8 +680,8 @@ impl Cli {
                 let state = jobs::State::new(state.database_url.as_deref(), &state.schema)?;
                 let progress = !detach && jobs::stderr_is_terminal();
                 let vins = vins.as_deref().map(jobs::read_vin_list).transpose()?;
-                let redo = crate::store::Redo { failed_only, vins, refresh };
-                let ended = jobs::reprocess(&state, job, &redo, detach, concurrency, progress, force).await?;
+                let redo = crate::store::Redo { failed_only, vins, refresh, replace_newer: force };
+                let ended = jobs::reprocess(&state, job, &redo, detach, concurrency, progress).await?;
                 if detach {
                     outln!("job {job} queued again; running workers take it ({} rows pending)", ended.counts.pending);
                     return Ok(ExitCode::SUCCESS);

@@ -20,7 +20,7 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
         Next::Enqueue => {
             queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
         }
-        Next::Write => write(store, schema, job_id, spec, false).await?,
+        Next::Write => write(store, schema, job_id, spec).await?,
         Next::Done => retain(store, schema, job_id, spec).await,
         Next::Nothing => {}
     }
@@ -31,14 +31,11 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
 /// (a full disk, a refused bucket) fails the job with the reason; every
 /// result is kept, so `vinetl write` writes again without calling the API.
 /// A failure of the state store leaves the job in `writing` for another
-/// worker to take over when the lease runs out.
-pub async fn write(
-    store: &Store,
-    schema: &str,
-    job_id: i64,
-    spec: &JobSpec,
-    replace_newer: bool,
-) -> Result<(), StoreError> {
+/// worker to take over when the lease runs out. A partition that a later
+/// job has written is replaced only when the run was started with
+/// `--force` ([`Store::replaces_newer`]).
+pub async fn write(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
+    let replace_newer = store.replaces_newer(job_id).await?;
     let started = std::time::Instant::now();
     let written = output::write_all(store, job_id, spec, replace_newer).await;
     crate::prometheus::output_written(written.is_ok(), started.elapsed());
@@ -66,7 +63,7 @@ pub async fn resume_orphaned_writes(store: &Store, schema: &str) -> Result<usize
     let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
     for &job_id in &jobs {
         match store.job_spec(job_id).await? {
-            Ok(spec) => write(store, schema, job_id, &spec, false).await?,
+            Ok(spec) => write(store, schema, job_id, &spec).await?,
             Err(reason) => store.fail_writing(job_id, &reason).await?,
         }
     }

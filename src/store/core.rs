@@ -1410,17 +1410,28 @@ impl Store {
     /// stored results; when its calls ended is kept (for a job that failed or
     /// was cancelled, or ran before vinetl recorded it: when it last started
     /// writing, or ended). False if it has not ended (or has no calls planned).
-    pub async fn begin_rewrite(&self, job_id: i64) -> Result<bool, StoreError> {
+    /// `replace_newer`: see [`Store::replaces_newer`].
+    pub async fn begin_rewrite(&self, job_id: i64, replace_newer: bool) -> Result<bool, StoreError> {
         let n = self
             .exec(
                 "UPDATE jobs SET state = 'writing', write_started_at = now(), state_reason = NULL, updated_at = now(),
+                     replace_newer = $2,
                      calls_ended_at = coalesce(calls_ended_at, write_started_at, finished_at)
                  WHERE job_id = $1 AND state IN ('done', 'failed', 'cancelled') AND batches_planned
                    AND pruned_at IS NULL AND NOT EXISTS (SELECT 1 FROM batches WHERE job_id = $1 AND state IN ('queued', 'running'))",
-                args![job_id],
+                args![job_id, replace_newer],
             )
             .await?;
         Ok(n > 0)
+    }
+
+    /// Whether the job's current run may replace a dataset partition that a
+    /// later job has written since: its operator said `--force` to the
+    /// `vinetl write` or `vinetl reprocess` that started it. Kept on the job,
+    /// so that whichever process writes its outputs does as asked.
+    pub async fn replaces_newer(&self, job_id: i64) -> Result<bool, StoreError> {
+        let row = self.row("SELECT replace_newer FROM jobs WHERE job_id = $1", args![job_id]).await?;
+        Ok(row.map(|r| r.bool(0)).transpose()?.unwrap_or(false))
     }
 
     /// Takes over the jobs left in `writing` by writers that stopped beating.
@@ -1597,9 +1608,10 @@ impl Store {
                      started_at = now(), planned_at = now(), write_started_at = NULL, calls_ended_at = NULL,
                      recalls_planned = false,
                      outputs_written = NULL, rows_with_recalls = NULL, rows_recalls_unknown = NULL,
-                     campaigns_found = NULL, run_no = run_no + 1, run_how = $2, updated_at = now()
+                     campaigns_found = NULL, run_no = run_no + 1, run_how = $2, replace_newer = $3,
+                     updated_at = now()
                  WHERE job_id = $1",
-            args![job_id, redo.describe()],
+            args![job_id, redo.describe(), redo.replace_newer],
         )
         .await?;
         let batches = batch_pending(&mut tx, job_id, batch_size).await?;

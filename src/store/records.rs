@@ -172,6 +172,9 @@ pub struct Redo {
     pub vins: Option<Vec<String>>,
     /// Call for them even where the cache holds a fresh decode.
     pub refresh: bool,
+    /// Rewrite the job's dataset partition even where a later job has
+    /// written it since (`--force`).
+    pub replace_newer: bool,
 }
 
 impl Redo {
@@ -186,6 +189,9 @@ impl Redo {
         }
         if self.refresh {
             how.push_str(" --refresh");
+        }
+        if self.replace_newer {
+            how.push_str(" --force");
         }
         how
     }
