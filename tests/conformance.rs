@@ -571,6 +571,28 @@ async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
     env.cleanup().await;
 }
 
+/// An output place is committed by one writer at a time: a lock held is
+/// refused to another holder (of any job) until released by its holder or
+/// its lease runs out; other places are free.
+async fn an_output_place_is_committed_by_one_writer_at_a_time(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let p = "/data/out/dt=2026-12-07/";
+    assert!(store.lock_output(p, "a", 1, 60.0).await.unwrap());
+    assert!(!store.lock_output(p, "b", 2, 60.0).await.unwrap(), "held by a");
+    assert!(!store.lock_output(p, "a2", 1, 60.0).await.unwrap(), "another writer of the same job waits too");
+    assert!(store.lock_output("/data/out/dt=2026-12-08/", "b", 2, 60.0).await.unwrap(), "another place is free");
+    store.unlock_output(p, "b").await.unwrap();
+    assert!(!store.lock_output(p, "b", 2, 60.0).await.unwrap(), "only its holder releases it");
+    store.unlock_output(p, "a").await.unwrap();
+    assert!(store.lock_output(p, "b", 2, 60.0).await.unwrap(), "released");
+    assert!(store.lock_output("/dead/", "a", 1, 0.2).await.unwrap());
+    assert!(!store.lock_output("/dead/", "b", 2, 60.0).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(store.lock_output("/dead/", "b", 2, 60.0).await.unwrap(), "a dead holder's lease ran out");
+    env.cleanup().await;
+}
+
 /// A failed job whose call is still out (another worker's call got the
 /// refusal that failed it) is not reprocessed until that call lands or its
 /// lease runs out: its rows would be cut into a second batch and called
@@ -1710,6 +1732,7 @@ common::both_stores!(
     a_batch_is_requeued_only_by_its_task_while_its_job_runs,
     a_call_that_never_lands_is_ended_and_counted_once,
     a_failed_or_paused_job_is_reprocessed_once_its_calls_are_in,
+    an_output_place_is_committed_by_one_writer_at_a_time,
     a_stale_task_makes_no_call_and_uses_no_quota,
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,

@@ -403,6 +403,108 @@ async fn a_second_run_on_the_same_day_supersedes_the_first_and_an_old_rewrite_ne
     cleanup(&schema).await;
 }
 
+/// Case 5b: a write commits into its partition only while it holds the
+/// partition's commit lock: with the lock held by another writer, `vinetl
+/// write` stages its files, says it waits, leaves the partition as it was,
+/// and commits once the lock is released; a writer whose staged files
+/// went meanwhile commits nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_commits_only_under_its_partitions_lock() {
+    let server = ServeProcess::start(&[]);
+    let schema = unique_schema("commitlock");
+    let dir = tempfile::tempdir().unwrap();
+    vins_file(dir.path(), 20);
+    let out_dir = dir.path().join("out");
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"vins.txt\"", &server.url, "");
+    let text_of = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, format!("{text_of}[[outputs]]\nkind = \"parquet\"\npath = \"{}\"\n", out_dir.display()))
+        .unwrap();
+    let out = vinetl_async(&schema, "YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let place = status(&schema, 1).await["outputs"][0].as_str().unwrap().to_string();
+    let partition = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir() && !p.ends_with("_temporary"))
+        .unwrap();
+    let written_at = || {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(partition.join("_manifest.json")).unwrap()).unwrap();
+        m["written_at"].as_str().unwrap().to_string()
+    };
+    let before = written_at();
+    let pool = common::pool(&schema).await;
+    sqlx::query(
+        "INSERT INTO output_locks (place, holder, job_id, until) VALUES ($1, 'another', 99, now() + interval '1 hour')",
+    )
+    .bind(&place)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (mut child, waiting) = write_waiting(&schema).await;
+    assert!(waiting, "the write says it waits for the lock");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(written_at(), before, "nothing committed while another writer holds the lock");
+    assert!(partition.join("_SUCCESS").is_file(), "the partition's output stays whole and marked");
+    sqlx::query("DELETE FROM output_locks").execute(&pool).await.unwrap();
+    let status_code = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+    assert!(status_code.success());
+    assert_ne!(written_at(), before, "committed once the lock was released");
+    let locks: i64 = sqlx::query_scalar("SELECT count(*) FROM output_locks").fetch_one(&pool).await.unwrap();
+    assert_eq!(locks, 0, "the writer released its lock");
+    // A writer whose staged files are gone when it gets the lock (a worker
+    // that took the job's write over, after its lease, removed them and
+    // committed) commits nothing.
+    let before = written_at();
+    sqlx::query(
+        "INSERT INTO output_locks (place, holder, job_id, until) VALUES ($1, 'another', 99, now() + interval '1 hour')",
+    )
+    .bind(&place)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (mut child, waiting) = write_waiting(&schema).await;
+    assert!(waiting, "the write says it waits for the lock");
+    for staged in std::fs::read_dir(out_dir.join("_temporary")).unwrap() {
+        std::fs::remove_dir_all(staged.unwrap().path()).unwrap();
+    }
+    sqlx::query("DELETE FROM output_locks").execute(&pool).await.unwrap();
+    let status_code = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+    assert!(!status_code.success());
+    let s = status(&schema, 1).await;
+    assert!(s["state_reason"].as_str().unwrap().contains("another writer took this job's write over"), "{s}");
+    assert_eq!(written_at(), before, "nothing committed");
+    assert!(partition.join("_SUCCESS").is_file(), "the partition's output stays whole and marked");
+    cleanup(&schema).await;
+}
+
+/// `vinetl write 1`, started, once it says it waits for a partition's
+/// commit lock (false: it ended, or a minute went by, without saying so).
+async fn write_waiting(schema: &str) -> (tokio::process::Child, bool) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+        .args(["write", "1"])
+        .env("DATABASE_URL", pg_url())
+        .env("VINETL_SCHEMA", schema)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let waiting = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("another writer is committing into this partition; waiting") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    // The rest of its log is read (and dropped), so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, waiting == Ok(true))
+}
+
 /// Case 6: an input with no rows warns (and `min_rows` makes it an error).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_input_warns_and_min_rows_makes_it_an_error() {

@@ -1304,6 +1304,37 @@ impl Store {
         Ok(())
     }
 
+    /// Takes the commit lock of output place `place` (a dataset partition)
+    /// for `lease_secs`, as `holder` (a random name for this holding), if no
+    /// other holding's lease runs: true if taken. Released by
+    /// [`Store::unlock_output`]; a writer that died frees it when its lease
+    /// runs out.
+    pub async fn lock_output(
+        &self,
+        place: &str,
+        holder: &str,
+        job_id: i64,
+        lease_secs: f64,
+    ) -> Result<bool, StoreError> {
+        let taken = self
+            .row(
+                "INSERT INTO output_locks (place, holder, job_id, until) VALUES ($1, $2, $3, now() + {secs $4})
+                 ON CONFLICT (place) DO UPDATE SET holder = excluded.holder, job_id = excluded.job_id,
+                     until = excluded.until
+                 WHERE output_locks.until < now()
+                 RETURNING holder",
+                args![place, holder, job_id, lease_secs],
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Releases `holder`'s commit lock of `place` (if it still holds it).
+    pub async fn unlock_output(&self, place: &str, holder: &str) -> Result<(), StoreError> {
+        self.exec("DELETE FROM output_locks WHERE place = $1 AND holder = $2", args![place, holder]).await?;
+        Ok(())
+    }
+
     /// Whether any of the job's batches is queued or running.
     pub async fn busy(&self, job_id: i64) -> Result<bool, StoreError> {
         self.one(BUSY, args![job_id]).await?.bool(0)

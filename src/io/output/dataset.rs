@@ -7,10 +7,15 @@
 //! 2. write the data files under `_temporary/job-N-ATTEMPT/` (readers skip
 //!    `_`-prefixed paths); the partition's current output stays readable
 //!    and marked complete meanwhile;
-//! 3. remove the partition's `_SUCCESS`, then its old data files and manifest;
+//! 3. take the partition's commit lock in the state store (one writer at a
+//!    time: another job's, or another writer's of this job, waits), check
+//!    again that no later job's output is there and that this writer's
+//!    staged files still are (a writer that took the job's write over
+//!    removed them in its step 1); then remove the partition's `_SUCCESS`,
+//!    then its old data files and manifest;
 //! 4. move the new files into the partition (a rename, or an S3 copy), write
 //!    `_manifest.json` listing them, then `_SUCCESS`;
-//! 5. remove the staging directory.
+//! 5. remove the staging directory, and release the lock.
 //!
 //! A crash before 3 leaves the previous output whole and marked; a crash in
 //! 3 or 4 leaves no `_SUCCESS`, so readers can tell; the next attempt cleans
@@ -572,18 +577,9 @@ pub async fn write_hashed(
         "none" => String::new(),
         key => format!("{key}={}/", store.job_date(job_id).await?.format("%Y-%m-%d")),
     };
-    // 0. Whose output the partition holds now.
-    let holder = match dest.get(&format!("{partition_dir}{MANIFEST}")).await? {
-        Some(bytes) => serde_json::from_slice::<Manifest>(&bytes).ok().map(|m| m.job_id),
-        None => None,
-    };
-    if let Some(newer) = holder.filter(|&h| h > job_id)
-        && !replace_newer
-    {
-        return Err(dest.err(format!(
-            "{partition_dir} holds job {newer}'s output, written after this job's; `vinetl write {job_id} --force` replaces it"
-        )));
-    }
+    // 0. Whose output the partition holds now: a later job's is refused
+    // before anything is staged (and again when committing).
+    holder(&dest, &partition_dir, job_id, replace_newer).await?;
     let carried = store.carried_types(job_id, spec.carry()).await?;
     let schema = schema_for(&carried, hasher.as_ref().map(VinHasher::mode));
 
@@ -646,10 +642,104 @@ pub async fn write_hashed(
     let rows = encoded.map_err(|e| dest.err(e))?;
     let files = staged?;
 
+    // 3–5, the commit, one writer at a time per partition.
+    let place = format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir);
+    let lock = CommitLock::take(store, &place, job_id).await?;
+    let staged = Staged { dir: staged_dir, attempt, files, rows };
+    let committed = commit(&dest, job_id, spec, &partition_dir, &schema, staged, replace_newer).await;
+    lock.release(store).await?;
+    let replaced = committed?;
+    Ok(Committed { rows, place, replaced: replaced.filter(|&h| h != job_id) })
+}
+
+/// The job whose output `partition_dir` holds now (its manifest's), if any;
+/// refused if it is a later job than `job_id`, unless `replace_newer`.
+async fn holder(
+    dest: &Dest,
+    partition_dir: &str,
+    job_id: i64,
+    replace_newer: bool,
+) -> Result<Option<i64>, OutputError> {
+    let holder = match dest.get(&format!("{partition_dir}{MANIFEST}")).await? {
+        Some(bytes) => serde_json::from_slice::<Manifest>(&bytes).ok().map(|m| m.job_id),
+        None => None,
+    };
+    if let Some(newer) = holder.filter(|&h| h > job_id)
+        && !replace_newer
+    {
+        return Err(dest.err(format!(
+            "{partition_dir} holds job {newer}'s output, written after this job's; `vinetl write {job_id} --force` replaces it"
+        )));
+    }
+    Ok(holder)
+}
+
+/// What a write staged: its files and their rows, in `dir` of `attempt`.
+struct Staged {
+    dir: String,
+    attempt: String,
+    files: Vec<Finished>,
+    rows: u64,
+}
+
+/// How long a commit may hold its partition's lock: a writer that died
+/// holding it keeps other writers of the partition waiting this long.
+const COMMIT_LEASE_SECS: f64 = 600.0;
+
+/// A partition's commit lock, held in the state store (see
+/// [`Store::lock_output`]).
+struct CommitLock {
+    place: String,
+    holder: String,
+}
+
+impl CommitLock {
+    /// Waits until this writer holds `place`'s lock.
+    async fn take(store: &Store, place: &str, job_id: i64) -> Result<CommitLock, OutputError> {
+        let holder = format!("job-{job_id}-{:016x}", fastrand::u64(..));
+        let mut said = false;
+        while !store.lock_output(place, &holder, job_id, COMMIT_LEASE_SECS).await? {
+            if !said {
+                tracing::info!(job = job_id, %place, "another writer is committing into this partition; waiting");
+                said = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Ok(CommitLock { place: place.to_string(), holder })
+    }
+
+    async fn release(self, store: &Store) -> Result<(), OutputError> {
+        Ok(store.unlock_output(&self.place, &self.holder).await?)
+    }
+}
+
+/// Steps 3 to 5 of a write, under the partition's lock: checks again whose
+/// output it holds and that this writer's staged files are still there (a
+/// writer that took this job's write over, its lease run out, removed
+/// them), then retires the current output, moves the new files in, then
+/// the manifest, then the marker. Returns the job whose output it replaced.
+async fn commit(
+    dest: &Dest,
+    job_id: i64,
+    spec: &JobSpec,
+    partition_dir: &str,
+    schema: &arrow::datatypes::Schema,
+    staged: Staged,
+    replace_newer: bool,
+) -> Result<Option<i64>, OutputError> {
+    let Staged { dir: staged_dir, attempt, files, rows } = staged;
+    let holder = holder(dest, partition_dir, job_id, replace_newer).await?;
+    let present: std::collections::HashSet<String> = dest.list(&staged_dir).await?.into_iter().collect();
+    if let Some(gone) = files.iter().find(|f| !present.contains(&format!("{staged_dir}{}", f.name))) {
+        return Err(dest.err(format!(
+            "{staged_dir}{} is gone: another writer took this job's write over; nothing was committed",
+            gone.name
+        )));
+    }
     // 3. Retire the partition's current output.
     dest.delete(&format!("{partition_dir}{SUCCESS}")).await?;
-    for old in dest.list(&partition_dir).await? {
-        let direct = old.strip_prefix(&partition_dir).is_some_and(|rest| !rest.contains('/'));
+    for old in dest.list(partition_dir).await? {
+        let direct = old.strip_prefix(partition_dir).is_some_and(|rest| !rest.contains('/'));
         if direct && (old.ends_with(".parquet") || old.ends_with(MANIFEST)) {
             dest.delete(&old).await?;
         }
@@ -680,14 +770,10 @@ pub async fn write_hashed(
     dest.put(&format!("{partition_dir}{SUCCESS}"), marker.to_string().into_bytes()).await?;
     // 5. Staging is empty now; remove what is left of it.
     dest.remove_tree(&attempt).await?;
-    if let Dest::Local(root) = &dest {
+    if let Dest::Local(root) = dest {
         let _ = std::fs::remove_dir(root.join(STAGING));
     }
-    Ok(Committed {
-        rows,
-        place: format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir),
-        replaced: holder.filter(|&h| h != job_id),
-    })
+    Ok(holder)
 }
 
 /// Whether a dataset partition is committed: its `_SUCCESS` and manifest
