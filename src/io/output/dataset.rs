@@ -682,6 +682,9 @@ struct Staged {
     rows: u64,
 }
 
+/// The largest object S3's CopyObject copies (5 GiB).
+const S3_COPY_MAX: u64 = 5 * 1024 * 1024 * 1024;
+
 /// How long a commit may hold its partition's lock: a writer that died
 /// holding it keeps other writers of the partition waiting this long.
 const COMMIT_LEASE_SECS: f64 = 600.0;
@@ -734,6 +737,18 @@ async fn commit(
         return Err(dest.err(format!(
             "{staged_dir}{} is gone: another writer took this job's write over; nothing was committed",
             gone.name
+        )));
+    }
+    // S3 copies an object of up to 5 GiB in one request (`S3::copy`): a
+    // larger file is refused here, before the partition's output is
+    // retired, not after.
+    if let Dest::S3 { .. } = dest
+        && let Some(big) = files.iter().find(|f| f.bytes > S3_COPY_MAX)
+    {
+        return Err(dest.err(format!(
+            "{} is {} bytes, more than S3 copies in one request (5 GiB); lower outputs.rows_per_file; \
+             nothing was committed",
+            big.name, big.bytes
         )));
     }
     // 3. Retire the partition's current output.
