@@ -315,7 +315,65 @@ async fn a_ready_marker_holds_the_run_until_the_drop_is_complete(backend: Backen
     env.cleanup().await;
 }
 
+/// A running scheduler starts a spec submitted again as it stands now: its
+/// runs after the resubmission plan the new spec, not the one the
+/// scheduler read when it started (here, the output path changes).
+async fn a_running_scheduler_starts_a_resubmitted_spec_as_it_now_is(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let today = Utc::now().date_naive();
+    for d in [today, today + Duration::days(1)] {
+        env.drop_input(&d.to_string());
+    }
+    // Every two seconds (cron with seconds), writing to `out_dir`.
+    let spec = |out_dir: &str| {
+        let text = format!(
+            "name = \"nightly\"\nschedule = \"*/2 * * * * *\"\ncatchup = \"latest\"\n[source]\nkind = \"file\"\npath = \"drop/{{date}}/vins.txt\"\n[provider]\nbase_url = \"http://127.0.0.1:9\"\nrequests_per_second = 10\n[[outputs]]\nkind = \"parquet\"\npath = \"{out_dir}/dt={{date}}\"\n"
+        );
+        let path = env.dir.path().join("nightly.toml");
+        std::fs::write(&path, text).unwrap();
+        JobSpec::load(&path).unwrap()
+    };
+    scheduler::register(&store, &spec("first"), Utc::now()).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Jobs whose stored spec writes to `out_dir`.
+    let jobs_to = |out_dir: &'static str| {
+        let store = store.clone();
+        async move {
+            let sql = format!("SELECT count(*) FROM jobs WHERE CAST(spec AS TEXT) LIKE '%/{out_dir}/dt=%'");
+            let sql = sqlx::AssertSqlSafe(sql);
+            match (store.pg_pool(), store.sqlite_pools()) {
+                (Some(p), _) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap(),
+                (None, Some((p, _))) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await.unwrap(),
+                _ => unreachable!(),
+            }
+        }
+    };
+    let until = |out_dir: &'static str| async move {
+        for _ in 0..150 {
+            if jobs_to(out_dir).await > 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        false
+    };
+    // The scheduler's loop (as `vinetl scheduler` runs it) beside the checks.
+    let checks = async {
+        assert!(until("first").await, "the scheduler started a run of the spec as registered");
+        scheduler::register(&store, &spec("second"), Utc::now()).await.unwrap();
+        assert!(until("second").await, "a run after the resubmission plans the new spec");
+        let _ = stop_tx.send(());
+    };
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    tokio::join!(scheduler::run(store.clone(), env.schema.clone(), stop), checks);
+    env.cleanup().await;
+}
+
 common::both_stores!(
+    a_running_scheduler_starts_a_resubmitted_spec_as_it_now_is,
     two_schedulers_never_make_two_runs_for_one_date,
     catchup_after_a_three_day_outage,
     backfill_over_a_range_with_a_gap_fills_only_the_gap,

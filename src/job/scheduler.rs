@@ -81,8 +81,8 @@ type Specs = std::collections::HashMap<String, Registered>;
 /// every run that is due.
 pub async fn tick(store: &Store, schema: &str, now: DateTime<Utc>, only: Option<&str>) -> Result<Tick, StoreError> {
     let mut out = Tick::default();
-    let mut specs = decide_all(store, now, only, &mut out).await?;
-    start_due(store, schema, now, only, &mut specs, &mut out).await?;
+    decide_all(store, now, only, &mut out).await?;
+    start_due(store, schema, now, only, &mut out).await?;
     Ok(out)
 }
 
@@ -104,41 +104,43 @@ async fn schedules(store: &Store, only: Option<&str>) -> Result<Specs, StoreErro
 }
 
 /// Records every schedule's fire times up to `now`.
-async fn decide_all(
-    store: &Store,
-    now: DateTime<Utc>,
-    only: Option<&str>,
-    out: &mut Tick,
-) -> Result<Specs, StoreError> {
-    let specs = schedules(store, only).await?;
-    for (name, r) in &specs {
+async fn decide_all(store: &Store, now: DateTime<Utc>, only: Option<&str>, out: &mut Tick) -> Result<(), StoreError> {
+    for (name, r) in &schedules(store, only).await? {
         out.recorded += decide(store, name, r, now).await?;
     }
-    Ok(specs)
+    Ok(())
 }
 
 /// Starts every due run, oldest first. Each claim's lease is taken at the
 /// time it is claimed (`now` plus the time this pass has taken), so a long
-/// planning does not leave later claims with leases already run out.
+/// planning does not leave later claims with leases already run out. The
+/// schedules' specs are read when the pass claims its first run, never
+/// kept from an earlier pass: a spec submitted again (or unscheduled) since
+/// is started as it stands now.
 async fn start_due(
     store: &Store,
     schema: &str,
     now: DateTime<Utc>,
     only: Option<&str>,
-    specs: &mut Specs,
     out: &mut Tick,
 ) -> Result<(), StoreError> {
     let began = std::time::Instant::now();
+    let mut specs: Option<Specs> = None;
     loop {
         let at = now + chrono::Duration::from_std(began.elapsed()).unwrap_or_default();
         let Some(run) = store.claim_run(at.timestamp() as f64, LEASE_SECS, only).await? else {
             return Ok(());
         };
-        if !specs.contains_key(&run.name) {
+        let read = match &mut specs {
             // Registered since this pass read the schedules (a backfill).
-            *specs = schedules(store, only).await?;
-        }
-        start(store, schema, &run, specs.get(&run.name), at, out).await?;
+            Some(s) if !s.contains_key(&run.name) => {
+                *s = schedules(store, only).await?;
+                s
+            }
+            Some(s) => s,
+            None => specs.insert(schedules(store, only).await?),
+        };
+        start(store, schema, &run, read.get(&run.name), at, out).await?;
     }
 }
 
@@ -463,10 +465,9 @@ pub async fn run(store: Store, schema: String, stop: impl std::future::Future<Ou
         }
     };
     let start_loop = async {
-        let mut specs = Specs::new();
         loop {
             let mut out = Tick::default();
-            match start_due(&store, &schema, Utc::now(), None, &mut specs, &mut out).await {
+            match start_due(&store, &schema, Utc::now(), None, &mut out).await {
                 Ok(()) if !out.started.is_empty() || !out.failed.is_empty() => {
                     tracing::info!(started = out.started.len(), failed = out.failed.len(), "scheduled runs started");
                 }
