@@ -1658,6 +1658,8 @@ async fn retention_prunes_old_jobs_only(backend: Backend) {
     assert_eq!(dry["jobs"].as_array().map(Vec::len), Some(1), "{dry}");
     assert_eq!((dry["jobs"][0]["job_id"].as_i64(), dry["jobs"][0]["rows"].as_i64()), (Some(1), Some(60)));
     assert_eq!(rows_of(1).await, Some(60), "a dry run deletes nothing");
+    // A job listed as old, then run again (it ended just now), is left alone.
+    assert!(!store.prune_job(2, 30.0 * 86400.0).await.unwrap(), "job 2 ended just now");
 
     let out = env.vinetl("unused", &["prune", "--older-than", "30d", "--json"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

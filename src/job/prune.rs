@@ -38,8 +38,9 @@ pub async fn prune(store: &Store, schema: &str, older_than_secs: f64, scope: Sco
     let Scope { name, except, dry_run } = scope;
     let mut pruned = Pruned::default();
     for job in store.prunable(older_than_secs, name).await?.into_iter().filter(|j| Some(j.job_id) != except) {
-        // A job reprocessed since it was listed is left alone.
-        if dry_run || store.prune_job(job.job_id).await? {
+        // A job reprocessed since it was listed (running, or ended again
+        // since) is left alone.
+        if dry_run || store.prune_job(job.job_id, older_than_secs).await? {
             tracing::info!(job = job.job_id, rows = job.rows, batches = job.batches, dry_run, "pruned");
             pruned.jobs.push(job);
         }

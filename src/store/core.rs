@@ -1178,8 +1178,11 @@ impl Store {
 
     /// Prunes ended job `job_id` in one transaction: its counts are frozen
     /// into its row, then its input rows, sources, batches and errors are
-    /// deleted. False if it has not ended, or was pruned already.
-    pub async fn prune_job(&self, job_id: i64) -> Result<bool, StoreError> {
+    /// deleted. False if it has not ended more than `older_than_secs` ago
+    /// (checked again under its lock: a job listed by [`Store::prunable`]
+    /// may have been reprocessed, and ended again, since), or was pruned
+    /// already.
+    pub async fn prune_job(&self, job_id: i64, older_than_secs: f64) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
         // Batches first, in the lock order: a cancelled job's call may still
         // be landing.
@@ -1187,8 +1190,9 @@ impl Store {
         let ended = tx
             .row(
                 "SELECT 1 FROM jobs WHERE job_id = $1 AND pruned_at IS NULL AND state IN ('done', 'failed', 'cancelled')
+                   AND coalesce(finished_at, updated_at) < now() - {secs $2}
                  {for update}",
-                args![job_id],
+                args![job_id, older_than_secs],
             )
             .await?;
         if ended.is_none() {
