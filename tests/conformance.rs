@@ -586,10 +586,14 @@ async fn an_output_place_is_committed_by_one_writer_at_a_time(backend: Backend) 
     assert!(!store.lock_output(p, "b", 2, 60.0).await.unwrap(), "only its holder releases it");
     store.unlock_output(p, "a").await.unwrap();
     assert!(store.lock_output(p, "b", 2, 60.0).await.unwrap(), "released");
-    assert!(store.lock_output("/dead/", "a", 1, 0.2).await.unwrap());
+    assert!(store.lock_output("/dead/", "a", 1, 60.0).await.unwrap());
     assert!(!store.lock_output("/dead/", "b", 2, 60.0).await.unwrap());
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(store.renew_output("/dead/", "a", 60.0).await.unwrap(), "its holder renews it");
+    assert!(!store.renew_output("/dead/", "b", 60.0).await.unwrap(), "only its holder");
+    let lapse = "UPDATE output_locks SET until = until - {}";
+    env.sql(&store, &lapse.replace("{}", "interval '120 seconds'"), &lapse.replace("{}", "120")).await;
     assert!(store.lock_output("/dead/", "b", 2, 60.0).await.unwrap(), "a dead holder's lease ran out");
+    assert!(!store.renew_output("/dead/", "a", 60.0).await.unwrap(), "the lapsed holder finds it gone");
     env.cleanup().await;
 }
 

@@ -46,6 +46,10 @@ pub async fn write(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> 
             Ok(())
         }
         Err(OutputError::Store(e)) => Err(e),
+        Err(OutputError::TakenOver(why)) => {
+            tracing::warn!(job = job_id, %why, "this writer stops: another writer has the job's write");
+            Ok(())
+        }
         Err(e) => {
             tracing::error!(job = job_id, error = %e, "writing outputs failed");
             let reason = format!(

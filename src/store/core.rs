@@ -1333,6 +1333,18 @@ impl Store {
         Ok(taken.is_some())
     }
 
+    /// Extends `holder`'s commit lock of `place` by `lease_secs` from now:
+    /// false if it no longer holds it (its lease ran out and another took it).
+    pub async fn renew_output(&self, place: &str, holder: &str, lease_secs: f64) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE output_locks SET until = now() + {secs $3} WHERE place = $1 AND holder = $2",
+                args![place, holder, lease_secs],
+            )
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Releases `holder`'s commit lock of `place` (if it still holds it).
     pub async fn unlock_output(&self, place: &str, holder: &str) -> Result<(), StoreError> {
         self.exec("DELETE FROM output_locks WHERE place = $1 AND holder = $2", args![place, holder]).await?;

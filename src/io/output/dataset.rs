@@ -3,16 +3,18 @@
 //! groups of tens of MB.
 //!
 //! Commit protocol, the same for both destinations:
-//! 1. remove leftovers of this job's earlier attempts (`_temporary/job-N-*`);
+//! 1. remove leftovers of this job's earlier attempts (`_temporary/job-N-*`),
+//!    if there are any, under the partition's commit lock (see 3);
 //! 2. write the data files under `_temporary/job-N-ATTEMPT/` (readers skip
 //!    `_`-prefixed paths); the partition's current output stays readable
 //!    and marked complete meanwhile;
 //! 3. take the partition's commit lock in the state store (one writer at a
-//!    time: another job's, or another writer's of this job, waits), check
-//!    again that no later job's output is there and that this writer's
-//!    staged files still are (a writer that took the job's write over
-//!    removed them in its step 1); then remove the partition's `_SUCCESS`,
-//!    then its old data files and manifest;
+//!    time: another job's, or another writer's of this job, waits; its
+//!    lease is renewed while held), check again that no later job's output
+//!    is there and that this writer's staged files still are (a writer that
+//!    took the job's write over removed them in its step 1: this one then
+//!    stops and leaves the job to it); then remove the partition's
+//!    `_SUCCESS`, then its old data files and manifest;
 //! 4. move the new files into the partition (a rename, or an S3 copy), write
 //!    `_manifest.json` listing them, then `_SUCCESS`;
 //! 5. remove the staging directory, and release the lock.
@@ -114,6 +116,18 @@ impl Dest {
         match self {
             Dest::Local(root) => root.display().to_string(),
             Dest::S3 { root, .. } => root.to_string(),
+        }
+    }
+
+    /// The name of `partition_dir`'s commit lock: for a local directory its
+    /// canonical path, so `out`, `./out` and a link to it share one lock.
+    fn lock_key(&self, partition_dir: &str) -> String {
+        match self {
+            Dest::Local(root) => {
+                let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+                format!("{}/{partition_dir}", root.display().to_string().trim_end_matches('/'))
+            }
+            Dest::S3 { root, .. } => format!("{}/{partition_dir}", root.to_string().trim_end_matches('/')),
         }
     }
 
@@ -583,18 +597,35 @@ pub async fn write_hashed(
     let carried = store.carried_types(job_id, spec.carry()).await?;
     let schema = schema_for(&carried, hasher.as_ref().map(VinHasher::mode));
 
-    // 1. Leftovers of earlier attempts of this job.
-    let ours = format!("{STAGING}/job-{job_id}-");
-    let mut stale: Vec<String> = dest
-        .list(&format!("{STAGING}/"))
-        .await?
-        .into_iter()
-        .filter(|p| p.starts_with(&ours))
-        .map(|p| p.split('/').take(2).collect::<Vec<_>>().join("/"))
-        .collect();
-    stale.dedup();
-    for dir in stale {
-        dest.remove_tree(&dir).await?;
+    // 1. Leftovers of earlier attempts of this job, if any, removed under
+    // the partition's commit lock: a writer of this job that outlived its
+    // lease may be committing them.
+    let place = format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir);
+    let lock_key = dest.lock_key(&partition_dir);
+    let leftovers = || async {
+        let ours = format!("{STAGING}/job-{job_id}-");
+        let mut dirs: Vec<String> = dest
+            .list(&format!("{STAGING}/"))
+            .await?
+            .into_iter()
+            .filter(|p| p.starts_with(&ours))
+            .map(|p| p.split('/').take(2).collect::<Vec<_>>().join("/"))
+            .collect();
+        dirs.dedup();
+        Ok::<_, OutputError>(dirs)
+    };
+    if !leftovers().await?.is_empty() {
+        let lock = CommitLock::take(store, &lock_key, job_id).await?;
+        let cleared = lock
+            .hold(async {
+                for dir in leftovers().await? {
+                    dest.remove_tree(&dir).await?;
+                }
+                Ok(())
+            })
+            .await;
+        lock.release().await?;
+        cleared?;
     }
 
     // 2. Stage the data files.
@@ -643,11 +674,10 @@ pub async fn write_hashed(
     let files = staged?;
 
     // 3–5, the commit, one writer at a time per partition.
-    let place = format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir);
-    let lock = CommitLock::take(store, &place, job_id).await?;
+    let lock = CommitLock::take(store, &lock_key, job_id).await?;
     let staged = Staged { dir: staged_dir, attempt, files, rows };
-    let committed = commit(&dest, job_id, spec, &partition_dir, &schema, staged, replace_newer).await;
-    lock.release(store).await?;
+    let committed = lock.hold(commit(&dest, job_id, spec, &partition_dir, &schema, staged, replace_newer)).await;
+    lock.release().await?;
     let replaced = committed?;
     Ok(Committed { rows, place, replaced: replaced.filter(|&h| h != job_id) })
 }
@@ -685,15 +715,21 @@ struct Staged {
 /// The largest object S3's CopyObject copies (5 GiB).
 const S3_COPY_MAX: u64 = 5 * 1024 * 1024 * 1024;
 
-/// How long a commit may hold its partition's lock: a writer that died
-/// holding it keeps other writers of the partition waiting this long.
-const COMMIT_LEASE_SECS: f64 = 600.0;
+/// A partition's commit lock lasts this long from its last renewal (every
+/// [`COMMIT_RENEW`] while held): a writer that died holding it keeps the
+/// partition's other writers waiting at most this long.
+const COMMIT_LEASE_SECS: f64 = crate::job::advance::WRITE_LEASE_SECS;
+const COMMIT_RENEW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A partition's commit lock, held in the state store (see
-/// [`Store::lock_output`]).
+/// [`Store::lock_output`]). Dropped unreleased (the write's future dropped
+/// mid-commit: a failed heartbeat, a stopping process), it is released in
+/// the background.
 struct CommitLock {
+    store: Store,
     place: String,
     holder: String,
+    released: bool,
 }
 
 impl CommitLock {
@@ -708,11 +744,54 @@ impl CommitLock {
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        Ok(CommitLock { place: place.to_string(), holder })
+        Ok(CommitLock { store: store.clone(), place: place.to_string(), holder, released: false })
     }
 
-    async fn release(self, store: &Store) -> Result<(), OutputError> {
-        Ok(store.unlock_output(&self.place, &self.holder).await?)
+    /// Runs `work` under the lock, renewing its lease as it goes. A renewal
+    /// that finds the lock gone (this writer stalled past its lease and
+    /// another took it) stops the work: another writer is committing.
+    async fn hold<T>(&self, work: impl std::future::Future<Output = Result<T, OutputError>>) -> Result<T, OutputError> {
+        let renew = async {
+            loop {
+                tokio::time::sleep(COMMIT_RENEW).await;
+                match self.store.renew_output(&self.place, &self.holder, COMMIT_LEASE_SECS).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return OutputError::TakenOver(format!(
+                            "{}: this writer's commit lock lapsed and another writer took it",
+                            self.place
+                        ));
+                    }
+                    Err(e) => return e.into(),
+                }
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            stopped = renew => Err(stopped),
+        }
+    }
+
+    async fn release(mut self) -> Result<(), OutputError> {
+        self.released = true;
+        Ok(self.store.unlock_output(&self.place, &self.holder).await?)
+    }
+}
+
+impl Drop for CommitLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (store, place, holder) =
+                (self.store.clone(), std::mem::take(&mut self.place), std::mem::take(&mut self.holder));
+            rt.spawn(async move {
+                if let Err(e) = store.unlock_output(&place, &holder).await {
+                    tracing::warn!(%place, error = %e, "releasing a commit lock failed; its lease frees it");
+                }
+            });
+        }
     }
 }
 
@@ -734,8 +813,9 @@ async fn commit(
     let holder = holder(dest, partition_dir, job_id, replace_newer).await?;
     let present: std::collections::HashSet<String> = dest.list(&staged_dir).await?.into_iter().collect();
     if let Some(gone) = files.iter().find(|f| !present.contains(&format!("{staged_dir}{}", f.name))) {
-        return Err(dest.err(format!(
-            "{staged_dir}{} is gone: another writer took this job's write over; nothing was committed",
+        return Err(OutputError::TakenOver(format!(
+            "{}: {staged_dir}{} is gone: another writer took this job's write over; nothing was committed",
+            dest.shown(),
             gone.name
         )));
     }

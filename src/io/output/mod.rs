@@ -24,6 +24,10 @@ pub enum OutputError {
     Write { output: String, message: String },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Another writer took this job's write over (this one outlived its
+    /// lease): this one stops, committing nothing, and leaves the job to it.
+    #[error("{0}")]
+    TakenOver(String),
 }
 
 impl OutputError {
