@@ -302,6 +302,14 @@ fn default_max_attempts() -> u32 {
 }
 
 impl ProviderSpec {
+    /// How long a call that no answer came back from (a crashed worker)
+    /// holds its batch, and its in-flight place, before it is taken over:
+    /// two full call timeouts plus slack. (`Store::lost_tasks` reads the
+    /// same from each job's stored spec, in SQL.)
+    pub fn call_lease_secs(&self) -> f64 {
+        2.0 * self.timeout_secs as f64 + 30.0
+    }
+
     /// The limiter key. An embedded API's address changes every run, so
     /// its account does not depend on it.
     pub fn account(&self) -> String {

@@ -535,7 +535,7 @@ async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
     let cancelled = submit(&vins[..40]).await;
     store.claim(cancelled, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
     assert!(store.cancel_job(cancelled).await.unwrap());
-    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0).await.unwrap(), None, "a call of it is still out");
+    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0, 90.0).await.unwrap(), None, "a call of it is still out");
     assert!(store.lost_tasks().await.unwrap().is_empty(), "the lease runs");
     assert_eq!(env.status(cancelled).await["pending"], 20);
     env.backdate_running(&store, 120.0).await;
@@ -567,7 +567,7 @@ async fn a_call_that_never_lands_is_ended_and_counted_once(backend: Backend) {
     assert_eq!(got, (&40.into(), &0.into(), &2.into(), &1.into()), "{s}");
     assert!(store.stalled_jobs().await.unwrap().is_empty(), "the job does not end under the second call");
 
-    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0).await.unwrap(), Some(2), "no call out any more");
+    assert_eq!(store.reprocess(cancelled, &redo, 20, 24.0, 90.0).await.unwrap(), Some(2), "no call out any more");
     env.cleanup().await;
 }
 
@@ -617,17 +617,17 @@ async fn a_failed_or_paused_job_is_reprocessed_once_its_calls_are_in(backend: Ba
     let failed = submit(&vins[..40], "").await;
     store.claim(failed, 0, 0, 60.0, CALL).await.unwrap().expect("batch 0's call begins");
     assert!(store.fail_job(failed, "the API refused the key: revoked").await.unwrap());
-    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), None, "a call of it is still out");
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0, 90.0).await.unwrap(), None, "a call of it is still out");
     let backdate = "UPDATE batches SET updated_at = updated_at - {} WHERE state = 'dead'";
     env.sql(&store, &backdate.replace("{}", "interval '50 seconds'"), &backdate.replace("{}", "50")).await;
-    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), None, "within its lease (60 s + 30 s)");
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0, 90.0).await.unwrap(), None, "within its lease (60 s + 30 s)");
     env.sql(&store, &backdate.replace("{}", "interval '50 seconds'"), &backdate.replace("{}", "50")).await;
-    assert_eq!(store.reprocess(failed, &redo, 20, 24.0).await.unwrap(), Some(2), "its lease ran out: lost");
+    assert_eq!(store.reprocess(failed, &redo, 20, 24.0, 90.0).await.unwrap(), Some(2), "its lease ran out: lost");
 
     let paused = submit(&vins[40..], "timeout_secs = 20").await;
     assert!(store.pause_job(paused).await.unwrap());
     assert!(store.cancel_job(paused).await.unwrap());
-    assert_eq!(store.reprocess(paused, &redo, 20, 24.0).await.unwrap(), Some(2));
+    assert_eq!(store.reprocess(paused, &redo, 20, 24.0, 90.0).await.unwrap(), Some(2));
     let s = env.status(paused).await;
     assert_eq!(s["state"], "running", "not paused: {s}");
     // Its new batches are numbered after the earlier run's.

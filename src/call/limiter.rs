@@ -150,8 +150,8 @@ impl SharedLimiter {
             store: store.clone(),
             account: p.account(),
             in_flight: Arc::new(Semaphore::new(cap)),
-            // Two call timeouts and some slack, like a batch's claim.
-            lease_secs: 2.0 * p.timeout_secs as f64 + 30.0,
+            // As long as a batch's claim.
+            lease_secs: p.call_lease_secs(),
             // Under a shared in-flight cap every slot carries its flight row,
             // so slots are reserved one by one.
             max_batch: if p.max_in_flight.is_some() { 1 } else { batch_size(p.requests_per_second, p.burst(), cap) },

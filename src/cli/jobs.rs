@@ -621,7 +621,7 @@ pub async fn reprocess(
         store.update_spec(job_id, &serde_json::to_value(&spec)?).await?;
     }
     let batches = store
-        .reprocess(job_id, redo, spec.provider.batch_size as i32, spec.cache.ttl_hours)
+        .reprocess(job_id, redo, spec.provider.batch_size as i32, spec.cache.ttl_hours, spec.provider.call_lease_secs())
         .await?
         .with_context(|| {
             format!("job {job_id} has not ended, or a call of it is still out: wait for it, or `vinetl cancel {job_id}` first")

@@ -269,12 +269,6 @@ impl WorkerState {
     }
 }
 
-/// A call that no answer came back from (a crashed worker) is taken over
-/// after this long: two full call timeouts plus slack.
-fn lease_secs(spec: &JobSpec) -> f64 {
-    2.0 * spec.provider.timeout_secs as f64 + 30.0
-}
-
 /// The queue handler. A panic is caught here and recorded as an abort: a
 /// panic escaping to apalis would take the worker down or leave the task
 /// stuck in `Running`.
@@ -325,7 +319,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // that could not claim, before they take a grant.
     let limiter = state.limiter(&rt.spec).await?;
     let store = &state.store;
-    let (job, batch_no, lease) = (task.job_id, task.batch_no, lease_secs(&rt.spec));
+    let (job, batch_no, lease) = (task.job_id, task.batch_no, rt.spec.provider.call_lease_secs());
     if !store.claimable(job, batch_no, task.generation, lease).await? {
         // Stale, finished, or its job paused or ended: no grant taken.
         return Ok(());

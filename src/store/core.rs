@@ -1579,6 +1579,7 @@ impl Store {
         redo: &Redo,
         batch_size: i32,
         cache_ttl_hours: f64,
+        call_lease_secs: f64,
     ) -> Result<Option<i64>, StoreError> {
         let mut tx = self.write().await?;
         // A cancelled job's call still out lands (or fails) on its own
@@ -1588,18 +1589,16 @@ impl Store {
             return Ok(None);
         }
         // So does a failed job's: failing a job ends its batches `dead`, a
-        // call out keeping its mark until it lands. Within its lease (the
-        // sweep's, twice the call's timeout and 30 s) it may still land;
-        // after that it is counted as lost. Locked, so an answer landing
-        // meanwhile waits for this decision and is seen by the next one.
+        // call out keeping its mark until it lands. Within `call_lease_secs`
+        // it may still land; after that it is counted as lost. Locked, so an
+        // answer landing meanwhile waits for this decision and is seen by
+        // the next one.
         let out = tx
             .one(
-                "SELECT count(*) FROM (SELECT 1 FROM batches b
-                     WHERE b.job_id = $1 AND b.state = 'dead' AND b.in_call
-                       AND b.updated_at > now() - {secs 2 * (SELECT {jsonf j.spec provider.timeout_secs} FROM jobs j
-                                                              WHERE j.job_id = $1) + 30}
-                     ORDER BY b.batch_no {for update}) l",
-                args![job_id],
+                "SELECT count(*) FROM (SELECT 1 FROM batches
+                     WHERE job_id = $1 AND state = 'dead' AND in_call AND updated_at > now() - {secs $2}
+                     ORDER BY batch_no {for update}) l",
+                args![job_id, call_lease_secs],
             )
             .await?
             .int(0)?;

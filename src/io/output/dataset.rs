@@ -119,15 +119,20 @@ impl Dest {
         }
     }
 
+    /// `partition_dir` as the job's outputs name it.
+    fn place(&self, partition_dir: &str) -> String {
+        format!("{}/{partition_dir}", self.shown().trim_end_matches('/'))
+    }
+
     /// The name of `partition_dir`'s commit lock: for a local directory its
     /// canonical path, so `out`, `./out` and a link to it share one lock.
     fn lock_key(&self, partition_dir: &str) -> String {
         match self {
-            Dest::Local(root) => {
-                let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
-                format!("{}/{partition_dir}", root.display().to_string().trim_end_matches('/'))
-            }
-            Dest::S3 { root, .. } => format!("{}/{partition_dir}", root.to_string().trim_end_matches('/')),
+            Dest::Local(root) => match std::fs::canonicalize(root) {
+                Ok(root) => Dest::Local(root).place(partition_dir),
+                Err(_) => self.place(partition_dir),
+            },
+            Dest::S3 { .. } => self.place(partition_dir),
         }
     }
 
@@ -600,7 +605,7 @@ pub async fn write_hashed(
     // 1. Leftovers of earlier attempts of this job, if any, removed under
     // the partition's commit lock: a writer of this job that outlived its
     // lease may be committing them.
-    let place = format!("{}/{}", dest.shown().trim_end_matches('/'), partition_dir);
+    let place = dest.place(&partition_dir);
     let lock_key = dest.lock_key(&partition_dir);
     let leftovers = || async {
         let ours = format!("{STAGING}/job-{job_id}-");
