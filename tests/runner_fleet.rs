@@ -28,7 +28,7 @@ async fn two_worker_processes_split_a_job_and_never_call_a_batch_twice() {
     let s = common::wait_for_state(&schema, 1, "done").await;
     // SIGTERM drains and exits cleanly.
     for w in [&mut a, &mut b] {
-        stop_worker(w).await;
+        common::stop_worker(w).await;
     }
     assert_eq!(s["decoded"], 1000);
     assert_eq!(s["batches"], 50);
@@ -176,7 +176,7 @@ async fn a_cancelled_job_runs_no_more_batches_and_every_row_says_so() {
     assert_eq!(cancelled as u64, 1000 - 20 * settled);
     let out = vinetl_async(&schema, key, &["cancel", "1"]).await;
     assert!(!out.status.success(), "cancelling twice says the job has ended");
-    stop_worker(&mut worker).await;
+    common::stop_worker(&mut worker).await;
     cleanup(&schema).await;
 }
 
@@ -252,7 +252,7 @@ async fn a_call_refused_after_its_job_was_cancelled_ends_its_batch_at_once() {
     assert!(worker.try_wait().unwrap().is_none(), "the worker stays up");
     // Stopped and waited for before the schema is dropped: a sweep of a
     // worker still running could deadlock with the drop.
-    stop_worker(&mut worker).await;
+    common::stop_worker(&mut worker).await;
     cleanup(&schema).await;
 }
 
@@ -282,7 +282,7 @@ async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
     // one more).
     let before_stop = requests_seen(&server.url(), "pro-counted-key", 100_000).await;
     // A worker with calls in flight once never exited (see `stop_worker`).
-    let exited = stop_worker(&mut busy).await;
+    let exited = common::stop_worker(&mut busy).await;
     let stopped = status(&schema, 1).await;
     assert_eq!(stopped["calls"]["in_flight"], 0, "every call in flight was stored: {stopped}");
     assert_eq!(stopped["calls"]["answer_lost"], 0, "{stopped}");
@@ -299,7 +299,7 @@ async fn a_worker_stopped_with_calls_in_flight_exits_and_loses_nothing() {
     let mut rest = common::spawn_worker(&schema, "pro-counted-key");
     let s = common::wait_for_state(&schema, 1, "done").await;
     let recovered = restarted.elapsed();
-    stop_worker(&mut rest).await;
+    common::stop_worker(&mut rest).await;
     assert_eq!(s["decoded"], 1000, "{s}");
     assert_eq!(s["calls_made"], 50, "{s}");
     // 50 calls, each batch once, and the two probes above.
@@ -339,7 +339,7 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     let first = wait_for_calls(&schema, 1).await;
     assert_eq!(first["calls_made"], 1, "{first}");
     let before_stop = requests_seen(&server.url(), key, 100_000).await;
-    let exited = stop_worker(&mut worker).await;
+    let exited = common::stop_worker(&mut worker).await;
     // Past the time the limiter would have granted the waiting call.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(exited)).await;
     let after_stop = requests_seen(&server.url(), key, 100_000).await - before_stop - 1;
@@ -356,7 +356,7 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     let mut rest = common::spawn_worker(&schema, key);
     let s = common::wait_for_state(&schema, 1, "done").await;
     let recovered = restarted.elapsed();
-    stop_worker(&mut rest).await;
+    common::stop_worker(&mut rest).await;
     assert_eq!((s["decoded"].as_i64(), s["calls_made"].as_i64()), (Some(60), Some(3)), "{s}");
     // Three calls, each batch once, and the two probes above.
     assert_eq!(requests_seen(&server.url(), key, 100_000).await, 5);
@@ -380,20 +380,6 @@ async fn submit_slowly(schema: &str, dir: &std::path::Path, server: &str, key: &
     std::fs::write(&spec, text).unwrap();
     let out = vinetl_async(schema, key, &["submit", spec.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Sends SIGTERM to a worker and waits (up to 30 s) for it to exit cleanly;
-/// how long that took.
-async fn stop_worker(worker: &mut tokio::process::Child) -> Duration {
-    let pid = worker.id().unwrap().to_string();
-    let stop = std::time::Instant::now();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let Ok(exit) = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await else {
-        panic!("a stopped worker did not exit within 30 s");
-    };
-    let exit = exit.unwrap();
-    assert!(exit.success(), "worker exit: {exit:?}");
-    stop.elapsed()
 }
 
 /// Job 1's status once it has made at least `n` calls (polled every 20 ms,

@@ -475,7 +475,7 @@ async fn a_worker_with_the_scheduler_runs_a_scheduled_spec_to_its_output() {
     let out = common::vinetl_async(&env.schema, "YOUR_API_KEY", &["submit", spec]).await;
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.contains("schedule nightly registered: next run"), "{said}");
-    let _worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_vinetl"))
         .args(["worker", "--with-scheduler"])
         .env("DATABASE_URL", &env.url)
         .env("VINETL_SCHEMA", &env.schema)
@@ -501,6 +501,8 @@ async fn a_worker_with_the_scheduler_runs_a_scheduled_spec_to_its_output() {
     let out = common::vinetl_async(&env.schema, "unused", &["schedules", "--json"]).await;
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(listed[0]["next_run"].is_string() && listed[0]["last_run"]["job_id"].is_i64(), "{listed}");
+    // The worker (still starting runs every 3 s) stops before the schema is dropped.
+    common::stop_worker(&mut worker).await;
     server.stop();
     env.cleanup().await;
 }

@@ -460,3 +460,18 @@ pub fn decoded_row(
         carried: Default::default(),
     }
 }
+
+/// Sends SIGTERM to a worker and waits (up to 30 s) for it to exit cleanly;
+/// how long that took. A test stops its workers so before dropping its
+/// schema: a worker's write between the drop's table locks deadlocks with it.
+pub async fn stop_worker(worker: &mut tokio::process::Child) -> std::time::Duration {
+    let pid = worker.id().unwrap().to_string();
+    let stop = std::time::Instant::now();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let Ok(exit) = tokio::time::timeout(std::time::Duration::from_secs(30), worker.wait()).await else {
+        panic!("a stopped worker did not exit within 30 s");
+    };
+    let exit = exit.unwrap();
+    assert!(exit.success(), "worker exit: {exit:?}");
+    stop.elapsed()
+}
