@@ -754,7 +754,7 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
     assert_eq!(c.try_reserve(1).await.unwrap().map(|g| g.n), Ok(1));
     // A call granted before the circuit opens, and not made.
     let unused = c.acquire().await.unwrap().expect("granted");
-    c.unreachable("connection refused").await.unwrap();
+    c.unreachable("connection refused", unused.granted_at()).await.unwrap();
     let open = c.circuit().await.unwrap().expect("open");
     assert_eq!(open.reason, "connection refused");
     let wait = match other.try_reserve(1).await.unwrap() {
@@ -803,8 +803,113 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
         Err(Denied::Later { reason, .. }) => assert_eq!(reason, "in_flight"),
         other => panic!("a third call in flight: {other:?}"),
     }
-    a.release(one).await.unwrap();
+    a.release(one).await;
     assert!(b.try_reserve(1).await.unwrap().is_ok(), "a place came back");
+    env.cleanup().await;
+}
+
+/// The account's flight rows (places held under an in-flight cap).
+async fn flights(store: &Store, account: &str) -> i64 {
+    match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => sqlx::query_scalar("SELECT count(*) FROM limiter_flights WHERE account = $1")
+            .bind(account)
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        (None, Some((pool, _))) => sqlx::query_scalar("SELECT count(*) FROM limiter_flights WHERE account = ?1")
+            .bind(account)
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        (None, None) => unreachable!(),
+    }
+}
+
+/// One account's row is shared by processes that registered it from
+/// different specs, and the last registration wins; a process keeps the
+/// batch size it derived from its own. Such a process neither leaks places
+/// under a cap another registered (every slot of a many-slot grant carries
+/// its flight row, and releasing it frees the place) nor waits forever for
+/// more slots than a smaller burst allows (a reservation is cut to the
+/// burst). A refused call's quota unit goes back only to the quota day it
+/// was granted in, and a reservation whose clock reads earlier than the
+/// last (a step back, or a transaction that waited) never moves the quota
+/// day back, which would reset the day's count.
+async fn the_limiter_holds_across_differing_specs_and_quota_days(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let base = env.spec(&pattern_vins(1), "http://127.0.0.1:9", "");
+    let base = JobSpec::load(&base).unwrap().provider;
+    let spec = |account: &str, burst: f64, cap: Option<u32>, quota: Option<u64>| vinetl::spec::ProviderSpec {
+        requests_per_second: 400.0,
+        burst: Some(burst),
+        max_in_flight: cap,
+        daily_quota: quota,
+        account: Some(account.to_string()),
+        ..base.clone()
+    };
+
+    // A reserves up to 8 slots at once (400/s, burst 16, no cap); B then
+    // puts a cap of 8 on the account. Eight callers of A wait together
+    // behind a push-back, so one reservation serves them all.
+    let a = SharedLimiter::register(&store, &spec("mixed", 16.0, None, None)).await.unwrap();
+    let _b = SharedLimiter::register(&store, &spec("mixed", 16.0, Some(8), None)).await.unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    block_until(&store, "mixed", now + 0.3).await;
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.acquire().await.unwrap().expect("granted") })
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for c in callers {
+        slots.push(c.await.unwrap());
+    }
+    let before = a.round_trips();
+    assert_eq!(flights(&store, "mixed").await, 8, "each call in flight holds its place");
+    for slot in slots {
+        a.release(slot).await;
+    }
+    assert_eq!(flights(&store, "mixed").await, 0, "every place came back ({before} round trips)");
+    assert!(a.try_reserve(1).await.unwrap().is_ok(), "the cap is free again");
+
+    // C asks for 8 at once; D then cuts the burst to 4: C is granted 4,
+    // not refused for as long as it asks.
+    let c = SharedLimiter::register(&store, &spec("burst", 16.0, None, None)).await.unwrap();
+    let _d = SharedLimiter::register(&store, &spec("burst", 4.0, None, None)).await.unwrap();
+    assert_eq!(c.try_reserve(8).await.unwrap().map(|g| g.n), Ok(4), "cut to the burst");
+
+    // Quota days on a synthetic clock (4 a day): a call granted just before
+    // midnight and refused by an unreachable API does not give its unit to
+    // the next day.
+    let q = SharedLimiter::register(&store, &spec("days", 16.0, None, Some(4))).await.unwrap();
+    let midnight = 86_400.0 * 20_001.0;
+    let late = q.try_reserve_at(1, Some(midnight - 0.5)).await.unwrap().expect("granted");
+    assert_eq!(q.try_reserve_at(4, Some(midnight + 1.0)).await.unwrap().map(|g| g.n), Ok(4));
+    q.unreachable("connection refused", late.at).await.unwrap();
+    q.answered(true).await.unwrap();
+    assert!(
+        matches!(q.try_reserve_at(1, Some(midnight + 2.0)).await.unwrap(), Err(Denied::Quota { .. })),
+        "the refused call's unit went to the day it was granted in"
+    );
+    // A call of the new day refused the same way gives its unit back.
+    q.unreachable("connection refused", midnight + 1.0).await.unwrap();
+    q.answered(true).await.unwrap();
+    assert_eq!(q.try_reserve_at(1, Some(midnight + 3.0)).await.unwrap().map(|g| g.n), Ok(1));
+    // A reservation read at an earlier time counts in the newer day and
+    // leaves the day where it was: the next day's count is not reset.
+    let r = SharedLimiter::register(&store, &spec("step", 16.0, None, Some(3))).await.unwrap();
+    // (A millisecond back: within the burst, so the rate grants it.)
+    assert!(r.try_reserve_at(1, Some(midnight + 0.0005)).await.unwrap().is_ok());
+    assert!(r.try_reserve_at(1, Some(midnight - 0.0005)).await.unwrap().is_ok());
+    let mut after = 0;
+    for i in 0..3 {
+        if let Ok(g) = r.try_reserve_at(1, Some(midnight + 11.0 + f64::from(i))).await.unwrap() {
+            after += g.n;
+        }
+    }
+    assert_eq!(after, 1, "3 a day: 2 counted already in the newer day");
     env.cleanup().await;
 }
 
@@ -855,7 +960,7 @@ async fn block_until(store: &Store, account: &str, until: f64) {
 /// interleaving of reservations and push-backs, no one-second window holds
 /// more than rate + burst grants, no quota day more than the quota, nothing
 /// is granted while pushed back, and a grant is all that was asked for
-/// unless the quota had less left.
+/// unless the quota had less left or the burst is smaller.
 async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
     use proptest::prelude::*;
     let env = Env::new(backend);
@@ -904,7 +1009,13 @@ async fn the_limiter_arithmetic_holds_for_any_interleaving(backend: Backend) {
                                     );
                                     prop_assert!(g.n >= 1 && g.n <= k, "{} granted for {k}", g.n);
                                     let left = (quota - used_today) as usize;
-                                    prop_assert!(g.n == k || g.n == left, "{} of {k} granted with {left} left", g.n);
+                                    // A request is cut to the burst (GCRA grants no more).
+                                    let want = k.min((burst.floor() as usize).max(1));
+                                    prop_assert!(
+                                        g.n == want || g.n == left,
+                                        "{} of {k} granted with {left} left, burst {burst}",
+                                        g.n
+                                    );
                                     grants.extend(std::iter::repeat_n(t, g.n));
                                 }
                                 Err(Denied::Later { reason, .. }) if reason == "blocked" => {
@@ -1743,6 +1854,7 @@ common::both_stores!(
     the_sweep_moves_on_a_job_nobody_advanced,
     the_limiter_holds_rate_burst_quota_and_in_flight,
     the_limiter_arithmetic_holds_for_any_interleaving,
+    the_limiter_holds_across_differing_specs_and_quota_days,
     counts_failures_and_reprocess,
     two_worker_processes_share_a_job,
     pause_then_resume_calls_each_batch_once,

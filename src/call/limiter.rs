@@ -66,6 +66,14 @@ pub struct Slot {
     granted_at: f64,
 }
 
+impl Slot {
+    /// The store's time of the grant (Unix seconds): a quota unit goes
+    /// back only to the quota day it was granted in.
+    pub fn granted_at(&self) -> f64 {
+        self.granted_at
+    }
+}
+
 /// The shared limiter of one account, plus this process's in-flight cap.
 ///
 /// When several calls of a process wait at once, one round trip reserves
@@ -102,17 +110,24 @@ struct Bank {
     slots: usize,
     at: Option<Instant>,
     granted_at: f64,
+    /// The banked slots' flight rows, one each, when the account's row has
+    /// an in-flight cap. The row's settings are whichever process
+    /// registered last, so a process that reserves several slots at a time
+    /// can be granted flight rows too: each slot carries its own.
+    flights: Vec<i64>,
 }
 
 /// What the bank had for a caller.
 enum Banked {
-    /// A slot, granted at this store time.
-    Took(f64),
+    /// A slot, granted at this store time, with its flight row if any.
+    Took(f64, Option<i64>),
     Empty,
-    /// `n` slots were never used in time: their quota goes back.
+    /// `n` slots were never used in time: their quota goes back, and
+    /// their places in flight.
     Expired {
         n: usize,
         granted_at: f64,
+        flights: Vec<i64>,
     },
 }
 
@@ -122,12 +137,12 @@ impl Local {
         match bank.at {
             Some(at) if bank.slots > 0 && at.elapsed() < BANKED_SLOT_TTL => {
                 bank.slots -= 1;
-                Banked::Took(bank.granted_at)
+                Banked::Took(bank.granted_at, bank.flights.pop())
             }
             _ => {
                 let expired = std::mem::take(&mut *bank);
                 if expired.slots > 0 {
-                    Banked::Expired { n: expired.slots, granted_at: expired.granted_at }
+                    Banked::Expired { n: expired.slots, granted_at: expired.granted_at, flights: expired.flights }
                 } else {
                     Banked::Empty
                 }
@@ -205,15 +220,25 @@ impl SharedLimiter {
     /// day it was granted in.
     pub async fn give_back(&self, slot: Slot) -> Result<(), StoreError> {
         let granted_at = slot.granted_at;
-        self.release(slot).await?;
+        self.release(slot).await;
         self.refund(1, granted_at).await
     }
 
-    /// Ends a call: frees its place under the shared in-flight cap.
-    pub async fn release(&self, slot: Slot) -> Result<(), StoreError> {
-        match slot.flight {
-            Some(id) => self.store.limiter_release(id).await,
-            None => Ok(()),
+    /// Ends a call: frees its place under the shared in-flight cap. It
+    /// cannot fail its caller: a call has been made (and paid for) by then,
+    /// and its answer matters more than the place, which a flight row the
+    /// store could not delete gives back anyway when its lease runs out.
+    pub async fn release(&self, slot: Slot) {
+        self.release_flights(slot.flight.into_iter().collect()).await;
+    }
+
+    /// Frees these places in flight, or leaves them to their lease.
+    async fn release_flights(&self, flights: Vec<i64>) {
+        for id in flights {
+            if let Err(e) = self.store.limiter_release(id).await {
+                tracing::warn!(account = %self.account, flight = id, error = %e,
+                    "could not free a place in flight; it frees itself when its lease runs out");
+            }
         }
     }
 
@@ -249,10 +274,11 @@ impl SharedLimiter {
             // go back to the quota now, not at some later call (at the end
             // of a run there is none, and the quota would lose them).
             let left = std::mem::take(&mut *local.bank.lock().expect("bank lock"));
-            if left.slots > 0
-                && let Err(e) = self.refund(left.slots, left.granted_at).await
-            {
-                tracing::warn!(error = %e, slots = left.slots, "could not give unused slots back to the quota");
+            if left.slots > 0 {
+                self.release_flights(left.flights).await;
+                if let Err(e) = self.refund(left.slots, left.granted_at).await {
+                    tracing::warn!(error = %e, slots = left.slots, "could not give unused slots back to the quota");
+                }
             }
         }
         Ok(outcome?.map(|granted| granted.map(|(flight, granted_at)| Slot { _permit: permit, flight, granted_at })))
@@ -260,11 +286,12 @@ impl SharedLimiter {
 
     /// A banked slot's grant time if one is fresh; expired ones go back to
     /// the quota.
-    async fn take_banked(&self) -> Result<Option<f64>, StoreError> {
+    async fn take_banked(&self) -> Result<Option<(Option<i64>, f64)>, StoreError> {
         match self.shared.take_banked() {
-            Banked::Took(at) => Ok(Some(at)),
+            Banked::Took(at, flight) => Ok(Some((flight, at))),
             Banked::Empty => Ok(None),
-            Banked::Expired { n, granted_at } => {
+            Banked::Expired { n, granted_at, flights } => {
+                self.release_flights(flights).await;
                 self.refund(n, granted_at).await?;
                 Ok(None)
             }
@@ -278,8 +305,8 @@ impl SharedLimiter {
         mut stop: std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Option<Result<(Option<i64>, f64), Denied>>, StoreError> {
         let local = &self.shared;
-        if let Some(at) = self.take_banked().await? {
-            return Ok(Some(Ok((None, at))));
+        if let Some(banked) = self.take_banked().await? {
+            return Ok(Some(Ok(banked)));
         }
         // One caller at a time talks to the database, for everyone waiting;
         // the others queue here (fairly) and take banked slots.
@@ -289,17 +316,22 @@ impl SharedLimiter {
             turn = local.reserving.lock() => turn,
         };
         loop {
-            if let Some(at) = self.take_banked().await? {
-                return Ok(Some(Ok((None, at))));
+            if let Some(banked) = self.take_banked().await? {
+                return Ok(Some(Ok(banked)));
             }
             let want = local.waiting.load(Ordering::SeqCst).clamp(1, self.max_batch);
             match self.try_reserve(want).await? {
-                Ok(granted) => {
+                Ok(mut granted) => {
+                    let flight = granted.flights.pop();
                     if granted.n > 1 {
-                        *local.bank.lock().expect("bank lock") =
-                            Bank { slots: granted.n - 1, at: Some(Instant::now()), granted_at: granted.at };
+                        *local.bank.lock().expect("bank lock") = Bank {
+                            slots: granted.n - 1,
+                            at: Some(Instant::now()),
+                            granted_at: granted.at,
+                            flights: granted.flights,
+                        };
                     }
-                    return Ok(Some(Ok((granted.flights.first().copied(), granted.at))));
+                    return Ok(Some(Ok((flight, granted.at))));
                 }
                 // Sleep holding the turn: nobody else here would get another
                 // answer from the database before then. The millisecond's
@@ -337,9 +369,11 @@ impl SharedLimiter {
 
     /// The API could not be reached (connection refused, DNS, TLS): the
     /// circuit opens (or stays open) and the next probe backs off. The call
-    /// never reached the API, so its quota unit comes back.
-    pub async fn unreachable(&self, reason: &str) -> Result<(), StoreError> {
-        self.trip(reason, 1).await
+    /// never reached the API, so its quota unit comes back to the quota day
+    /// it was granted in (`granted_at`, [`Slot::granted_at`]), if that day
+    /// is still the store's.
+    pub async fn unreachable(&self, reason: &str, granted_at: f64) -> Result<(), StoreError> {
+        self.trip(reason, 1, granted_at).await
     }
 
     /// A 5xx answer or a timeout: after [`SERVER_ERRORS_TO_OPEN`] in a row,
@@ -347,13 +381,13 @@ impl SharedLimiter {
     pub async fn server_error(&self, reason: &str) -> Result<bool, StoreError> {
         let run = self.store.limiter_server_error(&self.account).await?;
         if run >= SERVER_ERRORS_TO_OPEN {
-            self.trip(reason, 0).await?;
+            self.trip(reason, 0, 0.0).await?;
         }
         Ok(run >= SERVER_ERRORS_TO_OPEN)
     }
 
-    async fn trip(&self, reason: &str, refund: i64) -> Result<(), StoreError> {
-        self.store.limiter_trip(&self.account, reason, MAX_PROBE_GAP_SECS, refund).await
+    async fn trip(&self, reason: &str, refund: i64, granted_at: f64) -> Result<(), StoreError> {
+        self.store.limiter_trip(&self.account, reason, MAX_PROBE_GAP_SECS, refund, granted_at).await
     }
 
     /// The account's circuit, if it is open.

@@ -38,6 +38,7 @@ pub struct WorkerState {
     /// stored spec says.
     allow: ApiAllow,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
+    /// By account and the settings registered for it (see `limiter`).
     limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
     /// `--concurrency`: the calls this process has in flight, from the
@@ -258,13 +259,25 @@ impl WorkerState {
         Ok(Ok(rt))
     }
 
+    /// The limiter of the job's account, registered (its row written from
+    /// the spec) the first time this process sees these settings: a job
+    /// submitted with a changed rate, burst, quota or cap takes effect at
+    /// its first call, in a worker that has run for days too. Specs that
+    /// disagree on one account share its row, which holds the settings
+    /// registered last (README, One rate limit for the whole fleet).
     async fn limiter(&self, spec: &JobSpec) -> Result<SharedLimiter, StoreError> {
+        let p = &spec.provider;
+        let settings = format!(
+            "{}\n{:?}",
+            p.account(),
+            (p.requests_per_second, p.burst(), p.daily_quota, p.quota_reset_minutes(), p.max_in_flight, p.timeout_secs)
+        );
         let mut limiters = self.limiters.lock().await;
-        if let Some(l) = limiters.get(&spec.provider.account()) {
+        if let Some(l) = limiters.get(&settings) {
             return Ok(l.clone());
         }
-        let l = SharedLimiter::register(&self.store, &spec.provider).await?;
-        limiters.insert(spec.provider.account(), l.clone());
+        let l = SharedLimiter::register(&self.store, p).await?;
+        limiters.insert(settings, l.clone());
         Ok(l)
     }
 }
@@ -364,7 +377,9 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         None => rt.client.batch_decode(&vins).await.map_done(Reply::Decoded),
         Some(lookup) => rt.client.recalls(&recall_request(lookup)).await.map_done(|r| Reply::Recalls(r.recalls)),
     };
-    limiter.release(slot).await?;
+    // The call is made: nothing after it may lose its answer.
+    let granted_at = slot.granted_at();
+    limiter.release(slot).await;
     match call_end(&outcome) {
         Some(end) => prometheus::call(kind, end),
         None => prometheus::unreachable(kind),
@@ -415,7 +430,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
             // circuit opens, the call is not counted, and the batch waits.
             tracing::warn!(%reason, "the API is unreachable");
             store.call_not_sent(job, batch_no).await?;
-            limiter.unreachable(&reason).await?;
+            limiter.unreachable(&reason, granted_at).await?;
             let wait = limiter.circuit().await?.map_or(Duration::from_secs(1), |c| secs_until(c.probe_at));
             wait_for_the_api(state, &rt, &limiter, task, wait).await?;
         }

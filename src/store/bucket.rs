@@ -1,7 +1,7 @@
 //! The shared limiter's arithmetic as SQLite runs it, inside one `BEGIN
 //! IMMEDIATE` transaction: GCRA for rate and burst, the daily quota, the
 //! in-flight cap and the circuit. Postgres runs the same rules as the SQL
-//! function `limiter_reserve` (migrations/postgres/0003); the property tests
+//! function `limiter_reserve` (migrations/postgres/0016); the property tests
 //! in tests/conformance.rs check both on a synthetic clock.
 
 /// An account's row of the `limiter` table, as the SQLite store keeps it:
@@ -32,7 +32,7 @@ pub struct Bucket {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     /// Calls granted: all asked for (fewer only when the quota has fewer
-    /// left, or the in-flight cap fewer places), or 0.
+    /// left, the in-flight cap fewer places, or the burst is smaller), or 0.
     pub granted: i64,
     /// When nothing was granted: how long to wait, and why (`circuit`,
     /// `blocked`, `quota`, `in_flight` or `rate`).
@@ -46,12 +46,15 @@ impl Bucket {
     /// Reserves `k` calls at time `t` with `in_flight` calls of the account
     /// still in flight (unexpired); a probe through an open circuit holds
     /// the next probe back for `lease` seconds. The same arithmetic as the
-    /// Postgres function `limiter_reserve` (migrations/postgres/0003): the
+    /// Postgres function `limiter_reserve` (migrations/postgres/0016): the
     /// SQLite store runs this inside one `BEGIN IMMEDIATE` transaction, and
     /// the property tests check both against the same rules.
     pub fn reserve(&self, t: f64, k: i64, in_flight: i64, lease: f64) -> Reservation {
         let deny = |wait: f64, reason, row| Reservation { granted: 0, wait: wait.max(0.0), reason: Some(reason), row };
-        let mut k = k;
+        // Never more than the burst, which GCRA would refuse for as long as
+        // it is asked: the row's burst is the last registration's, not
+        // necessarily the one the caller sized its request by.
+        let mut k = k.min((self.burst.floor() as i64).max(1));
         if self.circuit_since.is_some() {
             if t < self.circuit_probe_at {
                 return deny(self.circuit_probe_at - t, "circuit", None);
@@ -62,6 +65,10 @@ impl Bucket {
         let em = 1.0 / (self.rate * self.scale);
         let day_start = ((t - self.quota_reset) / 86_400.0).floor() * 86_400.0 + self.quota_reset;
         let used = if self.quota_day_start < day_start { 0 } else { self.day_used };
+        // A clock read earlier than the row's day (a step back) counts in
+        // the row's day and never moves it back: the next reservation
+        // would take the day for a new one and reset its count.
+        let day_start = day_start.max(self.quota_day_start);
         if t < self.blocked_until {
             return deny(self.blocked_until - t, "blocked", None);
         }
@@ -146,6 +153,20 @@ mod tests {
         let after = probe.row.unwrap();
         assert_eq!(after.circuit_probe_at, 42.0, "the next probe waits for this one's lease");
         assert_eq!(after.reserve(13.0, 1, 0, 30.0).reason, Some("circuit"));
+    }
+
+    #[test]
+    fn a_reservation_is_cut_to_the_burst_and_its_day_never_moves_back() {
+        let b = bucket(400.0, 4.5, None);
+        assert_eq!(b.reserve(10.0, 8, 0, 60.0).granted, 4, "at most the burst, never refused for ever");
+        let b = bucket(400.0, 4.5, Some(3));
+        let midnight = 86_400.0 * 20_001.0;
+        let first = b.reserve(midnight + 0.0005, 1, 0, 60.0).row.unwrap();
+        let back = first.reserve(midnight - 0.0005, 1, 0, 60.0);
+        assert_eq!(back.granted, 1);
+        let back = back.row.unwrap();
+        assert_eq!((back.quota_day_start, back.day_used), (midnight, 2), "counted in the newer day");
+        assert_eq!(back.reserve(midnight + 1.0, 3, 0, 60.0).granted, 1, "one left of 3");
     }
 
     #[test]

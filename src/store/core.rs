@@ -1844,15 +1844,24 @@ impl Store {
     }
 
     /// Opens (or keeps open) the account's circuit: the next probe backs
-    /// off 1, 2, 4 … `max_gap` seconds; `refund` quota units come back.
-    pub async fn limiter_trip(&self, account: &str, reason: &str, max_gap: i64, refund: i64) -> Result<(), StoreError> {
+    /// off 1, 2, 4 … `max_gap` seconds; `refund` quota units, granted at
+    /// `granted_at` (Unix seconds), come back to that quota day if it is
+    /// still the row's (as [`limiter_refund`](Self::limiter_refund)).
+    pub async fn limiter_trip(
+        &self,
+        account: &str,
+        reason: &str,
+        max_gap: i64,
+        refund: i64,
+        granted_at: f64,
+    ) -> Result<(), StoreError> {
         self.exec(
             "UPDATE limiter SET circuit_since = coalesce(circuit_since, clock_timestamp()),
                      circuit_probe_at = clock_timestamp() + {secs least($3, 1 << least(circuit_failures, 10))},
                      circuit_failures = circuit_failures + 1, circuit_reason = $2, server_errors = 0,
-                     day_used = greatest(0, day_used - $4)
+                     day_used = CASE WHEN quota_day_start <= {ts $5} THEN greatest(0, day_used - $4) ELSE day_used END
                  WHERE account = $1",
-            args![account, reason, max_gap, refund],
+            args![account, reason, max_gap, refund, granted_at],
         )
         .await?;
         Ok(())
