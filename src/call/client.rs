@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{DATE, HeaderMap, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 
@@ -360,14 +360,27 @@ fn check_batch(asked: &[Vin], got: Vec<BatchEntry>) -> Outcome<Vec<BatchEntry>> 
     Outcome::Done(got)
 }
 
-/// `Retry-After` as seconds or an HTTP date (RFC 9110 10.2.3).
+/// The longest push-back one 429 may set: a quota day. A 429 holds back
+/// every worker of the account, and only a later one moves it; a larger
+/// value (a server's bug, or a date in another century) would stop the
+/// account for as long, until someone edited the row by hand.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+/// `Retry-After` as seconds or an HTTP date (RFC 9110 10.2.3), at most
+/// [`MAX_RETRY_AFTER`]. A date is read against the answer's own `Date`
+/// (the server's clock, RFC 9110 10.2.2) when it has one, so a worker
+/// whose clock runs ahead of the server's still waits as long as asked.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    let now = headers
+        .get(DATE)
+        .and_then(|d| httpdate::parse_http_date(d.to_str().ok()?.trim()).ok())
+        .unwrap_or_else(std::time::SystemTime::now);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
 /// Exponential backoff with jitter for retry `attempt` (1-based): 1 s, 2 s,
@@ -544,6 +557,18 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::ZERO), "a date in the past means now");
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        // A date is read against the server's clock where the answer has
+        // one: here the worker's clock runs an hour ahead of it.
+        let server_now = std::time::SystemTime::now() - Duration::from_secs(3_600);
+        h.insert(DATE, HeaderValue::from_str(&httpdate::fmt_http_date(server_now)).unwrap());
+        let at = server_now + Duration::from_secs(30);
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(30)));
+        // At most a quota day, however it is said.
+        for huge in ["1000000000", "18446744073709551615", "Fri, 31 Dec 9999 23:59:59 GMT"] {
+            h.insert(RETRY_AFTER, HeaderValue::from_static(huge));
+            assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER), "{huge}");
+        }
     }
 
     #[test]
