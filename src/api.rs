@@ -117,6 +117,9 @@ pub mod code {
     pub const REQUEST_TIMEOUT: &str = "REQUEST_TIMEOUT";
     /// 503: the server is at its connection cap.
     pub const OVERLOADED: &str = "OVERLOADED";
+    /// Read by the runner only: a batch answer's entry whose `error` is a
+    /// string, not an error object; its text is the message.
+    pub const API_ERROR: &str = "API_ERROR";
 }
 
 /// The vPIC variables [`Vehicle`] names itself, in the guide's order (the
@@ -273,11 +276,13 @@ impl Vehicle {
 /// values kept are allocated.
 struct EntryVisitor;
 
-/// What [`EntryVisitor`] read: the vehicle's fields, the entry's `error`,
-/// whether `VIN` came, and the first key whose value was not a string.
+/// What [`EntryVisitor`] read: the vehicle's fields, the entry's `error`
+/// (an object, or a string that says something), whether `VIN` came, and
+/// the first key whose value was not a string.
 struct Entry {
     vehicle: Vehicle,
     error: Option<ApiError>,
+    text_error: Option<String>,
     vin: bool,
     not_text: Option<String>,
 }
@@ -291,7 +296,7 @@ impl<'de> serde::de::Visitor<'de> for EntryVisitor {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entry, A::Error> {
         use serde::de::Error;
-        let mut e = Entry { vehicle: Vehicle::default(), error: None, vin: false, not_text: None };
+        let mut e = Entry { vehicle: Vehicle::default(), error: None, text_error: None, vin: false, not_text: None };
         // The named fields seen, by their place in [`Key::named`]: a second
         // one is refused, as the derived reader refused it.
         let mut seen = 0u32;
@@ -303,8 +308,14 @@ impl<'de> serde::de::Visitor<'de> for EntryVisitor {
                         continue;
                     }
                     ErrorValue::Api(_) => return Err(A::Error::duplicate_field("error")),
-                    // Not an error object: on a vehicle, one more variable.
-                    ErrorValue::Text(text) => (Key::Other("error".to_string()), Some(text)),
+                    // Not an error object: on a vehicle, one more variable;
+                    // in a batch answer, a failure if it says anything.
+                    ErrorValue::Text(text) => {
+                        if !text.trim().is_empty() {
+                            e.text_error = Some(text.clone());
+                        }
+                        (Key::Other("error".to_string()), Some(text))
+                    }
                 },
                 key => (key, map.next_value::<Text>()?.0),
             };
@@ -477,7 +488,12 @@ pub enum BatchEntry {
 impl<'de> Deserialize<'de> for BatchEntry {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let e = d.deserialize_map(EntryVisitor)?;
-        match e.error {
+        // The guide shows no failed entry, only that invalid VINs "return
+        // errors": an entry with an `error` that says something is a
+        // failure, whatever its shape. Stored as a vehicle, it would be
+        // cached as one, with empty fields, and never asked again.
+        let text = || e.text_error.clone().map(|message| ApiError { code: code::API_ERROR.to_string(), message });
+        match e.error.clone().or_else(text) {
             Some(error) if e.vin => Ok(BatchEntry::Failed { vin: e.vehicle.vin, error }),
             _ => Ok(BatchEntry::Decoded(Box::new(e.vehicle()?))),
         }
@@ -612,10 +628,14 @@ mod tests {
         assert!(serde_json::from_str::<BatchEntry>(twice).is_err());
         let v: Vehicle = serde_json::from_str(r#"{"VIN": "A", "EngineHP": "1", "EngineHP": "2"}"#).unwrap();
         assert_eq!(v.other["EngineHP"], "2");
-        // A string `error` on a vehicle is one more variable.
+        // An empty string `error` on a vehicle is one more variable.
         let v: BatchEntry = serde_json::from_str(r#"{"VIN": "A", "error": ""}"#).unwrap();
         let BatchEntry::Decoded(v) = v else { panic!("{v:?}") };
         assert_eq!(v.other["error"], "");
+        // One that says something is the VIN's failure, not a vehicle.
+        let v: BatchEntry = serde_json::from_str(r#"{"VIN": "A", "Make": "", "error": "Invalid VIN"}"#).unwrap();
+        let error = ApiError { code: code::API_ERROR.to_string(), message: "Invalid VIN".to_string() };
+        assert_eq!(v, BatchEntry::Failed { vin: "A".to_string(), error });
         // An error with no VIN is no failure, and no vehicle.
         assert!(serde_json::from_str::<BatchEntry>(r#"{"error": {"code": "X", "message": "y"}}"#).is_err());
         assert!(serde_json::from_str::<Vehicle>(r#"{"VIN": "X", "error": {"code": "X", "message": "y"}}"#).is_err());
