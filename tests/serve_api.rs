@@ -237,6 +237,12 @@ async fn recalls_by_vin_and_by_make_model_year_agree() {
     // No model decoded, no recalls invented.
     let (_, _, none) = api.post("/api/v1/recalls", KEY, json!({"vin": "1HGBH41JXMN109186"})).await;
     assert_eq!(none["recalls"], json!([]));
+    // A VIN is read as decode reads it (the guide's pattern, nothing
+    // trimmed), and a lower-case one as its upper case.
+    let (s, _, b) = api.post("/api/v1/recalls", KEY, json!({"vin": " 5YJSA1DG9DFP14705"})).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("INVALID_VIN")), "{b}");
+    let (s, _, lower) = api.post("/api/v1/recalls", KEY, json!({"vin": "5yjsa1dg9dfp14705"})).await;
+    assert_eq!((s, &lower["recalls"]), (StatusCode::OK, &by_vin["recalls"]));
     server.stop().await.unwrap();
 }
 

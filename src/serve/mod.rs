@@ -541,8 +541,9 @@ async fn recalls(
     let by_vehicle = req.make.is_some() || req.model.is_some() || req.year.is_some();
     let target = match (&req.vin, by_vehicle) {
         (Some(raw), false) => {
-            let vin =
-                Vin::parse(raw).map_err(|e| ApiFailure::bad_request(code::INVALID_VIN, invalid_vin(raw, e).message))?;
+            // As decode reads it: the guide's pattern, nothing trimmed.
+            let vin = Vin::parse_exact(raw)
+                .map_err(|e| ApiFailure::bad_request(code::INVALID_VIN, invalid_vin(raw, e).message))?;
             Target::Vin(vin)
         }
         (None, true) => {
