@@ -489,10 +489,17 @@ impl<'de> Deserialize<'de> for BatchEntry {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let e = d.deserialize_map(EntryVisitor)?;
         // The guide shows no failed entry, only that invalid VINs "return
-        // errors": an entry with an `error` that says something is a
-        // failure, whatever its shape. Stored as a vehicle, it would be
-        // cached as one, with empty fields, and never asked again.
-        let text = || e.text_error.clone().map(|message| ApiError { code: code::API_ERROR.to_string(), message });
+        // errors": an entry with an `error` that says something and no
+        // decoded field is a failure, whatever its shape. Stored as a
+        // vehicle, it would be cached as one, with empty fields. A vehicle
+        // with fields keeps a string `error` as a variable (a warning
+        // passed through, say).
+        let decoded =
+            || Vehicle::NAMED.iter().any(|n| *n != "VIN" && e.vehicle.named(n).is_some_and(|v| !v.trim().is_empty()));
+        let text = || {
+            let message = e.text_error.clone().filter(|_| !decoded())?;
+            Some(ApiError { code: code::API_ERROR.to_string(), message })
+        };
         match e.error.clone().or_else(text) {
             Some(error) if e.vin => Ok(BatchEntry::Failed { vin: e.vehicle.vin, error }),
             _ => Ok(BatchEntry::Decoded(Box::new(e.vehicle()?))),
@@ -636,6 +643,11 @@ mod tests {
         let v: BatchEntry = serde_json::from_str(r#"{"VIN": "A", "Make": "", "error": "Invalid VIN"}"#).unwrap();
         let error = ApiError { code: code::API_ERROR.to_string(), message: "Invalid VIN".to_string() };
         assert_eq!(v, BatchEntry::Failed { vin: "A".to_string(), error });
+        // On a vehicle with decoded fields, it stays a variable.
+        let v: BatchEntry =
+            serde_json::from_str(r#"{"VIN": "A", "Make": "HONDA", "error": "1 - Check Digit"}"#).unwrap();
+        let BatchEntry::Decoded(v) = v else { panic!("{v:?}") };
+        assert_eq!((v.make.as_str(), v.other["error"].as_str()), ("HONDA", "1 - Check Digit"));
         // An error with no VIN is no failure, and no vehicle.
         assert!(serde_json::from_str::<BatchEntry>(r#"{"error": {"code": "X", "message": "y"}}"#).is_err());
         assert!(serde_json::from_str::<Vehicle>(r#"{"VIN": "X", "error": {"code": "X", "message": "y"}}"#).is_err());

@@ -370,13 +370,11 @@ async fn a_worker_stopped_while_a_call_waits_for_the_limiter_makes_no_more_calls
     cleanup(&schema).await;
 }
 
-/// Submits the job of `dir`'s `vins.txt` against `server` at one call every
-/// two seconds with no burst: a worker's second place waits for the
-/// limiter for up to two seconds after each call.
 /// A worker that has run one job of an account takes the next job's
-/// limits: the account's row is written again from a spec whose rate,
-/// burst, quota or cap differ (a worker used to keep the first spec's row
-/// until it restarted, so an operator's lower rate never took effect).
+/// limits, and the one after's when they are the first's again: each job's
+/// spec writes the account's row when a worker first works it (a worker
+/// used to keep the first spec's row until it restarted, so an operator's
+/// lower rate never took effect).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_running_worker_takes_a_resubmitted_specs_limits() {
     let (server, _keys) = common::serve(Faults::default()).await;
@@ -385,12 +383,13 @@ async fn a_running_worker_takes_a_resubmitted_specs_limits() {
     let vins: Vec<String> =
         std::fs::read_to_string("tests/fixtures/pattern-vins.txt").unwrap().lines().map(str::to_string).collect();
     let mut worker = None;
-    for (job, (rate, extra)) in [(200.0, "burst = 10"), (50.0, "burst = 3\ndaily_quota = 1000")].into_iter().enumerate()
-    {
+    let limits = [(200.0, 10.0, None), (50.0, 3.0, Some(1000)), (200.0, 10.0, None)];
+    for (job, (rate, burst, quota)) in limits.into_iter().enumerate() {
         // New VINs each time: a job answered from the cache makes no call.
         let file = format!("vins{job}.txt");
         std::fs::write(dir.path().join(&file), vins[job * 40..(job + 1) * 40].join("\n")).unwrap();
-        let spec = write_spec(dir.path(), &format!("kind = \"file\"\npath = \"{file}\""), &server.url(), extra);
+        let extra = format!("burst = {burst}\n{}", quota.map(|q| format!("daily_quota = {q}")).unwrap_or_default());
+        let spec = write_spec(dir.path(), &format!("kind = \"file\"\npath = \"{file}\""), &server.url(), &extra);
         let text = std::fs::read_to_string(&spec).unwrap();
         std::fs::write(&spec, text.replace("requests_per_second = 200", &format!("requests_per_second = {rate}")))
             .unwrap();
@@ -402,14 +401,16 @@ async fn a_running_worker_takes_a_resubmitted_specs_limits() {
         let db = pool(&schema).await;
         let row: (f64, f64, Option<i64>) =
             sqlx::query_as("SELECT rate, burst, daily_quota FROM limiter").fetch_one(&db).await.unwrap();
-        let quota = (job == 1).then_some(1000);
-        assert_eq!(row, (rate, if job == 0 { 10.0 } else { 3.0 }, quota), "job {}: the row holds its spec", job + 1);
+        assert_eq!(row, (rate, burst, quota), "job {}: the row holds its spec", job + 1);
         db.close().await;
     }
     common::stop_worker(worker.as_mut().unwrap()).await;
     cleanup(&schema).await;
 }
 
+/// Submits the job of `dir`'s `vins.txt` against `server` at one call every
+/// two seconds with no burst: a worker's second place waits for the
+/// limiter for up to two seconds after each call.
 async fn submit_slowly(schema: &str, dir: &std::path::Path, server: &str, key: &str) {
     let spec = write_spec(dir, "kind = \"file\"\npath = \"vins.txt\"", server, "burst = 1");
     let text =

@@ -17,6 +17,7 @@ DECLARE
     t TIMESTAMPTZ;
     em DOUBLE PRECISION;
     day_start TIMESTAMPTZ;
+    today TIMESTAMPTZ;
     used BIGINT;
     base TIMESTAMPTZ;
     n BIGINT;
@@ -33,14 +34,16 @@ BEGIN
     -- Never more than the burst, which GCRA would refuse for as long as it
     -- is asked: the row's burst is the last registration's, not
     -- necessarily the one the caller sized its request by.
-    k := least(k, greatest(1, floor(l.burst))::integer);
+    k := least(k, greatest(1, least(floor(l.burst), 2147483647))::integer);
     em := 1.0 / (l.rate * l.scale);
-    day_start := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
-    used := CASE WHEN l.quota_day_start < day_start THEN 0 ELSE l.day_used END;
+    today := (date_trunc('day', (t - l.quota_reset) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC') + l.quota_reset;
+    used := CASE WHEN l.quota_day_start < today THEN 0 ELSE l.day_used END;
     -- A clock read earlier than the row's day (a step back) counts in the
     -- row's day and never moves it back: the next reservation would take
-    -- the day for a new one and reset its count.
-    day_start := greatest(day_start, l.quota_day_start);
+    -- the day for a new one and reset its count. (The wait for the quota
+    -- still runs to the end of today, which a changed reset time may place
+    -- before the row's day ends.)
+    day_start := greatest(today, l.quota_day_start);
     -- The API is unreachable: nobody calls until the next probe is due, and
     -- then one caller alone makes it (its grant moves the next probe on).
     IF l.circuit_since IS NOT NULL THEN
@@ -60,7 +63,7 @@ BEGIN
         n := least(n, l.daily_quota - used);
         IF n < 1 THEN
             UPDATE limiter SET quota_day_start = day_start, day_used = used WHERE account = p_account;
-            RETURN QUERY SELECT 0, extract(epoch FROM day_start + interval '1 day' - t)::float8, 'quota'::text, t,
+            RETURN QUERY SELECT 0, extract(epoch FROM today + interval '1 day' - t)::float8, 'quota'::text, t,
                 NULL::bigint[];
             RETURN;
         END IF;

@@ -24,6 +24,13 @@ use crate::vin::Vin;
 struct JobRuntime {
     spec: JobSpec,
     client: ApiClient,
+    /// The job's account's limiter, registered (the account's row written
+    /// from this spec) when this process first works the job: a job
+    /// submitted with a changed rate, burst, quota or cap takes effect at
+    /// its first call, in a worker that has run for days too. Specs that
+    /// disagree on one account share its row, which holds the settings
+    /// registered last (README, One rate limit for the whole fleet).
+    limiter: SharedLimiter,
 }
 
 /// Shared by every task this worker runs.
@@ -38,8 +45,6 @@ pub struct WorkerState {
     /// stored spec says.
     allow: ApiAllow,
     jobs: Mutex<HashMap<i64, Arc<JobRuntime>>>,
-    /// By account and the settings registered for it (see `limiter`).
-    limiters: Mutex<HashMap<String, SharedLimiter>>,
     results: ResultWriter,
     /// `--concurrency`: the calls this process has in flight, from the
     /// limiter's wait to the end of its request (to the stored outcome, for
@@ -189,7 +194,6 @@ impl WorkerState {
             embedded,
             allow,
             jobs: Mutex::new(HashMap::new()),
-            limiters: Mutex::new(HashMap::new()),
             results: ResultWriter::start(store.clone()),
             store,
         })
@@ -254,31 +258,10 @@ impl WorkerState {
             Ok(c) => c,
             Err(e) => return Ok(Err(format!("worker {}: {e}", queue::worker_name()))),
         };
-        let rt = Arc::new(JobRuntime { spec, client });
+        let limiter = SharedLimiter::register(&self.store, &spec.provider).await?;
+        let rt = Arc::new(JobRuntime { spec, client, limiter });
         jobs.insert(job_id, Arc::clone(&rt));
         Ok(Ok(rt))
-    }
-
-    /// The limiter of the job's account, registered (its row written from
-    /// the spec) the first time this process sees these settings: a job
-    /// submitted with a changed rate, burst, quota or cap takes effect at
-    /// its first call, in a worker that has run for days too. Specs that
-    /// disagree on one account share its row, which holds the settings
-    /// registered last (README, One rate limit for the whole fleet).
-    async fn limiter(&self, spec: &JobSpec) -> Result<SharedLimiter, StoreError> {
-        let p = &spec.provider;
-        let settings = format!(
-            "{}\n{:?}",
-            p.account(),
-            (p.requests_per_second, p.burst(), p.daily_quota, p.quota_reset_minutes(), p.max_in_flight, p.timeout_secs)
-        );
-        let mut limiters = self.limiters.lock().await;
-        if let Some(l) = limiters.get(&settings) {
-            return Ok(l.clone());
-        }
-        let l = SharedLimiter::register(&self.store, p).await?;
-        limiters.insert(settings, l.clone());
-        Ok(l)
     }
 }
 
@@ -330,7 +313,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
     // claimed to undo, and the claim, the mark and the audit row are one
     // transaction before the request. A read first turns away the tasks
     // that could not claim, before they take a grant.
-    let limiter = state.limiter(&rt.spec).await?;
+    let limiter = rt.limiter.clone();
     let store = &state.store;
     let (job, batch_no, lease) = (task.job_id, task.batch_no, rt.spec.provider.call_lease_secs());
     if !store.claimable(job, batch_no, task.generation, lease).await? {

@@ -63,12 +63,14 @@ impl Bucket {
             k = 1;
         }
         let em = 1.0 / (self.rate * self.scale);
-        let day_start = ((t - self.quota_reset) / 86_400.0).floor() * 86_400.0 + self.quota_reset;
-        let used = if self.quota_day_start < day_start { 0 } else { self.day_used };
+        let today = ((t - self.quota_reset) / 86_400.0).floor() * 86_400.0 + self.quota_reset;
+        let used = if self.quota_day_start < today { 0 } else { self.day_used };
         // A clock read earlier than the row's day (a step back) counts in
         // the row's day and never moves it back: the next reservation
-        // would take the day for a new one and reset its count.
-        let day_start = day_start.max(self.quota_day_start);
+        // would take the day for a new one and reset its count. (The wait
+        // for the quota still runs to the end of today, which a changed
+        // reset time may place before the row's day ends.)
+        let day_start = today.max(self.quota_day_start);
         if t < self.blocked_until {
             return deny(self.blocked_until - t, "blocked", None);
         }
@@ -77,7 +79,7 @@ impl Bucket {
             n = n.min(quota - used);
             if n < 1 {
                 let row = Bucket { quota_day_start: day_start, day_used: used, ..self.clone() };
-                return deny(day_start + 86_400.0 - t, "quota", Some(row));
+                return deny(today + 86_400.0 - t, "quota", Some(row));
             }
         }
         if let Some(cap) = self.max_in_flight {
@@ -167,6 +169,11 @@ mod tests {
         let back = back.row.unwrap();
         assert_eq!((back.quota_day_start, back.day_used), (midnight, 2), "counted in the newer day");
         assert_eq!(back.reserve(midnight + 1.0, 3, 0, 60.0).granted, 1, "one left of 3");
+        // The reset moved from 08:00 to midnight, the quota used up at
+        // 10:00: the wait runs to midnight, not to 08:00 tomorrow.
+        let used_up = Bucket { quota_day_start: midnight + 8.0 * 3_600.0, day_used: 3, ..b };
+        let r = used_up.reserve(midnight + 10.0 * 3_600.0, 1, 0, 60.0);
+        assert_eq!((r.reason, r.wait), (Some("quota"), 14.0 * 3_600.0));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The Postgres dialect: the production store, for many machines. What
 //! differs from SQLite: arrays and `jsonb` bind natively, times are
 //! `timestamptz`, planning holds a session advisory lock, the limiter runs
-//! as one SQL function (`limiter_reserve`, migration 0003) under the
+//! as one SQL function (`limiter_reserve`, migration 0016) under the
 //! account row's lock, and a few statements take Postgres' own shape.
 //! Everything else is the core's (`super::core`), which calls in here;
 //! nothing here calls back.
@@ -545,7 +545,7 @@ pub(super) static CARRIED_TYPES: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// One reservation through `limiter_reserve` (migration 0003), under the
+/// One reservation through `limiter_reserve` (migration 0016), under the
 /// account row's lock and (unless `$4`, Unix seconds, is given) the
 /// database's clock.
 pub(super) const LIMITER_RESERVE: &str =
