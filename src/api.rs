@@ -342,6 +342,17 @@ impl<'de> serde::de::Visitor<'de> for EntryVisitor {
                 (Key::Error, _) => unreachable!("read above"),
             }
         }
+        // `Year`, the name the integration guide's example reads, is the
+        // model year again (`vinetl serve` sends both): it fills an empty
+        // `ModelYear`, and is kept as a variable of its own only when it
+        // says something else.
+        if let Some(year) = e.vehicle.other.remove("Year") {
+            if e.vehicle.model_year.trim().is_empty() {
+                e.vehicle.model_year = year;
+            } else if year.trim() != e.vehicle.model_year.trim() {
+                e.vehicle.other.insert("Year".to_string(), year);
+            }
+        }
         Ok(e)
     }
 }
@@ -651,6 +662,18 @@ mod tests {
         // An error with no VIN is no failure, and no vehicle.
         assert!(serde_json::from_str::<BatchEntry>(r#"{"error": {"code": "X", "message": "y"}}"#).is_err());
         assert!(serde_json::from_str::<Vehicle>(r#"{"VIN": "X", "error": {"code": "X", "message": "y"}}"#).is_err());
+    }
+
+    /// `Year` (as `vinetl serve` sends it beside `ModelYear`, and as the
+    /// guide's example reads it) is the model year, not one more variable.
+    #[test]
+    fn year_is_the_model_year_under_the_guides_name() {
+        let both: Vehicle = serde_json::from_str(r#"{"VIN": "A", "ModelYear": "2003", "Year": "2003"}"#).unwrap();
+        assert_eq!((both.model_year.as_str(), both.other.len()), ("2003", 0));
+        let only: Vehicle = serde_json::from_str(r#"{"VIN": "A", "Year": "2011"}"#).unwrap();
+        assert_eq!((only.model_year.as_str(), only.other.len()), ("2011", 0));
+        let other: Vehicle = serde_json::from_str(r#"{"VIN": "A", "ModelYear": "2003", "Year": "2004"}"#).unwrap();
+        assert_eq!((other.model_year.as_str(), other.other["Year"].as_str()), ("2003", "2004"));
     }
 
     #[test]

@@ -57,8 +57,9 @@ fn python_requests_snippet() {
 fn javascript_fetch_snippets() {
     let server = ServeProcess::start(&[]);
     let out = run_snippet("node", "decode.mjs", &server.url);
-    // The guide's `.Year` is not a vPIC field; the answer has ModelYear.
-    assert_eq!(out, "HONDA\n\nundefined\n");
+    // Make, the (empty) model, and the guide's `.Year`: vPIC's ModelYear,
+    // under the name the example reads.
+    assert_eq!(out, "HONDA\n\n1991\n");
 
     let out = run_snippet("node", "batch-decode.mjs", &server.url);
     let lines: Vec<&str> = out.lines().collect();

@@ -66,6 +66,8 @@ async fn decode_answers_what_the_data_says() {
     );
     assert_eq!(d["PlantCity"], "FREMONT");
     assert_eq!(d["ErrorCode"], "0");
+    // `Year` too, as the guide's example reads it: the model year again.
+    assert_eq!(d["Year"], "2013");
     // The guide's textbook VIN: vPIC knows Honda and 1991, and no model.
     let (_, _, body) = api.post("/api/v1/decode", KEY, json!({"vin": "1HGBH41JXMN109186"})).await;
     assert_eq!((body["data"]["Make"].as_str(), body["data"]["ModelYear"].as_str()), (Some("HONDA"), Some("1991")));
@@ -128,6 +130,19 @@ async fn batches_hold_one_to_twenty_vins_and_each_stands_alone() {
     assert_eq!(b["data"][1]["VIN"], "JM3KE4BY6G06");
     assert_eq!(b["data"][1]["error"]["code"], "INVALID_VIN");
     assert_eq!(b["data"][2]["Make"], "TESLA");
+    // So does an entry that is not a string: it comes back as sent, with
+    // its error.
+    let vins = json!({"vins": [null, "1HGCM82633A004352", 17, {"vin": "5YJSA1DG9DFP14705"}]});
+    let (s, _, b) = api.post("/api/v1/batch-decode", KEY, vins).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let data = b["data"].as_array().unwrap();
+    assert_eq!(data.len(), 4);
+    assert_eq!((&data[0]["VIN"], &data[0]["error"]["code"]), (&Value::Null, &json!("INVALID_VIN")));
+    assert_eq!(data[0]["error"]["message"], "entry 1 of vins is null, not a string");
+    assert_eq!((data[1]["Model"].as_str(), data[1]["Year"].as_str()), (Some("Accord"), Some("2003")));
+    assert_eq!((&data[2]["VIN"], &data[2]["error"]["code"]), (&json!(17), &json!("INVALID_VIN")));
+    assert_eq!(data[3]["VIN"], json!({"vin": "5YJSA1DG9DFP14705"}));
+    assert_eq!(data[3]["error"]["code"], "INVALID_VIN");
     server.stop().await.unwrap();
 }
 
@@ -202,7 +217,11 @@ async fn a_per_second_limit_answers_429_with_a_short_retry_after() {
     }
     let h = limited.expect("more than 5 + burst requests in a burst are refused");
     assert_eq!(h["retry-after"], "1");
-    assert_eq!(h["x-ratelimit-limit"], "5");
+    // The rate headers still tell the day's quota, with calls left: this
+    // 429 is the per-second limit's, not the day's.
+    assert_eq!(h["x-ratelimit-limit"], "1000");
+    let remaining: u64 = h["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
+    assert!((990..1000).contains(&remaining), "{remaining}");
     server.stop().await.unwrap();
 }
 

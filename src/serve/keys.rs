@@ -343,13 +343,11 @@ impl Accounts {
             u.tokens = (u.tokens + (now - u.refilled_at).max(0.0) * rate).min(rate.max(1.0));
             u.refilled_at = now;
             if u.tokens < 1.0 {
+                // `Retry-After` says when; the `X-RateLimit-*` headers keep
+                // meaning the day's quota, so a client that reads them
+                // sees quota left and can tell this 429 from the day's.
                 let wait = ((1.0 - u.tokens) / rate).ceil().max(1.0) as u64;
-                let second = Quota {
-                    limit: rate.ceil() as u64,
-                    remaining: 0,
-                    reset: (now + (1.0 - u.tokens) / rate).ceil() as u64,
-                };
-                return Err(Limited { retry_after_secs: wait, quota: second, per_second: true });
+                return Err(Limited { retry_after_secs: wait, quota: quota(u.used), per_second: true });
             }
             u.tokens -= 1.0;
         }
@@ -656,6 +654,8 @@ mod tests {
         let refused = a.admit(Caller::Key(1), NOON).unwrap_err();
         assert!(refused.per_second);
         assert_eq!(refused.retry_after_secs, 1);
+        // Its quota is the day's, as on every other answer.
+        assert_eq!((refused.quota.limit, refused.quota.remaining), (1000, 1000 - 5));
         // 0.2 s later one token is back; the refused call cost no quota.
         assert_eq!(a.admit(Caller::Key(1), NOON + 0.2).unwrap().remaining, 1000 - 6);
     }

@@ -30,8 +30,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::RequestBodyDeadlineLayer;
 
 use crate::api::{
-    self, ApiError, BatchDecodeRequest, BatchEntry, DataResponse, DecodeRequest, EMBEDDED_KEY, ErrorResponse,
-    MAX_BATCH, RecallsRequest, RecallsResponse, Vehicle, code,
+    self, ApiError, DataResponse, DecodeRequest, EMBEDDED_KEY, ErrorResponse, MAX_BATCH, RecallsRequest,
+    RecallsResponse, Vehicle, code,
 };
 use crate::local::decoder::Decoder;
 use crate::vin::Vin;
@@ -307,7 +307,9 @@ impl ApiFailure {
             format!("{what} exceeded; retry after {} s", limited.retry_after_secs),
         );
         f.headers.push((header::RETRY_AFTER, HeaderValue::from(limited.retry_after_secs)));
-        f.headers.extend(quota_headers(&limited.quota));
+        if limited.quota.limit != u64::MAX {
+            f.headers.extend(quota_headers(&limited.quota));
+        }
         f
     }
 }
@@ -469,6 +471,46 @@ fn invalid_vin(raw: &str, e: crate::vin::VinError) -> ApiError {
     ApiError { code: code::INVALID_VIN.into(), message: format!("invalid VIN {raw:?}: {e}") }
 }
 
+/// A vehicle as served: vPIC's variables, and `Year`, the same value as
+/// `ModelYear`. The guide's own example reads `vehicle.data.Year`; vPIC
+/// has no variable of that name, so it is added here, on the wire only.
+#[derive(serde::Serialize)]
+struct Served<'a> {
+    #[serde(flatten)]
+    vehicle: &'a Vehicle,
+    #[serde(rename = "Year")]
+    year: &'a str,
+}
+
+impl Served<'_> {
+    fn of(vehicle: &Vehicle) -> Served<'_> {
+        Served { vehicle, year: &vehicle.model_year }
+    }
+}
+
+/// One batch entry as served, in request order.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ServedEntry<'a> {
+    /// The entry as sent (a string, or any other JSON value) and why it
+    /// was not decoded.
+    Failed {
+        #[serde(rename = "VIN")]
+        vin: &'a serde_json::Value,
+        error: ApiError,
+    },
+    Decoded(Served<'a>),
+}
+
+/// `POST /api/v1/batch-decode` as the server reads it: any JSON values, so
+/// that one entry that is not a string (`null`, a number) gets its own
+/// error and the rest decode, as the guide promises for invalid VINs.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    vins: Vec<serde_json::Value>,
+}
+
 async fn decode_blocking(server: &Arc<Server>, vins: Vec<Vin>) -> Result<Vec<Vehicle>, ApiFailure> {
     let s = Arc::clone(server);
     tokio::task::spawn_blocking(move || vins.iter().map(|v| s.decoder.decode(v)).collect())
@@ -490,7 +532,7 @@ async fn decode(
     })?;
     let quota = s.admit(caller)?;
     let vehicle = decode_blocking(&s, vec![vin]).await?.remove(0);
-    Ok(with_vins(ok(DataResponse { success: true, data: vehicle }, quota), 1))
+    Ok(with_vins(ok(DataResponse { success: true, data: Served::of(&vehicle) }, quota), 1))
 }
 
 async fn batch_decode(
@@ -500,7 +542,7 @@ async fn batch_decode(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiFailure> {
     let caller = s.keyed_caller(&headers, peer, "batch decoding")?;
-    let req: BatchDecodeRequest = parse_body(body)?;
+    let req: BatchRequest = parse_body(body)?;
     match req.vins.len() {
         0 => return Err(ApiFailure::bad_request(code::INVALID_REQUEST, "vins must hold 1 to 20 VINs, got none")),
         n if n > MAX_BATCH => {
@@ -513,16 +555,27 @@ async fn batch_decode(
     }
     let quota = s.admit(caller)?;
     // Each VIN stands alone: an invalid one gets its error, the rest decode.
-    let parsed: Vec<Result<Vin, ApiError>> =
-        req.vins.iter().map(|raw| Vin::parse_exact(raw).map_err(|e| invalid_vin(raw, e))).collect();
+    let parsed: Vec<Result<Vin, ApiError>> = req
+        .vins
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| match raw.as_str() {
+            Some(text) => Vin::parse_exact(text).map_err(|e| invalid_vin(text, e)),
+            None => Err(ApiError {
+                code: code::INVALID_VIN.into(),
+                message: format!("entry {} of vins is {raw}, not a string", i + 1),
+            }),
+        })
+        .collect();
     let valid: Vec<Vin> = parsed.iter().filter_map(|p| p.as_ref().ok().copied()).collect();
-    let mut decoded = decode_blocking(&s, valid).await?.into_iter();
-    let data: Vec<BatchEntry> = parsed
+    let decoded = decode_blocking(&s, valid).await?;
+    let mut vehicles = decoded.iter();
+    let data: Vec<ServedEntry> = parsed
         .into_iter()
         .zip(&req.vins)
         .map(|(p, raw)| match p {
-            Ok(_) => BatchEntry::Decoded(Box::new(decoded.next().expect("one decode per valid VIN"))),
-            Err(error) => BatchEntry::Failed { vin: raw.clone(), error },
+            Ok(_) => ServedEntry::Decoded(Served::of(vehicles.next().expect("one decode per valid VIN"))),
+            Err(error) => ServedEntry::Failed { vin: raw, error },
         })
         .collect();
     tracing::debug!(caller = %s.accounts.name(caller), vins = data.len(), "batch-decode");

@@ -43,8 +43,10 @@ pub fn document() -> Value {
     };
     let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
     let string = json!({"type": "string"});
-    let vehicle_fields: Vec<&str> =
-        std::iter::once("VIN").chain(VEHICLE_FIELDS.iter().copied()).chain(["ErrorCode", "ErrorText"]).collect();
+    let vehicle_fields: Vec<&str> = std::iter::once("VIN")
+        .chain(VEHICLE_FIELDS.iter().copied())
+        .chain(["ErrorCode", "ErrorText", "Year"])
+        .collect();
     let vehicle_props: serde_json::Map<String, Value> =
         vehicle_fields.iter().map(|f| (f.to_string(), string.clone())).collect();
     json!({
@@ -70,8 +72,8 @@ pub fn document() -> Value {
                     "type": "object", "required": ["vins"], "additionalProperties": false,
                     "properties": {"vins": {
                         "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
-                        "description": "Any strings: each is validated on its own, and an invalid one gets an error entry",
-                        "items": {"type": "string"}
+                        "description": "VINs as strings. Each entry is validated on its own: an invalid VIN, or an entry that is not a string, gets an error entry and the rest decode",
+                        "items": {}
                     }}
                 },
                 "RecallsRequest": {
@@ -98,14 +100,14 @@ pub fn document() -> Value {
                     "type": "object", "required": vehicle_fields,
                     "properties": vehicle_props,
                     "additionalProperties": {"type": "string"},
-                    "description": "vPIC variables as strings; empty when unknown. ErrorCode is vPIC's (0 = clean, 1 = check digit, 7 = maker not registered, 8 = no detailed data, 11 = model year)."
+                    "description": "vPIC variables as strings; empty when unknown. Year is ModelYear again, under the name the integration guide's example reads. ErrorCode is vPIC's (0 = clean, 1 = check digit, 7 = maker not registered, 8 = no detailed data, 11 = model year)."
                 },
                 "BatchEntry": {
                     "oneOf": [
                         {"$ref": "#/components/schemas/Vehicle"},
                         {
                             "type": "object", "required": ["VIN", "error"], "additionalProperties": false,
-                            "properties": {"VIN": {"type": "string"}, "error": {"$ref": "#/components/schemas/ErrorDetail"}}
+                            "properties": {"VIN": {"description": "the entry as sent: a string, or the JSON value that was not one"}, "error": {"$ref": "#/components/schemas/ErrorDetail"}}
                         }
                     ]
                 },
