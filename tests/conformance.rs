@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Backend, KEYS_TOML};
-use vinetl::call::limiter::{Denied, SharedLimiter};
+use vinetl::call::limiter::{Denied, MAX_THROTTLE_BACKOFF, MIN_SCALE, SharedLimiter};
 use vinetl::cli::jobs::State;
 use vinetl::job::queue::{BatchTask, queue_name};
 use vinetl::serve::faults::Faults;
@@ -752,11 +752,21 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(c.try_reserve(1).await.unwrap().map(|g| g.n), Ok(1));
+    // Seven calls in flight, granted before the circuit opens.
+    let in_flight = c.try_reserve(7).await.unwrap().expect("seven granted");
+    assert_eq!(in_flight.n, 7);
     // A call granted before the circuit opens, and not made.
     let unused = c.acquire().await.unwrap().expect("granted");
     c.unreachable("connection refused", unused.granted_at()).await.unwrap();
     let open = c.circuit().await.unwrap().expect("open");
     assert_eq!(open.reason, "connection refused");
+    // The seven fail the same way: one outage, seen again. Each gives its
+    // unit back, and none moves the probe (eight failures counted would
+    // have put it 60 s away).
+    for _ in 0..7 {
+        c.unreachable("connection refused", in_flight.at).await.unwrap();
+    }
+    assert_eq!(c.circuit().await.unwrap().expect("open").probe_at, open.probe_at, "one trip for one flight");
     let wait = match other.try_reserve(1).await.unwrap() {
         Err(Denied::Circuit { wait }) => wait,
         got => panic!("another process may not call while it is open: {got:?}"),
@@ -788,10 +798,11 @@ async fn the_limiter_holds_rate_burst_quota_and_in_flight(backend: Backend) {
         }
     }
     assert_eq!(left, 9);
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     for _ in 0..vinetl::call::limiter::SERVER_ERRORS_TO_OPEN - 1 {
-        assert!(!c.server_error("500").await.unwrap());
+        assert!(!c.server_error("500", now()).await.unwrap());
     }
-    assert!(c.server_error("500").await.unwrap(), "five 5xx in a row open it");
+    assert!(c.server_error("500", now()).await.unwrap(), "five 5xx in a row open it");
 
     // Two calls in flight at most, across limiters; a release frees a place.
     let p = provider("account = \"flight\"\nmax_in_flight = 2");
@@ -953,6 +964,76 @@ async fn block_until(store: &Store, account: &str, until: f64) {
         }
         (None, None) => unreachable!(),
     };
+}
+
+/// Lifts the account's push-back (as if it had passed).
+async fn unblock(store: &Store, account: &str) {
+    match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => sqlx::query("UPDATE limiter SET blocked_until = '-infinity' WHERE account = $1")
+            .bind(account)
+            .execute(pool)
+            .await
+            .map(drop)
+            .unwrap(),
+        (None, Some((pool, _))) => sqlx::query("UPDATE limiter SET blocked_until = 0 WHERE account = ?1")
+            .bind(account)
+            .execute(pool)
+            .await
+            .map(drop)
+            .unwrap(),
+        (None, None) => unreachable!(),
+    };
+}
+
+/// 429s without `Retry-After`: the calls in flight together when one came
+/// back cut the rate once, not once each; each cut in a row with no
+/// success between adds a back-off that doubles (1, 3, 7 … s) up to its
+/// cap, so an API that ends its day with bare 429s is not asked every few
+/// seconds until its reset; a success ends the run.
+async fn bare_429s_cut_the_rate_once_per_flight_and_back_off_more_each_time_in_a_row(backend: Backend) {
+    let env = Env::new(backend);
+    let store = env.store().await;
+    let path = env.spec(&pattern_vins(1), "http://127.0.0.1:9", "account = \"bare429\"");
+    // One call a second: every interval is seconds long, so the waits
+    // read back below are far from their bounds, however slow the machine.
+    let p = vinetl::spec::ProviderSpec { requests_per_second: 1.0, ..JobSpec::load(&path).unwrap().provider };
+    let limiter = SharedLimiter::register(&store, &p).await.unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    // The push-back at a rate cut to `scale`, with `backoff` seconds.
+    let within = |w: Duration, scale: f64, backoff: f64| {
+        let w = w.as_secs_f64();
+        w > backoff && w <= backoff + 1.0 / scale
+    };
+    // Eight calls granted together, all refused: one cut (to 0.5/s), one
+    // interval of 2 s, no back-off.
+    let together = now();
+    std::thread::sleep(Duration::from_millis(5));
+    for i in 0..8 {
+        let w = limiter.push_back(None, together).await.unwrap();
+        assert!(within(w, 0.5, 0.0), "call {i}: {w:?}");
+    }
+    // Calls granted after that cut, refused too: cut again each time, and
+    // 1, 3, 7 s more each time. The wait is the store's, read in the
+    // statement that set it, so it is exact to well under 0.1 s.
+    for (scale, backoff) in [(0.25, 1.0), (0.125, 3.0), (0.0625, 7.0)] {
+        let w = limiter.push_back(None, now()).await.unwrap().as_secs_f64();
+        let expected = 1.0 / scale + backoff;
+        assert!(w > expected - 0.1 && w <= expected, "{w} s after a cut to {scale}: {expected} s expected");
+    }
+    // Up to the cap, however long the run (the rate at its floor).
+    let (cap, floor) = (MAX_THROTTLE_BACKOFF.as_secs_f64(), MIN_SCALE);
+    let mut w = Duration::ZERO;
+    for _ in 0..20 {
+        w = limiter.push_back(None, now()).await.unwrap();
+    }
+    assert!(within(w, floor, cap), "{w:?}");
+    // A success ends the run: once the push-back has passed, the next bare
+    // 429 adds no back-off.
+    limiter.answered(true).await.unwrap();
+    unblock(&store, "bare429").await;
+    let w = limiter.push_back(None, now()).await.unwrap();
+    assert!(within(w, floor, 0.0), "{w:?}");
+    env.cleanup().await;
 }
 
 /// Property test of the reservation code that runs (the Postgres function,
@@ -1851,6 +1932,7 @@ common::both_stores!(
     the_limiter_holds_rate_burst_quota_and_in_flight,
     the_limiter_arithmetic_holds_for_any_interleaving,
     the_limiter_holds_across_differing_specs_and_quota_days,
+    bare_429s_cut_the_rate_once_per_flight_and_back_off_more_each_time_in_a_row,
     counts_failures_and_reprocess,
     two_worker_processes_share_a_job,
     pause_then_resume_calls_each_batch_once,

@@ -24,6 +24,11 @@ use crate::store::{Store, StoreError};
 /// Without `Retry-After`, a 429 halves the shared rate (down to this share
 /// of the configured one) and pushes every worker back by one new interval.
 pub const MIN_SCALE: f64 = 0.05;
+/// The longest back-off that bare 429s in a row add to the push-back (it
+/// doubles with each: 0, 1, 3, 7 … seconds): an API that ends a day's
+/// quota that way is asked every 10 minutes until its reset, not every few
+/// seconds.
+pub const MAX_THROTTLE_BACKOFF: Duration = Duration::from_secs(600);
 /// Each successful call gives back this much of the configured rate: from
 /// the floor to full speed takes ~100 successes, so a wrong rate cannot storm.
 pub const RECOVERY_STEP: f64 = 0.01;
@@ -346,11 +351,20 @@ impl SharedLimiter {
         }
     }
 
-    /// A 429: no worker anywhere calls before `retry_after` has passed (the
-    /// push-back only moves later). Without `Retry-After`, the shared rate is
-    /// halved too (AIMD), and everyone waits one new interval.
-    pub async fn push_back(&self, retry_after: Option<Duration>) -> Result<(), StoreError> {
-        self.store.limiter_push_back(&self.account, retry_after.map(|d| d.as_secs_f64()), MIN_SCALE).await
+    /// A 429 to the call granted at `granted_at` ([`Slot::granted_at`]): no
+    /// worker anywhere calls before `retry_after` has passed (the push-back
+    /// only moves later). Without `Retry-After`, the shared rate is halved
+    /// (AIMD), once for the calls that were in flight together, and
+    /// everyone waits one new interval plus a back-off that doubles with
+    /// each such 429 in a row (up to [`MAX_THROTTLE_BACKOFF`]). Returns how
+    /// long until calls may start again.
+    pub async fn push_back(&self, retry_after: Option<Duration>, granted_at: f64) -> Result<Duration, StoreError> {
+        let limits = (MIN_SCALE, MAX_THROTTLE_BACKOFF.as_secs_f64());
+        let secs = self
+            .store
+            .limiter_push_back(&self.account, retry_after.map(|d| d.as_secs_f64()), limits, granted_at)
+            .await?;
+        Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO))
     }
 
     /// The API answered (any status but a 5xx): the circuit closes, and a
@@ -376,12 +390,14 @@ impl SharedLimiter {
         self.trip(reason, 1, granted_at).await
     }
 
-    /// A 5xx answer or a timeout: after [`SERVER_ERRORS_TO_OPEN`] in a row,
-    /// across the account, the circuit opens. Returns whether it is open.
-    pub async fn server_error(&self, reason: &str) -> Result<bool, StoreError> {
+    /// A 5xx answer or a timeout to the call granted at `granted_at`: after
+    /// [`SERVER_ERRORS_TO_OPEN`] in a row, across the account, the circuit
+    /// opens. Returns whether it is open. The call reached the API, so its
+    /// quota unit is spent.
+    pub async fn server_error(&self, reason: &str, granted_at: f64) -> Result<bool, StoreError> {
         let run = self.store.limiter_server_error(&self.account).await?;
         if run >= SERVER_ERRORS_TO_OPEN {
-            self.trip(reason, 0, 0.0).await?;
+            self.trip(reason, 0, granted_at).await?;
         }
         Ok(run >= SERVER_ERRORS_TO_OPEN)
     }

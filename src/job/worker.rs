@@ -404,8 +404,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Outcome::RateLimited { retry_after } => {
             // Every worker of the account waits; the batch does not lose an attempt.
             limiter.answered(false).await?;
-            limiter.push_back(retry_after).await?;
-            let wait = retry_after.unwrap_or(Duration::from_secs(1));
+            let wait = limiter.push_back(retry_after, granted_at).await?;
             reschedule(state, &rt, task, wait, Reschedule::RateLimited, "429 Too Many Requests").await?;
         }
         Outcome::Unreachable(reason) => {
@@ -420,7 +419,7 @@ async fn call_batch(task: BatchTask, state: &WorkerState) -> Result<(), BoxDynEr
         Outcome::ServerError(ref reason) | Outcome::TimedOut(ref reason) => {
             let end = if matches!(outcome, Outcome::TimedOut(_)) { CallEnd::TimedOut } else { CallEnd::ServerError };
             let reason = reason.clone();
-            if limiter.server_error(&reason).await? {
+            if limiter.server_error(&reason, granted_at).await? {
                 tracing::warn!(%reason, "server errors in a row: the API is treated as down");
             }
             retry_or_dead_letter(state, &rt, task, kind, batch.attempts, end, reason).await?;

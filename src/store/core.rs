@@ -1788,35 +1788,54 @@ impl Store {
     /// A 429: no caller before `retry_after` seconds (only ever moved
     /// later); without one the rate halves (to `min_scale` at least) and
     /// everyone waits one new interval.
+    ///
+    /// Without `Retry-After`, a 429 to a call granted (`granted_at`, Unix
+    /// seconds) after the rate was last halved halves it again and counts
+    /// one more throttle in a row; the push-back is one new interval plus
+    /// 0, 1, 3, 7 … seconds by that count, at most `max_backoff`. A 429 to
+    /// a call granted before then (or in its millisecond) changes nothing:
+    /// it answers a call sent before the cut. Returns the seconds until calls may start again.
     pub async fn limiter_push_back(
         &self,
         account: &str,
         retry_after: Option<f64>,
-        min_scale: f64,
-    ) -> Result<(), StoreError> {
-        match retry_after {
+        (min_scale, max_backoff): (f64, f64),
+        granted_at: f64,
+    ) -> Result<f64, StoreError> {
+        let row = match retry_after {
             Some(secs) => {
-                self.exec(
+                self.row(
                     "UPDATE limiter SET blocked_until = greatest(blocked_until, clock_timestamp() + {secs $2}),
                              updated_at = now()
-                         WHERE account = $1",
+                         WHERE account = $1
+                         RETURNING {epoch blocked_until} - {epoch clock_timestamp()}",
                     args![account, secs],
                 )
                 .await?
             }
             None => {
-                self.exec(
-                    "UPDATE limiter SET scale = greatest($2, scale / 2),
-                             blocked_until = greatest(blocked_until,
-                                 clock_timestamp() + {secs 1.0 / (rate * greatest($2, scale / 2))}),
+                self.row(
+                    "UPDATE limiter SET
+                             scale = CASE WHEN scaled_at IS NULL OR scaled_at < {ts $3}
+                                 THEN greatest($2, scale / 2) ELSE scale END,
+                             throttles = CASE WHEN scaled_at IS NULL OR scaled_at < {ts $3}
+                                 THEN throttles + 1 ELSE throttles END,
+                             scaled_at = CASE WHEN scaled_at IS NULL OR scaled_at < {ts $3}
+                                 THEN clock_timestamp() ELSE scaled_at END,
+                             blocked_until = CASE WHEN scaled_at IS NULL OR scaled_at < {ts $3}
+                                 THEN greatest(blocked_until, clock_timestamp()
+                                     + {secs 1.0 / (rate * greatest($2, scale / 2))
+                                             + least($4, (1 << least(throttles, 20)) - 1)})
+                                 ELSE blocked_until END,
                              updated_at = now()
-                         WHERE account = $1",
-                    args![account, min_scale],
+                         WHERE account = $1
+                         RETURNING {epoch blocked_until} - {epoch clock_timestamp()}",
+                    args![account, min_scale, granted_at, max_backoff],
                 )
                 .await?
             }
         };
-        Ok(())
+        Ok(row.map(|r| r.opt_real(0)).transpose()?.flatten().unwrap_or(0.0).max(0.0))
     }
 
     /// The API answered (a success recovers `step` of a reduced rate): the
@@ -1824,8 +1843,10 @@ impl Store {
     pub async fn limiter_answered(&self, account: &str, success: bool, step: f64) -> Result<(), StoreError> {
         self.exec(
             "UPDATE limiter SET scale = CASE WHEN $2 THEN least(1, scale + $3) ELSE scale END,
+                     throttles = CASE WHEN $2 THEN 0 ELSE throttles END,
                      circuit_since = NULL, circuit_failures = 0, circuit_reason = NULL, server_errors = 0
-                 WHERE account = $1 AND (($2 AND scale < 1) OR circuit_since IS NOT NULL OR server_errors > 0)",
+                 WHERE account = $1
+                   AND (($2 AND (scale < 1 OR throttles > 0)) OR circuit_since IS NOT NULL OR server_errors > 0)",
             args![account, success, step],
         )
         .await?;
@@ -1846,7 +1867,11 @@ impl Store {
     /// Opens (or keeps open) the account's circuit: the next probe backs
     /// off 1, 2, 4 … `max_gap` seconds; `refund` quota units, granted at
     /// `granted_at` (Unix seconds), come back to that quota day if it is
-    /// still the row's (as [`limiter_refund`](Self::limiter_refund)).
+    /// still the row's (as [`limiter_refund`](Self::limiter_refund)). A
+    /// call granted before the circuit's last trip (or in its millisecond:
+    /// SQLite's clock reads milliseconds) was in flight with the call that
+    /// tripped it: its failure moves neither the probe nor the count of
+    /// failures.
     pub async fn limiter_trip(
         &self,
         account: &str,
@@ -1857,8 +1882,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.exec(
             "UPDATE limiter SET circuit_since = coalesce(circuit_since, clock_timestamp()),
-                     circuit_probe_at = clock_timestamp() + {secs least($3, 1 << least(circuit_failures, 10))},
-                     circuit_failures = circuit_failures + 1, circuit_reason = $2, server_errors = 0,
+                     circuit_probe_at = CASE
+                         WHEN circuit_since IS NULL OR circuit_tripped_at IS NULL OR circuit_tripped_at < {ts $5}
+                         THEN clock_timestamp() + {secs least($3, 1 << least(circuit_failures, 10))}
+                         ELSE circuit_probe_at END,
+                     circuit_failures = CASE
+                         WHEN circuit_since IS NULL OR circuit_tripped_at IS NULL OR circuit_tripped_at < {ts $5}
+                         THEN circuit_failures + 1 ELSE circuit_failures END,
+                     circuit_tripped_at = CASE
+                         WHEN circuit_since IS NULL OR circuit_tripped_at IS NULL OR circuit_tripped_at < {ts $5}
+                         THEN clock_timestamp() ELSE circuit_tripped_at END,
+                     circuit_reason = $2, server_errors = 0,
                      day_used = CASE WHEN quota_day_start <= {ts $5} THEN greatest(0, day_used - $4) ELSE day_used END
                  WHERE account = $1",
             args![account, reason, max_gap, refund, granted_at],
