@@ -1917,7 +1917,87 @@ async fn a_rewrite_keeps_the_calls_phase(backend: Backend) {
     env.cleanup().await;
 }
 
+/// Makes every writing job's writer look silent for two hours.
+async fn stall_writers(store: &Store) {
+    match (store.pg_pool(), store.sqlite_pools()) {
+        (Some(pool), _) => {
+            sqlx::query("UPDATE jobs SET updated_at = now() - interval '2 hours' WHERE state = 'writing'")
+                .execute(pool)
+                .await
+                .map(drop)
+                .unwrap()
+        }
+        (None, Some((pool, _))) => {
+            sqlx::query("UPDATE jobs SET updated_at = unixepoch('subsec') - 7200 WHERE state = 'writing'")
+                .execute(pool)
+                .await
+                .map(drop)
+                .unwrap()
+        }
+        (None, None) => unreachable!(),
+    }
+}
+
+/// A job's write has one writer at a time: a takeover (the writer's lease
+/// ran out) gives the write a new token, the old writer's next beat says
+/// it is no longer the writer, and it can neither finish nor fail the job
+/// the new writer is writing. Takeovers come one job at a time.
+async fn a_job_has_one_writer_and_a_replaced_one_ends_nothing(backend: Backend) {
+    let env = Env::new(backend);
+    let (server, _keys) = common::serve(Faults::default()).await;
+    let out_dir = env.dir.path().join("out");
+    let spec = env.spec(
+        &pattern_vins(20),
+        &server.url(),
+        &format!("[[outputs]]\nkind = \"parquet\"\npath = \"{}\"", out_dir.display()),
+    );
+    for _ in 0..2 {
+        let out = env.vinetl("YOUR_API_KEY", &["run", spec.to_str().unwrap()]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let store = env.store().await;
+    for job in [1, 2] {
+        assert!(store.begin_rewrite(job, false).await.unwrap());
+    }
+    let a = store.take_write(1).await.unwrap().expect("job 1 is writing");
+    assert!(store.heartbeat(1, &a).await.unwrap());
+    // Both jobs' writers last beat two hours ago: one job is taken over per call.
+    stall_writers(&store).await;
+    let (first, b) = store.orphaned_write(3600.0).await.unwrap().expect("one taken over");
+    assert_eq!(first, 1, "the oldest job first");
+    assert_ne!(a, b);
+    let (second, c) = store.orphaned_write(3600.0).await.unwrap().expect("then the other");
+    assert_eq!(second, 2);
+    assert!(store.orphaned_write(3600.0).await.unwrap().is_none(), "a writer that just took a job keeps it");
+    // The replaced writer of job 1 is told, and ends nothing.
+    assert!(!store.heartbeat(1, &a).await.unwrap(), "the old writer learns it was replaced");
+    assert!(store.heartbeat(1, &b).await.unwrap());
+    store.finish_writing(1, &["old writer's".to_string()], &a).await.unwrap();
+    store.fail_writing(1, "old writer's failure", &a).await.unwrap();
+    let s = env.status(1).await;
+    assert_eq!(s["state"], "writing", "{s}");
+    store.finish_writing(1, &["new writer's".to_string()], &b).await.unwrap();
+    let s = env.status(1).await;
+    assert_eq!((s["state"].as_str(), s["outputs"][0].as_str()), (Some("done"), Some("new writer's")), "{s}");
+    // A writer given the write by the job's state takes it from a takeover
+    // that lost it in turn; the takeover's end is then ignored too.
+    let d = store.take_write(2).await.unwrap().expect("job 2 is writing");
+    store.fail_writing(2, "the takeover's failure", &c).await.unwrap();
+    assert_eq!(env.status(2).await["state"], "writing");
+    store.fail_writing(2, "the writer's failure", &d).await.unwrap();
+    let s = env.status(2).await;
+    assert_eq!(
+        (s["state"].as_str(), s["state_reason"].as_str()),
+        (Some("failed"), Some("the writer's failure")),
+        "{s}"
+    );
+    assert!(store.take_write(2).await.unwrap().is_none(), "a failed job is not writing");
+    server.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 common::both_stores!(
+    a_job_has_one_writer_and_a_replaced_one_ends_nothing,
     enqueue_is_idempotent,
     a_recreated_install_queues_its_jobs_again,
     a_dead_workers_batch_is_taken_over_once,

@@ -775,3 +775,45 @@ async fn the_results_table_stays_readable_while_a_rewrite_upserts_vehicles() {
     drop((reader, db));
     cleanup(&schema).await;
 }
+
+/// Two writers of one job's tables (one whose lease ran out while it was
+/// stalled, and the one that took the job over) never load at once: the
+/// second waits for the first's session lock on the job's load, else it
+/// would drop the first's load table as a leftover, or its new partition.
+#[tokio::test]
+async fn a_second_writer_of_a_jobs_tables_waits_for_the_first() {
+    use sqlx::types::chrono::{TimeZone, Utc};
+    use vinetl::io::output::{Rows, tables};
+    let schema = unique_schema("onewriter");
+    let dir = tempfile::tempdir().unwrap();
+    let (db, store) = common::migrated_store(&schema).await;
+    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
+    let body = std::fs::read_to_string(&spec).unwrap();
+    let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
+    std::fs::write(&spec, out).unwrap();
+    let output = vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0);
+    let at = Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap());
+    let rows = vec![common::decoded_row(1, "1HGCM82633A004352", at, "HONDA", "HONDA")];
+    // The first writer, stalled mid-load: a session holding the lock.
+    let mut first = db.acquire().await.unwrap();
+    let first_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *first).await.unwrap();
+    let mark = format!("vinetl load of {schema}.results for job 1");
+    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))").bind(&mark).execute(&mut *first).await.unwrap();
+    let second = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tx.send(Rows::Chunk(std::sync::Arc::new(rows))).await.unwrap();
+            tx.send(Rows::End).await.unwrap();
+            tables::write(&store, &output, 1, rx).await
+        }
+    });
+    common::blocked_by(&db, first_pid, "the second writer's load").await;
+    // The first ends (or dies): the second loads.
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))").bind(&mark).execute(&mut *first).await.unwrap();
+    assert_eq!(second.await.unwrap().unwrap().0, 1);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE job_id = 1").fetch_one(&db).await.unwrap();
+    assert_eq!(n, 1);
+    drop((first, db));
+    cleanup(&schema).await;
+}

@@ -692,7 +692,7 @@ pub async fn write(state: &State, job_id: i64, force: bool) -> anyhow::Result<En
         ))
         .into());
     }
-    crate::job::advance::write(&store, &state.schema, job_id, &spec).await?;
+    crate::job::advance::write(&store, &state.schema, job_id, &spec, None).await?;
     let counts = store.counts(job_id).await?.ok_or(StoreError::NoJob(job_id))?;
     Ok(Ended { counts, max_failed_share: spec.max_failed_share })
 }

@@ -20,7 +20,7 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
         Next::Enqueue => {
             queue::enqueue(store, schema, Lane::of(&spec.provider), job_id).await?;
         }
-        Next::Write => write(store, schema, job_id, spec).await?,
+        Next::Write => write(store, schema, job_id, spec, None).await?,
         Next::Done => retain(store, schema, job_id, spec).await,
         Next::Nothing => {}
     }
@@ -34,14 +34,32 @@ pub async fn advance(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -
 /// worker to take over when the lease runs out. A partition that a later
 /// job has written is replaced only when the run was started with
 /// `--force` ([`Store::replaces_newer`]).
-pub async fn write(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> Result<(), StoreError> {
+///
+/// `writer`: the token of a takeover ([`Store::orphaned_write`]); without
+/// one, the caller was given the write by the job's state (it moved the
+/// job to `writing`) and takes it here ([`Store::take_write`]). A writer
+/// that another has replaced stops at its next heartbeat and ends nothing.
+pub async fn write(
+    store: &Store,
+    schema: &str,
+    job_id: i64,
+    spec: &JobSpec,
+    writer: Option<String>,
+) -> Result<(), StoreError> {
+    let writer = match writer {
+        Some(w) => w,
+        None => match store.take_write(job_id).await? {
+            Some(w) => w,
+            None => return Ok(()),
+        },
+    };
     let replace_newer = store.replaces_newer(job_id).await?;
     let started = std::time::Instant::now();
-    let written = output::write_all(store, job_id, spec, replace_newer).await;
+    let written = output::write_all(store, job_id, spec, replace_newer, &writer).await;
     crate::prometheus::output_written(written.is_ok(), started.elapsed());
     match written {
         Ok(written) => {
-            store.finish_writing(job_id, &written.outputs).await?;
+            store.finish_writing(job_id, &written.outputs, &writer).await?;
             retain(store, schema, job_id, spec).await;
             Ok(())
         }
@@ -56,22 +74,23 @@ pub async fn write(store: &Store, schema: &str, job_id: i64, spec: &JobSpec) -> 
                 "writing outputs failed: {e}; fix the cause and run `vinetl write {job_id}`, which makes no API call \
                  (`vinetl reprocess {job_id}` works too)"
             );
-            store.fail_writing(job_id, &reason).await?;
+            store.fail_writing(job_id, &reason, &writer).await?;
             Ok(())
         }
     }
 }
 
-/// Takes over jobs whose writer died, and writes them.
+/// Takes over jobs whose writer died, one at a time, and writes them.
 pub async fn resume_orphaned_writes(store: &Store, schema: &str) -> Result<usize, StoreError> {
-    let jobs = store.orphaned_writes(WRITE_LEASE_SECS).await?;
-    for &job_id in &jobs {
+    let mut n = 0;
+    while let Some((job_id, writer)) = store.orphaned_write(WRITE_LEASE_SECS).await? {
+        n += 1;
         match store.job_spec(job_id).await? {
-            Ok(spec) => write(store, schema, job_id, &spec).await?,
-            Err(reason) => store.fail_writing(job_id, &reason).await?,
+            Ok(spec) => write(store, schema, job_id, &spec, Some(writer)).await?,
+            Err(reason) => store.fail_writing(job_id, &reason, &writer).await?,
         }
     }
-    Ok(jobs.len())
+    Ok(n)
 }
 
 /// Once job `job_id` of `spec` is done: the spec's `[retention]`, for the

@@ -1302,10 +1302,34 @@ impl Store {
         Ok(DateTime::from_timestamp(secs as i64, 0).unwrap_or_default().date_naive())
     }
 
-    /// The output writer is alive: keeps another worker from taking over.
-    pub async fn heartbeat(&self, job_id: i64) -> Result<(), StoreError> {
-        self.exec("UPDATE jobs SET updated_at = now() WHERE job_id = $1 AND state = 'writing'", args![job_id]).await?;
-        Ok(())
+    /// Makes this process the writer of job `job_id`, which is `writing`:
+    /// returns the new writer's token, which its heartbeats and its end
+    /// must show (`None`: the job is not writing). Only for a writer that
+    /// the job's state gave the write alone (the step to `writing`, or a
+    /// rewrite an operator started); a takeover is [`Store::orphaned_write`].
+    pub async fn take_write(&self, job_id: i64) -> Result<Option<String>, StoreError> {
+        let writer = format!("writer-{job_id}-{:016x}", fastrand::u64(..));
+        let n = self
+            .exec(
+                "UPDATE jobs SET writer = $2, updated_at = now() WHERE job_id = $1 AND state = 'writing'",
+                args![job_id, &writer],
+            )
+            .await?;
+        Ok((n > 0).then_some(writer))
+    }
+
+    /// The output writer `writer` is alive: keeps another worker from
+    /// taking over. False if it is no longer the job's writer (its lease
+    /// ran out and another took the job over, or the job left `writing`):
+    /// it must stop.
+    pub async fn heartbeat(&self, job_id: i64, writer: &str) -> Result<bool, StoreError> {
+        let n = self
+            .exec(
+                "UPDATE jobs SET updated_at = now() WHERE job_id = $1 AND state = 'writing' AND writer = $2",
+                args![job_id, writer],
+            )
+            .await?;
+        Ok(n > 0)
     }
 
     /// Takes the commit lock of output place `place` (a dataset partition)
@@ -1481,26 +1505,34 @@ impl Store {
         Ok(row.map(|r| r.bool(0)).transpose()?.unwrap_or(false))
     }
 
-    /// Takes over the jobs left in `writing` by writers that stopped beating.
-    pub async fn orphaned_writes(&self, lease_secs: f64) -> Result<Vec<i64>, StoreError> {
-        let rows = self
-            .rows(
-                "UPDATE jobs SET updated_at = now()
-                 WHERE state = 'writing' AND updated_at < now() - {secs $1} RETURNING job_id",
-                args![lease_secs],
+    /// Takes over one job left in `writing` by a writer that stopped
+    /// beating: its id and the new writer's token. One at a time, so that
+    /// a job waits in no process's list while its lease runs out again.
+    pub async fn orphaned_write(&self, lease_secs: f64) -> Result<Option<(i64, String)>, StoreError> {
+        let writer = format!("writer-{:016x}", fastrand::u64(..));
+        let row = self
+            .row(
+                "UPDATE jobs SET updated_at = now(), writer = $2
+                 WHERE job_id = (SELECT job_id FROM jobs
+                                 WHERE state = 'writing' AND updated_at < now() - {secs $1}
+                                 ORDER BY job_id LIMIT 1)
+                   AND state = 'writing' AND updated_at < now() - {secs $1}
+                 RETURNING job_id",
+                args![lease_secs, &writer],
             )
             .await?;
-        rows.iter().map(|r| r.int(0)).collect()
+        row.map(|r| Ok((r.int(0)?, writer))).transpose()
     }
 
-    /// The outputs are written: the job is done.
-    pub async fn finish_writing(&self, job_id: i64, outputs: &[String]) -> Result<(), StoreError> {
+    /// The outputs are written by `writer`: the job is done (unless
+    /// another writer has taken the job over; that one ends it).
+    pub async fn finish_writing(&self, job_id: i64, outputs: &[String], writer: &str) -> Result<(), StoreError> {
         let done = self
             .exec(
                 "UPDATE jobs SET state = 'done', outputs_written = $2, finished_at = now(), updated_at = now(),
-                     state_reason = NULL
-                 WHERE job_id = $1 AND state = 'writing'",
-                args![job_id, outputs],
+                     state_reason = NULL, writer = NULL
+                 WHERE job_id = $1 AND state = 'writing' AND writer = $3",
+                args![job_id, outputs, writer],
             )
             .await?;
         if done > 0 {
@@ -1542,22 +1574,26 @@ impl Store {
         Ok(())
     }
 
-    /// Writing failed: the job fails with the reason; every call's result
-    /// is kept, so `vinetl reprocess` writes again without calling.
-    pub async fn fail_writing(&self, job_id: i64, reason: &str) -> Result<(), StoreError> {
+    /// Writing by `writer` failed: the job fails with the reason (unless
+    /// another writer has taken it over: that one ends it); every call's
+    /// result is kept, so `vinetl reprocess` writes again without calling.
+    pub async fn fail_writing(&self, job_id: i64, reason: &str, writer: &str) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         let failed = tx
             .exec(
-                "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now()
-                 WHERE job_id = $1 AND state = 'writing'",
+                "UPDATE jobs SET state = 'failed', state_reason = $2, finished_at = now(), updated_at = now(),
+                     writer = NULL
+                 WHERE job_id = $1 AND state = 'writing' AND writer = $3",
+                args![job_id, reason, writer],
+            )
+            .await?;
+        if failed > 0 {
+            tx.exec(
+                "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'output_failed', $2)",
                 args![job_id, reason],
             )
             .await?;
-        tx.exec(
-            "INSERT INTO errors (job_id, error_code, error_text) VALUES ($1, 'output_failed', $2)",
-            args![job_id, reason],
-        )
-        .await?;
+        }
         tx.commit().await?;
         if failed > 0 {
             self.moved();

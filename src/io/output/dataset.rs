@@ -681,7 +681,7 @@ pub async fn write_hashed(
     // 3–5, the commit, one writer at a time per partition.
     let lock = CommitLock::take(store, &lock_key, job_id).await?;
     let staged = Staged { dir: staged_dir, attempt, files, rows };
-    let committed = lock.hold(commit(&dest, job_id, spec, &partition_dir, &schema, staged, replace_newer)).await;
+    let committed = lock.hold(commit(&dest, &lock, job_id, spec, &partition_dir, &schema, staged, replace_newer)).await;
     lock.release().await?;
     let replaced = committed?;
     Ok(Committed { rows, place, replaced: replaced.filter(|&h| h != job_id) })
@@ -777,6 +777,19 @@ impl CommitLock {
         }
     }
 
+    /// Renews the lease at once: `TakenOver` if another writer took the
+    /// lock while this one stalled (between two renewals of [`hold`]).
+    /// Asked before each step that changes what readers see.
+    async fn still_held(&self) -> Result<(), OutputError> {
+        if self.store.renew_output(&self.place, &self.holder, COMMIT_LEASE_SECS).await? {
+            return Ok(());
+        }
+        Err(OutputError::TakenOver(format!(
+            "{}: this writer's commit lock lapsed and another writer took it; this writer stops",
+            self.place
+        )))
+    }
+
     async fn release(mut self) -> Result<(), OutputError> {
         self.released = true;
         Ok(self.store.unlock_output(&self.place, &self.holder).await?)
@@ -805,8 +818,10 @@ impl Drop for CommitLock {
 /// writer that took this job's write over, its lease run out, removed
 /// them), then retires the current output, moves the new files in, then
 /// the manifest, then the marker. Returns the job whose output it replaced.
+#[allow(clippy::too_many_arguments)]
 async fn commit(
     dest: &Dest,
+    lock: &CommitLock,
     job_id: i64,
     spec: &JobSpec,
     partition_dir: &str,
@@ -836,7 +851,9 @@ async fn commit(
             big.name, big.bytes
         )));
     }
-    // 3. Retire the partition's current output.
+    // 3. Retire the partition's current output (still this writer's to
+    // retire: a stall since the last renewal may have lost the lock).
+    lock.still_held().await?;
     dest.delete(&format!("{partition_dir}{SUCCESS}")).await?;
     for old in dest.list(partition_dir).await? {
         let direct = old.strip_prefix(partition_dir).is_some_and(|rest| !rest.contains('/'));
@@ -866,6 +883,9 @@ async fn commit(
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     dest.put(&format!("{partition_dir}{MANIFEST}"), json).await?;
+    // The marker vouches for these files: only while they are this
+    // writer's to vouch for.
+    lock.still_held().await?;
     let marker = serde_json::json!({"job_id": job_id, "rows": rows, "files": manifest.files.len()});
     dest.put(&format!("{partition_dir}{SUCCESS}"), marker.to_string().into_bytes()).await?;
     // 5. Staging is empty now; remove what is left of it.

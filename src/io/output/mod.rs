@@ -72,6 +72,7 @@ pub async fn write_all(
     job_id: i64,
     spec: &JobSpec,
     replace_newer: bool,
+    writer: &str,
 ) -> Result<Written, OutputError> {
     use futures_util::StreamExt;
     if spec.outputs.is_empty() {
@@ -134,19 +135,27 @@ pub async fn write_all(
     };
     // The writer's heartbeat while rows stream or the server writes them;
     // a beat that fails stops the write (the job is written again later),
-    // as a writer that cannot say it is alive may be replaced.
+    // as a writer that cannot say it is alive may be replaced. A beat that
+    // finds another writer holding the job stops it too: that one writes.
     let beat = async {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
-            if let Err(e) = store.heartbeat(job_id).await {
-                return e;
+            match store.heartbeat(job_id, writer).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return OutputError::TakenOver(format!(
+                        "job {job_id}'s write was taken over by another writer (this one did not beat for {} s)",
+                        crate::job::advance::WRITE_LEASE_SECS
+                    ));
+                }
+                Err(e) => return OutputError::Store(e),
             }
         }
     };
     let work = async { tokio::join!(producer, futures_util::future::join_all(writers)) };
     let (produced, results) = tokio::select! {
         done = work => done,
-        failed = beat => return Err(OutputError::Store(failed)),
+        stopped = beat => return Err(stopped),
     };
     // The store's error first: it leaves the job to be written again, where
     // the writers' own "rows stopped short" would fail it.

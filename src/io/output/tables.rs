@@ -329,7 +329,10 @@ pub async fn write_hashed(
     }
     let fail = |e: sqlx::Error| OutputError::write(&place, e);
     let pool = connect(store.pg_pool(), url_env.as_deref(), &place).await?;
-    let mut conn = pool.acquire().await.map_err(fail)?;
+    // A connection of this write's own, closed when the write ends or is
+    // dropped (never back in a pool): it holds the job's load lock.
+    let mut conn = pool.acquire().await.map_err(fail)?.detach();
+    hold_load_lock(&mut conn, &load_mark(schema, results, job_id), job_id).await.map_err(fail)?;
     create_tables(&mut conn, schema, results, vehicles).await.map_err(fail)?;
     if hasher.is_some() {
         add_vin_hmac(&mut conn, schema, results, vehicles).await.map_err(fail)?;
@@ -340,7 +343,7 @@ pub async fn write_hashed(
     )
     .bind(schema)
     .bind(results)
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut conn)
     .await
     .map_err(fail)?;
     let target = Target { store, job_id, schema, results, vehicles, hasher: hasher.as_ref() };
@@ -353,7 +356,30 @@ pub async fn write_hashed(
         Failed::Sql(e) => fail(e),
         Failed::Rows(e) => e,
     })?;
+    // Frees the load lock now rather than when the server notices.
+    let _ = sqlx::Connection::close(conn).await;
     Ok((total, place))
+}
+
+/// Takes the session lock on the job's load of these tables (`mark`,
+/// [`load_mark`]), waiting while another session holds it. Two writers of
+/// one job (one whose lease ran out while it was stalled, and the one that
+/// took the job over) never load at once: the later would drop the
+/// earlier's load table as a leftover, or its freshly attached partition.
+/// The lock lives with the connection, so a writer that dies frees it.
+async fn hold_load_lock(conn: &mut sqlx::PgConnection, mark: &str, job_id: i64) -> Result<(), sqlx::Error> {
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(mark)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !taken {
+        tracing::warn!(
+            job = job_id,
+            "another writer is loading this job's rows into these tables; waiting for it to end"
+        );
+        sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))").bind(mark).execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Why a write stopped: the output's database, or reading the job's rows.
