@@ -10,6 +10,10 @@
 //! - `VINETL_API_KEY_ENVS`: variable names. Default: `CARVIN_API_KEY`.
 //! - `VINETL_API_KEY_FILES`: key files (`provider.api_key_file`), paths,
 //!   comma-separated. Default: none.
+//! - `VINETL_ALLOW_PLAIN_HTTP=1`: lets a worker send its key over plain
+//!   `http://` to a host that is not loopback. Default: refused, as a
+//!   typo'd `http://www.carvinapi.com` would send the production key in
+//!   the clear with every call (a redirect to https comes too late).
 //!
 //! `vinetl run SPEC` also allows the host, variable and key file of the
 //! spec it was handed: the person who ran it chose them.
@@ -28,6 +32,8 @@ pub struct ApiAllow {
     hosts: Vec<String>,
     key_envs: Vec<String>,
     key_files: Vec<String>,
+    /// `http://` to a host that is not loopback is allowed.
+    plain_http: bool,
 }
 
 impl ApiAllow {
@@ -45,6 +51,8 @@ impl ApiAllow {
             hosts: list("VINETL_API_HOSTS", DEFAULT_HOSTS).into_iter().map(|h| h.to_ascii_lowercase()).collect(),
             key_envs: list("VINETL_API_KEY_ENVS", DEFAULT_KEY_ENVS),
             key_files: list("VINETL_API_KEY_FILES", &[]),
+            plain_http: std::env::var("VINETL_ALLOW_PLAIN_HTTP")
+                .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes")),
         }
     }
 
@@ -94,8 +102,28 @@ impl ApiAllow {
                 self.hosts.join(", ")
             ));
         }
+        if !self.plain_http && plain_to_remote(&p.base_url) {
+            return Err(format!(
+                "the spec's base_url {} would send the API key unencrypted to a host that is not loopback: \
+                 use https://, or set VINETL_ALLOW_PLAIN_HTTP=1 on the workers if that network is yours",
+                crate::columns::quoted(&p.base_url)
+            ));
+        }
         Ok(())
     }
+}
+
+/// Whether `base_url` is plain `http://` to a host other than loopback
+/// (`localhost`, 127.0.0.0/8, `::1`).
+fn plain_to_remote(base_url: &str) -> bool {
+    let Ok(url) = url::Url::parse(base_url) else { return false };
+    url.scheme() == "http"
+        && match url.host() {
+            Some(url::Host::Ipv4(a)) => !a.is_loopback(),
+            Some(url::Host::Ipv6(a)) => !a.is_loopback(),
+            Some(url::Host::Domain(d)) => !d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        }
 }
 
 /// The URL's lowercase host (IPv6 in brackets) and port, for http(s) only.
@@ -127,7 +155,24 @@ mod tests {
             hosts: DEFAULT_HOSTS.iter().map(|s| s.to_string()).collect(),
             key_envs: DEFAULT_KEY_ENVS.iter().map(|s| s.to_string()).collect(),
             key_files: Vec::new(),
+            plain_http: false,
         }
+    }
+
+    #[test]
+    fn the_key_goes_over_plain_http_only_to_loopback_unless_allowed() {
+        let allow = defaults();
+        for local in ["http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"] {
+            assert_eq!(allow.check(&provider(local, "CARVIN_API_KEY")), Ok(()), "{local}");
+        }
+        let typo = provider("http://www.carvinapi.com", "CARVIN_API_KEY");
+        let e = allow.check(&typo).unwrap_err();
+        assert!(e.contains("unencrypted") && e.contains("VINETL_ALLOW_PLAIN_HTTP"), "{e}");
+        let lan = provider("http://10.0.0.5:8080", "CARVIN_API_KEY");
+        assert!(defaults().with(&lan).check(&lan).is_err(), "`vinetl run`'s own host too");
+        let trusted = ApiAllow { plain_http: true, ..defaults() };
+        assert_eq!(trusted.check(&typo), Ok(()));
+        assert_eq!(trusted.with(&lan).check(&lan), Ok(()));
     }
 
     #[test]

@@ -494,11 +494,7 @@ pub fn list_keys(path: &Path) -> anyhow::Result<Vec<ListedKey>> {
         .enumerate()
         .map(|(i, s)| ListedKey {
             name: s.name.clone().unwrap_or_else(|| format!("key #{}", i + 1)),
-            prefix: s
-                .prefix
-                .clone()
-                .or_else(|| s.key.as_deref().map(|k| k.chars().take(8).collect()))
-                .unwrap_or_default(),
+            prefix: s.prefix.clone().or_else(|| s.key.as_deref().map(plain_prefix)).unwrap_or_default(),
             tier: s.tier,
             per_day: s.per_day,
             per_second: s.per_second,
@@ -510,7 +506,15 @@ pub fn list_keys(path: &Path) -> anyhow::Result<Vec<ListedKey>> {
 
 fn entry_prefix(t: &toml_edit::Table) -> String {
     let text = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    text("prefix").or_else(|| text("key").map(|k| k.chars().take(8).collect())).unwrap_or_default()
+    text("prefix").or_else(|| text("key").map(|k| plain_prefix(&k))).unwrap_or_default()
+}
+
+/// What stands for a plain `key = "…"` entry in `keys list` and `keys
+/// revoke`: the start of its SHA-256, never of the key (a short key's first
+/// characters are most of it).
+fn plain_prefix(key: &str) -> String {
+    let hash = sha256(key);
+    format!("sha256:{}", hash[..4].iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 fn edit(path: &Path) -> anyhow::Result<toml_edit::DocumentMut> {
@@ -681,6 +685,23 @@ mod tests {
         std::fs::write(&path, format!("{}{}", entry("a"), entry("b"))).unwrap();
         let err = Accounts::load(&path).err().expect("refused").to_string();
         assert!(err.contains("key #2") && err.contains("key #1") && err.contains("unique"), "{err}");
+    }
+
+    /// A plain-text key is listed, and revoked, by the start of its hash:
+    /// its own first characters could be most of it (8 is the shortest).
+    #[test]
+    fn a_plain_key_is_listed_by_its_hash_never_by_its_characters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let entry = |key: &str, name: &str| format!("[[keys]]\nkey = \"{key}\"\ntier = \"pro\"\nname = \"{name}\"\n");
+        std::fs::write(&path, format!("{}{}", entry("k8secret", "short"), entry("another-key-1", "other"))).unwrap();
+        let listed = list_keys(&path).unwrap();
+        let shown = serde_json::to_string(&listed).unwrap();
+        assert!(!shown.contains("k8secr") && !shown.contains("another"), "{shown}");
+        assert!(listed.iter().all(|k| k.prefix.starts_with("sha256:") && k.prefix.len() == 15), "{shown}");
+        let gone = revoke_key(&path, &listed[0].prefix).unwrap();
+        assert_eq!(gone.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["short"]);
+        assert_eq!(list_keys(&path).unwrap().len(), 1);
     }
 
     proptest! {
