@@ -203,7 +203,7 @@ pub struct Accounts {
     /// Wrong keys per client address.
     pub guesses: Guesses,
     /// The keys file and its time when last read, to read it again when it changes.
-    file: Option<(PathBuf, Mutex<Option<SystemTime>>)>,
+    file: Option<(PathBuf, Mutex<Stamp>)>,
 }
 
 impl Accounts {
@@ -228,7 +228,7 @@ impl Accounts {
     /// name = "nightly"   # the account; also the label in logs
     /// ```
     pub fn load(path: &Path) -> Result<Accounts, KeysError> {
-        let when = modified(path);
+        let when = stamp(path);
         let specs = read_specs(path)?;
         let mut accounts = Accounts::new(specs);
         accounts.file = Some((path.to_path_buf(), Mutex::new(when)));
@@ -240,9 +240,10 @@ impl Accounts {
     /// (caught mid-edit, or broken) keeps the keys read before, logged.
     fn refresh(&self) {
         let Some((path, seen)) = &self.file else { return };
-        let now = modified(path);
+        let now = stamp(path);
         let mut seen = seen.lock().expect("keys file lock");
-        if now == *seen {
+        let changed = now != *seen;
+        if !changed && !recent(now) {
             return;
         }
         *seen = now;
@@ -250,9 +251,14 @@ impl Accounts {
             Ok(specs) => {
                 let mut table = self.table.write().expect("keys lock");
                 *table = Table::build(&specs, Some(&table));
-                tracing::info!(keys = table.keys.len(), accounts = table.accounts.len(), "keys file read again");
+                if changed {
+                    tracing::info!(keys = table.keys.len(), accounts = table.accounts.len(), "keys file read again");
+                }
             }
-            Err(e) => tracing::error!(error = %e, "keys file changed but does not read; keeping the keys read before"),
+            Err(e) if changed => {
+                tracing::error!(error = %e, "keys file changed but does not read; keeping the keys read before")
+            }
+            Err(e) => tracing::debug!(error = %e, "keys file (changed in the last 2 s) does not read"),
         }
     }
 
@@ -356,8 +362,22 @@ impl Accounts {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// What tells a keys file's versions apart: its modification time, size
+/// and inode. The time alone does not: two writes within one tick of the
+/// file system's clock (a truncation, then the new text; two `keys
+/// revoke`s) share it, and the second would never be read.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// A file changed within the last 2 s may change again within the same
+/// tick, size and all: it is read again on every request until then.
+fn recent(stamp: Stamp) -> bool {
+    stamp.is_some_and(|(t, _, _)| SystemTime::now().duration_since(t).map_or(true, |age| age.as_secs_f64() < 2.0))
 }
 
 /// Reads and checks a keys file's entries.
@@ -685,6 +705,25 @@ mod tests {
         std::fs::write(&path, format!("{}{}", entry("a"), entry("b"))).unwrap();
         let err = Accounts::load(&path).err().expect("refused").to_string();
         assert!(err.contains("key #2") && err.contains("key #1") && err.contains("unique"), "{err}");
+    }
+
+    /// A keys file edited within one tick of its clock (the same
+    /// modification time) is still read again when its size says it changed.
+    #[test]
+    fn a_keys_file_changed_within_one_tick_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let entry = |key: &str| format!("[[keys]]\nkey = \"{key}\"\ntier = \"pro\"\n");
+        let tick = SystemTime::now() - std::time::Duration::from_secs(3600);
+        let write = |text: String| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(tick).unwrap();
+        };
+        write(entry("first-key-1"));
+        let a = Accounts::load(&path).unwrap();
+        assert_eq!(a.key_count(), 1);
+        write(format!("{}{}", entry("first-key-1"), entry("second-key-2")));
+        assert_eq!(a.key_count(), 2, "the second key is read though the time did not move");
     }
 
     /// A plain-text key is listed, and revoked, by the start of its hash:
