@@ -741,11 +741,7 @@ async fn the_results_table_stays_readable_while_a_rewrite_upserts_vehicles() {
     let schema = unique_schema("readable");
     let dir = tempfile::tempdir().unwrap();
     let (db, store) = common::migrated_store(&schema).await;
-    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
-    let body = std::fs::read_to_string(&spec).unwrap();
-    let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
-    std::fs::write(&spec, out).unwrap();
-    let output = vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0);
+    let output = results_output(dir.path(), &schema);
     let vins = ["1HGCM82633A004352", "JTDBT923291344240", "WVWJF7CD8TW190545"];
     let at = Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap());
     let rows: Vec<_> = (0..3).map(|i| common::decoded_row(i as i64 + 1, vins[i], at, "HONDA", "HONDA")).collect();
@@ -787,11 +783,7 @@ async fn a_second_writer_of_a_jobs_tables_waits_for_the_first() {
     let schema = unique_schema("onewriter");
     let dir = tempfile::tempdir().unwrap();
     let (db, store) = common::migrated_store(&schema).await;
-    let spec = write_spec(dir.path(), "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
-    let body = std::fs::read_to_string(&spec).unwrap();
-    let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
-    std::fs::write(&spec, out).unwrap();
-    let output = vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0);
+    let output = results_output(dir.path(), &schema);
     let at = Some(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).unwrap());
     let rows = vec![common::decoded_row(1, "1HGCM82633A004352", at, "HONDA", "HONDA")];
     // The first writer, stalled mid-load: a session holding the lock.
@@ -816,4 +808,14 @@ async fn a_second_writer_of_a_jobs_tables_waits_for_the_first() {
     assert_eq!(n, 1);
     drop((first, db));
     cleanup(&schema).await;
+}
+
+/// A Postgres output of a results table `results` in `schema`, from a spec
+/// written in `dir`.
+fn results_output(dir: &std::path::Path, schema: &str) -> vinetl::spec::OutputSpec {
+    let spec = write_spec(dir, "kind = \"file\"\npath = \"fleet.csv\"", "http://127.0.0.1:9", "");
+    let body = std::fs::read_to_string(&spec).unwrap();
+    let out = format!("{body}[[outputs]]\nkind = \"postgres\"\nschema = \"{schema}\"\nresults_table = \"results\"\n");
+    std::fs::write(&spec, out).unwrap();
+    vinetl::spec::JobSpec::load(&spec).unwrap().outputs.remove(0)
 }
