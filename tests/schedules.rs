@@ -496,7 +496,22 @@ async fn a_worker_with_the_scheduler_runs_a_scheduled_spec_to_its_output() {
     }
     let run = done.expect("a scheduled run ends done");
     let partition = out_dir.join(format!("dt={}", run.logical_date));
-    assert!(!common::files_under(&partition).is_empty(), "the run wrote {}", partition.display());
+    // Later runs of the same date commit into the same partition, each
+    // retiring the one before: seen between two of their steps it is empty.
+    // Once one of them has committed, it holds its files and `_SUCCESS`.
+    let committed = || {
+        partition.join("_SUCCESS").is_file()
+            && common::files_under(&partition).iter().any(|f| f.extension().is_some_and(|e| e == "parquet"))
+    };
+    let mut seen = committed();
+    for _ in 0..600 {
+        if seen {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen = committed();
+    }
+    assert!(seen, "the run wrote {}", partition.display());
     assert_eq!(common::status(&env.schema, run.job_id.unwrap()).await["rows"], 30);
     let out = common::vinetl_async(&env.schema, "unused", &["schedules", "--json"]).await;
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
