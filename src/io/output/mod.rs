@@ -144,7 +144,8 @@ pub async fn write_all(
                 Ok(true) => {}
                 Ok(false) => {
                     return OutputError::TakenOver(format!(
-                        "job {job_id}'s write was taken over by another writer (this one did not beat for {} s)",
+                        "job {job_id}'s write is no longer this writer's: another took it over after this one \
+                         went {} s without a beat, or the job left `writing`",
                         crate::job::advance::WRITE_LEASE_SECS
                     ));
                 }
